@@ -1,0 +1,145 @@
+"""Canonical frames shared by every stage: connections, dns_answers, inventory, context.
+
+Every reader produces these columns with these dtypes, and every later stage relies on them.
+Missing numeric values are NaN (floats) or -1 (ports); missing text is "".
+Times are float seconds since the epoch, UTC.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+STR = "str"  # pandas' string dtype (Arrow-backed on pandas 3)
+
+CONNECTIONS: dict[str, str] = {
+    "event_id": STR,      # Zeek uid where present, else a stable id from source file + line
+    "ts": "float64",      # connection start
+    "src_ip": STR,
+    "src_port": "int32",  # -1 when unknown
+    "dst_ip": STR,
+    "dst_port": "int32",  # -1 when unknown (ICMP, ...)
+    "proto": STR,         # tcp | udp | icmp | ...
+    "duration": "float64",
+    "bytes_out": "float64",
+    "bytes_in": "float64",
+    "packets_out": "float64",
+    "packets_in": "float64",
+    "conn_state": STR,
+    "process": STR,       # ESXi world / Windows image when known
+    "esxi_host": STR,
+    "source": STR,        # format it came from, e.g. "zeek_conn_tsv"
+}
+
+DNS_ANSWERS: dict[str, str] = {
+    "event_id": STR,
+    "ts": "float64",      # time of the response
+    "client_ip": STR,
+    "resolver_ip": STR,
+    "query": STR,
+    "rtype": STR,         # A, AAAA, CNAME, TXT, SRV, ... ("" when no answer)
+    "answer": STR,        # rdata as logged ("" for responses with no answers)
+    "answer_index": "int16",  # position in the response; -1 for the no-answer row
+    "ttl": "float64",
+    "rcode": STR,         # NOERROR, NXDOMAIN, ... ("" unknown)
+    "source": STR,
+}
+
+INVENTORY: dict[str, str] = {
+    "ip": STR,
+    "name": STR,
+    "kind": STR,          # vm | esxi_mgmt | vcenter | infra | unknown
+    "esxi_host": STR,
+    "role": STR,          # peer group
+}
+
+CONTEXT: dict[str, str] = {
+    "ts": "float64",
+    "host": STR,
+    "program": STR,       # hostd, vpxa, vmkernel, shell, vobd, ...
+    "event": STR,         # normalised event kind, e.g. syslog_remote_failure, ssh_enabled
+    "message": STR,
+    "source": STR,
+}
+
+INVENTORY_KINDS = ("vm", "esxi_mgmt", "vcenter", "infra", "unknown")
+
+FRAMES = {
+    "connections": CONNECTIONS,
+    "dns_answers": DNS_ANSWERS,
+    "inventory": INVENTORY,
+    "context": CONTEXT,
+}
+
+_FILL = {"float64": np.nan, "int32": -1, "int16": -1, STR: ""}
+
+
+class SchemaError(ValueError):
+    """A frame does not match its canonical schema; the message names the column."""
+
+
+def empty(kind: str) -> pd.DataFrame:
+    """An empty frame with the canonical columns and dtypes."""
+    spec = FRAMES[kind]
+    return pd.DataFrame({c: pd.Series([], dtype=d) for c, d in spec.items()})
+
+
+def conform(df: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Return `df` with exactly the canonical columns, in order, cast to canonical dtypes.
+
+    Missing columns are filled with the column's missing value; extra columns are dropped.
+    Raises SchemaError naming the column that cannot be cast.
+    """
+    spec = FRAMES[kind]
+    out = {}
+    n = len(df)
+    for col, dtype in spec.items():
+        if col in df.columns:
+            values = df[col]
+            try:
+                if dtype == STR:
+                    out[col] = values.fillna("").astype(STR)
+                elif dtype.startswith("int"):
+                    out[col] = pd.to_numeric(values, errors="raise").fillna(_FILL[dtype]).astype(dtype)
+                else:
+                    out[col] = pd.to_numeric(values, errors="raise").astype(dtype)
+            except (TypeError, ValueError) as exc:
+                raise SchemaError(f"{kind}: column {col!r} cannot be cast to {dtype}: {exc}") from exc
+        else:
+            out[col] = pd.Series(np.full(n, _FILL[dtype]) if dtype != STR else [""] * n, dtype=dtype)
+    return pd.DataFrame(out, index=pd.RangeIndex(n))
+
+
+def validate(df: pd.DataFrame, kind: str) -> None:
+    """Raise SchemaError naming the first offending column (missing, wrong dtype, bad values)."""
+    spec = FRAMES[kind]
+    for col, dtype in spec.items():
+        if col not in df.columns:
+            raise SchemaError(f"{kind}: missing column {col!r}")
+        actual = df[col].dtype
+        if dtype == STR:
+            if not (pd.api.types.is_string_dtype(actual) and not pd.api.types.is_object_dtype(actual)):
+                raise SchemaError(f"{kind}: column {col!r} has dtype {actual}, expected {dtype}")
+        elif str(actual) != dtype:
+            raise SchemaError(f"{kind}: column {col!r} has dtype {actual}, expected {dtype}")
+    if kind == "connections":
+        bad = (df["dst_port"] < -1) | (df["dst_port"] > 65535)
+        if bad.any():
+            raise SchemaError(f"connections: column 'dst_port' has {int(bad.sum())} values outside -1..65535")
+    if kind == "inventory":
+        bad = ~df["kind"].isin(INVENTORY_KINDS)
+        if bad.any():
+            raise SchemaError(
+                f"inventory: column 'kind' has unknown values {sorted(set(df.loc[bad, 'kind']))[:5]}; "
+                f"expected one of {INVENTORY_KINDS}"
+            )
+
+
+@dataclass
+class Frames:
+    """The canonical inputs of one run."""
+
+    connections: pd.DataFrame
+    dns_answers: pd.DataFrame
+    inventory: pd.DataFrame
