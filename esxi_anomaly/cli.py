@@ -1,0 +1,290 @@
+"""`esxi-anomaly`: the command line (DESIGN section 9). Every command is a thin layer over the API."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from esxi_anomaly import ingest
+from esxi_anomaly.schema import Frames
+
+EXIT_OK, EXIT_ERROR, EXIT_QUARANTINE = 0, 2, 3
+
+
+class Stages:
+    """Per-stage wall-clock timings, reported in the run summary."""
+
+    def __init__(self, quiet: bool = False):
+        self.times: dict[str, float] = {}
+        self.quiet = quiet
+
+    def run(self, name: str, fn, *args, **kw):
+        t0 = time.perf_counter()
+        out = fn(*args, **kw)
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+        if not self.quiet:
+            print(f"[{name}] {self.times[name]:.1f} s", file=sys.stderr)
+        return out
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+# -- inputs --------------------------------------------------------------------------------
+
+def read_inputs(args, stages: Stages) -> tuple[Frames, ingest.Quarantine, ingest.ReadSummary]:
+    quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
+    conns = stages.run("read connections", ingest.read_connections, args.conn, quarantine, summary)
+    dns = stages.run("read dns", ingest.read_dns, args.dns, quarantine, summary)
+    inventory = ingest.read_inventory(args.inventory, quarantine, summary) if args.inventory else None
+    for line in summary.lines():
+        log(line)
+    if not len(conns):
+        raise ingest.IngestError("no connection records were read from --conn")
+    return Frames(conns, dns, inventory), quarantine, summary
+
+
+def finish_quarantine(quarantine: ingest.Quarantine, out: Path, strict: bool) -> int:
+    if not len(quarantine):
+        return EXIT_OK
+    path = out.with_name(out.name + ".quarantine.jsonl")
+    quarantine.write(str(path))
+    log(f"{len(quarantine)} records quarantined -> {path}")
+    return EXIT_QUARANTINE if strict else EXIT_OK
+
+
+# -- commands ------------------------------------------------------------------------------
+
+def cmd_generate(args) -> int:
+    from esxi_anomaly.synth import generate, write_zeek
+
+    ds = generate(days=args.days, seed=args.seed, scenario=args.scenario, attack_days=args.attack_days)
+    write_zeek(ds, args.out, fmt=args.format, gzip=args.gzip)
+    log(f"wrote {len(ds.connections)} connections, {ds.dns_answers['event_id'].nunique()} DNS responses, "
+        f"{len(ds.inventory)} inventory rows, {len(ds.labels)} labels to {args.out}")
+    return EXIT_OK
+
+
+def _config(args):
+    from esxi_anomaly.train import TrainConfig
+
+    cfg = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
+    cfg.env = args.env
+    if args.trials is not None:
+        cfg.trials = args.trials
+    if args.seed is not None:
+        cfg.seed = args.seed
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from esxi_anomaly import train
+
+    stages = Stages()
+    frames, quarantine, _ = read_inputs(args, stages)
+    cfg = _config(args)
+    model, metrics, tuning = stages.run("fit", train.train_environment, frames, cfg)
+    path = stages.run("write bundle", train.write_model, model, cfg, args.models_dir, metrics, tuning)
+    log(f"bundle written: {path}")
+    print(path)
+    return finish_quarantine(quarantine, Path(path) / "training", args.strict)
+
+
+def cmd_refit(args) -> int:
+    from esxi_anomaly import bundle, train
+
+    stages = Stages()
+    frames, quarantine, _ = read_inputs(args, stages)
+    model, manifest = train.load_model(bundle.newest_bundle(args.models_dir, args.env))
+    cfg = train.TrainConfig(**{k: v for k, v in manifest["config"].items() if k in train.TrainConfig.__dataclass_fields__})
+    if args.retune:
+        cfg.trials = args.trials or cfg.trials or 20
+        model, metrics, tuning = stages.run("fit", train.train_environment, frames, cfg)
+    else:
+        model = stages.run("refit", train.refit_model, model, frames)
+        metrics, tuning = manifest.get("metrics", {}), manifest.get("tuning", {})
+    path = train.write_model(model, cfg, args.models_dir, metrics, tuning)
+    print(path)
+    return finish_quarantine(quarantine, Path(path) / "training", args.strict)
+
+
+def _load_for_scoring(args):
+    from esxi_anomaly import bundle, train
+
+    directory = Path(args.model) if args.model else bundle.newest_bundle(args.models_dir, args.env)
+    model, manifest = train.load_model(directory)
+    log(f"model: {directory}")
+    return model, manifest, directory
+
+
+def cmd_score(args) -> int:
+    from esxi_anomaly import batch
+
+    model, manifest, directory = _load_for_scoring(args)
+    return batch.score_command(args, model, manifest, directory)
+
+
+def cmd_evaluate(args) -> int:
+    from esxi_anomaly.evaluate import evaluate, read_labels
+
+    ranked = _read_table(args.scores)
+    print(json.dumps(evaluate(ranked, read_labels(args.labels)), indent=2))
+    return EXIT_OK
+
+
+def _read_table(path: str) -> pd.DataFrame:
+    if path.endswith(".parquet"):
+        return pd.read_parquet(path)
+    if path.endswith(".jsonl"):
+        rows = pd.read_json(path, lines=True)
+        return pd.DataFrame({"event_id": rows["event"].map(lambda e: e["id"]),
+                             "score": rows["esxi_anomaly"].map(lambda e: e["score"])})
+    table = pd.read_csv(path, dtype={"event_id": "str"}, keep_default_na=False)
+    return table
+
+
+def cmd_inspect(args) -> int:
+    rc = EXIT_OK
+    for path in ingest.expand_paths(args.paths):
+        quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
+        try:
+            fmt = ingest.detect_format(path)
+        except ingest.IngestError as exc:
+            print(f"{path}: {exc}".split(": ", 1)[1] if str(exc).startswith(path) else f"{path}: {exc}")
+            rc = EXIT_ERROR
+            continue
+        kept = 0
+        for chunk in ingest.iter_frames([path], fmt.frame, quarantine, summary):
+            kept += len(chunk)
+        st = summary.files[0] if summary.files else None
+        span = ""
+        if st is not None and st.ts_min == st.ts_min:
+            span = f", {pd.Timestamp(st.ts_min, unit='s')} .. {pd.Timestamp(st.ts_max, unit='s')}"
+        print(f"{path}: {fmt.name} ({fmt.frame}), {kept} records, {len(quarantine)} quarantined{span}")
+        reasons = pd.Series([r.reason for r in quarantine.records]).value_counts().head(3)
+        for reason, n in reasons.items():
+            print(f"    {n} x {reason}")
+    return rc
+
+
+def cmd_label(args) -> int:
+    from esxi_anomaly import feedback
+
+    store = feedback.FeedbackStore(args.models_dir, args.env)
+    if args.import_csv:
+        n = store.import_csv(args.import_csv)
+        log(f"imported {n} verdicts into {store.path}")
+    else:
+        if not args.event_id or not args.verdict:
+            raise SystemExit("label: give --event-id and --verdict, or --import-csv")
+        store.add(args.event_id, args.verdict, args.note or "")
+        log(f"{args.event_id}: {args.verdict} stored in {store.path}")
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from esxi_anomaly import demo
+
+    return demo.run(Path(args.out), seed=args.seed, days=args.days)
+
+
+# -- parser --------------------------------------------------------------------------------
+
+def _inputs(p, required=True):
+    p.add_argument("--conn", nargs="+", required=required, help="connection logs: files, globs or folders")
+    p.add_argument("--dns", nargs="+", required=required, help="DNS logs with answers: files, globs or folders")
+    p.add_argument("--inventory", nargs="+", help="inventory (canonical CSV, PowerCLI CSV, govc JSON)")
+    p.add_argument("--strict", action="store_true", help="exit 3 when any record was quarantined")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esxi-anomaly", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="generate -> train -> score -> report on the embedded default estate")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--days", type=int, default=4)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="write a generated vSphere estate as Zeek logs + inventory + labels")
+    p.add_argument("--out", required=True)
+    p.add_argument("--days", type=int, default=4)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--scenario", default="default")
+    p.add_argument("--attack-days", type=int, default=1)
+    p.add_argument("--format", choices=["tsv", "json"], default="tsv")
+    p.add_argument("--gzip", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    for name, func in (("train", cmd_train), ("refit", cmd_refit)):
+        p = sub.add_parser(name, help=f"{name} an environment's model on its history")
+        p.add_argument("--env", required=True)
+        _inputs(p)
+        p.add_argument("--models-dir", default="models")
+        p.add_argument("--config", help="training config TOML (training/<env>.toml)")
+        p.add_argument("--trials", type=int, help="Optuna trials (0 = no tuning)")
+        p.add_argument("--seed", type=int)
+        if name == "refit":
+            p.add_argument("--retune", action="store_true", help="re-run tuning instead of keeping tuned parameters")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("score", help="score connections with a fitted model")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--env")
+    g.add_argument("--model", help="a bundle folder")
+    p.add_argument("--models-dir", default="models")
+    _inputs(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["csv", "parquet", "jsonl", "html"])
+    p.add_argument("--engine", choices=["local", "dask"], default="local")
+    p.add_argument("--scheduler", help="Dask scheduler address (default: a LocalCluster)")
+    p.add_argument("--top", type=int)
+    p.add_argument("--chunk-rows", type=int, default=500_000)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last chunk")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("evaluate", help="quality of a ranking against labels")
+    p.add_argument("--scores", required=True)
+    p.add_argument("--labels", required=True)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("inspect", help="detected format, counts, time range and quarantine per file")
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("label", help="store an analyst verdict for a scored event")
+    p.add_argument("--env", required=True)
+    p.add_argument("--models-dir", default="models")
+    p.add_argument("--event-id")
+    p.add_argument("--verdict", choices=["benign", "malicious"])
+    p.add_argument("--note")
+    p.add_argument("--import-csv", help="CSV with event_id,verdict[,note]")
+    p.set_defaults(func=cmd_label)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from esxi_anomaly.bundle import BundleError
+
+    try:
+        return args.func(args)
+    except (ingest.IngestError, BundleError, ValueError, FileNotFoundError) as exc:
+        log(f"esxi-anomaly {args.command}: error: {exc}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

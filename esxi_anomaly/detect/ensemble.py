@@ -1,0 +1,82 @@
+"""The ensemble: calibrated isolation forest + rule evidence -> one score in [0, 1].
+
+score = 1 - (1 - forest_weight * f) * prod(1 - w_r for fired rules r), with f the forest percentile
+rescaled above `forest_floor` (ordinary traffic contributes nothing), plus a tiny forest tie-break
+so that rows no rule touches are still ranked. Higher = more anomalous, everywhere.
+The alert threshold is fitted separately (a quantile of training scores) and stored with the model.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+
+from esxi_anomaly.detect import rules as R
+from esxi_anomaly.detect.forest import CalibratedForest
+
+TIE_BREAK = 0.01
+
+
+class EnsembleDetector(BaseEstimator):
+    def __init__(self, forest_weight: float = 0.6, forest_floor: float = 0.9, rules: list | None = None,
+                 n_estimators: int = 200, max_samples: int = 256, max_features: float = 1.0,
+                 threshold_quantile: float = 0.999, random_state=0, n_jobs=None):
+        self.forest_weight = forest_weight
+        self.forest_floor = forest_floor
+        self.rules = rules
+        self.n_estimators = n_estimators
+        self.max_samples = max_samples
+        self.max_features = max_features
+        self.threshold_quantile = threshold_quantile
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    def fit(self, X: pd.DataFrame, y=None):
+        self.feature_names_in_ = np.array(X.columns, dtype=object)
+        self.rules_ = list(self.rules) if self.rules is not None else R.default_rules()
+        R.validate_rules(self.rules_, list(X.columns))
+        self.forest_ = CalibratedForest(
+            n_estimators=self.n_estimators, max_samples=self.max_samples, max_features=self.max_features,
+            random_state=self.random_state, n_jobs=self.n_jobs,
+        ).fit(X.to_numpy())
+        self.feature_median_ = X.median().to_numpy()
+        self.threshold_ = float(np.quantile(self.score_samples(X), self.threshold_quantile))
+        return self
+
+    def components(self, X: pd.DataFrame) -> pd.DataFrame:
+        X = X[list(self.feature_names_in_)]
+        pct = self.forest_.score(X.to_numpy())
+        return self._combine(pct, R.evaluate(self.rules_, X))
+
+    def _combine(self, pct: np.ndarray, fired: np.ndarray) -> pd.DataFrame:
+        f = np.clip((pct - self.forest_floor) / (1.0 - self.forest_floor), 0.0, 1.0)
+        rule = R.rule_score(self.rules_, fired)
+        combined = 1.0 - (1.0 - self.forest_weight * f) * (1.0 - rule)
+        score = (1.0 - TIE_BREAK) * combined + TIE_BREAK * pct
+        out = pd.DataFrame({"score": score, "forest_score": pct, "rule_score": rule})
+        ids = np.array([r["id"] for r in self.rules_], dtype=object)
+        out["rules"] = [";".join(ids[row]) for row in fired] if len(ids) else ""
+        return out
+
+    def score_samples(self, X: pd.DataFrame) -> np.ndarray:
+        return self.components(X)["score"].to_numpy()
+
+    def attributions(self, X: pd.DataFrame, top: int = 3) -> list[str]:
+        """Per-row occlusion attribution of the forest score: how much the raw anomaly score drops
+        when one feature is set to its training median. Costs rows x features forest evaluations,
+        so call it for the top-ranked rows only."""
+        X = X[list(self.feature_names_in_)].to_numpy(dtype="float64")
+        if not len(X):
+            return []
+        base = self.forest_.raw_score(X)
+        n, d = X.shape
+        probes = np.repeat(X, d, axis=0)
+        cols = np.tile(np.arange(d), n)
+        probes[np.arange(n * d), cols] = self.feature_median_[cols]
+        drop = (base[:, None] - self.forest_.raw_score(probes).reshape(n, d))
+        names = self.feature_names_in_
+        out = []
+        for row in drop:
+            best = np.argsort(-row)[:top]
+            out.append("; ".join(f"{names[k]}={row[k]:+.3f}" for k in best if row[k] > 0))
+        return out

@@ -1,0 +1,158 @@
+"""Per-entity traffic baselines: how unusual is this connection *for this VM or host*.
+
+`EntityBaseline` is a scikit-learn estimator fitted on an environment's history. Lookups are hashed
+(`pandas.util.hash_pandas_object`) and vectorised; nothing loops per connection. New entities fall
+back to their role, then to the whole population.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, TransformerMixin
+
+BASELINE_FEATURES = [
+    "port_rarity", "port_never_seen", "dst_never_seen", "dstport_never_seen", "domain_never_seen",
+    "port_prevalence", "dst_prevalence", "hour_rarity", "bytes_out_z", "duration_z", "entity_known",
+]
+REQUIRED = ["entity", "role", "dst_ip", "dst_port", "proto", "domain", "ts", "bytes_out", "duration"]
+
+
+def _h(*cols) -> np.ndarray:
+    frame = pd.DataFrame({f"c{i}": np.asarray(c) for i, c in enumerate(cols)})
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+
+
+def _counts(keys: np.ndarray) -> pd.Series:
+    uniq, cnt = np.unique(keys, return_counts=True)
+    return pd.Series(cnt.astype("float64"), index=uniq)
+
+
+def _lookup(table: pd.Series, keys: np.ndarray) -> np.ndarray:
+    idx = table.index.get_indexer(keys)
+    out = np.zeros(len(keys))
+    ok = idx >= 0
+    out[ok] = table.to_numpy()[idx[ok]]
+    return out
+
+
+def _member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    if not len(sorted_keys):
+        return np.zeros(len(keys), dtype=bool)
+    pos = np.searchsorted(sorted_keys, keys)
+    pos = np.minimum(pos, len(sorted_keys) - 1)
+    return sorted_keys[pos] == keys
+
+
+class EntityBaseline(BaseEstimator, TransformerMixin):
+    """Smoothed port rarity, novelty, prevalence, hour rarity and robust z-scores per entity.
+
+    Input frames carry the columns in `REQUIRED` (`entity` = source name, `role` = its peer group,
+    `domain` = registered domain of the name that resolved the destination, "" if none).
+    `alpha` is the pseudo-count pulling an entity towards its role (and a role towards the population).
+    """
+
+    def __init__(self, alpha: float = 5.0):
+        self.alpha = alpha
+
+    def fit(self, X: pd.DataFrame, y=None):
+        _check(X)
+        ent, role = X["entity"].to_numpy(dtype=object), X["role"].to_numpy(dtype=object)
+        port = X["dst_port"].to_numpy(dtype="int64")
+        dst = X["dst_ip"].to_numpy(dtype=object)
+        domain = X["domain"].to_numpy(dtype=object)
+        hour = _hour(X["ts"].to_numpy())
+        self.entity_totals_ = _counts(_h(ent))
+        self.role_totals_ = _counts(_h(role))
+        self.population_total_ = float(len(X))
+        self.entity_port_ = _counts(_h(ent, port))
+        self.role_port_ = _counts(_h(role, port))
+        self.population_port_ = _counts(port.astype("uint64"))
+        self.entity_hour_ = _counts(_h(ent, hour))
+        self.role_hour_ = _counts(_h(role, hour))
+        self.seen_entity_dst_ = np.unique(_h(ent, dst))
+        self.seen_entity_dstport_ = np.unique(_h(ent, dst, port))
+        self.seen_entity_domain_ = np.unique(_h(ent, domain))
+        self.seen_role_port_ = np.unique(_h(role, port))
+        self.seen_role_dst_ = np.unique(_h(role, dst))
+        self.seen_role_dstport_ = np.unique(_h(role, dst, port))
+        self.seen_role_domain_ = np.unique(_h(role, domain))
+        n_entities = max(len(self.entity_totals_), 1)
+        pairs = pd.DataFrame({"e": _h(ent), "p": port, "d": _h(dst)})
+        self.port_prevalence_ = pairs.drop_duplicates(["e", "p"]).groupby("p").size() / n_entities
+        self.dst_prevalence_ = pairs.drop_duplicates(["e", "d"]).groupby("d").size() / n_entities
+        # robust centre and scale of log bytes / duration, per entity
+        stats = pd.DataFrame({
+            "e": _h(ent),
+            "b": np.log1p(np.nan_to_num(X["bytes_out"].to_numpy(dtype="float64"), nan=0.0)),
+            "d": np.log1p(np.nan_to_num(X["duration"].to_numpy(dtype="float64"), nan=0.0)),
+        })
+        med = stats.groupby("e")[["b", "d"]].median()
+        mad = (stats[["b", "d"]] - med.loc[stats["e"]].to_numpy()).abs().groupby(stats["e"]).median()
+        self.entity_median_ = med
+        self.entity_mad_ = mad.clip(lower=0.25)  # floor: one-size traffic would give infinite z
+        self.global_median_ = stats[["b", "d"]].median()
+        self.global_mad_ = (stats[["b", "d"]] - self.global_median_).abs().median().clip(lower=0.25)
+        ts = X["ts"].to_numpy(dtype="float64")
+        self.history_days_ = float((ts.max() - ts.min()) / 86_400.0) if len(ts) else 0.0
+        self.n_features_in_ = len(REQUIRED)
+        return self
+
+    def transform(self, X: pd.DataFrame) -> pd.DataFrame:
+        _check(X)
+        a = self.alpha
+        ent, role = X["entity"].to_numpy(dtype=object), X["role"].to_numpy(dtype=object)
+        port = X["dst_port"].to_numpy(dtype="int64")
+        dst = X["dst_ip"].to_numpy(dtype=object)
+        domain = X["domain"].to_numpy(dtype=object)
+        hour = _hour(X["ts"].to_numpy())
+        he, hr = _h(ent), _h(role)
+        n_e = _lookup(self.entity_totals_, he)
+        n_r = _lookup(self.role_totals_, hr)
+        p_pop = (_lookup(self.population_port_, port.astype("uint64")) + a / 65_536) / (self.population_total_ + a)
+        p_role = (_lookup(self.role_port_, _h(role, port)) + a * p_pop) / (n_r + a)
+        p_ent = (_lookup(self.entity_port_, _h(ent, port)) + a * p_role) / (n_e + a)
+        known = n_e > 0
+        ph_role = (_lookup(self.role_hour_, _h(role, hour)) + a / 24) / (n_r + a)
+        ph_ent = (_lookup(self.entity_hour_, _h(ent, hour)) + a * ph_role) / (n_e + a)
+
+        def never(ent_table, role_table, *cols):
+            # unknown entities are judged by what their role has seen
+            return np.where(known, ~_member(ent_table, _h(ent, *cols)), ~_member(role_table, _h(role, *cols)))
+
+        has_domain = domain != ""
+        b = np.log1p(np.nan_to_num(X["bytes_out"].to_numpy(dtype="float64"), nan=0.0))
+        d = np.log1p(np.nan_to_num(X["duration"].to_numpy(dtype="float64"), nan=0.0))
+        med = self.entity_median_.reindex(he)
+        mad = self.entity_mad_.reindex(he)
+        med_b = med["b"].fillna(self.global_median_["b"]).to_numpy()
+        med_d = med["d"].fillna(self.global_median_["d"]).to_numpy()
+        mad_b = mad["b"].fillna(self.global_mad_["b"]).to_numpy()
+        mad_d = mad["d"].fillna(self.global_mad_["d"]).to_numpy()
+        out = pd.DataFrame({
+            "port_rarity": -np.log(p_ent),
+            "port_never_seen": np.where(known, _lookup(self.entity_port_, _h(ent, port)) == 0,
+                                        ~_member(self.seen_role_port_, _h(role, port))).astype("float64"),
+            "dst_never_seen": never(self.seen_entity_dst_, self.seen_role_dst_, dst).astype("float64"),
+            "dstport_never_seen": never(self.seen_entity_dstport_, self.seen_role_dstport_, dst, port).astype("float64"),
+            "domain_never_seen": (has_domain & never(self.seen_entity_domain_, self.seen_role_domain_, domain)).astype("float64"),
+            "port_prevalence": self.port_prevalence_.reindex(port).fillna(0.0).to_numpy(),
+            "dst_prevalence": self.dst_prevalence_.reindex(_h(dst)).fillna(0.0).to_numpy(),
+            "hour_rarity": -np.log(ph_ent),
+            "bytes_out_z": np.clip((b - med_b) / (1.4826 * mad_b), -50, 50),
+            "duration_z": np.clip((d - med_d) / (1.4826 * mad_d), -50, 50),
+            "entity_known": known.astype("float64"),
+        }, index=X.index)
+        return out[BASELINE_FEATURES]
+
+    def get_feature_names_out(self, input_features=None):
+        return np.array(BASELINE_FEATURES, dtype=object)
+
+
+def _hour(ts: np.ndarray) -> np.ndarray:
+    return ((np.asarray(ts, dtype="float64") // 3600) % 24).astype("int64")
+
+
+def _check(X: pd.DataFrame) -> None:
+    missing = [c for c in REQUIRED if c not in X.columns]
+    if missing:
+        raise ValueError(f"EntityBaseline needs columns {missing}")

@@ -1,0 +1,145 @@
+"""The DNS join: link each connection to the DNS answers its source received just before it.
+
+Two links per connection, both causal (answer time <= connection time) and windowed
+(`max(ttl, min_window_s) + grace_s`, since clients and resolvers reuse answers past their TTL):
+
+* the **IP link**: the most recent answer record, to the same client, whose data *is* the
+  connection's `dst_ip` (`pandas.merge_asof` on an integer (client, ip) key);
+* the **candidate answers**: every answer record of the client's last `recent_responses` responses in
+  the window, whatever their data, for the port/IP derivation tests (a port may come from another
+  record or another name than the one that gave the IP).
+
+Keys are integer-coded with `pandas.factorize`, so the join never compares strings row by row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_MIN_WINDOW_S = 300.0
+DEFAULT_GRACE_S = 60.0
+DEFAULT_RECENT_RESPONSES = 4
+
+
+@dataclass(frozen=True)
+class JoinParams:
+    min_window_s: float = DEFAULT_MIN_WINDOW_S
+    grace_s: float = DEFAULT_GRACE_S
+    recent_responses: int = DEFAULT_RECENT_RESPONSES
+
+
+@dataclass
+class DnsJoin:
+    """The result of joining connections (in their given row order) to DNS answers.
+
+    `ip_answer_row[i]` is the row in `dns` of the answer that gave connection i its `dst_ip`
+    (-1 if none). `pairs` holds the candidate (connection, answer row) pairs for derivation tests.
+    """
+
+    ip_answer_row: np.ndarray   # int64, one per connection
+    pairs_conn: np.ndarray      # int64 connection index
+    pairs_answer: np.ndarray    # int64 row of dns
+    pairs_age: np.ndarray       # float64 seconds from the answer to the connection
+
+
+def answer_window(ttl: np.ndarray, params: JoinParams) -> np.ndarray:
+    ttl = np.nan_to_num(np.asarray(ttl, dtype="float64"), nan=0.0)
+    return np.maximum(ttl, params.min_window_s) + params.grace_s
+
+
+def join(conns: pd.DataFrame, dns: pd.DataFrame, params: JoinParams = JoinParams()) -> DnsJoin:
+    """Join `conns` to `dns` (canonical frames, any order). Indices refer to positions."""
+    n = len(conns)
+    if n == 0 or len(dns) == 0:
+        empty = np.empty(0, dtype="int64")
+        return DnsJoin(np.full(n, -1, dtype="int64"), empty, empty, np.empty(0))
+
+    clients, _ = pd.factorize(pd.concat([conns["src_ip"], dns["client_ip"]], ignore_index=True))
+    conn_client = clients[:n].astype("int64")
+    dns_client = clients[n:].astype("int64")
+    conn_ts = conns["ts"].to_numpy(dtype="float64")
+    dns_ts = dns["ts"].to_numpy(dtype="float64")
+    window = answer_window(dns["ttl"].to_numpy(), params)
+    max_window = float(window.max()) if len(window) else 0.0
+
+    ip_row = _ip_link(conns, dns, conn_client, dns_client, conn_ts, dns_ts, window, max_window)
+    pc, pa, age = _recent_answers(dns, conn_client, dns_client, conn_ts, dns_ts, window, max_window, params)
+    return DnsJoin(ip_row, pc, pa, age)
+
+
+def _ip_link(conns, dns, conn_client, dns_client, conn_ts, dns_ts, window, max_window) -> np.ndarray:
+    has_data = (dns["answer_index"].to_numpy() >= 0) & dns["rtype"].isin(["A", "AAAA"]).to_numpy()
+    rows = np.flatnonzero(has_data)
+    ips, _ = pd.factorize(pd.concat([conns["dst_ip"], dns["answer"].iloc[rows]], ignore_index=True))
+    n = len(conns)
+    n_ips = int(ips.max()) + 1 if len(ips) else 1
+    left = pd.DataFrame({"ts": conn_ts, "key": conn_client * n_ips + ips[:n], "pos": np.arange(n)})
+    right = pd.DataFrame({
+        "ts": dns_ts[rows],
+        "key": dns_client[rows] * n_ips + ips[n:],
+        "row": rows.astype("int64"),
+    })
+    merged = _asof(left, right, max_window)
+    row = merged["row"].to_numpy()
+    found = row >= 0
+    ok = np.zeros(n, dtype=bool)
+    pos = merged["pos"].to_numpy()
+    ok[pos[found]] = (conn_ts[pos[found]] - dns_ts[row[found]]) <= window[row[found]]
+    out = np.full(n, -1, dtype="int64")
+    out[pos[ok[pos]]] = row[ok[pos]]
+    return out
+
+
+def _recent_answers(dns, conn_client, dns_client, conn_ts, dns_ts, window, max_window, params):
+    """Candidate pairs: all answer rows of the client's last K responses within the window."""
+    # one row per response (event_id + client), ordered by (client, ts)
+    resp_codes, _ = pd.factorize(dns["event_id"].astype("str") + "|" + dns["client_ip"].astype("str"))
+    first = np.unique(resp_codes, return_index=True)[1]
+    resp = pd.DataFrame({
+        "client": dns_client[first], "ts": dns_ts[first], "code": resp_codes[first],
+    }).sort_values(["client", "ts"], kind="stable", ignore_index=True)
+    resp["rank"] = np.arange(len(resp), dtype="int64")
+    n = len(conn_client)
+    left = pd.DataFrame({"ts": conn_ts, "key": conn_client, "pos": np.arange(n)})
+    right = pd.DataFrame({"ts": resp["ts"].to_numpy(), "key": resp["client"].to_numpy(), "row": resp["rank"].to_numpy()})
+    merged = _asof(left, right, max_window)
+    last = merged["row"].to_numpy()
+    pos = merged["pos"].to_numpy()
+    conn_of = []
+    rank_of = []
+    resp_client = resp["client"].to_numpy()
+    for k in range(params.recent_responses):  # K is a small constant, not per-row work
+        r = last - k
+        ok = (last >= 0) & (r >= 0)
+        ok[ok] &= resp_client[r[ok]] == conn_client[pos[ok]]
+        conn_of.append(pos[ok])
+        rank_of.append(r[ok])
+    conn_idx = np.concatenate(conn_of)
+    resp_rank = np.concatenate(rank_of)
+    # expand responses to their answer rows
+    code_of_rank = resp["code"].to_numpy()[resp_rank]
+    order = np.argsort(resp_codes, kind="stable")
+    starts = np.searchsorted(resp_codes[order], np.arange(resp_codes.max() + 1), side="left")
+    ends = np.searchsorted(resp_codes[order], np.arange(resp_codes.max() + 1), side="right")
+    counts = (ends - starts)[code_of_rank]
+    rep_conn = np.repeat(conn_idx, counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    rep_rows = order[np.repeat(starts[code_of_rank], counts) + offsets]
+    age = conn_ts[rep_conn] - dns_ts[rep_rows]
+    keep = (age >= 0) & (age <= window[rep_rows]) & (dns["answer_index"].to_numpy()[rep_rows] >= 0)
+    sort = np.lexsort((rep_rows[keep], rep_conn[keep]))
+    return rep_conn[keep][sort], rep_rows[keep][sort].astype("int64"), age[keep][sort]
+
+
+def _asof(left: pd.DataFrame, right: pd.DataFrame, tolerance: float) -> pd.DataFrame:
+    """Backward merge_asof on ts by integer key; `row` is -1 where nothing matched."""
+    left = left.sort_values("ts", kind="stable")
+    right = right.sort_values("ts", kind="stable")
+    merged = pd.merge_asof(
+        left, right, on="ts", by="key", direction="backward", allow_exact_matches=True,
+        tolerance=tolerance if tolerance > 0 else None,
+    )
+    merged["row"] = merged["row"].fillna(-1).astype("int64")
+    return merged

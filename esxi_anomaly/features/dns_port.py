@@ -1,0 +1,234 @@
+"""DNS-response-to-port (and -to-IP) relationship features, per connection.
+
+For each connection and each candidate answer of its DNS join, every transform of
+`features.transforms` is tested against the connection's `dst_port` (and `dst_ip`). Per connection:
+
+* the best exact derivation and its significance: -log10 of the chance that it is a coincidence,
+  corrected for the number of (transform, answer) tests made and weighted by the transform's prior;
+* the arithmetic distance from the port to the nearest derived value of the IP-link answer;
+* byte-encoding matches (the port's two bytes adjacent in the answer, either byte order);
+* consistency across answers, the strong signal: for the same (client, query), how many *distinct
+  ports* one transform has explained so far (the port follows the answer; a CDN whose rotating
+  answers all give 443 explains one port only), and how many distinct answers share one unknown
+  key `port XOR base` or `port - base` (keyed variants);
+* IP transforms: `dst_ip` derived from an answer (byte order, permutations, Nymaim2, TXT literals).
+
+Consistency counts are causal (only earlier and current connections count) and their state can be
+carried across batches (`ConsistencyState`), so a batch split in time gives the same values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from esxi_anomaly.features import transforms as T
+from esxi_anomaly.features.dns_join import DnsJoin
+
+NO_DNS_DELAY_LOG = float(np.log1p(86_400.0))  # "no answer seen": as far as a day away
+MAX_DISTANCE_LOG = float(np.log1p(65_535.0))
+ANNOUNCED_TRANSFORMS = ("P12_srv", "P12_svcb")  # legitimate DNS-carried ports: informative, not suspicious
+
+RELATIONSHIP_FEATURES = [
+    "dst_is_answer", "dns_delay_log", "answer_ttl_log", "answer_count",
+    "match_significance", "match_on_ip_answer", "arith_distance_log", "byte_match",
+    "port_announced", "consistency_ports", "keyed_consistency", "ip_derived", "ip_significance",
+]
+
+
+@dataclass
+class ConsistencyState:
+    """(group, value) pairs seen so far, so that later batches continue the distinct counts."""
+
+    seen: dict[str, set] = field(default_factory=dict)
+
+
+def _distinct_running_count(group: np.ndarray, value: np.ndarray, order_ts: np.ndarray,
+                            state: ConsistencyState | None, name: str) -> np.ndarray:
+    """For each item, the number of distinct `value`s seen in its `group` up to and including it.
+
+    `group`/`value` are uint64 hashes; items are counted in time order (ties: given order).
+    """
+    n = len(group)
+    if n == 0:
+        return np.zeros(0, dtype="int64")
+    prior_pairs = state.seen.get(name, set()) if state is not None else set()
+    df = pd.DataFrame({"g": group, "v": value, "ts": order_ts, "i": np.arange(n)})
+    df = df.sort_values(["ts", "i"], kind="stable")
+    if prior_pairs:
+        prior = np.array(sorted(prior_pairs), dtype="uint64").reshape(-1, 2)
+        pre = pd.DataFrame({"g": prior[:, 0], "v": prior[:, 1], "ts": -np.inf, "i": -1})
+        df = pd.concat([pre, df], ignore_index=True)
+    new = ~df.duplicated(["g", "v"]).to_numpy()
+    counts = pd.Series(new.astype("int64")).groupby(df["g"].to_numpy()).cumsum().to_numpy()
+    mine = df["i"].to_numpy() >= 0
+    out = np.empty(n, dtype="int64")
+    out[df["i"].to_numpy()[mine]] = counts[mine]
+    if state is not None:
+        pairs = df.loc[new, ["g", "v"]].to_numpy(dtype="uint64")
+        state.seen[name] = prior_pairs | set(map(tuple, pairs.tolist()))
+    return out
+
+
+def _hash(*cols) -> np.ndarray:
+    frame = pd.DataFrame({f"c{i}": c for i, c in enumerate(cols)})
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+
+
+def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
+                          state: ConsistencyState | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Features (one row per connection, in order) and the evidence behind the best match.
+
+    Evidence columns: transform, answer, rtype, query, dns_delay, consistency (for explanations).
+    """
+    n = len(conns)
+    dst_port = conns["dst_port"].to_numpy(dtype="int64")
+    conn_ts = conns["ts"].to_numpy(dtype="float64")
+    dns_ts = dns["ts"].to_numpy(dtype="float64")
+    answer = dns["answer"].to_numpy(dtype=object)
+    rtype = dns["rtype"].to_numpy(dtype=object)
+    query = dns["query"].to_numpy(dtype=object)
+    ttl = dns["ttl"].to_numpy(dtype="float64")
+
+    feats = pd.DataFrame(index=pd.RangeIndex(n))
+    ip_row = j.ip_answer_row
+    linked = ip_row >= 0
+    feats["dst_is_answer"] = linked.astype("float64")
+    delay = np.full(n, np.nan)
+    delay[linked] = conn_ts[linked] - dns_ts[ip_row[linked]]
+    feats["dns_delay_log"] = np.where(linked, np.log1p(np.maximum(delay, 0)), NO_DNS_DELAY_LOG)
+    feats["answer_ttl_log"] = np.where(linked, np.log1p(np.nan_to_num(ttl[np.maximum(ip_row, 0)], nan=0)), 0.0)
+    per_response = dns.groupby("event_id", sort=False)["answer_index"].transform("size").to_numpy()
+    feats["answer_count"] = np.where(linked, per_response[np.maximum(ip_row, 0)], 0).astype("float64")
+
+    ev_transform = np.full(n, "", dtype=object)
+    ev_answer_row = np.where(linked, ip_row, -1)
+
+    # --- exact port derivations over all candidate pairs -----------------------------------
+    pc, pa = j.pairs_conn, j.pairs_answer
+    sig = np.zeros(n)
+    on_ip = np.zeros(n)
+    announced = np.zeros(n)
+    consistency = np.zeros(n)
+    if len(pc):
+        rows = np.unique(pa)
+        derived = T.derive_ports(rtype[rows], answer[rows])
+        derived_row = rows[derived["row"].to_numpy()]
+        key_d = derived_row.astype("int64") * 65536 + derived["port"].to_numpy(dtype="int64")
+        key_p = pa * 65536 + dst_port[pc]
+        hits = pd.DataFrame({"key": key_p, "pi": np.arange(len(pc))}).merge(
+            pd.DataFrame({"key": key_d, "transform": derived["transform"].to_numpy(dtype=object)}), on="key"
+        )
+        if len(hits):
+            hp = hits["pi"].to_numpy()
+            hconn, hrow = pc[hp], pa[hp]
+            htrans = hits["transform"].to_numpy(dtype=object)
+            is_announced = np.isin(htrans, ANNOUNCED_TRANSFORMS)
+            np.maximum.at(announced, hconn[is_announced], 1.0)
+            tests_per_conn = np.bincount(pc, minlength=n) * T.N_TESTS_A
+            chance = T.port_chance(htrans, dst_port[hconn])
+            prior = np.array([T.TRANSFORMS[t].prior for t in htrans]) if len(htrans) else np.zeros(0)
+            p_corr = np.clip(chance * tests_per_conn[hconn] / np.maximum(prior, 1e-9), 1e-300, 1.0)
+            hsig = np.where(is_announced, 0.0, -np.log10(p_corr))
+            # consistency: distinct ports one transform explained for (client, query)
+            g = _hash(conns["src_ip"].to_numpy(dtype=object)[hconn], query[hrow], htrans)
+            cnt = _distinct_running_count(g, dst_port[hconn].astype("uint64"), conn_ts[hconn], state, "ports")
+            cnt = np.where(is_announced, 0, cnt)
+            best = pd.DataFrame({"c": hconn, "sig": hsig + 10.0 * (cnt - 1), "k": np.arange(len(hconn))})
+            best = best.sort_values(["c", "sig"], ascending=[True, False], kind="stable").drop_duplicates("c")
+            bk = best["k"].to_numpy()
+            bc = hconn[bk]
+            sig[bc] = hsig[bk]
+            consistency[bc] = cnt[bk]
+            ev_transform[bc] = htrans[bk]
+            ev_answer_row[bc] = hrow[bk]
+            on_ip[bc] = (hrow[bk] == ip_row[bc]).astype("float64")
+    feats["match_significance"] = sig
+    feats["match_on_ip_answer"] = on_ip
+    feats["port_announced"] = announced
+    feats["consistency_ports"] = consistency
+
+    # --- arithmetic distance and byte encodings on the IP-link answer (A records) -------------
+    dist = np.full(n, MAX_DISTANCE_LOG)
+    byte = np.zeros(n)
+    a_linked = np.flatnonzero(linked & (rtype[np.maximum(ip_row, 0)] == "A"))
+    if len(a_linked):
+        octets, valid = T.parse_ipv4(answer[ip_row[a_linked]])
+        ports = T.a_record_ports(octets).astype("int64")
+        d = np.abs(ports - dst_port[a_linked, None])
+        d = np.where(ports < 0, 65_535, d).min(axis=1)
+        dist[a_linked] = np.where(valid, np.log1p(d), MAX_DISTANCE_LOG)
+        o = octets.astype("int64")
+        be = np.stack([o[:, 0] * 256 + o[:, 1], o[:, 1] * 256 + o[:, 2], o[:, 2] * 256 + o[:, 3]], axis=1)
+        le = np.stack([o[:, 1] * 256 + o[:, 0], o[:, 2] * 256 + o[:, 1], o[:, 3] * 256 + o[:, 2]], axis=1)
+        p = dst_port[a_linked, None]
+        byte[a_linked] = (valid & ((be == p).any(axis=1) | (le == p).any(axis=1))).astype("float64")
+    feats["arith_distance_log"] = dist
+    feats["byte_match"] = byte
+
+    # --- keyed variants: a constant XOR / offset between port and a base across answers -----
+    keyed = np.zeros(n)
+    if len(pc):
+        a_pairs = np.flatnonzero(rtype[pa] == "A")
+        if len(a_pairs):
+            octets, valid = T.parse_ipv4(answer[pa[a_pairs]])
+            a_pairs, octets = a_pairs[valid], octets[valid].astype("int64")
+            kc, kr = pc[a_pairs], pa[a_pairs]
+            base = octets[:, 2] * 256 + octets[:, 3]
+            port = dst_port[kc]
+            src = conns["src_ip"].to_numpy(dtype=object)[kc]
+            for name, key in T.port_keys(base, port).items():
+                nonzero = (key != 0) & (port > 0)
+                g = _hash(src[nonzero], query[kr[nonzero]], np.full(nonzero.sum(), name, dtype=object),
+                          key[nonzero].astype("int64"))
+                cnt = _distinct_running_count(g, base[nonzero].astype("uint64"), conn_ts[kc[nonzero]], state,
+                                              f"keyed_{name}")
+                np.maximum.at(keyed, kc[nonzero], cnt.astype("float64"))
+                strong = cnt >= 2
+                if strong.any():
+                    idx = kc[nonzero][strong]
+                    take = consistency[idx] < 2  # an exact repeated derivation explains better
+                    ev_transform[idx[take]] = name
+                    ev_answer_row[idx[take]] = kr[nonzero][strong][take]
+    feats["keyed_consistency"] = keyed
+
+    # --- IP derived from an answer, for connections whose dst_ip was not itself an answer ----
+    ip_derived = np.zeros(n)
+    ip_sig = np.zeros(n)
+    if len(pc):
+        unl = ~linked[pc]
+        upc, upa = pc[unl], pa[unl]
+        if len(upc):
+            rows = np.unique(upa)
+            derived = T.derive_ips(rtype[rows], answer[rows])
+            if len(derived):
+                drow = rows[derived["row"].to_numpy()]
+                dst = conns["dst_ip"].to_numpy(dtype=object)
+                left = pd.DataFrame({"row": upa, "ip": dst[upc], "c": upc})
+                right = pd.DataFrame({"row": drow, "ip": derived["ip"].to_numpy(dtype=object),
+                                      "transform": derived["transform"].to_numpy(dtype=object)})
+                hits = left.merge(right, on=["row", "ip"])
+                if len(hits):
+                    hc = hits["c"].to_numpy()
+                    ip_derived[hc] = 1.0
+                    # a derived IPv4 coincides with probability ~2^-32 per test
+                    tests = np.bincount(upc, minlength=n)[hc] * 32
+                    ip_sig[hc] = -np.log10(np.clip(tests / 2.0**32, 1e-300, 1))
+                    take = ev_transform[hc] == ""
+                    ev_transform[hc[take]] = hits["transform"].to_numpy(dtype=object)[take]
+                    ev_answer_row[hc[take]] = hits["row"].to_numpy()[take]
+    feats["ip_derived"] = ip_derived
+    feats["ip_significance"] = ip_sig
+
+    has_ev = ev_answer_row >= 0
+    er = np.maximum(ev_answer_row, 0)
+    evidence = pd.DataFrame({
+        "transform": ev_transform,
+        "answer": np.where(has_ev, answer[er], ""),
+        "rtype": np.where(has_ev, rtype[er], ""),
+        "query": np.where(has_ev, query[er], ""),
+        "dns_delay": np.where(has_ev, conn_ts - dns_ts[er], np.nan),
+        "consistency": np.maximum(consistency, keyed),
+    })
+    return feats[RELATIONSHIP_FEATURES], evidence

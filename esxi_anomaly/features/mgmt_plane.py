@@ -1,0 +1,90 @@
+"""The ESXi management plane: is a connection from a management source expected management traffic?
+
+Management sources (ESXi vmk IPs, vCenter) talk to a small set of peers and ports. The allow-list
+(`esxi_anomaly/data/mgmt_allowlist.csv`, threat-notes section 3) is keyed on (process, peer class,
+proto, port range); peer classes come from the inventory (kind for vcenter/esxi_mgmt, the infra
+role otherwise). Environments extend it with `extra_allow`.
+"""
+from __future__ import annotations
+
+import io
+from importlib import resources
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+
+MGMT_FEATURES = ["mgmt_source", "mgmt_expected", "mgmt_unexpected_egress"]
+MGMT_KINDS = ("esxi_mgmt", "vcenter")
+ALLOW_COLUMNS = ["process", "peer_class", "proto", "port_from", "port_to", "ruleset"]
+_ROLE_CLASSES = [  # infra role text -> peer class (first match)
+    ("dns", "dns"), ("ntp", "ntp"), ("syslog", "syslog"), ("log", "syslog"), ("dc", "dc"), ("ad", "dc"),
+    ("domain", "dc"), ("kms", "kms"), ("nfs", "nfs"), ("iscsi", "iscsi"), ("replication", "vr"), ("depot", "depot"),
+]
+
+
+def default_allowlist() -> pd.DataFrame:
+    text = resources.files("esxi_anomaly").joinpath("data/mgmt_allowlist.csv").read_text(encoding="utf-8")
+    return parse_allowlist(text)
+
+
+def parse_allowlist(text: str) -> pd.DataFrame:
+    frame = pd.read_csv(io.StringIO(text), comment="#", dtype={"process": "str", "peer_class": "str", "proto": "str"})
+    missing = [c for c in ALLOW_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"management allow-list lacks columns {missing}")
+    return frame[ALLOW_COLUMNS]
+
+
+def peer_classes(inventory: pd.DataFrame | None) -> pd.Series:
+    """IP -> peer class, from the inventory."""
+    if inventory is None or not len(inventory):
+        return pd.Series(dtype="str")
+    kind = inventory["kind"].astype("str")
+    role = inventory["role"].astype("str").str.lower()
+    cls = pd.Series("", index=inventory.index, dtype="str")
+    for needle, name in reversed(_ROLE_CLASSES):
+        cls = cls.mask(role.str.contains(needle, regex=False), name)
+    cls = cls.mask(kind.isin(MGMT_KINDS), kind)
+    return pd.Series(cls.to_numpy(), index=inventory["ip"].astype("str").to_numpy()).loc[lambda s: s != ""]
+
+
+class ManagementPlane(BaseEstimator):
+    """Flags management-plane egress that the allow-list does not explain.
+
+    `extra_allow`: rows (process, peer_class, proto, port_from, port_to, ruleset) added per environment.
+    """
+
+    def __init__(self, extra_allow: tuple = ()):
+        self.extra_allow = extra_allow
+
+    def fit(self, inventory: pd.DataFrame | None, y=None):
+        allow = default_allowlist()
+        if self.extra_allow:
+            allow = pd.concat([allow, pd.DataFrame(list(self.extra_allow), columns=ALLOW_COLUMNS)], ignore_index=True)
+        self.allowlist_ = allow
+        self.peer_class_ = peer_classes(inventory)
+        return self
+
+    def transform(self, conns: pd.DataFrame, entities: pd.DataFrame) -> pd.DataFrame:
+        n = len(conns)
+        source = entities["src_kind"].isin(MGMT_KINDS).to_numpy()
+        expected = np.zeros(n, dtype=bool)
+        idx = np.flatnonzero(source)
+        if len(idx):
+            sub = pd.DataFrame({
+                "i": idx,
+                "peer_class": conns["dst_ip"].iloc[idx].map(self.peer_class_).fillna("other").to_numpy(),
+                "proto": conns["proto"].iloc[idx].astype("str").str.lower().to_numpy(),
+                "port": conns["dst_port"].iloc[idx].to_numpy(),
+                "proc": conns["process"].iloc[idx].astype("str").to_numpy(),
+            })
+            m = sub.merge(self.allowlist_, on=["peer_class", "proto"])
+            ok = (m["port"] >= m["port_from"]) & (m["port"] <= m["port_to"]) & (
+                (m["process"] == "*") | (m["process"] == m["proc"]))
+            expected[m.loc[ok, "i"].to_numpy()] = True
+        return pd.DataFrame({
+            "mgmt_source": source.astype("float64"),
+            "mgmt_expected": expected.astype("float64"),
+            "mgmt_unexpected_egress": (source & ~expected).astype("float64"),
+        })

@@ -1,0 +1,148 @@
+"""`DnsCalcDetector`: the whole fitted model, from canonical frames to ranked, explained rows.
+
+A scikit-learn estimator whose X is a `schema.Frames` (connections, dns_answers, inventory):
+params-only `__init__`, `fit` returns self, learned attributes end in `_`, seeded by `random_state`.
+
+Fitting avoids judging history by itself: the baseline used to build the forest's training features
+is fitted on the older part of the history (`baseline_split`), so novelty looks in training as it
+will at scoring time; the baseline kept for scoring is then refitted on all of it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+
+from esxi_anomaly.detect import explain, rules as R
+from esxi_anomaly.detect.ensemble import EnsembleDetector
+from esxi_anomaly.features import dns_join, pipeline
+from esxi_anomaly.features.baseline import EntityBaseline
+from esxi_anomaly.features.dns_port import ConsistencyState
+from esxi_anomaly.features.mgmt_plane import ManagementPlane
+from esxi_anomaly.schema import Frames
+
+RANKED_COLUMNS = [
+    "rank", "score", "event_id", "ts", "src_ip", "src_port", "src_name", "src_kind", "esxi_host", "dst_ip",
+    "dst_port", "proto", "process", "query", "answer", "rtype", "dns_delay", "transform", "rules",
+    "forest_score", "rule_score", "explanation", "top_features",
+]
+
+
+class DnsCalcDetector(BaseEstimator):
+    def __init__(self, min_window_s: float = 300.0, grace_s: float = 60.0, recent_responses: int = 4,
+                 baseline_alpha: float = 5.0, baseline_split: float = 0.67, forest_weight: float = 0.6,
+                 forest_floor: float = 0.9, n_estimators: int = 200, max_samples: int = 256,
+                 threshold_quantile: float = 0.999, rule_overrides: dict | None = None,
+                 mgmt_allow: tuple = (), max_forest_rows: int = 400_000, random_state=0):
+        self.min_window_s = min_window_s
+        self.grace_s = grace_s
+        self.recent_responses = recent_responses
+        self.baseline_alpha = baseline_alpha
+        self.baseline_split = baseline_split
+        self.forest_weight = forest_weight
+        self.forest_floor = forest_floor
+        self.n_estimators = n_estimators
+        self.max_samples = max_samples
+        self.threshold_quantile = threshold_quantile
+        self.rule_overrides = rule_overrides
+        self.mgmt_allow = mgmt_allow
+        self.max_forest_rows = max_forest_rows
+        self.random_state = random_state
+
+    # -- fitting ---------------------------------------------------------------------------
+    def join_params(self) -> dns_join.JoinParams:
+        return dns_join.JoinParams(self.min_window_s, self.grace_s, self.recent_responses)
+
+    def fit(self, X: Frames, y=None):
+        prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params())
+        self.mgmt_ = ManagementPlane(extra_allow=tuple(self.mgmt_allow)).fit(X.inventory)
+        ts = prepared.conns["ts"].to_numpy()
+        cut = np.quantile(ts, self.baseline_split) if len(ts) else 0.0
+        early = ts < cut
+        late_idx = np.flatnonzero(~early)
+        early_baseline = EntityBaseline(alpha=self.baseline_alpha).fit(prepared.baseline_input[early])
+        features = pipeline.extract(_take(prepared, late_idx), early_baseline, self.mgmt_)
+        if len(features) > self.max_forest_rows:
+            rng = np.random.default_rng(self.random_state)
+            features = features.iloc[np.sort(rng.choice(len(features), self.max_forest_rows, replace=False))]
+        rules = R.apply_overrides(R.default_rules(), self.rule_overrides)
+        self.detector_ = EnsembleDetector(
+            forest_weight=self.forest_weight, forest_floor=self.forest_floor, rules=rules,
+            n_estimators=self.n_estimators, max_samples=self.max_samples,
+            threshold_quantile=self.threshold_quantile, random_state=self.random_state,
+        ).fit(features.reset_index(drop=True))
+        self.baseline_ = EntityBaseline(alpha=self.baseline_alpha).fit(prepared.baseline_input)
+        self.history_days_ = self.baseline_.history_days_
+        self.training_window_ = (float(ts.min()), float(ts.max())) if len(ts) else (0.0, 0.0)
+        self.feature_names_ = list(pipeline.FEATURES)
+        return self
+
+    def refit_baseline(self, X: Frames):
+        """Refit the per-entity baseline and management peers on new history; keep the detector."""
+        prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params())
+        self.baseline_ = EntityBaseline(alpha=self.baseline_alpha).fit(prepared.baseline_input)
+        self.mgmt_ = ManagementPlane(extra_allow=tuple(self.mgmt_allow)).fit(X.inventory)
+        self.history_days_ = self.baseline_.history_days_
+        return self
+
+    # -- scoring ---------------------------------------------------------------------------
+    def features(self, X: Frames, state: ConsistencyState | None = None):
+        prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params(), state)
+        mgmt = self.mgmt_ if X.inventory is None else ManagementPlane(tuple(self.mgmt_allow)).fit(X.inventory)
+        return prepared, pipeline.extract(prepared, self.baseline_, mgmt)
+
+    def score_samples(self, X: Frames) -> np.ndarray:
+        return self.detector_.score_samples(self.features(X)[1])
+
+    def score(self, X: Frames, top: int | None = None, explain_top: int = 200,
+              state: ConsistencyState | None = None) -> pd.DataFrame:
+        """Ranked rows (RANKED_COLUMNS + components), most anomalous first; `top` keeps the first N."""
+        prepared, feats = self.features(X, state)
+        return self.rank(prepared, feats, top=top, explain_top=explain_top)
+
+    def rank(self, prepared, feats: pd.DataFrame, top: int | None = None, explain_top: int = 200) -> pd.DataFrame:
+        comp = self.detector_.components(feats)
+        order = np.lexsort((prepared.conns["event_id"].to_numpy(dtype=object).astype(str), -comp["score"].to_numpy()))
+        if top is not None:
+            order = order[:top]
+        c = prepared.conns.iloc[order].reset_index(drop=True)
+        ev = prepared.evidence.iloc[order].reset_index(drop=True)
+        ent = prepared.entities.iloc[order].reset_index(drop=True)
+        f = feats.iloc[order].reset_index(drop=True)
+        cp = comp.iloc[order].reset_index(drop=True)
+        out = pd.DataFrame({
+            "rank": np.arange(1, len(c) + 1),
+            "score": cp["score"], "event_id": c["event_id"], "ts": c["ts"], "src_ip": c["src_ip"],
+            "src_port": c["src_port"], "src_name": ent["src_name"], "src_kind": ent["src_kind"],
+            "esxi_host": np.where(c["esxi_host"] != "", c["esxi_host"], ent["src_esxi_host"]),
+            "dst_ip": c["dst_ip"], "dst_port": c["dst_port"], "proto": c["proto"], "process": c["process"],
+            "query": ev["query"], "answer": ev["answer"], "rtype": ev["rtype"], "dns_delay": ev["dns_delay"],
+            "transform": ev["transform"], "rules": cp["rules"], "forest_score": cp["forest_score"],
+            "rule_score": cp["rule_score"],
+        })
+        sentence_in = pd.concat([out[["dst_port", "dst_ip", "src_name", "rules"]], ev.drop(columns=["query"]),
+                                 out[["query"]], f[["port_never_seen", "dst_never_seen", "dst_is_answer",
+                                                    "mgmt_unexpected_egress"]]], axis=1)
+        sentence_in = sentence_in.loc[:, ~sentence_in.columns.duplicated()]
+        out["explanation"] = explain.sentences(sentence_in, self.history_days_).to_numpy()
+        k = min(explain_top, len(out))
+        top_feats = np.full(len(out), "", dtype=object)
+        top_feats[:k] = self.detector_.attributions(f.iloc[:k])
+        out["top_features"] = top_feats
+        out["alert"] = out["score"] >= self.detector_.threshold_
+        return out
+
+    @property
+    def threshold_(self) -> float:
+        return self.detector_.threshold_
+
+
+def _take(prepared: pipeline.Prepared, idx: np.ndarray) -> pipeline.Prepared:
+    return pipeline.Prepared(
+        conns=prepared.conns.iloc[idx].reset_index(drop=True),
+        relationship=prepared.relationship.iloc[idx].reset_index(drop=True),
+        evidence=prepared.evidence.iloc[idx].reset_index(drop=True),
+        entities=prepared.entities.iloc[idx].reset_index(drop=True),
+        baseline_input=prepared.baseline_input.iloc[idx].reset_index(drop=True),
+        dns_side=prepared.dns_side.iloc[idx].reset_index(drop=True),
+    )

@@ -1,0 +1,163 @@
+"""Per-environment training: fit, (optionally) tune, evaluate on a held-out slice, write a bundle.
+
+Configs are TOML files under `training/` (see `training/example.toml`). Without labels, quality is
+measured self-supervised: the synthetic attack families of `synth` are injected into the newest
+slice of the environment's own history and the model must rank them first.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from esxi_anomaly import bundle as B
+from esxi_anomaly.features import transforms as T
+from esxi_anomaly.model import DnsCalcDetector
+from esxi_anomaly.schema import Frames
+
+MODEL_PARAMS = set(DnsCalcDetector().get_params())
+
+
+@dataclass
+class TrainConfig:
+    """What a data scientist sets per environment (all optional)."""
+
+    env: str = "default"
+    seed: int = 0
+    model: dict = field(default_factory=dict)        # DnsCalcDetector params
+    rules: dict = field(default_factory=dict)        # rule overrides by id
+    mgmt_allow: list = field(default_factory=list)   # extra allow-list rows
+    trials: int = 0
+    holdout_fraction: float = 0.25
+    inject_families: list = field(default_factory=lambda: ["apt12", "low16_mgmt", "xor_key", "offset_key"])
+    study_storage: str = ""                          # Optuna storage URL; "" -> sqlite under training/
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        cfg = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+        unknown = set(cfg.model) - MODEL_PARAMS
+        if unknown:
+            raise ValueError(f"{path}: unknown [model] parameters {sorted(unknown)}; known: {sorted(MODEL_PARAMS)}")
+        return cfg
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.__dict__, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def detector(self, **overrides) -> DnsCalcDetector:
+        params = {"random_state": self.seed, **self.model, **overrides}
+        params["rule_overrides"] = self.rules or None
+        params["mgmt_allow"] = tuple(tuple(r) for r in self.mgmt_allow)
+        return DnsCalcDetector(**params)
+
+
+def fit_model(frames: Frames, config: TrainConfig, **overrides) -> DnsCalcDetector:
+    return config.detector(**overrides).fit(frames)
+
+
+def model_card(model: DnsCalcDetector, config: TrainConfig, metrics: dict) -> str:
+    start, end = model.training_window_
+    lines = [
+        f"# esxi-anomaly model: {config.env}", "",
+        f"- training window: {pd.Timestamp(start, unit='s')} to {pd.Timestamp(end, unit='s')} UTC "
+        f"({model.history_days_:.1f} days)",
+        f"- transform library: {T.TRANSFORM_LIBRARY_VERSION}",
+        f"- alert threshold (score): {model.threshold_:.4f} (quantile {model.threshold_quantile} of training scores)",
+        f"- features: {len(model.feature_names_)}; rules: {', '.join(r['id'] for r in model.detector_.rules_)}",
+        f"- config hash: {config.digest()}", "", "## Metrics", "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in metrics.items()] or ["- (none measured)"]
+    lines += ["", "Higher score = more anomalous. Scores are comparable within one bundle only."]
+    return "\n".join(lines) + "\n"
+
+
+def write_model(model: DnsCalcDetector, config: TrainConfig, models_dir: str | Path,
+                metrics: dict | None = None, tuning: dict | None = None) -> Path:
+    metrics = metrics or {}
+    manifest = {
+        "env": config.env,
+        "kind": "DnsCalcDetector",
+        "feature_names": model.feature_names_,
+        "transform_library_version": T.TRANSFORM_LIBRARY_VERSION,
+        "config_hash": config.digest(),
+        "config": config.__dict__,
+        "training_window": list(model.training_window_),
+        "threshold": model.threshold_,
+        "metrics": metrics,
+        "tuning": tuning or {},
+    }
+    target = B.new_bundle_dir(models_dir, config.env)
+    return B.save_bundle(target, {"model": model, "model_card.md": model_card(model, config, metrics)}, manifest)
+
+
+def load_model(directory: str | Path) -> tuple[DnsCalcDetector, dict]:
+    artifacts, manifest = B.load_bundle(directory)
+    model = artifacts.get("model")
+    if not isinstance(model, DnsCalcDetector):
+        raise B.BundleError(f"{directory}: the bundle holds no DnsCalcDetector; retrain with `esxi-anomaly train`")
+    if manifest.get("transform_library_version") != T.TRANSFORM_LIBRARY_VERSION:
+        raise B.BundleError(
+            f"{directory}: fitted with transform library {manifest.get('transform_library_version')}, "
+            f"this installation has {T.TRANSFORM_LIBRARY_VERSION}; retrain with `esxi-anomaly train`")
+    return model, manifest
+
+
+def split_holdout(frames: Frames, fraction: float) -> tuple[Frames, Frames, float]:
+    """History before the cut, and the newest `fraction` of time (with its DNS) for validation."""
+    ts = frames.connections["ts"]
+    cut = float(ts.min() + (ts.max() - ts.min()) * (1.0 - fraction))
+    c, d = frames.connections, frames.dns_answers
+    # DNS answers shortly before the cut stay visible to the validation slice's join
+    return (Frames(c[c["ts"] < cut], d[d["ts"] < cut], frames.inventory),
+            Frames(c[c["ts"] >= cut], d[d["ts"] >= cut - 3600], frames.inventory), cut)
+
+
+def validate(frames: Frames, config: TrainConfig, **overrides) -> dict:
+    """Self-supervised quality: fit on older history, inject attacks into the newest slice, rank it."""
+    from esxi_anomaly.evaluate import evaluate
+    from esxi_anomaly.synth import inject_attacks
+
+    history, holdout, cut = split_holdout(frames, config.holdout_fraction)
+    if not len(history.connections) or not len(holdout.connections):
+        return {}
+    end = float(frames.connections["ts"].max())
+    conns, dns, labels = inject_attacks(holdout.connections, holdout.dns_answers, frames.inventory,
+                                        families=config.inject_families, start=cut, end=end, seed=config.seed)
+    model = fit_model(history, config, **overrides)
+    ranked = model.score(Frames(conns, dns, frames.inventory), explain_top=0)
+    labels = pd.concat([labels, feedback_labels(config)], ignore_index=True)
+    return evaluate(ranked, labels)
+
+
+def feedback_labels(config: TrainConfig) -> pd.DataFrame:
+    """Analyst verdicts stored for this environment, as evaluation labels (empty when none)."""
+    try:
+        from esxi_anomaly.feedback import FeedbackStore
+    except ImportError:
+        return pd.DataFrame(columns=["event_id", "label", "family"])
+    return FeedbackStore.labels_for(config)
+
+
+def train_environment(frames: Frames, config: TrainConfig) -> tuple[DnsCalcDetector, dict, dict]:
+    """Tune (when `config.trials`), validate on the held-out slice, then fit on all history."""
+    tuning: dict = {}
+    if config.trials > 0:
+        from esxi_anomaly.tuning import tune
+
+        best, tuning = tune(frames, config)
+        config.model.update(best)
+    metrics = validate(frames, config)
+    model = fit_model(frames, config)
+    return model, metrics, tuning
+
+
+def refit_model(model: DnsCalcDetector, frames: Frames) -> DnsCalcDetector:
+    """Rolling refit: new baselines and forest on recent history, tuned parameters kept."""
+    from sklearn.base import clone
+
+    return clone(model).fit(frames)
