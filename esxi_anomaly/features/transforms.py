@@ -370,10 +370,284 @@ def ip_chance(transform_ids) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# derive_ports / derive_ips
+# IPv6 parsing (vectorised) and A-record IP transforms
 # --------------------------------------------------------------------------------------------
 
-_PORT_COLUMNS = {"row": np.int64, "port": np.int32}
+_HEX_VALUE = np.full(256, 255, dtype=np.uint8)
+for _ch in "0123456789":
+    _HEX_VALUE[ord(_ch)] = int(_ch)
+for _ch in "abcdef":
+    _HEX_VALUE[ord(_ch)] = _HEX_VALUE[ord(_ch.upper())] = int(_ch, 16)
+
+
+@functools.lru_cache(maxsize=1)
+def _hex16_strings() -> pa.Array:
+    return pa.array([f"{v:x}" for v in range(65536)], type=pa.string())
+
+
+def _fixed_width_ascii(arr: pa.Array, width: int) -> np.ndarray:
+    """Arrow strings all exactly ``width`` ASCII chars -> (n, width) uint8 codes."""
+    joined = pc.binary_join_element_wise(arr, "")  # fresh contiguous buffer, no slicing offsets
+    joined = pa.concat_arrays([joined]) if len(joined) else joined
+    buffers = joined.buffers()
+    if len(arr) == 0:
+        return np.zeros((0, width), dtype=np.uint8)
+    offsets = np.frombuffer(buffers[1], dtype=np.int32)[joined.offset : joined.offset + len(joined) + 1]
+    data = np.frombuffer(buffers[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return data.reshape(len(arr), width)
+
+
+def parse_ipv6(answers) -> tuple[np.ndarray, np.ndarray]:
+    """IPv6 text (compressed, full, or with a dotted IPv4 tail; no zone id) -> ((n,8) uint16 groups; valid)."""
+    arr = pc.fill_null(_to_arrow_strings(answers), "")
+    n = len(arr)
+    groups = np.zeros((n, 8), dtype=np.uint16)
+    # Rewrite a dotted IPv4 tail into two hex groups so one grammar remains.
+    tail = pc.extract_regex(arr, r"^[0-9A-Fa-f:]*:(?P<v4>[0-9]+\.[0-9.]+)$")
+    tail_text = pc.struct_field(tail, [0])
+    has_tail = np.asarray(pc.is_valid(tail_text).to_numpy(zero_copy_only=False), dtype=bool)
+    ok = np.ones(n, dtype=bool)
+    if has_tail.any():
+        v4_int, v4_ok = ipv4_to_int(tail_text.filter(pa.array(has_tail)))
+        hex16 = _hex16_strings()
+        tail_idx = np.flatnonzero(has_tail)
+        ok[tail_idx[~v4_ok]] = False
+        prefix = pc.replace_substring_regex(arr.filter(pa.array(has_tail)), r"[0-9.]+$", "")
+        rewritten = pc.binary_join_element_wise(
+            prefix, hex16.take(pa.array(v4_int >> 16)), pa.array([":"] * len(tail_idx)), hex16.take(pa.array(v4_int & 0xFFFF)), ""
+        )
+        full = np.asarray(arr.to_numpy(zero_copy_only=False), dtype=object)
+        full[tail_idx] = np.asarray(rewritten.to_numpy(zero_copy_only=False), dtype=object)
+        arr = pa.array(full, type=pa.string())
+    shape_ok = pc.and_(
+        pc.match_substring_regex(arr, r"^[0-9A-Fa-f:]+$"),
+        pc.invert(pc.match_substring(arr, ":::")),
+    )
+    double = pc.count_substring(arr, "::")
+    ok &= np.asarray(pc.and_(shape_ok, pc.less_equal(double, 1)).to_numpy(zero_copy_only=False), dtype=bool)
+    ok &= np.asarray(pc.utf8_length(arr).to_numpy(zero_copy_only=False)) <= 39
+    # Leading ':' must be '::' and so must a trailing ':'.
+    ok &= ~np.asarray(pc.match_substring_regex(arr, r"^:[^:]|[^:]:$").to_numpy(zero_copy_only=False), dtype=bool)
+    idx = np.flatnonzero(ok)
+    if len(idx) == 0:
+        return groups, ok
+    sub = arr.take(pa.array(idx))
+    halves = pc.split_pattern(sub, "::")
+    n_halves = np.asarray(pc.list_value_length(halves).to_numpy(zero_copy_only=False))
+    left = pc.list_element(halves, 0)
+    right = _second(halves, n_halves)
+    parts = []
+    for side in (left, right):
+        side = pc.if_else(pc.equal(pc.fill_null(side, ""), ""), pa.scalar(None, pa.string()), side)
+        lists = pc.split_pattern(side, ":")
+        lengths = np.asarray(pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False), dtype=np.int64)
+        flat = pc.list_flatten(lists)
+        parts.append((lengths, flat))
+    (nl, left_flat), (nr, right_flat) = parts
+    count_ok = np.where(n_halves == 2, nl + nr <= 7, nl == 8)
+    flat_all = pa.concat_arrays([left_flat, right_flat])
+    group_len = np.asarray(pc.utf8_length(flat_all).to_numpy(zero_copy_only=False))
+    owner = np.concatenate([np.repeat(np.arange(len(idx)), nl), np.repeat(np.arange(len(idx)), nr)])
+    bad_group = np.zeros(len(idx), dtype=bool)
+    np.logical_or.at(bad_group, owner, (group_len < 1) | (group_len > 4))
+    good = count_ok & ~bad_group
+    keep_group = good[owner]
+    padded = pc.utf8_lpad(flat_all.filter(pa.array(keep_group)), 4, "0")
+    digits = _HEX_VALUE[_fixed_width_ascii(padded, 4)].astype(np.uint16)
+    values = (digits[:, 0] << 12) | (digits[:, 1] << 8) | (digits[:, 2] << 4) | digits[:, 3]
+    # position of each group: left groups count up from 0, right groups end at 7
+    pos_left = np.arange(nl.sum()) - np.repeat(np.cumsum(nl) - nl, nl)
+    pos_right = 8 - np.repeat(nr, nr) + (np.arange(nr.sum()) - np.repeat(np.cumsum(nr) - nr, nr))
+    pos = np.concatenate([pos_left, pos_right])[keep_group]
+    rows = idx[owner[keep_group]]
+    groups[rows, pos] = values
+    ok[idx[~good]] = False
+    groups[~ok] = 0
+    return groups, ok
+
+
+def _second(halves: pa.Array, n_halves: np.ndarray) -> pa.Array:
+    """Second element of 1- or 2-element lists (null where absent)."""
+    padded = pc.list_slice(halves, 1, 2)
+    flat = pc.list_flatten(padded)
+    out = np.full(len(halves), None, dtype=object)
+    out[n_halves == 2] = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=object)
+    return pa.array(out, type=pa.string())
+
+
+def _nymaim2_forward(little_endian: np.ndarray) -> np.ndarray:
+    v = little_endian.astype(np.uint32)
+    for _ in range(NYMAIM2_ROUNDS):
+        v = ((v ^ np.uint32(NYMAIM2_XOR1)) - np.uint32(NYMAIM2_SUB)) ^ np.uint32(NYMAIM2_XOR2)
+    return v
+
+
+def _nymaim2_inverse(little_endian: np.ndarray) -> np.ndarray:
+    v = little_endian.astype(np.uint32)
+    for _ in range(NYMAIM2_ROUNDS):
+        v = ((v ^ np.uint32(NYMAIM2_XOR2)) + np.uint32(NYMAIM2_SUB)) ^ np.uint32(NYMAIM2_XOR1)
+    return v
+
+
+def _byteswap32(v: np.ndarray) -> np.ndarray:
+    return v.astype(np.uint32).byteswap()
+
+
+def a_record_ips(octets: np.ndarray) -> np.ndarray:
+    """(n,4) octets -> (n, len(A_IP_TRANSFORMS)) uint32 network-order IPs in A_IP_TRANSFORMS order."""
+    octets = np.asarray(octets, dtype=np.uint8).reshape(-1, 4)
+    out = np.empty((len(A_IP_TRANSFORMS), len(octets)), dtype=np.uint32)
+    out[0] = _octets_to_int(octets[:, ::-1])
+    for j, perm in enumerate(_PERMUTATIONS, start=1):
+        out[j] = _octets_to_int(octets[:, list(perm)])
+    little = _octets_to_int(octets[:, ::-1])  # L: a is the low byte
+    # result v is written back little-endian, i.e. its low byte becomes the first dotted octet
+    out[len(_PERMUTATIONS) + 1] = _byteswap32(_nymaim2_forward(little))
+    out[len(_PERMUTATIONS) + 2] = _byteswap32(_nymaim2_inverse(little))
+    return out.T
+
+
+def ip_keys(answer_int: np.ndarray, dst_int: np.ndarray) -> dict[str, np.ndarray]:
+    """Keys that stay constant across answers if dst = answer XOR K or answer + K (I2, I3)."""
+    a = np.asarray(answer_int).astype(np.uint32)
+    d = np.asarray(dst_int).astype(np.uint32)
+    return {"I2_xor": a ^ d, "I3_add": d - a}  # uint32 arithmetic wraps mod 2^32
+
+
+def port_keys(base_port: np.ndarray, dst_port: np.ndarray) -> dict[str, np.ndarray]:
+    """Keys that stay constant across answers if port = base XOR K or base + K (P9); -1 where a port is invalid."""
+    b = np.asarray(base_port).astype(np.int64)
+    p = np.asarray(dst_port).astype(np.int64)
+    ok = (b >= 0) & (b <= 65535) & (p >= 0) & (p <= 65535)
+    return {
+        "P9_xor": np.where(ok, p ^ b, -1).astype(np.int32),
+        "P9_add": np.where(ok, (p - b) % 65536, -1).astype(np.int32),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Text rules (TXT / CNAME), SRV, SVCB/HTTPS, MX
+# --------------------------------------------------------------------------------------------
+
+# Ports in text: only these rules, so SPF/DKIM/DMARC text does not spray junk numbers.
+TEXT_PORT_PATTERNS: dict[str, str] = {
+    # host:port / ip:port / URL authority; host has a letter or a dot; not part of an IPv6 literal or "ip4:1.2..."
+    "host_port": r"(?<![\w.:\-\[])(?=[\w.\-]*[A-Za-z_.][\w.\-]*:)[\w.\-]+:(?P<port>\d{1,5})(?![\w.:])",
+    "v6_port": r"\[[0-9A-Fa-f:.]+\]:(?P<port>\d{1,5})(?![\w.:])",
+    "key_value": r"(?i)(?<![\w\-])(?:p|port)\s*[=:]\s*\"?(?P<port>\d{1,5})(?![\w.:])",
+    # a whole token of digits: not inside a word, an IP, a CIDR suffix, a key=value or a signed number
+    "standalone": r"(?<![\w.:=/\-+@#%$])(?P<port>\d{1,5})(?![\w.:=\-+%])",
+}
+_TEXT_IPV4 = rf"(?<![\w.])(?P<ip>{_IPV4_OCTET}\.{_IPV4_OCTET}\.{_IPV4_OCTET}\.{_IPV4_OCTET})(?![\w]|\.\d)"
+_TEXT_IPV6 = r"(?:(?<=ip6:)|(?<![\w:.]))(?P<ip>[0-9A-Fa-f]{0,4}:[0-9A-Fa-f:]*:[0-9A-Fa-f.]*)"
+_B64_TOKEN = r"(?<![A-Za-z0-9+/_\-])(?P<tok>[A-Za-z0-9+/_\-]{6,}={0,2})(?![A-Za-z0-9+/=_\-])"
+_HEX_TOKEN = r"(?<![0-9A-Fa-f])(?P<tok>(?:[0-9A-Fa-f]{2}){4,})(?![0-9A-Fa-f])"
+_ZEEK_TXT_PREFIX = r"^TXT\s+\d+\s+"  # Zeek logs TXT rdata as "TXT <len> <text>"
+_SRV = r"^\s*(?P<prio>\d{1,5})\s+(?P<weight>\d{1,5})\s+(?P<port>\d{1,5})\s+\S+\s*$"
+_SVCB_PORT = r"(?i)(?<![\w\-])port\s*=\s*\"?(?P<port>\d{1,5})(?![\w.])"
+_MX = r"^\s*(?P<port>\d{1,5})\s+\S+\s*$"
+_PRINTABLE = re.compile(rb"^[\x20-\x7e\t\r\n]+$")
+
+
+def _text_series(texts: pa.Array, rows: np.ndarray) -> pd.Series:
+    s = pd.Series(pc.replace_substring_regex(pc.fill_null(texts, ""), _ZEEK_TXT_PREFIX, "").to_pandas(), dtype="str")
+    s.index = rows
+    return s
+
+
+def _extract(series: pd.Series, pattern: str, group: str) -> pd.Series:
+    """All matches of ``group``, indexed by the series' index (one entry per match)."""
+    if len(series) == 0:
+        return pd.Series([], dtype="str")
+    found = series.str.extractall(pattern)
+    if len(found) == 0:
+        return pd.Series([], dtype="str")
+    return pd.Series(found[group].to_numpy(), index=found.index.get_level_values(0))
+
+
+def _decode_token(token: str, kind: str) -> str | None:
+    try:
+        if kind == "hex":
+            raw = binascii.unhexlify(token)
+        else:
+            padded = token + "=" * (-len(token) % 4)
+            raw = base64.urlsafe_b64decode(padded) if ("-" in token or "_" in token) else base64.b64decode(padded, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return raw.decode("ascii") if len(raw) >= 4 and _PRINTABLE.match(raw) else None
+
+
+def _decoded_texts(series: pd.Series, kind: str) -> pd.Series:
+    """Printable decodings of base64 or hex tokens in each text (index = owning row); one loop per distinct token."""
+    tokens = _extract(series, _HEX_TOKEN if kind == "hex" else _B64_TOKEN, "tok")
+    if len(tokens) == 0:
+        return pd.Series([], dtype="str")
+    uniques = pd.unique(tokens.to_numpy())
+    decoded = {t: _decode_token(t, kind) for t in uniques}  # text is low volume; distinct tokens only
+    out = tokens.map(decoded).dropna()
+    return out.astype("str")
+
+
+def _ports_from_text(series: pd.Series) -> pd.DataFrame:
+    found = [_extract(series, pattern, "port") for pattern in TEXT_PORT_PATTERNS.values()]
+    found = [f for f in found if len(f)]
+    if not found:
+        return pd.DataFrame({"row": np.empty(0, np.int64), "port": np.empty(0, np.int64)})
+    allp = pd.concat(found)
+    out = pd.DataFrame({"row": allp.index.to_numpy(dtype=np.int64), "port": allp.astype(np.int64).to_numpy()})
+    return out[(out["port"] >= 1) & (out["port"] <= 65535)].drop_duplicates()
+
+
+def _text_port_frames(texts: pa.Array, rows: np.ndarray) -> list[pd.DataFrame]:
+    series = _text_series(texts, rows)
+    frames = []
+    for tid, source in (("P12_txt", series), ("P12_txt_b64", _decoded_texts(series, "b64")), ("P12_txt_hex", _decoded_texts(series, "hex"))):
+        found = _ports_from_text(source)
+        frames.append(_port_frame(found["row"].to_numpy(), np.full(len(found), _TRANSFORM_IDS.index(tid)), found["port"].to_numpy()))
+    return frames
+
+
+def _field_port_frame(texts: pa.Array, rows: np.ndarray, pattern: str, tid: str) -> pd.DataFrame:
+    series = _text_series(texts, rows)
+    found = series.str.extract(pattern)["port"].dropna()
+    ports = found.astype(np.int64).to_numpy()
+    keep = (ports >= 1) & (ports <= 65535)
+    return _port_frame(found.index.to_numpy()[keep], np.full(keep.sum(), _TRANSFORM_IDS.index(tid)), ports[keep])
+
+
+def _searches_all(series: pd.Series, pattern: str) -> pd.Series:
+    return _extract(series, pattern, "ip")
+
+
+def _ips_from_text(series: pd.Series) -> pd.DataFrame:
+    v4 = _extract(series, _TEXT_IPV4, "ip")
+    v6 = _extract(series, _TEXT_IPV6, "ip")
+    frames = []
+    if len(v4):
+        frames.append(pd.DataFrame({"row": v4.index.to_numpy(np.int64), "ip": v4.to_numpy(dtype=object)}))
+    if len(v6):
+        groups, ok = parse_ipv6(pd.Series(v6.to_numpy(), dtype="str"))
+        frames.append(pd.DataFrame({"row": v6.index.to_numpy(np.int64)[ok], "ip": _format_ipv6(groups[ok])}))
+    if not frames:
+        return pd.DataFrame({"row": np.empty(0, np.int64), "ip": np.empty(0, object)})
+    return pd.concat(frames, ignore_index=True).drop_duplicates()
+
+
+def _format_ipv6(groups: np.ndarray) -> np.ndarray:
+    """(n,8) uint16 -> RFC 5952 text (lowercase, longest run of >=2 zero groups compressed); per distinct value."""
+    import ipaddress
+
+    if len(groups) == 0:
+        return np.empty(0, dtype=object)
+    as_bytes = groups.astype(">u2").tobytes()
+    values = [as_bytes[i * 16 : (i + 1) * 16] for i in range(len(groups))]
+    cache: dict[bytes, str] = {}
+    return np.array([cache.setdefault(v, str(ipaddress.IPv6Address(v))) for v in values], dtype=object)
+
+
+# --------------------------------------------------------------------------------------------
+# derive_ports / derive_ips
+# --------------------------------------------------------------------------------------------
 
 
 def _transform_dtype() -> pd.CategoricalDtype:
@@ -390,11 +664,24 @@ def _port_frame(rows: np.ndarray, transform_codes: np.ndarray, ports: np.ndarray
     )
 
 
+def _ip_frame(rows: np.ndarray, transform_codes: np.ndarray, ips) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "row": np.asarray(rows, dtype=np.int64),
+            "transform": pd.Categorical.from_codes(np.asarray(transform_codes, dtype=np.int16), dtype=_transform_dtype()),
+            "ip": pd.array(np.asarray(ips, dtype=object), dtype="str"),
+        }
+    )
+
+
 def _codes_for(ids) -> np.ndarray:
     return np.array([_TRANSFORM_IDS.index(t) for t in ids], dtype=np.int16)
 
 
 _A_PORT_CODES = _codes_for([t.id for t in A_PORT_TRANSFORMS])
+_A_IP_CODES = _codes_for([t.id for t in A_IP_TRANSFORMS])
+_P11_GROUP_CODES = _codes_for([f"P11_g{i}" for i in range(8)])
+_P11_V4_CODES = _codes_for([f"P11_v4_{b}" for b in _P11_V4_BASES])
 
 
 def _a_ports_long(rows: np.ndarray, octets: np.ndarray) -> pd.DataFrame:
@@ -403,29 +690,90 @@ def _a_ports_long(rows: np.ndarray, octets: np.ndarray) -> pd.DataFrame:
     return _port_frame(rows[r], _A_PORT_CODES[j], ports[r, j])
 
 
-def derive_ports(rtype, answer) -> pd.DataFrame:
-    """Long form (row, transform, port) of every candidate port derived from each answer.
+def _aaaa_embedded_octets(groups: np.ndarray) -> np.ndarray:
+    h6, h7 = groups[:, 6].astype(np.uint32), groups[:, 7].astype(np.uint32)
+    return np.stack([h6 >> 8, h6 & 0xFF, h7 >> 8, h7 & 0xFF], axis=1).astype(np.uint8)
 
-    ``rtype`` is one record type for all answers or one per answer. ``transform`` is a categorical of str
-    ids (all of TRANSFORMS as categories: cheap at ~90 rows per A answer). Invalid answers yield no rows.
-    """
+
+def _aaaa_ports_long(rows: np.ndarray, groups: np.ndarray) -> pd.DataFrame:
+    o = _octet_dict(_aaaa_embedded_octets(groups))
+    v4 = np.stack([_A_PORT_FUNCS[b](o) for b in _P11_V4_BASES], axis=1)
+    ports = np.concatenate([groups.astype(np.int64), v4], axis=1)
+    codes = np.concatenate([_P11_GROUP_CODES, _P11_V4_CODES])
+    r, j = np.nonzero((ports >= 1) & (ports <= 65535))
+    return _port_frame(rows[r], codes[j], ports[r, j])
+
+
+def _split_by_rtype(rtype, answer):
     answers = _to_arrow_strings(answer)
     n = len(answers)
     rtypes = _broadcast_rtypes(rtype, n)
-    frames = []
     for rt in pd.unique(rtypes):
         rows = np.flatnonzero(rtypes == rt)
-        sub = answers.take(pa.array(rows)) if len(rows) != n else answers
+        yield rt, rows, (answers.take(pa.array(rows)) if len(rows) != n else answers)
+
+
+def _finish(frames: list[pd.DataFrame], empty: pd.DataFrame) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return empty
+    if len(frames) == 1:
+        return frames[0].reset_index(drop=True)
+    out = pd.concat(frames, ignore_index=True)
+    return out.sort_values(["row", "transform"], kind="stable", ignore_index=True)
+
+
+def derive_ports(rtype, answer) -> pd.DataFrame:
+    """Long form (row, transform, port) of every candidate port derived from each answer.
+
+    ``rtype`` is one record type for all answers or one per answer (case-insensitive). ``row`` indexes the
+    inputs; ``transform`` is a categorical of str ids (categories = all of TRANSFORMS, so ~90 rows per A answer
+    stay cheap); ``port`` is int32 in 1..65535. Invalid or unsupported answers yield no rows and never raise.
+    """
+    frames = []
+    for rt, rows, sub in _split_by_rtype(rtype, answer):
         if rt == "A":
             octets, valid = parse_ipv4(sub)
             frames.append(_a_ports_long(rows[valid], octets[valid]))
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return _port_frame(np.empty(0), np.empty(0), np.empty(0))
-    out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    if len(frames) > 1:
-        out = out.sort_values("row", kind="stable", ignore_index=True)
-    return out
+        elif rt == "AAAA":
+            groups, valid = parse_ipv6(sub)
+            frames.append(_aaaa_ports_long(rows[valid], groups[valid]))
+        elif rt in ("TXT", "CNAME"):
+            frames.extend(_text_port_frames(sub, rows))
+        elif rt == "SRV":
+            frames.append(_field_port_frame(sub, rows, _SRV, "P12_srv"))
+        elif rt in ("SVCB", "HTTPS"):
+            frames.append(_field_port_frame(sub, rows, _SVCB_PORT, "P12_svcb"))
+        elif rt == "MX":
+            frames.append(_field_port_frame(sub, rows, _MX, "P12_mx"))
+    return _finish(frames, _port_frame(np.empty(0), np.empty(0), np.empty(0)))
+
+
+def derive_ips(rtype, answer) -> pd.DataFrame:
+    """Long form (row, transform, ip) of candidate C2 IPs derived from each answer (IPv4 dotted, IPv6 RFC 5952).
+
+    A: I1, I4 (22 permutations), I5 Nymaim2 forward/inverse, omitting results equal to the answer itself;
+    AAAA: I8 embedded IPv4 (h6:h7); TXT/CNAME: I7 literals in the text and in decoded base64/hex tokens.
+    """
+    frames = []
+    for rt, rows, sub in _split_by_rtype(rtype, answer):
+        if rt == "A":
+            octets, valid = parse_ipv4(sub)
+            ips = a_record_ips(octets[valid])
+            same = ips == _octets_to_int(octets[valid])[:, None]
+            r, j = np.nonzero(~same)
+            frames.append(_ip_frame(rows[valid][r], _A_IP_CODES[j], int_to_ipv4(ips[r, j])))
+        elif rt == "AAAA":
+            groups, valid = parse_ipv6(sub)
+            frames.append(
+                _ip_frame(rows[valid], np.full(valid.sum(), _TRANSFORM_IDS.index("I8_aaaa_v4")), _octets_to_strings(_aaaa_embedded_octets(groups[valid])))
+            )
+        elif rt in ("TXT", "CNAME"):
+            series = _text_series(sub, rows)
+            for tid, source in (("I7_txt", series), ("I7_txt_b64", _decoded_texts(series, "b64")), ("I7_txt_hex", _decoded_texts(series, "hex"))):
+                found = _ips_from_text(source)
+                frames.append(_ip_frame(found["row"].to_numpy(), np.full(len(found), _TRANSFORM_IDS.index(tid)), found["ip"].to_numpy()))
+    return _finish(frames, _ip_frame(np.empty(0), np.empty(0), np.empty(0, dtype=object)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,22 +783,52 @@ def derive_ports(rtype, answer) -> pd.DataFrame:
 _LETTER = re.compile(r"\b[abcd]\b")
 
 
+def _a_formula_text(t: Transform, octets: np.ndarray) -> str:
+    values = {k: int(v[0]) for k, v in _octet_dict(octets).items()}
+    if t.id.startswith("P7_"):
+        word = "N" if "_be_" in t.id else "L"
+        return t.formula.replace(word, f"0x{values[word]:08X}")
+    base = TRANSFORMS[t.id[len("P11_v4_"):]] if t.id.startswith("P11_v4_") else t
+    return _LETTER.sub(lambda m: str(values[m.group(0)]), base.formula)
+
+
 def describe(transform_id: str, answer: str, port_or_ip) -> str:
-    """Human text for an explanation, e.g. describe("P1", "19.57.34.8", 1117) -> "1117 = 19*57+34 (APT12 a*b+c)"."""
+    """Human text for an explanation, e.g. describe("P1", "19.57.34.8", 1117) -> "1117 = 19*57+34 (APT12 a*b+c)".
+
+    When the transform does not give ``port_or_ip`` for this answer the text says so instead of "=".
+    """
     t = TRANSFORMS[transform_id]
-    if transform_id in _A_PORT_INDEX:
-        octets, valid = parse_ipv4([answer])
-        if not valid[0]:
-            return f"{port_or_ip}: {answer!r} is not an IPv4 answer ({t.name})"
-        o = _octet_dict(octets)
-        values = {k: int(v[0]) for k, v in o.items()}
-        if transform_id.startswith("P7_"):
-            word = "N" if "_be_" in transform_id else "L"
-            text = t.formula.replace(word, f"0x{values[word]:08X}")
+    rtype = t.rtypes[0]
+    if t.output == "port" and transform_id not in ("P9_xor", "P9_add"):
+        derived = derive_ports(rtype, [answer])
+        got = derived.loc[derived["transform"] == transform_id, "port"].astype(int).tolist()
+    elif t.output == "ip" and transform_id not in ("I2_xor", "I3_add"):
+        derived = derive_ips(rtype, [answer])
+        got = derived.loc[derived["transform"] == transform_id, "ip"].tolist()
+    else:
+        return f"{port_or_ip} from {answer!r} via {t.formula} ({t.name})"
+    target = int(port_or_ip) if t.output == "port" else str(port_or_ip)
+    matched = target in got
+    if transform_id in _A_PORT_INDEX or transform_id.startswith("P11_v4_"):
+        if transform_id in _A_PORT_INDEX:
+            octets, valid = parse_ipv4([answer])
+            where = ""
         else:
-            text = _LETTER.sub(lambda m: str(values[m.group(0)]), t.formula)
-        actual = int(a_record_ports(octets)[0, _A_PORT_INDEX[transform_id]])
-        sign = "=" if actual == int(port_or_ip) else "!="
-        suffix = "" if sign == "=" else f" = {actual}"
-        return f"{port_or_ip} {sign} {text}{suffix} ({t.name})"
-    return f"{port_or_ip} from {answer!r} via {t.formula} ({t.name})"
+            groups, valid = parse_ipv6([answer])
+            octets = _aaaa_embedded_octets(groups)
+            where = f" on embedded IPv4 {_octets_to_strings(octets)[0]}"
+        if not valid[0]:
+            return f"{port_or_ip}: {answer!r} is not an {rtype} answer ({t.name})"
+        text = _a_formula_text(t, octets)
+        if matched:
+            return f"{port_or_ip} = {text}{where} ({t.name})"
+        actual = got[0] if got else "no valid port"
+        return f"{port_or_ip} != {text} = {actual}{where} ({t.name})"
+    if transform_id.startswith("P11_g"):
+        verb = "=" if matched else "!="
+        return f"{port_or_ip} {verb} {t.formula} of {answer} ({t.name})"
+    if t.output == "ip" and rtype == "A":
+        verb = "=" if matched else "!="
+        return f"{port_or_ip} {verb} {t.formula} of {answer} ({t.name})"
+    verb = "found" if matched else "not found"
+    return f"{port_or_ip} {verb} in {rtype} answer {answer!r} via {t.formula} ({t.name})"
