@@ -18,14 +18,24 @@ formats.md (a) "Forwarded (remote syslog) formats":
 
 ESXi 6.7/7 on-disk lines (`TS info hostd[tid] [...]`) have no envelope: they return None, as does
 anything else that is not a syslog line. The function never raises on any input string.
+
+`iter_lines(path, quarantine)` is the bounded, never-raising line reader the text parsers share.
 """
 from __future__ import annotations
 
+import lzma
 import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Iterator
 
-__all__ = ["Envelope", "parse_envelope", "parse_rfc3339"]
+from esxi_anomaly.ingest.base import IngestError, Quarantine, open_text
+
+__all__ = ["Envelope", "parse_envelope", "parse_rfc3339", "iter_lines", "MAX_LINE_CHARS"]
+
+MAX_LINE_CHARS = 64 * 1024  # a longer "line" is quarantined in pieces, never held whole
 
 
 @dataclass(frozen=True)
@@ -194,3 +204,33 @@ def _pri(value: str | None) -> int:
         return -1
     number = int(value)
     return number if number <= 191 else -1
+
+
+def iter_lines(path: str, quarantine: Quarantine, max_chars: int = MAX_LINE_CHARS) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its end-of-line) for each line of a (compressed) text file.
+
+    Over-long lines go to the quarantine (first `max_chars` kept as raw) and are skipped without
+    being held in memory; a truncated or corrupt compressed stream is quarantined at the line
+    where it broke and ends the file. Never raises for bad content.
+    """
+    try:
+        fh = open_text(path)
+    except (OSError, EOFError, IngestError, lzma.LZMAError, zipfile.BadZipFile, zlib.error) as exc:
+        quarantine.add(path, 0, f"cannot open: {exc}")
+        return
+    line_no = 0
+    with fh:
+        try:
+            while True:
+                piece = fh.readline(max_chars + 1)
+                if not piece:
+                    return
+                line_no += 1
+                if len(piece) > max_chars and not piece.endswith(("\n", "\r")):
+                    quarantine.add(path, line_no, f"line longer than {max_chars} characters", piece)
+                    while piece and not piece.endswith(("\n", "\r")):
+                        piece = fh.readline(max_chars + 1)
+                    continue
+                yield line_no, piece.rstrip("\r\n")
+        except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile, zlib.error) as exc:
+            quarantine.add(path, line_no + 1, f"truncated or corrupt stream: {exc}")
