@@ -71,6 +71,15 @@ def _distinct_running_count(group: np.ndarray, value: np.ndarray, order_ts: np.n
     return out
 
 
+def _gather(values: np.ndarray, rows: np.ndarray, fill) -> np.ndarray:
+    """values[rows] where rows >= 0, else `fill` (also when `values` is empty)."""
+    out = np.full(len(rows), fill, dtype=values.dtype if len(values) else np.asarray(fill).dtype)
+    ok = rows >= 0
+    if len(values) and ok.any():
+        out[ok] = values[rows[ok]]
+    return out
+
+
 def _hash(*cols) -> np.ndarray:
     frame = pd.DataFrame({f"c{i}": c for i, c in enumerate(cols)})
     return pd.util.hash_pandas_object(frame, index=False).to_numpy()
@@ -98,9 +107,9 @@ def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
     delay = np.full(n, np.nan)
     delay[linked] = conn_ts[linked] - dns_ts[ip_row[linked]]
     feats["dns_delay_log"] = np.where(linked, np.log1p(np.maximum(delay, 0)), NO_DNS_DELAY_LOG)
-    feats["answer_ttl_log"] = np.where(linked, np.log1p(np.nan_to_num(ttl[np.maximum(ip_row, 0)], nan=0)), 0.0)
+    feats["answer_ttl_log"] = np.log1p(np.nan_to_num(_gather(ttl, ip_row, 0.0), nan=0.0))
     per_response = dns.groupby("event_id", sort=False)["answer_index"].transform("size").to_numpy()
-    feats["answer_count"] = np.where(linked, per_response[np.maximum(ip_row, 0)], 0).astype("float64")
+    feats["answer_count"] = _gather(per_response.astype("float64"), ip_row, 0.0)
 
     ev_transform = np.full(n, "", dtype=object)
     ev_answer_row = np.where(linked, ip_row, -1)
@@ -152,7 +161,7 @@ def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
     # --- arithmetic distance and byte encodings on the IP-link answer (A records) -------------
     dist = np.full(n, MAX_DISTANCE_LOG)
     byte = np.zeros(n)
-    a_linked = np.flatnonzero(linked & (rtype[np.maximum(ip_row, 0)] == "A"))
+    a_linked = np.flatnonzero(_gather(rtype, ip_row, "") == "A")
     if len(a_linked):
         octets, valid = T.parse_ipv4(answer[ip_row[a_linked]])
         ports = T.a_record_ports(octets).astype("int64")
@@ -221,14 +230,12 @@ def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
     feats["ip_derived"] = ip_derived
     feats["ip_significance"] = ip_sig
 
-    has_ev = ev_answer_row >= 0
-    er = np.maximum(ev_answer_row, 0)
     evidence = pd.DataFrame({
         "transform": ev_transform,
-        "answer": np.where(has_ev, answer[er], ""),
-        "rtype": np.where(has_ev, rtype[er], ""),
-        "query": np.where(has_ev, query[er], ""),
-        "dns_delay": np.where(has_ev, conn_ts - dns_ts[er], np.nan),
+        "answer": _gather(answer, ev_answer_row, ""),
+        "rtype": _gather(rtype, ev_answer_row, ""),
+        "query": _gather(query, ev_answer_row, ""),
+        "dns_delay": conn_ts - _gather(dns_ts, ev_answer_row, np.nan),
         "consistency": np.maximum(consistency, keyed),
     })
     return feats[RELATIONSHIP_FEATURES], evidence

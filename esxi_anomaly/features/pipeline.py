@@ -41,7 +41,7 @@ def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | No
     rel, evidence = dns_port.relationship_features(conns, dns, j, state)
     ent = attach_entities(conns, inventory)
     # the name that resolved the destination (else the name behind the best derivation)
-    link_query = np.where(j.ip_answer_row >= 0, dns["query"].to_numpy(dtype=object)[np.maximum(j.ip_answer_row, 0)], "")
+    link_query = dns_port._gather(dns["query"].to_numpy(dtype=object), j.ip_answer_row, "")
     name = np.where(link_query != "", link_query, evidence["query"].to_numpy(dtype=object))
     evidence["query"] = np.where(evidence["query"].to_numpy(dtype=object) != "", evidence["query"].to_numpy(dtype=object), name)
     domain = registered_domain(pd.Series(name, dtype="str")).to_numpy(dtype=object)
