@@ -1,0 +1,23 @@
+"""Atomic file writes for the report writers: a reader never sees a half-written report."""
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; on success move it over `path` with os.replace."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        yield staging
+        with open(staging, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
