@@ -81,6 +81,7 @@ def _config(args):
         cfg.trials = args.trials
     if args.seed is not None:
         cfg.seed = args.seed
+    cfg.feedback_path = str(Path(args.models_dir) / args.env / "feedback.csv")
     return cfg
 
 

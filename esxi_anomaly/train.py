@@ -36,6 +36,7 @@ class TrainConfig:
     holdout_fraction: float = 0.25
     inject_families: list = field(default_factory=lambda: ["apt12", "low16_mgmt", "xor_key", "offset_key"])
     study_storage: str = ""                          # Optuna storage URL; "" -> sqlite under training/
+    feedback_path: str = ""                          # analyst verdicts (set from --models-dir/--env)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TrainConfig":
@@ -136,10 +137,8 @@ def validate(frames: Frames, config: TrainConfig, **overrides) -> dict:
 
 def feedback_labels(config: TrainConfig) -> pd.DataFrame:
     """Analyst verdicts stored for this environment, as evaluation labels (empty when none)."""
-    try:
-        from esxi_anomaly.feedback import FeedbackStore
-    except ImportError:
-        return pd.DataFrame(columns=["event_id", "label", "family"])
+    from esxi_anomaly.feedback import FeedbackStore
+
     return FeedbackStore.labels_for(config)
 
 
