@@ -55,7 +55,11 @@ class DnsCalcDetector(BaseEstimator):
 
     def fit(self, X: Frames, y=None):
         prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params())
-        self.mgmt_ = ManagementPlane(extra_allow=tuple(self.mgmt_allow)).fit(X.inventory)
+        return self.fit_prepared(prepared, X.inventory)
+
+    def fit_prepared(self, prepared: pipeline.Prepared, inventory: pd.DataFrame | None):
+        """Fit from an already prepared batch (tuning re-uses one preparation across trials)."""
+        self.mgmt_ = ManagementPlane(extra_allow=tuple(self.mgmt_allow)).fit(inventory)
         ts = prepared.conns["ts"].to_numpy()
         cut = np.quantile(ts, self.baseline_split) if len(ts) else 0.0
         early = ts < cut
@@ -88,8 +92,11 @@ class DnsCalcDetector(BaseEstimator):
     # -- scoring ---------------------------------------------------------------------------
     def features(self, X: Frames, state: ConsistencyState | None = None):
         prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params(), state)
-        mgmt = self.mgmt_ if X.inventory is None else ManagementPlane(tuple(self.mgmt_allow)).fit(X.inventory)
-        return prepared, pipeline.extract(prepared, self.baseline_, mgmt)
+        return prepared, self.features_prepared(prepared, X.inventory)
+
+    def features_prepared(self, prepared: pipeline.Prepared, inventory: pd.DataFrame | None) -> pd.DataFrame:
+        mgmt = self.mgmt_ if inventory is None else ManagementPlane(tuple(self.mgmt_allow)).fit(inventory)
+        return pipeline.extract(prepared, self.baseline_, mgmt)
 
     def score_samples(self, X: Frames) -> np.ndarray:
         return self.detector_.score_samples(self.features(X)[1])
