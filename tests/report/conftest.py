@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-T0 = 1_795_000_000.0  # 2026-11-18T09:46:40Z
+T0 = 1_795_000_000.0  # 2026-11-18T11:06:40Z
 
 XSS_QUERY = "<script>window.__pwned=1</script>.evil.example"
 

@@ -1,0 +1,230 @@
+"""JSON lines in Elastic Common Schema (ECS): one alert document per ranked connection.
+
+Documents are nested objects, as Elasticsearch stores them; `ECS_FIELDS` lists the dotted ECS
+names used, and everything of our own lives under `esxi_anomaly.*` (ECS's rule for custom
+fields). Empty values (empty text, NaN, unknown port -1) are left out rather than written as
+null. Output is ASCII-only JSON, so no log text can break a line (not even U+2028).
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from esxi_anomaly.report._atomic import atomic_path
+
+CUSTOM_PREFIX = "esxi_anomaly."
+
+# Dotted ECS name -> expected JSON type: "str", "int", "float", "ip", "port", "timestamp",
+# "str_list" or "dns_answers".
+ECS_TYPES: dict[str, str] = {
+    "@timestamp": "timestamp",
+    "event.id": "str",
+    "event.kind": "str",
+    "event.category": "str_list",
+    "event.type": "str_list",
+    "event.module": "str",
+    "event.risk_score": "float",
+    "source.ip": "ip",
+    "source.port": "port",
+    "destination.ip": "ip",
+    "destination.port": "port",
+    "network.transport": "str",
+    "process.name": "str",
+    "host.name": "str",
+    "dns.question.name": "str",
+    "dns.answers": "dns_answers",
+    "rule.name": "str_list",
+    "message": "str",
+}
+ECS_FIELDS = frozenset(ECS_TYPES)
+
+CUSTOM_TYPES: dict[str, str] = {
+    "esxi_anomaly.rank": "int",
+    "esxi_anomaly.score": "float",
+    "esxi_anomaly.forest_score": "float",
+    "esxi_anomaly.rule_score": "float",
+    "esxi_anomaly.transform": "str",
+    "esxi_anomaly.dns_delay": "float",
+    "esxi_anomaly.top_features": "str",
+    "esxi_anomaly.src_kind": "str",
+    "esxi_anomaly.esxi_host": "str",
+    "esxi_anomaly.family": "str",
+}
+
+# ranked column -> (dotted field, converter kind)
+_DIRECT = [
+    ("event_id", "event.id", "str"),
+    ("src_ip", "source.ip", "str"),
+    ("src_port", "source.port", "port"),
+    ("dst_ip", "destination.ip", "str"),
+    ("dst_port", "destination.port", "port"),
+    ("proto", "network.transport", "lower"),
+    ("process", "process.name", "str"),
+    ("src_name", "host.name", "str"),
+    ("query", "dns.question.name", "str"),
+    ("explanation", "message", "str"),
+    ("rank", "esxi_anomaly.rank", "int"),
+    ("score", "esxi_anomaly.score", "float"),
+    ("forest_score", "esxi_anomaly.forest_score", "float"),
+    ("rule_score", "esxi_anomaly.rule_score", "float"),
+    ("transform", "esxi_anomaly.transform", "str"),
+    ("dns_delay", "esxi_anomaly.dns_delay", "float"),
+    ("top_features", "esxi_anomaly.top_features", "str"),
+    ("src_kind", "esxi_anomaly.src_kind", "str"),
+    ("esxi_host", "esxi_anomaly.esxi_host", "str"),
+    ("family", "esxi_anomaly.family", "str"),
+]
+
+_TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
+
+
+def _column_values(ranked: pd.DataFrame, column: str, kind: str) -> list:
+    """Plain Python values of one column, None where the value is empty."""
+    series = ranked[column]
+    if kind in ("str", "lower"):
+        values = series.fillna("").astype(str)
+        if kind == "lower":
+            values = values.str.lower()
+        return [v if v else None for v in values.tolist()]
+    numbers = pd.to_numeric(series, errors="coerce").to_numpy(dtype="float64")
+    if kind == "port":
+        valid = np.isfinite(numbers) & (numbers >= 0) & (numbers <= 65535)
+        return [int(v) if ok else None for v, ok in zip(numbers.tolist(), valid.tolist())]
+    if kind == "int":
+        return [int(v) if math.isfinite(v) else None for v in numbers.tolist()]
+    return [float(v) if math.isfinite(v) else None for v in numbers.tolist()]
+
+
+def _timestamps(ranked: pd.DataFrame) -> list:
+    if "ts" not in ranked.columns:
+        return [None] * len(ranked)
+    seconds = pd.to_numeric(ranked["ts"], errors="coerce")
+    times = pd.to_datetime(seconds, unit="s", utc=True)
+    text = times.dt.strftime("%Y-%m-%dT%H:%M:%S.%f").str.slice(0, 23) + "Z"
+    return [t if isinstance(t, str) else None for t in text.tolist()]
+
+
+def _put(document: dict, dotted: str, value: object) -> None:
+    *parents, leaf = dotted.split(".") if dotted != "@timestamp" else [dotted]
+    node = document
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def ecs_records(ranked: pd.DataFrame) -> list[dict]:
+    """The ECS documents for `ranked`, in row order."""
+    count = len(ranked)
+    direct = [(field, _column_values(ranked, column, kind)) for column, field, kind in _DIRECT
+              if column in ranked.columns]
+    timestamps = _timestamps(ranked)
+    scores = _column_values(ranked, "score", "float") if "score" in ranked.columns else [None] * count
+    answers = _column_values(ranked, "answer", "str") if "answer" in ranked.columns else [None] * count
+    rtypes = _column_values(ranked, "rtype", "str") if "rtype" in ranked.columns else [None] * count
+    rules = (ranked["rules"].fillna("").astype(str).tolist() if "rules" in ranked.columns else [""] * count)
+
+    records = []
+    for i in range(count):
+        document: dict = {}
+        if timestamps[i] is not None:
+            document["@timestamp"] = timestamps[i]
+        document["event"] = {"kind": "alert", "module": "esxi_anomaly", "category": ["network"],
+                             "type": ["connection"]}
+        if scores[i] is not None:
+            document["event"]["risk_score"] = round(min(max(scores[i], 0.0), 1.0) * 100.0, 2)
+        for field, values in direct:
+            if values[i] is not None:
+                _put(document, field, values[i])
+        if answers[i] is not None:
+            answer = {"data": answers[i]}
+            if rtypes[i] is not None:
+                answer["type"] = rtypes[i]
+            _put(document, "dns.answers", [answer])
+        fired = [r.strip() for r in rules[i].split(";") if r.strip()]
+        if fired:
+            _put(document, "rule.name", fired)
+        records.append(document)
+    return records
+
+
+def write_jsonl(ranked: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write one ECS JSON document per row of `ranked` to `path` (UTF-8, ASCII-escaped), atomically."""
+    with atomic_path(path) as staging, open(staging, "w", encoding="utf-8", newline="\n") as handle:
+        for document in ecs_records(ranked):
+            handle.write(json.dumps(document, ensure_ascii=True, allow_nan=False, separators=(",", ":")))
+            handle.write("\n")
+    return Path(path)
+
+
+def _leaves(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            if not value:
+                yield dotted, value
+            yield from _leaves(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def _type_problem(dotted: str, kind: str, value: object) -> str | None:
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    ok = {
+        "str": lambda v: isinstance(v, str) and v != "",
+        "int": is_int,
+        "float": lambda v: (is_int(v) or isinstance(v, float)) and math.isfinite(v),
+        "port": lambda v: is_int(v) and 0 <= v <= 65535,
+        "timestamp": lambda v: isinstance(v, str) and bool(_TIMESTAMP.match(v)),
+        "str_list": lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v),
+        "dns_answers": lambda v: isinstance(v, list) and bool(v) and all(
+            isinstance(a, dict) and set(a) <= {"data", "type"} and isinstance(a.get("data"), str)
+            and isinstance(a.get("type", ""), str) for a in v),
+    }
+    if kind == "ip":
+        try:
+            ipaddress.ip_address(value)
+            return None
+        except (TypeError, ValueError):
+            return f"{dotted}={value!r} is not an IP address"
+    if not ok[kind](value):
+        return f"{dotted}={value!r} is not a valid {kind}"
+    return None
+
+
+def validate_ecs_record(obj: dict) -> list[str]:
+    """Check one document: every leaf is a known ECS field (or esxi_anomaly.*) of the right type.
+
+    Returns the sorted dotted leaf names; raises ValueError listing every problem.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"an ECS document is a JSON object, not {type(obj).__name__}")
+    problems, names = [], []
+    for dotted, value in _leaves(obj):
+        names.append(dotted)
+        kind = ECS_TYPES.get(dotted) or CUSTOM_TYPES.get(dotted)
+        if kind is None:
+            if dotted.startswith(CUSTOM_PREFIX) and isinstance(value, (str, int, float, bool, list)):
+                continue
+            problems.append(f"{dotted} is neither an ECS field used here nor under {CUSTOM_PREFIX}")
+            continue
+        problem = _type_problem(dotted, kind, value)
+        if problem:
+            problems.append(problem)
+    risk = obj.get("event", {}).get("risk_score") if isinstance(obj.get("event"), dict) else None
+    if risk is not None and not (isinstance(risk, (int, float)) and 0 <= risk <= 100):
+        problems.append(f"event.risk_score={risk!r} is outside 0-100")
+    for required in ("event.kind", "event.module"):
+        if required not in names:
+            problems.append(f"{required} is missing")
+    if problems:
+        raise ValueError("; ".join(problems))
+    return sorted(names)

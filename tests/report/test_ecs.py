@@ -1,0 +1,77 @@
+"""ECS JSON lines: valid field names and types on every record, risk score 0-100, empties omitted."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from esxi_anomaly.report.ecs import ECS_FIELDS, validate_ecs_record, write_jsonl
+
+
+def _documents(path):
+    return [json.loads(line) for line in path.read_text(encoding="ascii").splitlines()]
+
+
+def test_every_record_valid_ecs(ranked, tmp_path):
+    documents = _documents(write_jsonl(ranked, tmp_path / "ranked.jsonl"))
+    assert len(documents) == len(ranked)
+    for document in documents:
+        names = validate_ecs_record(document)
+        assert all(n in ECS_FIELDS or n.startswith("esxi_anomaly.") for n in names)
+        assert 0 <= document["event"]["risk_score"] <= 100
+
+
+def test_first_record_exact(ranked, tmp_path):
+    first = _documents(write_jsonl(ranked, tmp_path / "ranked.jsonl"))[0]
+    assert first == {
+        "@timestamp": "2026-11-18T11:06:50.000Z",
+        "event": {"id": "CxA1", "kind": "alert", "module": "esxi_anomaly", "category": ["network"],
+                  "type": ["connection"], "risk_score": 97.0},
+        "source": {"ip": "10.0.1.5", "port": 50001},
+        "destination": {"ip": "19.57.34.8", "port": 1117},
+        "network": {"transport": "tcp"},
+        "host": {"name": "vm-web-03"},
+        "dns": {"question": {"name": '=HYPERLINK("http://x")'},
+                "answers": [{"data": "19.57.34.8", "type": "A"}]},
+        "rule": {"name": ["R_APT12", "R_REPEAT"]},
+        "message": "port 1117 = 19*57+34 (APT12 a*b+c) from A 19.57.34.8",
+        "esxi_anomaly": {"rank": 1, "score": 0.97, "forest_score": 0.88, "rule_score": 1.0,
+                         "transform": "apt12_a*b+c", "dns_delay": 2.1,
+                         "top_features": "port_rarity=+0.31; dns_match_significance=+0.22",
+                         "src_kind": "vm", "esxi_host": "esx01", "family": "apt12"},
+    }
+
+
+def test_empty_values_omitted(ranked, tmp_path):
+    documents = _documents(write_jsonl(ranked, tmp_path / "ranked.jsonl"))
+    mgmt, last = documents[2], documents[4]
+    assert "port" not in mgmt["source"]            # src_port -1 = unknown
+    assert "dns_delay" not in mgmt["esxi_anomaly"]  # NaN
+    assert "transform" not in mgmt["esxi_anomaly"]  # ""
+    assert "answers" not in last["dns"] and "rule" not in last and "message" not in last
+    assert mgmt["process"] == {"name": "hostd"}
+
+
+def test_risk_score_clipped_and_line_separators_escaped(ranked, tmp_path):
+    ranked["score"] = [1.7, -0.2, 0.5, np.nan, 0.0]
+    ranked["query"] = ["a\u2028b", "c\nd", "x", "y", "z"]
+    path = write_jsonl(ranked, tmp_path / "ranked.jsonl")
+    lines = path.read_bytes().split(b"\n")
+    assert len(lines) == 6 and lines[-1] == b""
+    documents = _documents(path)
+    assert [d["event"].get("risk_score") for d in documents] == [100.0, 0.0, 50.0, None, 0.0]
+    assert documents[0]["dns"]["question"]["name"] == "a\u2028b"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"event": {"kind": "alert", "module": "m", "risk_score": 120}}, "outside 0-100"),
+    ({"event": {"kind": "alert", "module": "m"}, "source": {"address": "x"}}, "source.address is neither"),
+    ({"event": {"kind": "alert", "module": "m"}, "destination": {"port": "443"}}, "destination.port"),
+    ({"event": {"kind": "alert", "module": "m"}, "source": {"ip": "not-an-ip"}}, "not an IP"),
+    ({"event": {"kind": "alert", "module": "m"}, "@timestamp": "1795000000"}, "@timestamp"),
+    ({"event": {"module": "m"}}, "event.kind is missing"),
+])
+def test_validator_rejects_bad_records(bad, message):
+    with pytest.raises(ValueError, match=message):
+        validate_ecs_record(bad)

@@ -1,0 +1,62 @@
+"""Parquet round trip, the per-entity roll-up on a small frame, and format dispatch."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from esxi_anomaly.report import format_for_path, write_outputs
+from esxi_anomaly.report.parquet import write_parquet
+from esxi_anomaly.report.rollup import entity_rollup
+
+from .conftest import T0
+
+
+def test_parquet_round_trip_keeps_columns_and_dtypes(ranked, tmp_path):
+    path = write_parquet(ranked, tmp_path / "ranked.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(path), ranked)
+    assert [p.name for p in tmp_path.iterdir()] == ["ranked.parquet"]
+
+
+def test_rollup_exact_values(ranked):
+    rollup = entity_rollup(ranked, threshold=0.6)
+    assert rollup.to_dict("records") == [
+        {"src_ip": "10.0.1.5", "src_name": "vm-web-03", "src_kind": "vm", "esxi_host": "esx01",
+         "max_score": 0.97, "connections": 2, "alerts": 2, "first_seen": T0 + 10, "last_seen": T0 + 70,
+         "transforms": "apt12_a*b+c", "families": "apt12", "top_event_id": "CxA1", "top_ts": T0 + 10,
+         "top_explanation": "port 1117 = 19*57+34 (APT12 a*b+c) from A 19.57.34.8"},
+        {"src_ip": "10.0.0.21", "src_name": "esx01-vmk0", "src_kind": "esxi_mgmt", "esxi_host": "esx01",
+         "max_score": 0.64, "connections": 1, "alerts": 1, "first_seen": T0 + 30, "last_seen": T0 + 30,
+         "transforms": "", "families": "mgmt_c2", "top_event_id": "CxB1", "top_ts": T0 + 30,
+         "top_explanation": "unexpected management egress"},
+        {"src_ip": "10.0.2.9", "src_name": "vm-db-01", "src_kind": "vm", "esxi_host": "esx02",
+         "max_score": 0.40, "connections": 2, "alerts": 0, "first_seen": T0 + 50, "last_seen": T0 + 90,
+         "transforms": "", "families": "benign", "top_event_id": "CxC1", "top_ts": T0 + 50,
+         "top_explanation": ""},
+    ]
+
+
+def test_rollup_without_threshold_or_family(ranked):
+    ranked.loc[1, "transform"] = "xor_key"
+    rollup = entity_rollup(ranked.drop(columns="family"))
+    assert "families" not in rollup.columns
+    assert rollup["alerts"].tolist() == [0, 0, 0]
+    assert rollup.loc[0, "transforms"] == "apt12_a*b+c; xor_key"
+
+
+def test_rollup_of_empty_frame_has_columns(ranked):
+    assert list(entity_rollup(ranked.iloc[:0]).columns)[:5] == ["src_ip", "src_name", "src_kind", "esxi_host",
+                                                                 "max_score"]
+
+
+def test_write_outputs_dispatches_by_format_and_suffix(ranked, tmp_path):
+    write_outputs(ranked, tmp_path / "a.out", "csv")
+    assert (tmp_path / "a.out").read_text().startswith("rank,score,event_id,ts")
+    write_outputs(ranked, tmp_path / "b.jsonl")
+    assert (tmp_path / "b.jsonl").read_text().count("\n") == 5
+    assert format_for_path("x.PARQUET") == "parquet"
+    with pytest.raises(ValueError, match="unknown output format 'xlsx'"):
+        write_outputs(ranked, tmp_path / "c.xlsx", "xlsx")
+    with pytest.raises(ValueError, match="cannot tell the output format"):
+        write_outputs(ranked, tmp_path / "c.txt")
+    with pytest.raises(TypeError, match="takes no options"):
+        write_outputs(ranked, tmp_path / "d.csv", "csv", top=3)
