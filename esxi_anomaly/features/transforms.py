@@ -180,9 +180,15 @@ def _p8_candidates():
 
 
 def _octet_dict(octets: np.ndarray) -> dict[str, np.ndarray]:
-    o = octets.astype(np.int64)
-    a, b, c, d = o[:, 0], o[:, 1], o[:, 2], o[:, 3]
-    return {"a": a, "b": b, "c": c, "d": d, "N": (a << 24) | (b << 16) | (c << 8) | d, "L": (d << 24) | (c << 16) | (b << 8) | a}
+    """int32 octets (every grammar value fits: max 510*255) and uint32 words N, L for the windows."""
+    o = np.ascontiguousarray(octets.T).astype(np.int32)
+    a, b, c, d = o[0], o[1], o[2], o[3]
+    u = o.astype(np.uint32)
+    return {
+        "a": a, "b": b, "c": c, "d": d,
+        "N": (u[0] << 24) | (u[1] << 16) | (u[2] << 8) | u[3],
+        "L": (u[3] << 24) | (u[2] << 16) | (u[1] << 8) | u[0],
+    }
 
 
 def _fingerprint(values: np.ndarray) -> bytes:
@@ -215,8 +221,8 @@ def a_record_ports(octets: np.ndarray) -> np.ndarray:
     o = _octet_dict(octets)
     out = np.empty((N_TESTS_A, len(octets)), dtype=np.int32)  # transposed: each column write is contiguous
     for j, t in enumerate(A_PORT_TRANSFORMS):
-        v = _A_PORT_FUNCS[t.id](o)
-        out[j] = np.where((v >= 1) & (v <= 65535), v, -1)
+        out[j] = _A_PORT_FUNCS[t.id](o)
+    out[(out < 1) | (out > 65535)] = -1
     return out.T
 
 
@@ -345,19 +351,33 @@ def port_chance(transform_ids, ports) -> np.ndarray:
 
     A transforms: exact enumeration. AAAA groups, text, SRV, SVCB, MX and keyed transforms: one candidate
     number modelled as a uniform 16-bit value (1/65536). Raises KeyError for unknown or IP transforms.
+    ``transform_ids`` may be a str, an array/Series of str, or a categorical (fastest: no string hashing).
     """
-    ids = np.asarray(transform_ids, dtype=object)
+    if isinstance(transform_ids, pd.Series):
+        transform_ids = transform_ids.array
+    if isinstance(transform_ids, pd.Categorical):
+        codes, uniques = transform_ids.codes.astype(np.int64), list(transform_ids.categories)
+        if (codes < 0).any():
+            raise KeyError("missing transform id")
+    elif isinstance(transform_ids, str):
+        codes, uniques = np.zeros((), dtype=np.int64), [transform_ids]
+    else:
+        ids = np.asarray(transform_ids, dtype=object)
+        flat_codes, uniques = pd.factorize(ids.ravel())
+        codes, uniques = flat_codes.reshape(ids.shape), list(uniques)
+    shape_names = sorted({_CHANCE_SHAPE[t] for t in uniques if t in _CHANCE_SHAPE})
+    shape_of_unique = np.array([shape_names.index(_CHANCE_SHAPE[t]) if t in _CHANCE_SHAPE else -1 for t in uniques], dtype=np.int64)
     ports = np.asarray(ports, dtype=np.int64)
-    ids, ports = np.broadcast_arrays(ids, ports)
-    out = np.zeros(ids.shape, dtype=np.float64)
-    in_range = (ports >= 1) & (ports <= 65535)
-    safe_ports = np.where(in_range, ports, 0)
-    codes, uniques = pd.factorize(ids.ravel())
-    codes = codes.reshape(ids.shape)
-    for code, tid in enumerate(uniques):  # loop over distinct ids only
-        sel = codes == code
-        out[sel] = chance_vector(tid)[safe_ports[sel]]
-    return np.where(in_range, out, 0.0)
+    codes, ports = np.broadcast_arrays(codes, ports)
+    if codes.size == 0:
+        return np.zeros(ports.shape, dtype=np.float64)
+    shape_idx = shape_of_unique[codes]
+    if (shape_idx < 0).any():  # categories may list IP transforms; only ids actually used must have a model
+        missing = sorted({uniques[i] for i in np.unique(codes[shape_idx < 0])})
+        raise KeyError(f"no port chance model for transforms {missing}")
+    table = np.stack([_shape_chance(name) for name in shape_names])  # (#shapes, 65536)
+    safe_ports = np.where((ports >= 1) & (ports <= 65535), ports, 0)  # chance of port 0 is 0
+    return table[shape_idx, safe_ports]
 
 
 def ip_chance(transform_ids) -> np.ndarray:
@@ -655,12 +675,14 @@ def _transform_dtype() -> pd.CategoricalDtype:
 
 
 def _port_frame(rows: np.ndarray, transform_codes: np.ndarray, ports: np.ndarray) -> pd.DataFrame:
+    codes = np.asarray(transform_codes, dtype=np.int16)  # always built from _TRANSFORM_IDS positions
     return pd.DataFrame(
         {
             "row": np.asarray(rows, dtype=np.int64),
-            "transform": pd.Categorical.from_codes(np.asarray(transform_codes, dtype=np.int16), dtype=_transform_dtype()),
+            "transform": pd.Categorical.from_codes(codes, dtype=_transform_dtype(), validate=False),
             "port": np.asarray(ports, dtype=np.int32),
-        }
+        },
+        copy=False,
     )
 
 
@@ -685,9 +707,12 @@ _P11_V4_CODES = _codes_for([f"P11_v4_{b}" for b in _P11_V4_BASES])
 
 
 def _a_ports_long(rows: np.ndarray, octets: np.ndarray) -> pd.DataFrame:
-    ports = a_record_ports(octets)
-    r, j = np.nonzero(ports >= 0)
-    return _port_frame(rows[r], _A_PORT_CODES[j], ports[r, j])
+    ports = np.ascontiguousarray(a_record_ports(octets))  # row-major: output ordered by (row, transform)
+    hit = ports >= 0
+    # boolean compress + repeat instead of nonzero/divmod: ~3x faster at ~85 rows per answer
+    return _port_frame(
+        np.repeat(rows, hit.sum(axis=1)), np.broadcast_to(_A_PORT_CODES, ports.shape)[hit], ports[hit]
+    )
 
 
 def _aaaa_embedded_octets(groups: np.ndarray) -> np.ndarray:
