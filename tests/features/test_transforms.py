@@ -195,3 +195,227 @@ def test_chance_four_octet_sum_matches_sampled_enumeration():
 
 def test_windows_and_aaaa_groups_are_uniform():
     assert T.port_chance(["P7_be_k3", "P7_le_k15", "P4", "P6"], [1, 65535, 22, 8443]).tolist() == [1 / 65536] * 4
+
+
+def test_port_chance_models_for_non_a_transforms_and_categorical_ids():
+    ids = ["P11_g3", "P11_v4_P1", "P12_txt", "P12_srv", "P12_mx", "P9_xor"]
+    assert T.port_chance(ids, [8443, 443, 9001, 5060, 10, 77]).tolist() == [
+        1 / 65536, 1386 / 2**24, 1 / 65536, 1 / 65536, 1 / 65536, 1 / 65536,
+    ]
+    df = T.derive_ports("A", ["19.57.34.8"])
+    by_cat = T.port_chance(df["transform"], df["port"])
+    by_str = T.port_chance(df["transform"].astype(str).to_numpy(), df["port"].to_numpy())
+    assert (by_cat == by_str).all() and by_cat[0] == T.port_chance("P1", 1117)
+    with pytest.raises(KeyError):
+        T.port_chance(["I1"], [80])
+
+
+def test_all_chance_vectors_sum_to_at_most_one_and_are_fast():
+    import time
+
+    T._shape_chance.cache_clear()
+    start = time.perf_counter()
+    totals = {t.id: T.chance_vector(t.id).sum() for t in T.A_PORT_TRANSFORMS}
+    assert time.perf_counter() - start < 2.0
+    assert totals["P3"] == pytest.approx(65535 / 65536)
+    assert totals["P1"] == pytest.approx(1 - 511 / 2**24, abs=1e-12)  # lost: a*b+c == 0 (511 pairs with a*b == 0, c == 0)
+    assert all(0 < v <= 1 for v in totals.values())
+
+
+# ---------------------------------------------------------------- AAAA
+
+
+def test_parse_ipv6_agrees_with_ipaddress():
+    import ipaddress
+
+    rng = np.random.default_rng(5)
+    texts = []
+    for _ in range(1500):
+        groups = np.where(rng.random(8) < 0.4, 0, rng.integers(0, 65536, 8))
+        addr = ipaddress.IPv6Address(groups.astype(">u2").tobytes())
+        texts.append(str(addr) if rng.random() < 0.7 else addr.exploded.upper())
+    texts += ["::", "::1", "1::", "1:2:3:4:5:6:7::", "::ffff:1.2.3.4", "1:2:3:4:5:6:1.2.3.4", ":", ":::", "1::2::3",
+              "12345::", "1:2:3:4:5:6:7:8:9", "fe80::1%eth0", "::ffff:1.2.3.256", "1.2.3.4", "", None, "☃"]
+    groups, valid = T.parse_ipv6(texts)
+    for text, row, ok in zip(texts, groups, valid):
+        try:
+            if text and "%" in text:
+                raise ValueError("zone ids never appear in AAAA rdata: rejected on purpose")
+            packed = ipaddress.IPv6Address(text).packed
+        except (ValueError, TypeError):
+            assert not ok, text
+            continue
+        assert ok and row.astype(">u2").tobytes() == packed, text
+
+
+def test_aaaa_groups_and_embedded_ipv4():
+    df = T.derive_ports("AAAA", ["2001:db8::20fb", "::ffff:19.57.34.8"])
+    assert _ports_of(df, 0) == {"P11_g0": 0x2001, "P11_g1": 0xDB8, "P11_g7": 8443, "P11_v4_P1": 32, "P11_v4_P4": 0xFB20}
+    assert _ports_of(df, 1) == {
+        "P11_g5": 65535, "P11_g6": 19 * 256 + 57, "P11_g7": 34 * 256 + 8,
+        "P11_v4_P1": 1117, "P11_v4_P2": 19 * (57 + 34), "P11_v4_P4": 8 * 256 + 34, "P11_v4_P6": 57 * 256 + 19,
+    }
+    ips = T.derive_ips("AAAA", ["::ffff:19.57.34.8", "not::an::ip"])
+    assert ips[["row", "ip"]].values.tolist() == [[0, "19.57.34.8"]]
+    assert ips["transform"].astype(str).tolist() == ["I8_aaaa_v4"]
+
+
+# ---------------------------------------------------------------- text, SRV, SVCB, MX
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("v=spf1 ip4:1.2.3.4 -all", {}),  # SPF yields no port: "ip4:1" is not host:port, "spf1" not standalone
+        ("v=spf1 ip6:2001:db8::/32 ip4:10.0.0.0/8 include:_spf.example.com ~all", {}),
+        ("v=DMARC1; p=none; pct=100; rua=mailto:d@x.example", {}),
+        ("v=DKIM1; k=rsa; p=MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQC1", {}),
+        ("google-site-verification=abcDEF1234567890", {}),
+        ("meet at 12:30", {}),
+        ("1.2.3.4:8443", {"P12_txt": {8443}}),
+        ("[2001:db8::1]:9001", {"P12_txt": {9001}}),
+        ("https://x.example:4443/p", {"P12_txt": {4443}}),
+        ("cG9ydD01NTU1", {"P12_txt_b64": {5555}}),          # base64("port=5555")
+        ("706f72743d35353535", {"P12_txt_hex": {5555}}),    # hex("port=5555")
+        ("cfg port: 31337; p=7", {"P12_txt": {31337, 7}}),
+        ("TXT 23 hello 8080 world 99999 0", {"P12_txt": {8080}}),  # Zeek "TXT <len>" prefix dropped; out of range dropped
+        ("c2.example:443 c2.example:443", {"P12_txt": {443}}),      # deduplicated
+    ],
+)
+def test_txt_port_rules(text, expected):
+    df = T.derive_ports("TXT", [text])
+    got: dict[str, set] = {}
+    for tid, port in zip(df["transform"].astype(str), df["port"]):
+        got.setdefault(tid, set()).add(int(port))
+    assert got == expected
+    assert (df["row"] == 0).all()
+
+
+def test_txt_ip_rules():
+    texts = ["v=spf1 ip4:1.2.3.4 -all", "[2001:DB8::1]:9001", "MS4yLjMuNDo4NDQz", "ip4:10.0.0.0/8 1.2.3.4.5 999.1.1.1"]
+    df = T.derive_ips("TXT", texts)
+    got = sorted(zip(df["row"], df["transform"].astype(str), df["ip"]))
+    assert got == [
+        (0, "I7_txt", "1.2.3.4"),
+        (1, "I7_txt", "2001:db8::1"),
+        (2, "I7_txt_b64", "1.2.3.4"),   # base64("1.2.3.4:8443")
+        (3, "I7_txt", "10.0.0.0"),
+    ]
+
+
+def test_srv_svcb_https_mx_fields():
+    df = T.derive_ports(
+        ["SRV", "HTTPS", "SVCB", "MX", "SRV", "MX"],
+        ["10 60 5060 sip.example.", "1 . alpn=h2 port=8443", '1 svc.example. port="853"', "10 mail.example.", "garbage", "mail.example."],
+    )
+    assert sorted(zip(df["row"], df["transform"].astype(str), df["port"])) == [
+        (0, "P12_srv", 5060), (1, "P12_svcb", 8443), (2, "P12_svcb", 853), (3, "P12_mx", 10),
+    ]
+
+
+def test_mixed_record_types_keep_row_positions():
+    df = T.derive_ports(["TXT", "A", "srv", "NS"], ["1.2.3.4:8443", "19.57.34.8", "0 5 389 dc1.example.", "ns.example."])
+    assert sorted(set(df["row"])) == [0, 1, 2]
+    assert _ports_of(df, 0) == {"P12_txt": 8443}
+    assert _ports_of(df, 1)["P1"] == 1117
+    assert _ports_of(df, 2) == {"P12_srv": 389}
+    assert df["row"].is_monotonic_increasing
+
+
+JUNK = [None, "", "   ", "☃☃", "not an ip", "1.2.3.4.5", "::::", "\x00\x01", "é" * 300, float("nan"), 12345]
+
+
+@pytest.mark.parametrize("rtype", ["A", "AAAA", "TXT", "CNAME", "SRV", "HTTPS", "SVCB", "MX", "NS", "", None])
+def test_invalid_input_yields_no_rows_never_raises(rtype):
+    junk = [j for j in JUNK if not (rtype in ("TXT", "CNAME") and j == 12345)]  # a bare number in TXT is a port
+    ports = T.derive_ports(rtype, junk)
+    ips = T.derive_ips(rtype, junk)
+    assert len(ports) == 0 and list(ports.columns) == ["row", "transform", "port"]
+    assert len(ips) == 0 and list(ips.columns) == ["row", "transform", "ip"]
+    assert len(T.derive_ports(rtype, [])) == 0
+
+
+# ---------------------------------------------------------------- IP transforms
+
+
+def _nymaim2_slow(ip: str, inverse: bool = False) -> str:
+    """Independent reference: struct little-endian read, Python ints, 16 rounds (Bader 2018)."""
+    import struct
+
+    (v,) = struct.unpack("<I", bytes(int(x) for x in ip.split(".")))
+    for _ in range(16):
+        if inverse:
+            v = (((v ^ 0x18482642) + 0x78643587) & 0xFFFFFFFF) ^ 0x87568289
+        else:
+            v = (((v ^ 0x87568289) - 0x78643587) & 0xFFFFFFFF) ^ 0x18482642
+    return ".".join(str(x) for x in struct.pack("<I", v))
+
+
+def test_nymaim2_matches_slow_reference_and_round_trips():
+    answers = ["19.57.34.8", "8.8.8.8", "0.0.0.0", "255.255.255.255", "192.0.2.77"]
+    df = T.derive_ips("A", answers)
+    forward = df[df["transform"] == "I5_nymaim2"].set_index("row")["ip"]
+    inverse = df[df["transform"] == "I5_nymaim2_inv"].set_index("row")["ip"]
+    for i, answer in enumerate(answers):
+        assert forward[i] == _nymaim2_slow(answer)
+        assert inverse[i] == _nymaim2_slow(answer, inverse=True)
+        back = T.derive_ips("A", [forward[i]])
+        assert back.loc[back["transform"] == "I5_nymaim2_inv", "ip"].tolist() == [answer]
+    assert forward[0] == "19.41.37.22"
+
+
+def test_a_record_ip_transforms():
+    df = T.derive_ips("A", ["19.57.34.8", "1.1.1.1", "1.2.2.1"])
+    row0 = dict(zip(df.loc[df["row"] == 0, "transform"].astype(str), df.loc[df["row"] == 0, "ip"]))
+    assert row0["I1"] == "8.34.57.19"
+    assert row0["I4_bacd"] == "57.19.34.8" and row0["I4_dabc"] == "8.19.57.34"
+    assert sum(k.startswith("I4_") for k in row0) == 22 and "I4_abcd" not in row0 and "I4_dcba" not in row0
+    # results equal to the answer are not derivations: 1.1.1.1 keeps only the Nymaim2 pair
+    assert sorted(df.loc[df["row"] == 1, "transform"].astype(str)) == ["I5_nymaim2", "I5_nymaim2_inv"]
+    assert "I1" not in set(df.loc[df["row"] == 2, "transform"].astype(str))  # 1.2.2.1 reversed is itself
+
+
+def test_ip_and_port_keys():
+    a, _ = T.ipv4_to_int(["10.0.0.1", "255.255.255.255"])
+    d, _ = T.ipv4_to_int(["10.0.0.3", "0.0.0.1"])
+    keys = T.ip_keys(a, d)
+    assert keys["I2_xor"].tolist() == [2, 0xFFFFFFFE]
+    assert keys["I3_add"].tolist() == [2, 2]  # (1 - 0xFFFFFFFF) mod 2^32
+    pk = T.port_keys(np.array([1234, 65535, -1]), np.array([1236, 1, 80]))
+    assert pk["P9_xor"].tolist() == [1234 ^ 1236, 65535 ^ 1, -1]
+    assert pk["P9_add"].tolist() == [2, 2, -1]
+
+
+# ---------------------------------------------------------------- explanations and catalogue
+
+
+@pytest.mark.parametrize(
+    "args, text",
+    [
+        (("P1", "19.57.34.8", 1117), "1117 = 19*57+34 (APT12 a*b+c)"),
+        (("P3", "10.1.4.210", 1234), "1234 = 4*256+210 (low 16 bits c*256+d)"),
+        (("P1", "19.57.34.8", 1118), "1118 != 19*57+34 = 1117 (APT12 a*b+c)"),
+        (("P7_le_k4", "19.57.34.8", 9105), "9105 = (0x08223913>>4)&0xFFFF (16-bit window of little-endian word at bit 4)"),
+        (("P8_x*y-z_cdb", "19.57.34.8", 215), "215 = 34*8-57 (grammar c*d-b)"),
+        (("P11_v4_P1", "::ffff:19.57.34.8", 1117), "1117 = 19*57+34 on embedded IPv4 19.57.34.8 (APT12 a*b+c on AAAA-embedded IPv4 (h6:h7))"),
+        (("I1", "19.57.34.8", "8.34.57.19"), "8.34.57.19 = d.c.b.a of 19.57.34.8 (byte-reversed IP)"),
+        (("P1", "junk", 5), "5: 'junk' is not an A answer (APT12 a*b+c)"),
+    ],
+)
+def test_describe(args, text):
+    assert T.describe(*args) == text
+
+
+def test_describe_text_sources_say_whether_found():
+    assert T.describe("P12_txt_b64", "cG9ydD01NTU1", 5555).startswith("5555 found in TXT answer 'cG9ydD01NTU1'")
+    assert T.describe("P12_srv", "10 60 5060 sip.example.", 5061).startswith("5061 not found in SRV answer")
+
+
+def test_catalogue_is_consistent():
+    assert isinstance(T.TRANSFORM_LIBRARY_VERSION, str) and T.TRANSFORM_LIBRARY_VERSION
+    for tid, t in T.TRANSFORMS.items():
+        assert t.id == tid and t.output in ("port", "ip") and 0 < t.prior <= 1 and t.rtypes
+        if t.output == "port":
+            assert T.chance_vector(tid).shape == (65536,)
+    assert [t.id for t in T.A_IP_TRANSFORMS][:2] == ["I1", "I4_abdc"]
+    assert len(T.A_IP_TRANSFORMS) == 25
