@@ -1,0 +1,1 @@
+"""Built-in scenario definitions (TOML), loaded with importlib.resources."""

@@ -1,0 +1,191 @@
+"""Write a dataset as Zeek logs (TSV with full headers, or JSON lines) plus inventory and labels CSV.
+
+Fields Zeek has but the canonical frames do not (trans_id, rtt, DNS client port, history,
+service, ip_bytes) are derived deterministically from the row (a hash of the uid), so any
+canonical frame can be written, including real traffic with injected attacks. Rows are written
+in the order Zeek writes them: a conn.log record when the connection *ends*, so files are not
+sorted by `ts`. The canonical DNS `ts` is the response time; Zeek's `ts` is the query time, so
+`ts - rtt` is written and readers recover the response time as `ts + rtt`.
+"""
+from __future__ import annotations
+
+import gzip as gzip_mod
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+CONN_FIELDS = ("ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto", "service", "duration",
+               "orig_bytes", "resp_bytes", "conn_state", "local_orig", "local_resp", "missed_bytes", "history",
+               "orig_pkts", "orig_ip_bytes", "resp_pkts", "resp_ip_bytes", "tunnel_parents")
+CONN_TYPES = ("time", "string", "addr", "port", "addr", "port", "enum", "string", "interval", "count", "count",
+              "string", "bool", "bool", "count", "string", "count", "count", "count", "count", "set[string]")
+DNS_FIELDS = ("ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto", "trans_id", "rtt", "query",
+              "qclass", "qclass_name", "qtype", "qtype_name", "rcode", "rcode_name", "AA", "TC", "RD", "RA", "Z",
+              "answers", "TTLs", "rejected")
+DNS_TYPES = ("time", "string", "addr", "port", "addr", "port", "enum", "count", "interval", "string", "count",
+             "string", "count", "string", "count", "string", "bool", "bool", "bool", "bool", "count",
+             "vector[string]", "vector[interval]", "bool")
+QTYPES = {"A": 1, "NS": 2, "CNAME": 5, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28, "SRV": 33, "HTTPS": 65}
+RCODES = {"NOERROR": 0, "SERVFAIL": 2, "NXDOMAIN": 3, "REFUSED": 5}
+SERVICES = {(80, "tcp"): "http", (443, "tcp"): "ssl", (8443, "tcp"): "ssl", (22, "tcp"): "ssh", (123, "udp"): "ntp",
+            (88, "tcp"): "krb_tcp", (445, "tcp"): "smb", (389, "tcp"): "ldap", (514, "udp"): "syslog",
+            (161, "udp"): "snmp", (5671, "tcp"): "ssl", (135, "tcp"): "dce_rpc", (9200, "tcp"): "http"}
+_HISTORY = {("tcp", "SF"): "ShADadFf", ("tcp", "S0"): "S", ("tcp", "REJ"): "Sr", ("tcp", "RSTO"): "ShADadR",
+            ("tcp", "RSTR"): "ShADadr", ("udp", "SF"): "Dd", ("udp", "S0"): "D"}
+
+
+def _hash(values: pd.Series) -> np.ndarray:
+    return pd.util.hash_pandas_object(values.reset_index(drop=True), index=False).to_numpy()
+
+
+def dns_rtt(event_id: pd.Series) -> np.ndarray:
+    """The query->response time written for each DNS record (0.3 to 30 ms, from the uid)."""
+    return 0.0003 + (_hash(event_id) % np.uint64(29_700)).astype(float) * 1e-6
+
+
+def _stamp(ts: float) -> str:
+    return time.strftime("%Y-%m-%d-%H-%M-%S", time.gmtime(ts))
+
+
+def conn_records(conns: pd.DataFrame) -> pd.DataFrame:
+    """Zeek conn.log columns (Zeek names), one row per connection, in Zeek's write order."""
+    c = conns.reset_index(drop=True)
+    tcp = c["proto"] == "tcp"
+    hdr = np.where(tcp, 40, 28)
+    service = pd.Series([SERVICES.get(k, "-") for k in zip(c["dst_port"].tolist(), c["proto"].tolist())], dtype=object)
+    service[(c["conn_state"].isin(["S0", "REJ"]) & tcp).to_numpy()] = "-"
+    history = pd.Series(list(zip(c["proto"].tolist(), c["conn_state"].tolist())), dtype=object).map(_HISTORY)
+    rec = pd.DataFrame({
+        "ts": c["ts"], "uid": c["event_id"], "id.orig_h": c["src_ip"], "id.orig_p": c["src_port"],
+        "id.resp_h": c["dst_ip"], "id.resp_p": c["dst_port"], "proto": c["proto"], "service": service,
+        "duration": c["duration"], "orig_bytes": c["bytes_out"].astype("Int64"),
+        "resp_bytes": c["bytes_in"].astype("Int64"), "conn_state": c["conn_state"], "local_orig": "-",
+        "local_resp": "-", "missed_bytes": 0, "history": history.fillna("-"),
+        "orig_pkts": c["packets_out"].astype("Int64"),
+        "orig_ip_bytes": (c["bytes_out"].fillna(0) + hdr * c["packets_out"]).astype("Int64"),
+        "resp_pkts": c["packets_in"].astype("Int64"),
+        "resp_ip_bytes": (c["bytes_in"].fillna(0) + hdr * c["packets_in"]).astype("Int64"), "tunnel_parents": "-",
+    })
+    end = c["ts"].to_numpy() + np.nan_to_num(c["duration"].to_numpy())
+    rec["_end"] = end
+    return rec.iloc[np.argsort(end, kind="stable")].reset_index(drop=True)
+
+
+def dns_records(dns: pd.DataFrame) -> pd.DataFrame:
+    """Zeek dns.log columns, one row per response (its answer rows joined into vectors)."""
+    d = dns.sort_values(["event_id", "answer_index"], kind="stable").reset_index(drop=True)
+    has = d["answer"] != ""
+    elem = d["answer"].str.replace(",", "\\x2c", regex=False)
+    ttl_txt = d["ttl"].map("{:.6f}".format)
+    grouped = pd.DataFrame({"uid": d["event_id"], "a": elem.where(has, None), "t": ttl_txt.where(has, None)})
+    agg = grouped.groupby("uid", sort=False).agg(answers=("a", lambda s: ",".join(s.dropna()) or "-"),
+                                                   TTLs=("t", lambda s: ",".join(s.dropna()) or "-"))
+    first = d.drop_duplicates("event_id").set_index("event_id")
+    qrtype = d[d["rtype"] != "CNAME"].drop_duplicates("event_id").set_index("event_id")["rtype"]
+    qname = qrtype.reindex(first.index).fillna("A").replace("", "A")
+    h = _hash(pd.Series(first.index))
+    rtt = dns_rtt(pd.Series(first.index))
+    rcode = first["rcode"].replace("", "NOERROR")
+    rec = pd.DataFrame({
+        "ts": first["ts"].to_numpy() - rtt, "uid": first.index.to_numpy(), "id.orig_h": first["client_ip"].to_numpy(),
+        "id.orig_p": (32768 + h % np.uint64(28000)).astype(np.int64), "id.resp_h": first["resolver_ip"].to_numpy(),
+        "id.resp_p": 53, "proto": "udp", "trans_id": ((h >> np.uint64(20)) % np.uint64(65536)).astype(np.int64),
+        "rtt": rtt, "query": first["query"].to_numpy(), "qclass": 1, "qclass_name": "C_INTERNET",
+        "qtype": qname.map(lambda t: QTYPES.get(t, 1)).to_numpy(), "qtype_name": qname.to_numpy(),
+        "rcode": rcode.map(lambda r: RCODES.get(r, 0)).to_numpy(), "rcode_name": rcode.to_numpy(),
+        "AA": "F", "TC": "F", "RD": "T", "RA": "T", "Z": 0,
+        "answers": agg["answers"].reindex(first.index).to_numpy(), "TTLs": agg["TTLs"].reindex(first.index).to_numpy(),
+        "rejected": "F",
+    })
+    rec["_end"] = rec["ts"] + rec["rtt"]
+    return rec.sort_values("_end", kind="stable").reset_index(drop=True)
+
+
+def _tsv_body(rec: pd.DataFrame, fields) -> str:
+    return rec[list(fields)].to_csv(sep="\t", header=False, index=False, na_rep="-", float_format="%.6f",
+                                    lineterminator="\n")
+
+
+def _json_body(rec: pd.DataFrame, fields, vectors=()) -> str:
+    """JSON lines with Zeek's conventions: dotted keys, unset fields omitted, vectors as arrays."""
+    parts = []
+    n = len(rec)
+    for i, f in enumerate(fields):
+        col = rec[f]
+        sep = "{" if i == 0 else ","
+        if f in vectors:
+            arr = col.astype(str)
+            quoted = ('["' + arr.str.replace("\\", "\\\\").str.replace('"', '\\"').str.replace(",", '","') + '"]')
+            if f == "TTLs":
+                quoted = "[" + arr + "]"
+            piece = (f'{sep}"{f}":' + quoted).where(arr != "-", "")
+        elif pd.api.types.is_float_dtype(col):
+            piece = (f'{sep}"{f}":' + col.map("{:.6f}".format)).where(col.notna(), "")
+        elif pd.api.types.is_integer_dtype(col) or str(col.dtype) == "Int64":
+            piece = (f'{sep}"{f}":' + col.astype(str)).where(col.notna(), "")
+        else:
+            txt = col.astype(str)
+            if f in ("AA", "TC", "RD", "RA", "rejected", "local_orig", "local_resp"):
+                piece = (f'{sep}"{f}":' + txt.map({"T": "true", "F": "false"})).where(txt != "-", "")
+            else:
+                esc = txt.str.replace("\\", "\\\\").str.replace('"', '\\"')
+                piece = (f'{sep}"{f}":"' + esc + '"').where(txt != "-", "")
+        parts.append(piece.reset_index(drop=True) if len(piece) == n else piece)
+    line = parts[0].astype(str)
+    for p in parts[1:]:
+        line = line + p.astype(str)
+    return "\n".join((line + "}").tolist()) + ("\n" if n else "")
+
+
+def _write(path: Path, text: str, gzip: bool) -> Path:
+    if gzip:
+        path = path.with_name(path.name + ".gz")
+        with gzip_mod.open(path, "wt", encoding="utf-8", compresslevel=5) as fh:
+            fh.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _log_text(rec: pd.DataFrame, path_name: str, fields, types, fmt: str) -> str:
+    if fmt == "json":
+        return _json_body(rec, fields, vectors=("answers", "TTLs"))
+    ts = rec["ts"]
+    t_open = float(ts.min()) if len(rec) else 0.0
+    t_close = float(rec["_end"].max()) if len(rec) else 0.0
+    header = ("#separator \\x09\n#set_separator\t,\n#empty_field\t(empty)\n#unset_field\t-\n"
+              f"#path\t{path_name}\n#open\t{_stamp(t_open)}\n#fields\t" + "\t".join(fields) + "\n#types\t"
+              + "\t".join(types) + "\n")
+    return header + _tsv_body(rec, fields) + f"#close\t{_stamp(t_close)}\n"
+
+
+def write_zeek(ds, out_dir, fmt: str = "tsv", gzip: bool = False, hourly: bool = False) -> list[Path]:
+    """Write `ds` (a SynthDataset, or anything with connections/dns_answers/inventory/labels) to `out_dir`.
+
+    Files: conn.log, dns.log (or hourly `conn.YYYY-MM-DD-HH.log`, by the hour each record is written),
+    inventory.csv (ip,name,kind,esxi_host,role) and labels.csv. Returns the paths written.
+    """
+    if fmt not in ("tsv", "json"):
+        raise ValueError(f"fmt must be 'tsv' or 'json', not {fmt!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for path_name, rec, fields, types in (("conn", conn_records(ds.connections), CONN_FIELDS, CONN_TYPES),
+                                          ("dns", dns_records(ds.dns_answers), DNS_FIELDS, DNS_TYPES)):
+        if not hourly:
+            written.append(_write(out / f"{path_name}.log", _log_text(rec, path_name, fields, types, fmt), gzip))
+            continue
+        hour = np.floor(rec["_end"].to_numpy() / 3600.0).astype(np.int64)
+        for h in np.unique(hour):
+            part = rec[hour == h]
+            name = f"{path_name}.{time.strftime('%Y-%m-%d-%H', time.gmtime(h * 3600))}.log"
+            written.append(_write(out / name, _log_text(part, path_name, fields, types, fmt), gzip))
+    ds.inventory.to_csv(out / "inventory.csv", index=False, columns=["ip", "name", "kind", "esxi_host", "role"])
+    ds.labels.to_csv(out / "labels.csv", index=False)
+    written += [out / "inventory.csv", out / "labels.csv"]
+    return written
+
+
+__all__ = ["write_zeek", "conn_records", "dns_records", "dns_rtt"]
