@@ -20,7 +20,7 @@ def make_ranked() -> pd.DataFrame:
          "apt12"),
         (2, 0.91, "CxA2", 70.0, "10.0.1.5", "vm-web-03", "vm", "esx01", "19.57.34.9", 1118, "",
          XSS_QUERY, "19.57.34.9", "A", 1.5, "apt12_a*b+c", "R_APT12", 0.80, 0.9,
-         "</script><img src=x onerror=alert(1)>", "port_rarity=+0.29", "apt12"),
+         "</script><img src=x onerror=\"window.__pwned=2\">", "port_rarity=+0.29", "apt12"),
         (3, 0.64, "CxB1", 30.0, "10.0.0.21", "esx01-vmk0", "esxi_mgmt", "esx01", "203.0.113.7", 4443, "hostd",
          "+cmd", "203.0.113.7", "A", np.nan, "", "R_MGMT_EGRESS", 0.55, 0.7,
          "unexpected management egress", "mgmt_unexpected=+0.40", "mgmt_c2"),

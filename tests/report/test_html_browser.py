@@ -1,0 +1,116 @@
+"""HTML report in a real browser (headless chromium): no console errors, no network, sorting,
+filtering, expanding, and hostile log text shown as text without running.
+
+Needs the distribution's chromium and chromedriver (`make browser`). Skipped with a reason when
+they are missing, except under CI=true, where a missing browser fails the run.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from esxi_anomaly.report.html import write_html
+
+from .conftest import XSS_QUERY, make_ranked
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+
+def _unavailable(reason: str):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: browser tests must run; install chromium and chromium-driver)")
+    pytest.skip(f"{reason}; install with `apt-get install chromium chromium-driver` or `make browser`")
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _unavailable("selenium is not installed")
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            _unavailable(f"{path} is missing")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}", "--window-size=1400,1000"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    try:
+        browser = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    except Exception as exc:  # a browser that cannot start is as good as missing
+        _unavailable(f"headless chromium did not start: {exc}")
+    yield browser
+    browser.quit()
+
+
+@pytest.fixture
+def page(driver, tmp_path):
+    path = write_html(make_ranked(), tmp_path / "report.html", summary={"env": "prod", "threshold": 0.6})
+    driver.get(path.as_uri())
+    return driver
+
+
+def _ranks(driver) -> list[str]:
+    return [td.text for td in driver.find_elements("css selector", "#ranked tbody tr:not([hidden]) td[data-col=rank]")]
+
+
+def _severe(driver) -> list[dict]:
+    return [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def test_loads_without_console_errors_or_network_requests(page):
+    assert _ranks(page) == ["1", "2", "3", "4", "5"]
+    assert page.execute_script("return performance.getEntriesByType('resource').length") == 0
+    assert len(page.find_elements("css selector", "#timelines svg")) == 3
+    assert page.find_element("id", "title").text == "esxi-anomaly report \u2014 prod"
+    assert _severe(page) == []
+
+
+def test_hostile_dns_name_is_text_and_nothing_ran(page):
+    cell = page.find_element("css selector", "#ranked tbody tr:nth-child(2) td[data-col=query]")
+    assert cell.get_attribute("textContent") == XSS_QUERY
+    assert cell.find_elements("css selector", "*") == []
+    why = page.find_element("css selector", "#ranked tbody tr:nth-child(2) td[data-col=explanation]")
+    assert why.get_attribute("textContent") == '</script><img src=x onerror="window.__pwned=2">'
+    assert page.execute_script("return typeof window.__pwned") == "undefined"
+    assert page.execute_script("return document.querySelectorAll('img').length") == 0
+    assert _severe(page) == []
+
+
+def test_clicking_a_header_sorts_and_clicking_again_reverses(page):
+    header = page.find_element("css selector", "#ranked th[data-col=dst_port]")
+    header.click()
+    assert _ranks(page) == ["4", "5", "1", "2", "3"]  # ports 53, 443, 1117, 1118, 4443
+    header.click()
+    assert _ranks(page) == ["3", "2", "1", "5", "4"]
+    page.find_element("css selector", "#ranked th[data-col=src_name]").click()
+    assert _ranks(page) == ["3", "4", "5", "1", "2"]  # esx01-vmk0, vm-db-01 x2, vm-web-03 x2 (stable)
+
+
+def test_filter_box_and_entity_click_filter_rows(page):
+    box = page.find_element("id", "filter")
+    box.send_keys("EVIL.example")
+    assert _ranks(page) == ["2"]
+    assert page.find_element("id", "count").text == "1 of 5 rows"
+    page.find_element("css selector", "#entities tbody tr:nth-child(3)").click()  # vm-db-01
+    assert box.get_attribute("value") == "10.0.2.9"
+    assert _ranks(page) == ["4", "5"]
+
+
+def test_row_expands_to_its_explanation(page):
+    page.find_element("css selector", "#ranked tbody tr:first-child button.toggle").click()
+    detail = page.find_element("css selector", "#ranked tbody tr.detail")
+    assert "port 1117 = 19*57+34 (APT12 a*b+c) from A 19.57.34.8" in detail.text
+    assert "port_rarity=+0.31; dns_match_significance=+0.22" in detail.text
+    page.find_element("css selector", "#ranked tbody tr:first-child button.toggle").click()
+    assert page.find_elements("css selector", "#ranked tbody tr.detail") == []
