@@ -98,8 +98,8 @@ def _octets_to_int(octets: np.ndarray) -> np.ndarray:
 
 
 def _int_to_octets(values: np.ndarray) -> np.ndarray:
-    v = np.asarray(values).astype(np.uint32)
-    return np.stack([(v >> 24) & 0xFF, (v >> 16) & 0xFF, (v >> 8) & 0xFF, v & 0xFF], axis=1).astype(np.uint8)
+    """uint32 network order -> (n,4) uint8 a,b,c,d (big-endian byte view, one pass)."""
+    return np.ascontiguousarray(np.asarray(values).astype(">u4")).view(np.uint8).reshape(-1, 4)
 
 
 def ipv4_to_int(answers) -> tuple[np.ndarray, np.ndarray]:
@@ -108,9 +108,19 @@ def ipv4_to_int(answers) -> tuple[np.ndarray, np.ndarray]:
     return _octets_to_int(octets), valid
 
 
+@functools.lru_cache(maxsize=1)
+def _octet_text() -> pa.Array:
+    return pa.array([str(i) for i in range(256)], type=pa.string())
+
+
+def _octets_to_arrow(octets: np.ndarray) -> pa.Array:
+    """(n,4) octets -> arrow dotted strings, without Python string objects."""
+    cols = [_octet_text().take(pa.array(np.ascontiguousarray(octets[:, i]))) for i in range(4)]
+    return pc.binary_join_element_wise(*cols, ".")
+
+
 def _octets_to_strings(octets: np.ndarray) -> np.ndarray:
-    cols = [pc.cast(pa.array(octets[:, i]), pa.string()) for i in range(4)]
-    return np.asarray(pc.binary_join_element_wise(*cols, ".").to_numpy(zero_copy_only=False), dtype=object)
+    return np.asarray(_octets_to_arrow(octets).to_numpy(zero_copy_only=False), dtype=object)
 
 
 def int_to_ipv4(values: np.ndarray) -> np.ndarray:
@@ -356,28 +366,32 @@ def port_chance(transform_ids, ports) -> np.ndarray:
     if isinstance(transform_ids, pd.Series):
         transform_ids = transform_ids.array
     if isinstance(transform_ids, pd.Categorical):
-        codes, uniques = transform_ids.codes.astype(np.int64), list(transform_ids.categories)
+        codes, uniques = transform_ids.codes, list(transform_ids.categories)
         if (codes < 0).any():
             raise KeyError("missing transform id")
     elif isinstance(transform_ids, str):
-        codes, uniques = np.zeros((), dtype=np.int64), [transform_ids]
+        codes, uniques = np.zeros((), dtype=np.int32), [transform_ids]
     else:
         ids = np.asarray(transform_ids, dtype=object)
         flat_codes, uniques = pd.factorize(ids.ravel())
         codes, uniques = flat_codes.reshape(ids.shape), list(uniques)
     shape_names = sorted({_CHANCE_SHAPE[t] for t in uniques if t in _CHANCE_SHAPE})
-    shape_of_unique = np.array([shape_names.index(_CHANCE_SHAPE[t]) if t in _CHANCE_SHAPE else -1 for t in uniques], dtype=np.int64)
-    ports = np.asarray(ports, dtype=np.int64)
+    shape_of_unique = np.array([shape_names.index(_CHANCE_SHAPE[t]) if t in _CHANCE_SHAPE else -1 for t in uniques], dtype=np.int32)
+    ports = np.asarray(ports)
+    if ports.dtype.kind not in "iu" or ports.dtype.itemsize > 4:
+        ports = ports.astype(np.int64)
     codes, ports = np.broadcast_arrays(codes, ports)
     if codes.size == 0:
         return np.zeros(ports.shape, dtype=np.float64)
-    shape_idx = shape_of_unique[codes]
-    if (shape_idx < 0).any():  # categories may list IP transforms; only ids actually used must have a model
-        missing = sorted({uniques[i] for i in np.unique(codes[shape_idx < 0])})
+    flat_index = shape_of_unique[codes]  # int32: shape row, then row*65536 + port
+    if (flat_index < 0).any():  # categories may list IP transforms; only ids actually used must have a model
+        missing = sorted({uniques[i] for i in np.unique(codes[flat_index < 0])})
         raise KeyError(f"no port chance model for transforms {missing}")
-    table = np.stack([_shape_chance(name) for name in shape_names])  # (#shapes, 65536)
-    safe_ports = np.where((ports >= 1) & (ports <= 65535), ports, 0)  # chance of port 0 is 0
-    return table[shape_idx, safe_ports]
+    flat_index <<= 16
+    valid = (ports >= 1) & (ports <= 65535)
+    flat_index += np.where(valid, ports, 0).astype(np.int32, copy=False)  # port 0: chance 0 in every row
+    table = np.concatenate([_shape_chance(name) for name in shape_names])
+    return table[flat_index]
 
 
 def ip_chance(transform_ids) -> np.ndarray:
@@ -687,12 +701,15 @@ def _port_frame(rows: np.ndarray, transform_codes: np.ndarray, ports: np.ndarray
 
 
 def _ip_frame(rows: np.ndarray, transform_codes: np.ndarray, ips) -> pd.DataFrame:
+    codes = np.asarray(transform_codes, dtype=np.int16)
+    ip_values = ips if isinstance(ips, pa.Array) else pa.array(np.asarray(ips, dtype=object), type=pa.string())
     return pd.DataFrame(
         {
             "row": np.asarray(rows, dtype=np.int64),
-            "transform": pd.Categorical.from_codes(np.asarray(transform_codes, dtype=np.int16), dtype=_transform_dtype()),
-            "ip": pd.array(np.asarray(ips, dtype=object), dtype="str"),
-        }
+            "transform": pd.Categorical.from_codes(codes, dtype=_transform_dtype(), validate=False),
+            "ip": pd.array(ip_values, dtype="str"),
+        },
+        copy=False,
     )
 
 
@@ -784,14 +801,19 @@ def derive_ips(rtype, answer) -> pd.DataFrame:
     for rt, rows, sub in _split_by_rtype(rtype, answer):
         if rt == "A":
             octets, valid = parse_ipv4(sub)
-            ips = a_record_ips(octets[valid])
-            same = ips == _octets_to_int(octets[valid])[:, None]
-            r, j = np.nonzero(~same)
-            frames.append(_ip_frame(rows[valid][r], _A_IP_CODES[j], int_to_ipv4(ips[r, j])))
+            ips = np.ascontiguousarray(a_record_ips(octets[valid]))
+            keep = ips != _octets_to_int(octets[valid])[:, None]
+            frames.append(
+                _ip_frame(
+                    np.repeat(rows[valid], keep.sum(axis=1)),
+                    np.broadcast_to(_A_IP_CODES, ips.shape)[keep],
+                    _octets_to_arrow(_int_to_octets(ips[keep])),
+                )
+            )
         elif rt == "AAAA":
             groups, valid = parse_ipv6(sub)
             frames.append(
-                _ip_frame(rows[valid], np.full(valid.sum(), _TRANSFORM_IDS.index("I8_aaaa_v4")), _octets_to_strings(_aaaa_embedded_octets(groups[valid])))
+                _ip_frame(rows[valid], np.full(valid.sum(), _TRANSFORM_IDS.index("I8_aaaa_v4")), _octets_to_arrow(_aaaa_embedded_octets(groups[valid])))
             )
         elif rt in ("TXT", "CNAME"):
             series = _text_series(sub, rows)
