@@ -419,3 +419,10 @@ def test_catalogue_is_consistent():
             assert T.chance_vector(tid).shape == (65536,)
     assert [t.id for t in T.A_IP_TRANSFORMS][:2] == ["I1", "I4_abdc"]
     assert len(T.A_IP_TRANSFORMS) == 25
+
+
+def test_rows_are_positions_not_series_labels():
+    answers = pd.Series(["x", "19.57.34.8"], index=[10, 20], dtype="str")
+    rtypes = pd.Series(["TXT", "A"], index=[5, 6], dtype="str")
+    df = T.derive_ports(rtypes, answers)
+    assert set(df["row"]) == {1} and _ports_of(df, 1)["P1"] == 1117
