@@ -140,7 +140,6 @@ _TEXT = ("TXT", "CNAME")
 _A_PORT_FUNCS: dict[str, Callable[[dict], np.ndarray]] = {}
 # id -> chance "shape": octets are iid uniform, so the output distribution depends only on the formula shape
 _CHANCE_SHAPE: dict[str, str] = {}
-# id -> formula string over a,b,c,d (or N/L windows) used by describe()
 _A_PORT_TRANSFORM_LIST: list[Transform] = []
 
 
@@ -647,10 +646,6 @@ def _field_port_frame(texts: pa.Array, rows: np.ndarray, pattern: str, tid: str)
     ports = found.astype(np.int64).to_numpy()
     keep = (ports >= 1) & (ports <= 65535)
     return _port_frame(found.index.to_numpy()[keep], np.full(keep.sum(), _TRANSFORM_IDS.index(tid)), ports[keep])
-
-
-def _searches_all(series: pd.Series, pattern: str) -> pd.Series:
-    return _extract(series, pattern, "ip")
 
 
 def _ips_from_text(series: pd.Series) -> pd.DataFrame:
