@@ -136,7 +136,7 @@ _A = ("A",)
 _AAAA = ("AAAA",)
 _TEXT = ("TXT", "CNAME")
 
-# id -> vectorised function over a dict of int64 arrays {a,b,c,d,N,L}
+# id -> vectorised function over {a,b,c,d: int32, N,L: uint32} (see _octet_dict)
 _A_PORT_FUNCS: dict[str, Callable[[dict], np.ndarray]] = {}
 # id -> chance "shape": octets are iid uniform, so the output distribution depends only on the formula shape
 _CHANCE_SHAPE: dict[str, str] = {}
