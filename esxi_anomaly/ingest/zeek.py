@@ -156,11 +156,11 @@ def _apply_directive(header: _Header, line: bytes) -> bool:
 
 
 def _parse_header_lines(lines: list[bytes]) -> _Header:
+    """The header from the '#' lines among `lines` (a stray line before the header is tolerated)."""
     header = _Header()
     for line in lines:
-        if not line.lstrip().startswith(b"#"):
-            break
-        _apply_directive(header, line)
+        if line.lstrip().startswith(b"#"):
+            _apply_directive(header, line)
     return header
 
 
@@ -169,23 +169,26 @@ def _parse_header_lines(lines: list[bytes]) -> _Header:
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 
 
-def _pieces(fh, block_bytes: int, path: str, quarantine: Quarantine) -> Iterator[tuple[int, bytes]]:
-    """(first line number, bytes) pieces of the file, each ending on a line break.
+def _pieces(fh, block_bytes: int, path: str) -> Iterator[tuple[int, bytes, list]]:
+    """(first line number, bytes, quarantine entries) pieces of the file, each ending on a line break.
 
     Lines longer than MAX_LINE_BYTES are quarantined without being held in memory; a read error
-    (truncated gzip, ...) is quarantined and ends the file.
+    (truncated gzip, ...) is quarantined and ends the file. Entries travel with the piece so that
+    the quarantine stays in file order.
     """
     carry = b""
     line = 1
     skipping = False          # inside an over-long line
+    bad: list = []
     while True:
         try:
             block = fh.read(block_bytes)
         except _READ_ERRORS as exc:
+            reason = f"file unreadable from here on ({type(exc).__name__}: {exc})"
             if carry:
-                yield line, carry + b"\n"
-                line += 1
-            quarantine.add(path, line, f"file unreadable from here on ({type(exc).__name__}: {exc})", b"")
+                yield line, carry + b"\n", bad
+                line, bad = line + 1, []
+            yield line, b"", bad + [(line, reason, b"")]
             return
         if not block:
             break
@@ -196,39 +199,63 @@ def _pieces(fh, block_bytes: int, path: str, quarantine: Quarantine) -> Iterator
             block = block[nl + 1:]
             line += 1
             skipping = False
-        buf = carry + block if carry else block
-        cut = buf.rfind(b"\n")
+        cut = block.rfind(b"\n")
         if cut < 0:
-            if len(buf) > MAX_LINE_BYTES:
-                quarantine.add(path, line, f"line longer than {MAX_LINE_BYTES} bytes", buf[:RAW_KEEP])
+            carry += block
+            if len(carry) > MAX_LINE_BYTES:
+                bad.append((line, f"line longer than {MAX_LINE_BYTES} bytes", carry[:RAW_KEEP]))
                 skipping, carry = True, b""
-            else:
-                carry = buf
             continue
-        piece, carry = buf[: cut + 1], buf[cut + 1:]
-        yield line, piece
-        line += piece.count(b"\n")
+        # one copy of the block, not two: the carried partial line is short
+        piece = carry + block[: cut + 1] if carry else block[: cut + 1]
+        carry = block[cut + 1:]
+        yield line, piece, bad
+        bad = []
+        line += _count_lines(piece)
     if carry and not skipping:
-        yield line, carry + b"\n"
+        yield line, carry + b"\n", bad
+    elif bad:
+        yield line, b"", bad
 
 
-_DIRECTIVE_LINE = re.compile(rb"(?m)^[ \t]*#[^\n]*\n?")
+def _directive_starts(piece: bytes) -> list[int]:
+    """Offsets of the lines of `piece` that start with '#' (after optional blanks)."""
+    starts = []
+    pos = piece.find(b"#")
+    while pos >= 0:
+        line_start = piece.rfind(b"\n", 0, pos) + 1
+        if not piece[line_start:pos].strip(b" \t"):
+            starts.append(line_start)
+            nl = piece.find(b"\n", pos)
+            if nl < 0:
+                break
+            pos = piece.find(b"#", nl)
+        else:
+            pos = piece.find(b"#", pos + 1)
+    return starts
+
+
+def _count_lines(data: bytes) -> int:
+    return int(np.count_nonzero(np.frombuffer(data, np.uint8) == 10))
 
 
 def _split_directives(piece: bytes) -> list[tuple[int, bytes, bool]]:
     """Split a piece at '#' lines: [(line offset, bytes, is_directive)]."""
-    if b"#" not in piece:
+    starts = _directive_starts(piece)
+    if not starts:
         return [(0, piece, False)]
     out: list[tuple[int, bytes, bool]] = []
     offset = pos = 0
-    for m in _DIRECTIVE_LINE.finditer(piece):
-        if m.start() > pos:
-            data = piece[pos:m.start()]
+    for start in starts:
+        if start > pos:
+            data = piece[pos:start]
             out.append((offset, data, False))
             offset += data.count(b"\n")
-        out.append((offset, m.group(), True))
+        end = piece.find(b"\n", start)
+        end = len(piece) if end < 0 else end + 1
+        out.append((offset, piece[start:end], True))
         offset += 1
-        pos = m.end()
+        pos = end
     if pos < len(piece):
         out.append((offset, piece[pos:], False))
     return out
@@ -253,11 +280,23 @@ class _Parsed:
     bad: list[tuple[int, str, bytes]]
 
 
+PARSE_BLOCK_BYTES = 1 << 20   # pyarrow parses far faster in cache-sized blocks than in one
+
+
 def _read_segment(seg: bytes, header: _Header, columns: list[str], types: dict, threads: bool, handler):
+    try:
+        return _read_blocks(seg, header, columns, types, threads, handler, PARSE_BLOCK_BYTES)
+    except pa.ArrowInvalid as exc:
+        if "straddl" not in str(exc):
+            raise
+        # a line longer than a block: parse the segment as one block
+        return _read_blocks(seg, header, columns, types, threads, handler, len(seg) + 1)
+
+
+def _read_blocks(seg, header, columns, types, threads, handler, block_size):
     return pacsv.read_csv(
         pa.BufferReader(seg),
-        read_options=pacsv.ReadOptions(column_names=header.fields, use_threads=threads,
-                                       block_size=max(len(seg) + 1, 1 << 16)),
+        read_options=pacsv.ReadOptions(column_names=header.fields, use_threads=threads, block_size=block_size),
         parse_options=pacsv.ParseOptions(delimiter=header.separator.decode("latin-1"), quote_char=False,
                                          escape_char=False, ignore_empty_lines=False,
                                          invalid_row_handler=handler),
@@ -277,8 +316,10 @@ def _parse_segment(seg: bytes, first_line: int, header: _Header, spec: dict, req
         return "skip"
 
     try:
-        table = _read_segment(seg, header, columns, fast_types, False, collect)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        if not seg.isascii():
+            seg.decode("utf-8")   # undecodable bytes: straight to the careful path
+        table = _read_segment(seg, header, columns, fast_types, True, collect)
+    except Exception:  # any parse/convert failure: the careful path finds the culprit rows
         table = None
     if table is not None and not invalid and _fast_path_clean(table, spec, required):
         return _Parsed(_blank_empty_strings(table, spec, header), first_line + np.arange(table.num_rows), [])
@@ -288,6 +329,8 @@ def _parse_segment(seg: bytes, first_line: int, header: _Header, spec: dict, req
 def _fast_path_clean(table: pa.Table, spec: dict, required: tuple) -> bool:
     for col in required:
         if col not in table.column_names or table[col].null_count:
+            return False
+        if spec[col] == "str" and table.num_rows and pc.any(pc.equal(table[col], "")).as_py():
             return False
     for col in table.column_names:
         if spec[col] == "port" and table.num_rows:
@@ -311,7 +354,13 @@ def _blank_empty_strings(table: pa.Table, spec: dict, header: _Header) -> pa.Tab
 
 
 def _parse_segment_carefully(seg, first_line, header, spec, required, columns) -> _Parsed:
-    """Text parse of a segment that failed the fast path: per-row conversion, per-row quarantine."""
+    """Text parse of a segment that failed the fast path: per-row conversion, per-row quarantine.
+
+    Blank (whitespace-only) lines carry no record and are skipped; every other line is either
+    kept or quarantined with its line number and reason.
+    """
+    bad: list[tuple[int, str, bytes]] = []
+    seg = _blank_undecodable_lines(seg, first_line, bad)
     invalid: list = []
 
     def collect(row):
@@ -320,21 +369,19 @@ def _parse_segment_carefully(seg, first_line, header, spec, required, columns) -
 
     table = _read_segment(seg, header, columns, {c: pa.binary() for c in columns}, False, collect)
     n = table.num_rows
-    bad: list[tuple[int, str, bytes]] = []
     skipped = []
     for number, actual, expected, text in invalid:
         skipped.append(number)
         if text.strip():
-            bad.append((first_line + number - 1, f"{actual} fields, expected {expected}", text.encode()))
+            bad.append((first_line + number - 1, f"{actual} fields, expected {expected}",
+                        text.encode("utf-8", "surrogateescape")))
     lines = first_line + _kept_row_lines(np.asarray(sorted(skipped), dtype=np.int64), n)
 
     reason = np.full(n, "", dtype=object)
-    blank_line = np.ones(n, dtype=bool)
     out = {}
     for col in columns:
         raw = table[col].combine_chunks() if n else pa.array([], pa.binary())
         text = _to_utf8(raw, reason, col)
-        blank_line &= pc.fill_null(pc.equal(text, ""), False).to_numpy(zero_copy_only=False)
         kind = spec[col]
         if kind in ("time", "float", "port"):
             values, failed = _to_number(text, kind)
@@ -343,27 +390,43 @@ def _parse_segment_carefully(seg, first_line, header, spec, required, columns) -
         else:
             out[col] = text
     for col in required:
-        if col in out:
-            missing = pc.is_null(out[col]).to_numpy(zero_copy_only=False)
-            if spec[col] == "str":
-                missing |= pc.fill_null(pc.equal(out[col], ""), True).to_numpy(zero_copy_only=False)
-            _note(reason, missing, f"{col} is unset")
-        else:
+        if col not in out:
             _note(reason, np.ones(n, bool), f"{col} is not in #fields")
-    if columns and n:
-        blank_line &= True
-    else:
-        blank_line[:] = False
-    failed_rows = np.flatnonzero((reason != "") & ~blank_line)
+            continue
+        missing = pc.is_null(out[col]).to_numpy(zero_copy_only=False)
+        if spec[col] == "str":
+            missing |= pc.fill_null(pc.equal(out[col], ""), True).to_numpy(zero_copy_only=False)
+        _note(reason, missing, f"{col} is unset")
+    failed_rows = np.flatnonzero(reason != "")
     if len(failed_rows):
         texts = seg.split(b"\n")
         for row in failed_rows:
-            ln = int(lines[row])
-            bad.append((ln, str(reason[row]), texts[ln - first_line]))
-    keep = (reason == "") & ~blank_line
+            line_no = int(lines[row])
+            raw_line = texts[line_no - first_line]
+            if raw_line.strip():
+                bad.append((line_no, str(reason[row]), raw_line))
+    keep = reason == ""
     table = pa.table(out) if out else pa.table({})
-    table = _blank_empty_strings(table.filter(pa.array(keep)), spec, header) if n else table
+    if n:
+        table = _blank_empty_strings(table.filter(pa.array(keep)), spec, header)
     return _Parsed(table, lines[keep], bad)
+
+
+def _blank_undecodable_lines(seg: bytes, first_line: int, bad: list) -> bytes:
+    """Quarantine lines that are not UTF-8 and blank them (keeping the line count)."""
+    try:
+        seg.decode("utf-8")
+        return seg
+    except UnicodeDecodeError:
+        pass
+    lines = seg.split(b"\n")
+    for i, line in enumerate(lines):   # only for a segment that holds undecodable bytes
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append((first_line + i, "line is not valid UTF-8", line))
+            lines[i] = b""
+    return b"\n".join(lines)
 
 
 def _kept_row_lines(skipped_sorted: np.ndarray, n_kept: int) -> np.ndarray:
@@ -441,8 +504,10 @@ def _unescape(arr: pa.Array) -> pa.Array:
 
 def _column(table: pa.Table, name: str, kind: str, n: int) -> pa.Array:
     if name in table.column_names:
-        arr = table[name].combine_chunks() if isinstance(table[name], pa.ChunkedArray) else table[name]
-        if kind == "str":
+        arr = table[name]
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
+        if kind == "str" and arr.null_count:
             return pc.fill_null(arr, "")
         return arr
     if kind == "str":
@@ -592,8 +657,8 @@ def _tsv_reader(kind: str, source: str):
 
     def convert(segments, path):
         """Parse and convert the segments of one piece (runs on a worker thread)."""
-        frames, bad = [], []
-        for first_line, seg, header in segments:
+        frames, bad = [], list(segments[0])
+        for first_line, seg, header in segments[1:]:
             try:
                 parsed = _parse_segment(seg, first_line, header, spec, required)
                 if kind == "conn":
@@ -607,6 +672,7 @@ def _tsv_reader(kind: str, source: str):
                 last = first_line + seg.count(b"\n") - 1
                 bad.append((first_line, f"lines {first_line}..{last} unreadable ({type(exc).__name__}: {exc})",
                             seg[:RAW_KEEP]))
+        bad.sort(key=lambda entry: entry[0])
         return frames, bad
 
     def read(path: str, quarantine: Quarantine, chunk_rows: int) -> Iterator[pd.DataFrame]:
@@ -614,15 +680,17 @@ def _tsv_reader(kind: str, source: str):
         header = _Header()
         with open_binary(path) as fh, ThreadPoolExecutor(PARSE_THREADS) as pool:
             pending = []
-            for first_line, piece in _pieces(fh, block_bytes, path, quarantine):
-                segments = []
+            for first_line, piece, bad in _pieces(fh, block_bytes, path):
+                segments: list = [bad]
                 for offset, seg, is_directive in _split_directives(_normalise_line_ends(piece)):
                     if is_directive:
                         if seg.strip() and not _apply_directive(header, seg):
-                            quarantine.add(path, first_line + offset, "unknown '#' line", seg)
+                            bad.append((first_line + offset, "unknown '#' line", seg))
+                        continue
+                    if not seg.strip():
                         continue
                     if not header.fields:
-                        quarantine.add(path, first_line + offset, "data before the #fields header", seg)
+                        _quarantine_lines(bad, first_line + offset, seg, "data before the #fields header")
                         continue
                     segments.append((first_line + offset, seg, replace(header, fields=list(header.fields))))
                 pending.append(pool.submit(convert, segments, path))
@@ -632,6 +700,12 @@ def _tsv_reader(kind: str, source: str):
                 yield from _drain(future, path, quarantine)
 
     return read
+
+
+def _quarantine_lines(bad: list, first_line: int, seg: bytes, reason: str) -> None:
+    for i, line in enumerate(seg.split(b"\n")):
+        if line.strip():
+            bad.append((first_line + i, reason, line))
 
 
 def _drain(future, path: str, quarantine: Quarantine) -> Iterator[pd.DataFrame]:

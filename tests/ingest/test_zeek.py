@@ -9,6 +9,7 @@ Record counts of the real samples were checked independently of this code:
 """
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from esxi_anomaly import schema
@@ -114,3 +115,440 @@ def test_wrccdc_gzip_dns(samples):
     assert first[["rtype", "answer", "ttl"]].values.tolist() == [
         ["CNAME", "ise.wrccdc.cpp.edu", 2230.0], ["A", "134.71.3.16", 41830.0]]
     assert summary.files[0].ts_min == pytest.approx(1521911720.865716 + 0.000870)
+
+
+# --- small fixtures: exact canonical values --------------------------------------------------
+
+import bz2
+import gzip
+import math
+import shutil
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from esxi_anomaly.ingest import IngestError, iter_connections, iter_dns
+from esxi_anomaly.ingest import zeek
+
+HEADER_LINES = 8  # the fixtures' header: data line k (0-based) is file line 9 + k
+
+
+def _lines(path):
+    return path.read_bytes().split(b"\n")
+
+
+def _conn_fixture(fixtures):
+    return fixtures / "zeek" / "conn.log"
+
+
+def test_conn_fixture_exact(fixtures):
+    conns, quarantine, _ = _read(read_connections, _conn_fixture(fixtures))
+    assert len(quarantine) == 0
+    assert conns.event_id.tolist() == [  # sorted by ts
+        "C5eeeeeeeeeeeeeee", "C1aaaaaaaaaaaaaaa", "C2bbbbbbbbbbbbbbb", "C3ccccccccccccccc", "C4ddddddddddddddd"]
+    unset = conns.set_index("event_id").loc["C3ccccccccccccccc"]
+    assert (unset.src_ip, unset.dst_ip, unset.dst_port, unset.conn_state) == ("2001:db8::11", "2001:db8::99", 443, "S0")
+    assert math.isnan(unset.duration) and math.isnan(unset.bytes_out) and unset.packets_out == 1.0
+    icmp = conns.set_index("event_id").loc["C4ddddddddddddddd"]
+    assert (icmp.proto, icmp.src_port, icmp.dst_port) == ("icmp", 8, 0)
+
+
+def test_dns_fixture_exact(fixtures):
+    dns, quarantine, _ = _read(read_dns, fixtures / "zeek" / "dns.log")
+    assert len(quarantine) == 0
+    got = dns[["event_id", "rtype", "answer", "answer_index", "ttl", "query", "rcode"]]
+    rows = [[None if isinstance(v, float) and math.isnan(v) else v for v in r] for r in got.values.tolist()]
+    assert rows == [
+        ["D1aaaaaaaaaaaaaaa", "CNAME", "cdn.example.net", 0, 60.0, "upd.example.net", "NOERROR"],
+        ["D1aaaaaaaaaaaaaaa", "A", "19.57.34.8", 1, 300.0, "upd.example.net", "NOERROR"],
+        ["D2bbbbbbbbbbbbbbb", "A", "", -1, None, "nope.example.net", "NXDOMAIN"],
+        ["D3ccccccccccccccc", "TXT", "port,4444", 0, 30.0, "café.example.net", "NOERROR"],
+        ["D4ddddddddddddddd", "PTR", "gw.example.net", 0, 3600.0, "8.0.0.10.in-addr.arpa", "NOERROR"],
+        ["D5eeeeeeeeeeeeeee", "AAAA", "2001:db8::1", 0, 120.0, "v6.example.net", "NOERROR"],
+        ["D5eeeeeeeeeeeeeee", "AAAA", "2001:db8::2", 1, None, "v6.example.net", "NOERROR"],
+        ["D6fffffffffffffff", "SRV", "", -1, None, "empty.example.net", "NOERROR"],
+        ["D7ggggggggggggggg", "*", "", -1, None, "wpad", ""],
+    ]
+    # response time = ts + rtt; without rtt, ts
+    assert dns.ts.iloc[0] == pytest.approx(1699999999.002)
+    assert dns.set_index("event_id").loc["D4ddddddddddddddd"].ts == 1700000000.5
+
+
+def test_json_fixtures_exact(fixtures):
+    conns, q1, s1 = _read(read_connections, fixtures / "zeek" / "conn.json")
+    assert s1.files[0].format == "zeek_conn_json" and len(q1) == 0
+    assert conns.event_id.tolist() == ["CJ1aaaaaaaaaaaaaa", "CJ2bbbbbbbbbbbbbb", "CJ3cccccccccccccc"]
+    # ISO-8601 ts (2023-11-14T22:13:21.2Z == 1700000001.2); nested "id" object flattened
+    assert conns.ts.tolist() == pytest.approx([1700000000.1, 1700000001.2, 1700000003.4])
+    assert conns.iloc[2][["src_ip", "src_port", "dst_ip", "dst_port"]].tolist() == ["10.0.0.12", 8, "10.0.0.1", 0]
+    assert math.isnan(conns.iloc[1].bytes_out)
+    dns, q2, _ = _read(read_dns, fixtures / "zeek" / "dns.json")
+    assert len(q2) == 0
+    assert dns[["rtype", "answer", "answer_index", "rcode"]].values.tolist() == [
+        ["CNAME", "cdn.example.net", 0, "NOERROR"], ["A", "19.57.34.8", 1, "NOERROR"],
+        ["A", "", -1, "NXDOMAIN"]]
+
+
+def test_tsv_and_json_agree(fixtures):
+    tsv = read_dns(str(fixtures / "zeek" / "dns.log"))
+    js = read_dns(str(fixtures / "zeek" / "dns.json"))
+    cols = ["client_ip", "resolver_ip", "query", "rtype", "answer", "answer_index", "ttl", "rcode"]
+    assert js[cols].equals(tsv[cols].head(3).reset_index(drop=True))
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+def _write(tmp_path, name, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def _with_lines(fixtures, inserts: dict[int, bytes]) -> bytes:
+    """The conn fixture with lines inserted before 0-based data line k (key) -> file line 9 + k."""
+    lines = _lines(_conn_fixture(fixtures))
+    for k in sorted(inserts, reverse=True):
+        lines.insert(HEADER_LINES + k, inserts[k])
+    return b"\n".join(lines)
+
+
+def test_wrong_field_count_and_bad_port_are_quarantined_rest_kept(fixtures, tmp_path):
+    good = _lines(_conn_fixture(fixtures))[HEADER_LINES].split(b"\t")
+    bad_port = b"\t".join(good[:5] + [b"https"] + good[6:]).replace(b"C1aaaa", b"CXport")
+    bad_ts = b"\t".join([b"yesterday"] + good[1:]).replace(b"C1aaaa", b"CXtime")
+    path = _write(tmp_path, "conn.log", _with_lines(fixtures, {1: b"1700000000.5\tCshort\t10.0.0.1", 3: bad_port, 4: bad_ts}))
+    conns, quarantine, summary = _read(read_connections, path)
+    assert sorted(conns.event_id) == sorted(
+        ["C1aaaaaaaaaaaaaaa", "C2bbbbbbbbbbbbbbb", "C3ccccccccccccccc", "C4ddddddddddddddd", "C5eeeeeeeeeeeeeee"])
+    assert [(r.line, r.reason) for r in quarantine.records] == [
+        (10, "3 fields, expected 21"),
+        (13, "id.resp_p is not a port number"),
+        (15, "ts is not a number"),
+    ]
+    assert quarantine.records[1].raw.startswith("1700000000.100000\tCXportaaaaaaaaaaa")
+    assert (summary.kept, summary.quarantined) == (5, 3)
+
+
+@pytest.mark.parametrize("value, reason", [
+    (b"70000", "id.resp_p is not a port number"), (b"-1", "id.resp_p is not a port number"),
+    (b"80.5", "id.resp_p is not a port number"), (b"", "id.resp_p is not a port number")])
+def test_port_out_of_range(fixtures, tmp_path, value, reason):
+    good = _lines(_conn_fixture(fixtures))[HEADER_LINES].split(b"\t")
+    line = b"\t".join(good[:5] + [value] + good[6:])
+    conns, quarantine, _ = _read(read_connections, _write(tmp_path, "c.log", _with_lines(fixtures, {0: line})))
+    assert len(conns) == 5 and [(r.line, r.reason) for r in quarantine.records] == [(9, reason)]
+
+
+def test_unset_required_fields(fixtures, tmp_path):
+    good = _lines(_conn_fixture(fixtures))[HEADER_LINES].split(b"\t")
+    no_ts = b"\t".join([b"-"] + good[1:])
+    no_src = b"\t".join(good[:2] + [b"-"] + good[3:])
+    conns, quarantine, _ = _read(read_connections, _write(tmp_path, "c.log", _with_lines(fixtures, {0: no_ts, 2: no_src})))
+    assert len(conns) == 5
+    assert [(r.line, r.reason) for r in quarantine.records] == [(9, "ts is unset"), (12, "id.orig_h is unset")]
+
+
+def test_unset_uid_gets_a_stable_id(fixtures, tmp_path):
+    data = _conn_fixture(fixtures).read_bytes().replace(b"C2bbbbbbbbbbbbbbb", b"-")
+    path = _write(tmp_path, "c.log", data)
+    first = read_connections(str(path))
+    again = read_connections(str(path))
+    made = first.event_id[~first.event_id.str.startswith("C")].tolist()
+    assert len(made) == 1 and made[0].startswith("zeek-") and made[0].endswith("-10")
+    assert again.event_id.tolist() == first.event_id.tolist()
+
+
+def test_binary_junk_in_the_middle(fixtures, tmp_path):
+    junk = bytes(range(256)).replace(b"\n", b"") + b"\xff\xfe\x00\t\t\xc3("
+    path = _write(tmp_path, "c.log", _with_lines(fixtures, {2: junk, 3: b"\x00" * 50 + b"\t" * 20}))
+    conns, quarantine, _ = _read(read_connections, path)
+    assert len(conns) == 5
+    assert [r.line for r in quarantine.records] == [11, 13]
+    # the lone CR inside the junk became \x0d, so the line count is not shifted
+    assert [r.reason for r in quarantine.records] == ["line is not valid UTF-8", "ts is not a number"]
+
+
+def test_invalid_utf8_in_a_field_is_quarantined(fixtures, tmp_path):
+    good = _lines(_conn_fixture(fixtures))[HEADER_LINES].split(b"\t")
+    line = b"\t".join(good[:2] + [b"10.0.0.\xff"] + good[3:])
+    conns, quarantine, _ = _read(read_connections, _write(tmp_path, "c.log", _with_lines(fixtures, {4: line})))
+    assert len(conns) == 5 and [(r.line, r.reason) for r in quarantine.records] == [(13, "line is not valid UTF-8")]
+
+
+def test_one_megabyte_line(fixtures, tmp_path):
+    huge = b"1700000000.1\tChuge\t" + b"A" * (1 << 20)
+    conns, quarantine, _ = _read(read_connections, _write(tmp_path, "c.log", _with_lines(fixtures, {1: huge})))
+    assert len(conns) == 5 and [(r.line, r.reason) for r in quarantine.records] == [(10, "3 fields, expected 21")]
+    assert len(quarantine.records[0].raw) == 256
+
+
+def test_line_over_the_limit_is_skipped_unread(fixtures, tmp_path, monkeypatch):
+    monkeypatch.setattr(zeek, "MAX_LINE_BYTES", 64 * 1024)
+    huge = b"9" * (300 * 1024)
+    path = _write(tmp_path, "c.log", _with_lines(fixtures, {1: huge, 3: huge}))
+    quarantine = Quarantine()
+    conns = pd.concat(list(iter_connections(str(path), quarantine, chunk_rows=100)))  # 12.8 kB pieces
+    assert len(conns) == 5
+    assert [(r.line, r.reason) for r in quarantine.records] == [
+        (10, "line longer than 65536 bytes"), (13, "line longer than 65536 bytes")]
+
+
+def test_truncated_plain_file(fixtures, tmp_path):
+    data = _conn_fixture(fixtures).read_bytes()
+    cut = data.index(b"C4ddddd") + 3                       # in the middle of data line 12
+    conns, quarantine, _ = _read(read_connections, _write(tmp_path, "c.log", data[:cut]))
+    assert conns.event_id.tolist() == ["C1aaaaaaaaaaaaaaa", "C2bbbbbbbbbbbbbbb", "C3ccccccccccccccc"]
+    assert [(r.line, r.reason) for r in quarantine.records] == [(12, "2 fields, expected 21")]
+
+
+def test_truncated_gzip(fixtures, tmp_path):
+    lines = _lines(_conn_fixture(fixtures))
+    body = b"\n".join(lines[:HEADER_LINES] + lines[HEADER_LINES:HEADER_LINES + 4] * 2000) + b"\n"
+    packed = gzip.compress(body)
+    path = _write(tmp_path, "c.log.gz", packed[: len(packed) // 2])
+    quarantine = Quarantine()
+    conns = pd.concat(list(iter_connections(str(path), quarantine, chunk_rows=500)))
+    assert 1000 < len(conns) < 8000
+    assert quarantine.records[-1].reason.startswith("file unreadable from here on (EOFError")
+    assert [r.line for r in quarantine.records] == sorted(r.line for r in quarantine.records)
+    # every line before the break is kept or quarantined (the cut line itself)
+    assert len(conns) + len(quarantine) - 1 >= quarantine.records[-1].line - HEADER_LINES - 2
+
+
+def test_crlf_line_ends(fixtures, tmp_path):
+    data = _conn_fixture(fixtures).read_bytes().replace(b"\n", b"\r\n")
+    conns, quarantine, _ = _read(read_connections, _write(tmp_path, "c.log", data))
+    assert len(conns) == 5 and len(quarantine) == 0 and conns.conn_state.iloc[0] == "REJ"
+
+
+def test_blank_lines_are_skipped_and_line_numbers_stay_exact(fixtures, tmp_path):
+    good = _lines(_conn_fixture(fixtures))[HEADER_LINES].split(b"\t")
+    bad = b"\t".join(good[:5] + [b"x"] + good[6:])
+    conns, quarantine, _ = _read(read_connections, _write(tmp_path, "c.log", _with_lines(fixtures, {1: b"", 2: b"   ", 3: bad})))
+    assert len(conns) == 5 and [(r.line, r.reason) for r in quarantine.records] == [(14, "id.resp_p is not a port number")]
+
+
+def test_columns_in_any_order_and_a_new_header_mid_file(fixtures, tmp_path):
+    lines = _lines(_conn_fixture(fixtures))
+    fields = lines[6].split(b"\t")[1:]
+    order = list(reversed(range(len(fields))))
+    def reorder(line):
+        cells = line.split(b"\t")
+        return b"\t".join(cells[i] for i in order)
+    second = [b"#fields\t" + reorder(lines[6][len(b"#fields\t"):])] + [reorder(l) for l in lines[HEADER_LINES:HEADER_LINES + 5]]
+    second = [l.replace(b"\tC", b"\tZ") for l in second]
+    data = b"\n".join(lines[:-2] + second) + b"\n#close\tx\n"
+    conns, quarantine, _ = _read(read_connections, _write(tmp_path, "c.log", data))
+    assert len(quarantine) == 0 and len(conns) == 10
+    a = conns[conns.event_id.str.startswith("C")].drop(columns="event_id").reset_index(drop=True)
+    b = conns[conns.event_id.str.startswith("Z")].drop(columns="event_id").reset_index(drop=True)
+    assert a.equals(b)
+
+
+def test_unknown_hash_line_and_data_before_fields(tmp_path):
+    data = b"1\t2\n#separator \\x09\n#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p\tconn_state\n" \
+           b"#whatever\n1.5\tCa\t10.0.0.1\t1\t10.0.0.2\t80\tSF\n"
+    conns, quarantine, _ = _read(read_connections, _write(tmp_path, "c.log", data))
+    # sniffing needs '#fields' in the head, the stray first line is quarantined
+    assert conns[["event_id", "dst_port", "proto"]].values.tolist() == [["Ca", 80, ""]]
+    assert [(r.line, r.reason) for r in quarantine.records] == [
+        (1, "data before the #fields header"), (4, "unknown '#' line")]
+
+
+def test_dns_bad_ttls_and_field_count(tmp_path, fixtures):
+    lines = _lines(fixtures / "zeek" / "dns.log")
+    bad_ttl = lines[HEADER_LINES].replace(b"60.000000,300.000000", b"sixty,300.0")
+    data = b"\n".join(lines[:HEADER_LINES + 1] + [bad_ttl, b"1.0\tDshort"] + lines[HEADER_LINES + 1:])
+    dns, quarantine, _ = _read(read_dns, _write(tmp_path, "d.log", data))
+    assert len(dns) == 9   # the fixture's 9 rows; the broken copies are quarantined
+    assert [(r.line, r.reason) for r in quarantine.records] == [(10, "TTLs are not numbers"), (11, "2 fields, expected 24")]
+
+
+def test_json_bad_lines(tmp_path, fixtures):
+    good = (fixtures / "zeek" / "conn.json").read_bytes().splitlines()
+    data = b"\n".join([
+        good[0],
+        b'{"ts": 1700000000.2, "uid": "Cbad1", "id.orig_h": "10.0.0.1", "id.orig_p": 1, "id.resp_h": "10.0.0.2", "id.resp_p": "https", "conn_state": "SF"}',
+        b"{not json",
+        b"",
+        b"[1, 2, 3]",
+        good[1],
+        b'{"ts": [1], "uid": "Cbad2", "id.orig_h": "10.0.0.1", "id.resp_h": "10.0.0.2", "id.resp_p": 80, "conn_state": "SF"}',
+        b'{"ts": "not a date", "uid": "Cbad3", "id.orig_h": "10.0.0.1", "id.resp_h": "10.0.0.2", "id.resp_p": 80, "conn_state": "SF"}',
+        b'{"ts": 1.0, "uid": 7, "id.orig_h": "10.0.0.1", "id.resp_h": "10.0.0.2", "id.resp_p": 80, "conn_state": "SF"}',
+        b'{"ts": 1.0, "uid": "Cbad5", "id.resp_h": "10.0.0.2", "id.resp_p": 80, "conn_state": "SF"}',
+        b"\xff\xfe\x00junk",
+        b'{"ts": 1.0, "uid": "Cdeep", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        good[2],
+    ])
+    conns, quarantine, _ = _read(read_connections, _write(tmp_path, "c.json", data))
+    assert conns.event_id.tolist() == ["CJ1aaaaaaaaaaaaaa", "CJ2bbbbbbbbbbbbbb", "CJ3cccccccccccccc"]
+    assert [(r.line, r.reason) for r in quarantine.records] == [
+        (3, "invalid JSON"), (5, "not a JSON object"), (11, "invalid JSON"), (12, "invalid JSON"),
+        (2, "id.resp_p has the wrong type"), (7, "ts has the wrong type"), (8, "ts has the wrong type"),
+        (9, "uid has the wrong type"), (10, "id.orig_h is unset"),
+    ]
+
+
+def test_json_dns_wrong_vector_types(tmp_path):
+    base = '{"ts":1.0,"uid":"D%d","id.orig_h":"10.0.0.1","id.resp_h":"10.0.0.53","query":"q","qtype_name":"A",%s}'
+    data = "\n".join([base % (1, '"answers":["1.2.3.4"],"TTLs":[5]'), base % (2, '"answers":"1.2.3.4"'),
+                      base % (3, '"answers":["a"],"TTLs":["x"]')]).encode()
+    dns, quarantine, _ = _read(read_dns, _write(tmp_path, "d.json", data))
+    assert dns[["event_id", "answer", "ttl"]].values.tolist() == [["D1", "1.2.3.4", 5.0]]
+    assert [(r.line, r.reason) for r in quarantine.records] == [(2, "answers has the wrong type"), (3, "TTLs has the wrong type")]
+
+
+def test_empty_and_foreign_files_are_rejected_via_shared_api(tmp_path, fixtures):
+    empty = _write(tmp_path, "empty.log", b"")
+    with pytest.raises(IngestError, match=r"empty\.log: not a known connections format \(tried: .*zeek_conn_tsv.*zeek_conn_json"):
+        read_connections(str(empty))
+    text = _write(tmp_path, "notes.txt", b"hello\tworld\nthis is not zeek\n")
+    with pytest.raises(IngestError, match=r"notes\.txt: not a known connections format \(tried: .*zeek_conn_tsv"):
+        read_connections(str(text))
+    with pytest.raises(IngestError, match=r"dns\.log: is zeek_dns_tsv \(dns_answers\), not connections"):
+        read_connections(str(fixtures / "zeek" / "dns.log"))
+
+
+def test_header_only_file_reads_nothing(fixtures, tmp_path):
+    lines = _lines(_conn_fixture(fixtures))
+    conns, quarantine, summary = _read(read_connections, _write(tmp_path, "c.log", b"\n".join(lines[:HEADER_LINES]) + b"\n"))
+    assert len(conns) == 0 and len(quarantine) == 0 and summary.files[0].format == "zeek_conn_tsv"
+    schema.validate(conns, "connections")
+
+
+@pytest.mark.parametrize("head, kind", [
+    (b"#separator \\x09\n#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p\tconn_state\n", "conn"),
+    (b"\t#separator \\x09\n#path\tconn\n#fields\tts\tuid\tid.orig_h\tid.resp_h\tquery\tanswers\n", "dns"),
+    (b"#separator \\x2c\n#fields,ts,uid,id.orig_h,id.orig_p,id.resp_h,id.resp_p,orig_bytes\n", "conn"),
+    (b"#separator \\x09\n#fields\tts\tuid\tid.orig_h\tid.resp_h\tmethod\thost\turi\n", None),   # http.log
+    (b'{"ts":1.0,"id.orig_h":"a","id.resp_p":1,"conn_state":"SF"}\n', "conn"),
+    (b'{"ts":1.0,"id":{"orig_h":"a"},"query":"x","qtype_name":"A"}\n', "dns"),
+    (b'{"ts":1.0,"id.orig_h":"a","method":"GET"}\n', None),
+    (b"\x00\x01\x02", None),
+])
+def test_sniffing_by_content(head, kind):
+    tsv = zeek._tsv_kind(head)
+    js = zeek._json_kind(head)
+    assert (tsv or js) == kind
+
+
+def test_other_separator(tmp_path):
+    data = (b"#separator \\x2c\n#set_separator\t;\n#fields,ts,uid,id.orig_h,id.orig_p,id.resp_h,id.resp_p,orig_bytes\n"
+            b"1.5,Ca,10.0.0.1,1,10.0.0.2,80,7\n")
+    conns = read_connections(str(_write(tmp_path, "c.log", data)))
+    assert conns[["event_id", "dst_port", "bytes_out"]].values.tolist() == [["Ca", 80, 7.0]]
+
+
+# --- chunking and compression ---------------------------------------------------------------
+
+def _big_conn(fixtures, copies=400):
+    lines = _lines(_conn_fixture(fixtures))
+    body = []
+    for i in range(copies):
+        body += [l.replace(b"\tC", b"\tC%05d" % i, 1) for l in lines[HEADER_LINES:HEADER_LINES + 5]]
+    return b"\n".join(lines[:HEADER_LINES] + body) + b"\n#close\tx\n"
+
+
+def test_small_chunks_equal_one_chunk(fixtures, tmp_path):
+    path = str(_write(tmp_path, "c.log", _big_conn(fixtures)))
+    small = list(iter_connections(path, chunk_rows=7))
+    assert len(small) > 10
+    one = pd.concat(list(iter_connections(path, chunk_rows=1_000_000)), ignore_index=True)
+    assert pd.concat(small, ignore_index=True).equals(one) and len(one) == 2000
+    dns_path = str(fixtures / "zeek" / "dns.log")
+    assert pd.concat(list(iter_dns(dns_path, chunk_rows=1)), ignore_index=True).equals(
+        pd.concat(list(iter_dns(dns_path, chunk_rows=1000)), ignore_index=True))
+    json_path = str(fixtures / "zeek" / "conn.json")
+    assert pd.concat(list(iter_connections(json_path, chunk_rows=1)), ignore_index=True).equals(
+        pd.concat(list(iter_connections(json_path)), ignore_index=True))
+
+
+def test_line_numbers_exact_across_small_chunks(fixtures, tmp_path):
+    data = _big_conn(fixtures, copies=50).split(b"\n")
+    for k in (20, 110, 200):           # tcp lines
+        data[k] = data[k].replace(b"\ttcp\t", b"\ttcp\tjunk\t")
+    quarantine = Quarantine()
+    conns = pd.concat(list(iter_connections(str(_write(tmp_path, "c.log", b"\n".join(data))), quarantine, chunk_rows=9)))
+    assert len(conns) == 247
+    assert [(r.line, r.reason) for r in quarantine.records] == [(k + 1, "22 fields, expected 21") for k in (20, 110, 200)]
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress])
+def test_compressed_equals_plain(fixtures, tmp_path, compress):
+    plain = read_dns(str(fixtures / "zeek" / "dns.log"))
+    packed = _write(tmp_path, "dns.bin", compress((fixtures / "zeek" / "dns.log").read_bytes()))
+    assert read_dns(str(packed)).equals(plain)
+
+
+# --- properties -----------------------------------------------------------------------------
+
+_VALID = None
+
+
+def _valid_lines(fixtures):
+    lines = _lines(_conn_fixture(fixtures))
+    return lines[:HEADER_LINES], lines[HEADER_LINES:HEADER_LINES + 5]
+
+
+def _mutate(line: bytes, data) -> bytes:
+    ops = data.draw(st.lists(st.tuples(st.sampled_from(["del", "ins", "tab"]), st.integers(0, 10_000),
+                                       st.binary(min_size=1, max_size=3)), min_size=1, max_size=4))
+    out = bytearray(line)
+    for op, pos, blob in ops:
+        pos = pos % (len(out) + 1)
+        if op == "del" and out:
+            del out[pos % len(out)]
+        elif op == "ins":
+            out[pos:pos] = blob
+        else:
+            out[pos:pos] = b"\t"
+    return bytes(out).replace(b"\n", b" ")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_and_mutated_lines_never_break_the_reader(fixtures, tmp_path, data):
+    header, valid = _valid_lines(fixtures)
+    body: list[tuple[bytes, bool]] = [(l, True) for l in valid]
+    n_inject = data.draw(st.integers(1, 6))
+    for _ in range(n_inject):
+        if data.draw(st.booleans()):
+            injected = data.draw(st.binary(max_size=300)).replace(b"\n", b" ")
+        else:
+            injected = _mutate(data.draw(st.sampled_from(valid)), data)
+        if injected.lstrip(b" \t\r").startswith(b"#"):
+            injected = b"x" + injected      # a '#' line is a header directive, not a record
+        body.insert(data.draw(st.integers(0, len(body))), (injected, False))
+    path = tmp_path / "conn.log"
+    path.write_bytes(b"\n".join(header + [l for l, _ in body]) + b"\n")
+    quarantine = Quarantine()
+    try:
+        conns = read_connections(str(path), quarantine)
+    except IngestError:
+        return
+    injected_lines = {HEADER_LINES + 1 + i for i, (_, ok) in enumerate(body) if not ok}
+    valid_uids = {l.split(b"\t")[1].decode() for l, ok in body if ok}
+    assert valid_uids <= set(conns.event_id)                    # every valid record kept
+    assert {r.line for r in quarantine.records} <= injected_lines  # only injected lines blamed
+    blank = sum(1 for l, ok in body if not ok and not l.strip(b" \t\r\x0b\x0c"))
+    assert len(conns) + len(quarantine) + blank >= len(body)    # nothing vanished silently
+    schema.validate(conns, "connections")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(junk=st.lists(st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)), min_size=1, max_size=5),
+       positions=st.lists(st.integers(0, 2), min_size=5, max_size=5))
+def test_random_json_lines_never_break_the_reader(fixtures, tmp_path, junk, positions):
+    good = (fixtures / "zeek" / "conn.json").read_bytes().splitlines()
+    lines = list(good)
+    for i, blob in enumerate(junk):
+        lines.insert(positions[i % 5] + i, blob.replace(b"\n", b" "))
+    path = tmp_path / "c.json"
+    path.write_bytes(b"\n".join(lines))
+    try:
+        conns = read_connections(str(path))
+    except IngestError:
+        return
+    assert {"CJ1aaaaaaaaaaaaaa", "CJ2bbbbbbbbbbbbbb", "CJ3cccccccccccccc"} <= set(conns.event_id)
