@@ -122,8 +122,8 @@ def _put(document: dict, dotted: str, value: object) -> None:
 def ecs_records(ranked: pd.DataFrame) -> list[dict]:
     """The ECS documents for `ranked`, in row order."""
     count = len(ranked)
-    direct = [(field, _column_values(ranked, column, kind)) for column, field, kind in _DIRECT
-              if column in ranked.columns]
+    direct = [(tuple(field.split(".")[:-1]), field.split(".")[-1], _column_values(ranked, column, kind))
+              for column, field, kind in _DIRECT if column in ranked.columns]
     timestamps = _timestamps(ranked)
     scores = _column_values(ranked, "score", "float") if "score" in ranked.columns else [None] * count
     answers = _column_values(ranked, "answer", "str") if "answer" in ranked.columns else [None] * count
@@ -139,9 +139,14 @@ def ecs_records(ranked: pd.DataFrame) -> list[dict]:
                              "type": ["connection"]}
         if scores[i] is not None:
             document["event"]["risk_score"] = round(min(max(scores[i], 0.0), 1.0) * 100.0, 2)
-        for field, values in direct:
-            if values[i] is not None:
-                _put(document, field, values[i])
+        for parents, leaf, values in direct:
+            value = values[i]
+            if value is not None:
+                node = document
+                for part in parents:
+                    child = node.get(part)
+                    node = child if child is not None else node.setdefault(part, {})
+                node[leaf] = value
         if answers[i] is not None:
             answer = {"data": answers[i]}
             if rtypes[i] is not None:
