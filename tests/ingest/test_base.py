@@ -1,0 +1,99 @@
+"""The shared ingest API (paths, registry, folder splitting, decompression, summaries) on Zeek files."""
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import shutil
+
+import pytest
+
+from esxi_anomaly.ingest import (
+    IngestError, Quarantine, ReadSummary, detect_format, expand_paths, formats, read_connections, read_dns,
+    read_inventory,
+)
+
+
+@pytest.fixture()
+def zeek_dir(fixtures, tmp_path):
+    """A Zeek-style folder: conn.log, dns.log, a nested rotated dns log (gzip) and a stray file."""
+    shutil.copy(fixtures / "zeek" / "conn.log", tmp_path / "conn.log")
+    shutil.copy(fixtures / "zeek" / "dns.log", tmp_path / "dns.log")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "dns.00:00:00-01:00:00.log.gz").write_bytes(
+        gzip.compress((fixtures / "zeek" / "dns.json").read_bytes()))
+    (tmp_path / "README.txt").write_text("not a log\n")
+    (tmp_path / ".hidden.log").write_bytes((fixtures / "zeek" / "conn.log").read_bytes())
+    return tmp_path
+
+
+def test_registry_has_the_zeek_and_inventory_formats():
+    names = {f.name: f.frame for f in formats()}
+    assert {k: names[k] for k in ("zeek_conn_tsv", "zeek_conn_json", "zeek_dns_tsv", "zeek_dns_json",
+                                  "inventory_csv")} == {
+        "zeek_conn_tsv": "connections", "zeek_conn_json": "connections", "zeek_dns_tsv": "dns_answers",
+        "zeek_dns_json": "dns_answers", "inventory_csv": "inventory"}
+
+
+def test_expand_paths_files_globs_folders(zeek_dir):
+    root = str(zeek_dir)
+    assert expand_paths(zeek_dir) == sorted([
+        f"{root}/README.txt", f"{root}/conn.log", f"{root}/dns.log", f"{root}/old/dns.00:00:00-01:00:00.log.gz"])
+    assert expand_paths(f"{root}/*.log") == [f"{root}/conn.log", f"{root}/dns.log"]
+    assert expand_paths([f"{root}/dns.log", f"{root}/**/dns*", zeek_dir / "dns.log"]) == [
+        f"{root}/dns.log", f"{root}/old/dns.00:00:00-01:00:00.log.gz"]
+    with pytest.raises(IngestError, match="matches no file"):
+        expand_paths(f"{root}/*.nothing")
+    with pytest.raises(IngestError, match="no such file or folder"):
+        expand_paths(f"{root}/missing.log")
+
+
+def test_folder_is_split_by_content(zeek_dir):
+    q, s = Quarantine(), ReadSummary()
+    conns = read_connections(zeek_dir, q, s)
+    assert len(conns) == 5 and [f.format for f in s.files] == ["zeek_conn_tsv"]
+    q2, s2 = Quarantine(), ReadSummary()
+    dns = read_dns(zeek_dir, q2, s2)
+    # 9 rows from dns.log + 3 from the gzipped JSON log, merged and sorted by ts
+    assert len(dns) == 12 and dns.ts.is_monotonic_increasing
+    assert sorted(f.format for f in s2.files) == ["zeek_dns_json", "zeek_dns_tsv"]
+    assert len(q) == len(q2) == 0
+
+
+def test_read_summary_counts(fixtures, tmp_path):
+    data = (fixtures / "zeek" / "conn.log").read_bytes().replace(b"\t1117\t", b"\tport\t")
+    (tmp_path / "conn.log").write_bytes(data)
+    q, s = Quarantine(), ReadSummary()
+    read_connections([tmp_path / "conn.log", fixtures / "zeek" / "conn.json"], q, s)
+    assert [(f.format, f.kept, f.quarantined) for f in s.files] == [
+        ("zeek_conn_tsv", 4, 1), ("zeek_conn_json", 3, 0)]
+    assert (s.kept, s.quarantined) == (7, 1)
+    assert s.files[0].ts_min == 1700000000.05 and s.files[0].ts_max == 1700000003.4
+    assert s.lines()[0] == f"{tmp_path}/conn.log: zeek_conn_tsv, 4 kept, 1 quarantined"
+    assert q.counts == {str(tmp_path / "conn.log"): 1}
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+def test_compression_is_transparent(fixtures, tmp_path, compress):
+    plain = fixtures / "zeek" / "conn.log"
+    packed = tmp_path / "conn.bin"                     # the name says nothing: content decides
+    packed.write_bytes(compress(plain.read_bytes()))
+    assert detect_format(str(packed)).name == "zeek_conn_tsv"
+    assert read_connections(str(packed)).equals(read_connections(str(plain)))
+
+
+def test_zip_archive(fixtures, tmp_path):
+    import zipfile
+
+    path = tmp_path / "export.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("__MACOSX/._dns.log", b"\x00\x05\x16\x07")
+        archive.writestr("dns.log", (fixtures / "zeek" / "dns.log").read_bytes())
+    assert len(read_dns(str(path))) == 9
+
+
+def test_explicit_file_of_another_kind_is_an_error(fixtures):
+    with pytest.raises(IngestError, match=r"conn\.log: is zeek_conn_tsv \(connections\), not inventory"):
+        read_inventory(str(fixtures / "zeek" / "conn.log"))
+    with pytest.raises(IngestError, match=r"dns\.json: is zeek_dns_json \(dns_answers\), not connections"):
+        read_connections(str(fixtures / "zeek" / "dns.json"))
