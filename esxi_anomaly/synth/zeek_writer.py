@@ -10,11 +10,15 @@ sorted by `ts`. The canonical DNS `ts` is the response time; Zeek's `ts` is the 
 from __future__ import annotations
 
 import gzip as gzip_mod
+import io
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 CONN_FIELDS = ("ts", "uid", "id.orig_h", "id.orig_p", "id.resp_h", "id.resp_p", "proto", "service", "duration",
                "orig_bytes", "resp_bytes", "conn_state", "local_orig", "local_resp", "missed_bytes", "history",
@@ -76,15 +80,26 @@ def conn_records(conns: pd.DataFrame) -> pd.DataFrame:
 def dns_records(dns: pd.DataFrame) -> pd.DataFrame:
     """Zeek dns.log columns, one row per response (its answer rows joined into vectors)."""
     d = dns.sort_values(["event_id", "answer_index"], kind="stable").reset_index(drop=True)
-    has = d["answer"] != ""
-    elem = d["answer"].str.replace(",", "\\x2c", regex=False)
-    ttl_txt = d["ttl"].map("{:.6f}".format)
-    grouped = pd.DataFrame({"uid": d["event_id"], "a": elem.where(has, None), "t": ttl_txt.where(has, None)})
-    agg = grouped.groupby("uid", sort=False).agg(answers=("a", lambda s: ",".join(s.dropna()) or "-"),
-                                                   TTLs=("t", lambda s: ",".join(s.dropna()) or "-"))
-    first = d.drop_duplicates("event_id").set_index("event_id")
-    qrtype = d[d["rtype"] != "CNAME"].drop_duplicates("event_id").set_index("event_id")["rtype"]
-    qname = qrtype.reindex(first.index).fillna("A").replace("", "A")
+    uid = d["event_id"].to_numpy(dtype=object)
+    starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]]) if len(d) else np.array([], dtype=np.int64)
+    last = np.r_[starts[1:] - 1, len(d) - 1] if len(d) else starts
+    has = (d["answer"] != "").to_numpy()
+    elem = d["answer"].str.replace(",", "\\x2c", regex=False).to_numpy(dtype=object)
+    ttl_txt = np.asarray(pc.fill_null(fixed6(d["ttl"].to_numpy()), "-").to_pylist(), dtype=object)
+    sep = np.full(len(d), ",", dtype=object)
+    sep[last] = ""
+    # Vectors are joined per record with one reduceat (string +) instead of a groupby of lambdas.
+    answers = np.add.reduceat(np.where(has, elem + sep, ""), starts) if len(d) else np.array([], object)
+    ttls = np.add.reduceat(np.where(has, ttl_txt + sep, ""), starts) if len(d) else np.array([], object)
+    answers = np.where(answers == "", "-", answers)
+    ttls = np.where(ttls == "", "-", ttls)
+    first = d.iloc[starts].set_index("event_id")
+    rtypes = d["rtype"].to_numpy(dtype=object)
+    # The query type is the first non-CNAME record type of the response (A when there is none).
+    not_cname = np.where(rtypes == "CNAME", len(d), np.arange(len(d)))
+    first_real = np.minimum.reduceat(not_cname, starts) if len(d) else starts
+    qname = pd.Series(np.where(first_real <= last, rtypes[np.minimum(first_real, max(len(d) - 1, 0))], "A"),
+                      index=first.index, dtype=object).replace("", "A")
     h = _hash(pd.Series(first.index))
     rtt = dns_rtt(pd.Series(first.index))
     rcode = first["rcode"].replace("", "NOERROR")
@@ -96,69 +111,103 @@ def dns_records(dns: pd.DataFrame) -> pd.DataFrame:
         "qtype": qname.map(lambda t: QTYPES.get(t, 1)).to_numpy(), "qtype_name": qname.to_numpy(),
         "rcode": rcode.map(lambda r: RCODES.get(r, 0)).to_numpy(), "rcode_name": rcode.to_numpy(),
         "AA": "F", "TC": "F", "RD": "T", "RA": "T", "Z": 0,
-        "answers": agg["answers"].reindex(first.index).to_numpy(), "TTLs": agg["TTLs"].reindex(first.index).to_numpy(),
+        "answers": answers, "TTLs": ttls,
         "rejected": "F",
     })
     rec["_end"] = rec["ts"] + rec["rtt"]
     return rec.sort_values("_end", kind="stable").reset_index(drop=True)
 
 
-def _tsv_body(rec: pd.DataFrame, fields) -> str:
-    return rec[list(fields)].to_csv(sep="\t", header=False, index=False, na_rep="-", float_format="%.6f",
-                                    lineterminator="\n")
+_BOOL_FIELDS = {"AA", "TC", "RD", "RA", "rejected", "local_orig", "local_resp"}
+_FLOAT_TYPES = {"time", "interval"}
 
 
-def _json_body(rec: pd.DataFrame, fields, vectors=()) -> str:
+def fixed6(values) -> pa.Array:
+    """Floats as Zeek prints them ("%.6f"), nulls for NaN; vectorised (no per-value Python)."""
+    x = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(x)
+    x = np.where(bad, 0.0, x)
+    neg = x < 0
+    ax = np.abs(x)
+    sec = np.floor(ax)
+    frac = np.round((ax - sec) * 1e6).astype(np.int64)
+    carry = frac >= 1_000_000
+    sec, frac = sec + carry, np.where(carry, frac - 1_000_000, frac)
+    whole = pc.cast(pa.array(sec.astype(np.int64)), pa.string())
+    whole = pc.if_else(pa.array(neg), pc.binary_join_element_wise("-", whole, ""), whole)
+    text = pc.binary_join_element_wise(whole, pc.utf8_lpad(pc.cast(pa.array(frac), pa.string()), 6, "0"), ".")
+    return pc.if_else(pa.array(bad), pa.scalar(None, pa.string()), text)
+
+
+def _arrow_text(col: pd.Series, zeek_type: str) -> pa.Array:
+    """One column as Zeek text, null where the field is unset."""
+    if zeek_type in _FLOAT_TYPES:
+        return fixed6(col.to_numpy(dtype=np.float64, na_value=np.nan))
+    if zeek_type in ("count", "port"):
+        v = col.to_numpy(dtype=np.float64, na_value=np.nan)
+        ok = np.isfinite(v)
+        return pc.cast(pa.array(np.where(ok, v, 0).astype(np.int64), mask=~ok), pa.string())
+    text = pa.array(col.astype(object).to_numpy(), pa.string())
+    return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+
+
+def _tsv_body(rec: pd.DataFrame, fields, types) -> bytes:
+    cols = [pc.fill_null(_arrow_text(rec[f], t), "-") for f, t in zip(fields, types)]
+    buf = io.BytesIO()
+    pacsv.write_csv(pa.table(cols, names=list(fields)), buf,
+                    pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none"))
+    return buf.getvalue()
+
+
+def _json_body(rec: pd.DataFrame, fields, types) -> bytes:
     """JSON lines with Zeek's conventions: dotted keys, unset fields omitted, vectors as arrays."""
-    parts = []
-    n = len(rec)
-    for i, f in enumerate(fields):
-        col = rec[f]
-        sep = "{" if i == 0 else ","
-        if f in vectors:
-            arr = col.astype(str)
-            quoted = ('["' + arr.str.replace("\\", "\\\\").str.replace('"', '\\"').str.replace(",", '","') + '"]')
-            if f == "TTLs":
-                quoted = "[" + arr + "]"
-            piece = (f'{sep}"{f}":' + quoted).where(arr != "-", "")
-        elif pd.api.types.is_float_dtype(col):
-            piece = (f'{sep}"{f}":' + col.map("{:.6f}".format)).where(col.notna(), "")
-        elif pd.api.types.is_integer_dtype(col) or str(col.dtype) == "Int64":
-            piece = (f'{sep}"{f}":' + col.astype(str)).where(col.notna(), "")
-        else:
-            txt = col.astype(str)
-            if f in ("AA", "TC", "RD", "RA", "rejected", "local_orig", "local_resp"):
-                piece = (f'{sep}"{f}":' + txt.map({"T": "true", "F": "false"})).where(txt != "-", "")
+    pieces = []
+    for f, t in zip(fields, types):
+        col = _arrow_text(rec[f], t)
+        key = f'"{f}":'
+        if t.startswith("vector") or t.startswith("set"):
+            if t == "vector[interval]":
+                body = pc.binary_join_element_wise("[", col, "]", "")
             else:
-                esc = txt.str.replace("\\", "\\\\").str.replace('"', '\\"')
-                piece = (f'{sep}"{f}":"' + esc + '"').where(txt != "-", "")
-        parts.append(piece.reset_index(drop=True) if len(piece) == n else piece)
-    line = parts[0].astype(str)
-    for p in parts[1:]:
-        line = line + p.astype(str)
-    return "\n".join((line + "}").tolist()) + ("\n" if n else "")
+                esc = pc.replace_substring(pc.replace_substring(col, "\\", "\\\\"), '"', '\\"')
+                body = pc.binary_join_element_wise('["', pc.replace_substring(esc, ",", '","'), '"]', "")
+            body = pc.if_else(pc.equal(col, "-"), pa.scalar(None, pa.string()), body)
+        elif t in _FLOAT_TYPES or t in ("count", "port"):
+            body = col
+        elif t == "bool":
+            body = pc.if_else(pc.equal(col, "T"), "true", pc.if_else(pc.equal(col, "F"), "false",
+                                                                    pa.scalar(None, pa.string())))
+        else:
+            col = pc.if_else(pc.equal(col, "-"), pa.scalar(None, pa.string()), col)
+            esc = pc.replace_substring(pc.replace_substring(col, "\\", "\\\\"), '"', '\\"')
+            body = pc.binary_join_element_wise('"', esc, '"', "")
+        pieces.append(pc.binary_join_element_wise(key, body, ""))
+    line = pc.binary_join_element_wise(*pieces, ",", null_handling="skip")
+    line = pc.binary_join_element_wise("{", line, "}", "")
+    lines = line.to_pylist()
+    return ("\n".join(lines) + ("\n" if lines else "")).encode("utf-8")
 
 
-def _write(path: Path, text: str, gzip: bool) -> Path:
+def _write(path: Path, data: bytes, gzip: bool) -> Path:
     if gzip:
         path = path.with_name(path.name + ".gz")
-        with gzip_mod.open(path, "wt", encoding="utf-8", compresslevel=5) as fh:
-            fh.write(text)
+        with gzip_mod.open(path, "wb", compresslevel=5) as fh:
+            fh.write(data)
     else:
-        path.write_text(text, encoding="utf-8")
+        path.write_bytes(data)
     return path
 
 
-def _log_text(rec: pd.DataFrame, path_name: str, fields, types, fmt: str) -> str:
+def _log_bytes(rec: pd.DataFrame, path_name: str, fields, types, fmt: str) -> bytes:
     if fmt == "json":
-        return _json_body(rec, fields, vectors=("answers", "TTLs"))
+        return _json_body(rec, fields, types)
     ts = rec["ts"]
     t_open = float(ts.min()) if len(rec) else 0.0
     t_close = float(rec["_end"].max()) if len(rec) else 0.0
     header = ("#separator \\x09\n#set_separator\t,\n#empty_field\t(empty)\n#unset_field\t-\n"
               f"#path\t{path_name}\n#open\t{_stamp(t_open)}\n#fields\t" + "\t".join(fields) + "\n#types\t"
               + "\t".join(types) + "\n")
-    return header + _tsv_body(rec, fields) + f"#close\t{_stamp(t_close)}\n"
+    return header.encode() + _tsv_body(rec, fields, types) + f"#close\t{_stamp(t_close)}\n".encode()
 
 
 def write_zeek(ds, out_dir, fmt: str = "tsv", gzip: bool = False, hourly: bool = False) -> list[Path]:
@@ -175,13 +224,13 @@ def write_zeek(ds, out_dir, fmt: str = "tsv", gzip: bool = False, hourly: bool =
     for path_name, rec, fields, types in (("conn", conn_records(ds.connections), CONN_FIELDS, CONN_TYPES),
                                           ("dns", dns_records(ds.dns_answers), DNS_FIELDS, DNS_TYPES)):
         if not hourly:
-            written.append(_write(out / f"{path_name}.log", _log_text(rec, path_name, fields, types, fmt), gzip))
+            written.append(_write(out / f"{path_name}.log", _log_bytes(rec, path_name, fields, types, fmt), gzip))
             continue
         hour = np.floor(rec["_end"].to_numpy() / 3600.0).astype(np.int64)
         for h in np.unique(hour):
             part = rec[hour == h]
             name = f"{path_name}.{time.strftime('%Y-%m-%d-%H', time.gmtime(h * 3600))}.log"
-            written.append(_write(out / name, _log_text(part, path_name, fields, types, fmt), gzip))
+            written.append(_write(out / name, _log_bytes(part, path_name, fields, types, fmt), gzip))
     ds.inventory.to_csv(out / "inventory.csv", index=False, columns=["ip", "name", "kind", "esxi_host", "role"])
     ds.labels.to_csv(out / "labels.csv", index=False)
     written += [out / "inventory.csv", out / "labels.csv"]
