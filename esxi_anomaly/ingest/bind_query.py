@@ -11,18 +11,15 @@ followed by ``queries: info:``) or by a syslog header. Times carry no zone and a
 a syslog header without a year gets the year of the file's modification time (see
 `bsd_epochs`). Other BIND lines (query-errors, resolver, ...) are skipped and counted.
 
-This module also holds the text-line helpers shared by the other DNS-server readers
-(infoblox, dnsmasq, unbound) and the ESXi syslog reader.
+This module also holds the syslog/BIND time and name helpers shared by the other DNS-server
+readers (infoblox, dnsmasq, unbound).
 """
 from __future__ import annotations
 
-import lzma
 import logging
 import os
 import re
 import time
-import zipfile
-import zlib
 from collections import Counter
 from typing import Iterator
 
@@ -30,43 +27,13 @@ import numpy as np
 import pandas as pd
 
 from esxi_anomaly import schema
-from esxi_anomaly.ingest.base import IngestError, Quarantine, SourceFormat, open_text, stable_event_id
+from esxi_anomaly.ingest.base import Quarantine, SourceFormat, stable_event_id
+from esxi_anomaly.ingest.syslog_envelope import iter_lines
 
 log = logging.getLogger(__name__)
 
-MAX_LINE_CHARS = 64 * 1024  # longer lines are quarantined, never held whole in memory
-
 # --- helpers shared by the line-oriented readers of this package ------------------------------
-
-
-def iter_lines(path: str, quarantine: Quarantine, max_chars: int = MAX_LINE_CHARS) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its end-of-line) of a possibly compressed text file.
-
-    Over-long lines and a corrupt or truncated compressed stream go to the quarantine; the
-    lines read before the damage are still yielded.
-    """
-    try:
-        fh = open_text(path)
-    except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile, zlib.error) as exc:
-        raise IngestError(f"{path}: cannot open ({exc})") from exc
-    lineno = 0
-    with fh:
-        try:
-            while True:
-                line = fh.readline(max_chars + 1)
-                if not line:
-                    return
-                lineno += 1
-                if len(line) > max_chars and not line.endswith(("\n", "\r")):
-                    head = line
-                    while line and not line.endswith(("\n", "\r")):  # drain the rest of it
-                        line = fh.readline(max_chars)
-                    quarantine.add(path, lineno, f"line longer than {max_chars} characters", head)
-                    continue
-                yield lineno, line.rstrip("\r\n")
-        except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile, zlib.error) as exc:
-            quarantine.add(path, lineno + 1, f"file is truncated or corrupt here ({exc})", "")
-
+# `iter_lines` (bounded, never-raising line reader) lives in syslog_envelope; re-exported here.
 
 _MONTHS = {m: i for i, m in enumerate(
     ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), start=1)}

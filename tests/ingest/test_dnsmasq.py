@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 
-import numpy as np
 import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st

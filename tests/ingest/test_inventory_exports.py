@@ -5,7 +5,6 @@ constructed from the documented headers and object shapes (see that folder's REA
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
