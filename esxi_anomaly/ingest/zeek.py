@@ -372,7 +372,7 @@ def _parse_segment_carefully(seg, first_line, header, spec, required, columns) -
     skipped = []
     for number, actual, expected, text in invalid:
         skipped.append(number)
-        if text.strip():
+        if text.strip(" \t\r\n\x0b\x0c"):   # ASCII blanks only, as bytes.strip()
             bad.append((first_line + number - 1, f"{actual} fields, expected {expected}",
                         text.encode("utf-8", "surrogateescape")))
     lines = first_line + _kept_row_lines(np.asarray(sorted(skipped), dtype=np.int64), n)
@@ -678,7 +678,7 @@ def _tsv_reader(kind: str, source: str):
     def read(path: str, quarantine: Quarantine, chunk_rows: int) -> Iterator[pd.DataFrame]:
         block_bytes = max(4096, int(chunk_rows) * EST_LINE_BYTES)
         header = _Header()
-        with open_binary(path) as fh, ThreadPoolExecutor(PARSE_THREADS) as pool:
+        with _open_fast(path) as fh, ThreadPoolExecutor(PARSE_THREADS) as pool:
             pending = []
             for first_line, piece, bad in _pieces(fh, block_bytes, path):
                 segments: list = [bad]
@@ -706,6 +706,15 @@ def _quarantine_lines(bad: list, first_line: int, seg: bytes, reason: str) -> No
     for i, line in enumerate(seg.split(b"\n")):
         if line.strip():
             bad.append((first_line + i, reason, line))
+
+
+def _open_fast(path: str):
+    """gzip through Arrow's C++ reader (about twice Python's speed, outside the GIL); else open_binary."""
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    if magic == b"\x1f\x8b":
+        return pa.CompressedInputStream(pa.OSFile(path), "gzip")
+    return open_binary(path)
 
 
 def _drain(future, path: str, quarantine: Quarantine) -> Iterator[pd.DataFrame]:
