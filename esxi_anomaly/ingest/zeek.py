@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import lzma
-import math
 import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor

@@ -122,9 +122,7 @@ def test_wrccdc_gzip_dns(samples):
 import bz2
 import gzip
 import math
-import shutil
 
-import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -484,7 +482,6 @@ def test_compressed_equals_plain(fixtures, tmp_path, compress):
 
 # --- properties -----------------------------------------------------------------------------
 
-_VALID = None
 
 
 def _valid_lines(fixtures):
