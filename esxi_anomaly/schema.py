@@ -94,6 +94,7 @@ def conform(df: pd.DataFrame, kind: str) -> pd.DataFrame:
     spec = FRAMES[kind]
     out = {}
     n = len(df)
+    df = df.reset_index(drop=True)  # align by position, whatever the input's index
     for col, dtype in spec.items():
         if col in df.columns:
             values = df[col]

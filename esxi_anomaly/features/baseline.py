@@ -17,9 +17,7 @@ BASELINE_FEATURES = [
 REQUIRED = ["entity", "role", "dst_ip", "dst_port", "proto", "domain", "ts", "bytes_out", "duration"]
 
 
-def _h(*cols) -> np.ndarray:
-    frame = pd.DataFrame({f"c{i}": np.asarray(c) for i, c in enumerate(cols)})
-    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+from esxi_anomaly.features.hashing import combine as _h, hash_column
 
 
 def _counts(keys: np.ndarray) -> pd.Series:
@@ -56,10 +54,8 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
 
     def fit(self, X: pd.DataFrame, y=None):
         _check(X)
-        ent, role = X["entity"].to_numpy(dtype=object), X["role"].to_numpy(dtype=object)
+        ent, role, dst, domain = _hashed(X)
         port = X["dst_port"].to_numpy(dtype="int64")
-        dst = X["dst_ip"].to_numpy(dtype=object)
-        domain = X["domain"].to_numpy(dtype=object)
         hour = _hour(X["ts"].to_numpy())
         self.entity_totals_ = _counts(_h(ent))
         self.role_totals_ = _counts(_h(role))
@@ -100,10 +96,8 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
     def transform(self, X: pd.DataFrame) -> pd.DataFrame:
         _check(X)
         a = self.alpha
-        ent, role = X["entity"].to_numpy(dtype=object), X["role"].to_numpy(dtype=object)
+        ent, role, dst, domain = _hashed(X)
         port = X["dst_port"].to_numpy(dtype="int64")
-        dst = X["dst_ip"].to_numpy(dtype=object)
-        domain = X["domain"].to_numpy(dtype=object)
         hour = _hour(X["ts"].to_numpy())
         he, hr = _h(ent), _h(role)
         n_e = _lookup(self.entity_totals_, he)
@@ -119,7 +113,7 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
             # unknown entities are judged by what their role has seen
             return np.where(known, ~_member(ent_table, _h(ent, *cols)), ~_member(role_table, _h(role, *cols)))
 
-        has_domain = domain != ""
+        has_domain = X["domain"].to_numpy(dtype=object) != ""
         b = np.log1p(np.nan_to_num(X["bytes_out"].to_numpy(dtype="float64"), nan=0.0))
         d = np.log1p(np.nan_to_num(X["duration"].to_numpy(dtype="float64"), nan=0.0))
         med = self.entity_median_.reindex(he)
@@ -146,6 +140,11 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
 
     def get_feature_names_out(self, input_features=None):
         return np.array(BASELINE_FEATURES, dtype=object)
+
+
+def _hashed(X: pd.DataFrame):
+    """Column keys hashed once per call (entity, role, dst_ip, domain)."""
+    return tuple(hash_column(X[c].to_numpy(dtype=object)) for c in ("entity", "role", "dst_ip", "domain"))
 
 
 def _hour(ts: np.ndarray) -> np.ndarray:

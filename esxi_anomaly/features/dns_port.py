@@ -80,9 +80,58 @@ def _gather(values: np.ndarray, rows: np.ndarray, fill) -> np.ndarray:
     return out
 
 
-def _hash(*cols) -> np.ndarray:
-    frame = pd.DataFrame({f"c{i}": c for i, c in enumerate(cols)})
-    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+def match_keys(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All (i, j) with left[i] == right[j], for integer keys: a sort-based equi-join in numpy."""
+    order = np.argsort(right, kind="stable")
+    sorted_right = right[order]
+    lo = np.searchsorted(sorted_right, left, side="left")
+    hi = np.searchsorted(sorted_right, left, side="right")
+    counts = hi - lo
+    li = np.repeat(np.arange(len(left)), counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return li, order[np.repeat(lo, counts) + offsets]
+
+
+A_PORT_IDS = np.array([t.id for t in T.A_PORT_TRANSFORMS], dtype=object)
+PAIR_CHUNK = 100_000  # bounds the (pairs x transforms) comparison matrix to ~35 MB
+
+
+def _port_hits(pc, pa, dst_port, rtype, answer):
+    """Every (connection, answer row, transform) where the transform of the answer equals dst_port.
+
+    A records, the bulk, are compared densely against `a_record_ports` of each distinct answer, in
+    bounded chunks; other record types go through the long-form `derive_ports`."""
+    out_c, out_r, out_t = [], [], []
+    is_a = rtype[pa] == "A"
+    a_pairs = np.flatnonzero(is_a)
+    if len(a_pairs):
+        rows, inverse = np.unique(pa[a_pairs], return_inverse=True)
+        octets, valid = T.parse_ipv4(answer[rows])
+        ports = T.a_record_ports(octets)
+        ports[~valid] = -1
+        for start in range(0, len(a_pairs), PAIR_CHUNK):
+            sel = slice(start, start + PAIR_CHUNK)
+            eq = ports[inverse[sel]] == dst_port[pc[a_pairs[sel]], None]
+            k, t = np.nonzero(eq)
+            pairs = a_pairs[sel][k]
+            out_c.append(pc[pairs]); out_r.append(pa[pairs]); out_t.append(A_PORT_IDS[t])
+    other = np.flatnonzero(~is_a)
+    if len(other):
+        rows = np.unique(pa[other])
+        derived = T.derive_ports(rtype[rows], answer[rows])
+        if len(derived):
+            derived_row = rows[derived["row"].to_numpy()]
+            key_d = derived_row.astype("int64") * 65536 + derived["port"].to_numpy(dtype="int64")
+            key_p = pa[other] * 65536 + dst_port[pc[other]]
+            hp, hd = match_keys(key_p, key_d)
+            out_c.append(pc[other][hp]); out_r.append(pa[other][hp])
+            out_t.append(derived["transform"].to_numpy(dtype=object)[hd])
+    if not out_c:
+        return np.zeros(0, dtype="int64"), np.zeros(0, dtype="int64"), np.zeros(0, dtype=object)
+    return np.concatenate(out_c), np.concatenate(out_r), np.concatenate(out_t)
+
+
+from esxi_anomaly.features.hashing import combine as _hash  # noqa: E402
 
 
 def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
@@ -121,29 +170,24 @@ def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
     announced = np.zeros(n)
     consistency = np.zeros(n)
     if len(pc):
-        rows = np.unique(pa)
-        derived = T.derive_ports(rtype[rows], answer[rows])
-        derived_row = rows[derived["row"].to_numpy()]
-        key_d = derived_row.astype("int64") * 65536 + derived["port"].to_numpy(dtype="int64")
-        key_p = pa * 65536 + dst_port[pc]
-        hits = pd.DataFrame({"key": key_p, "pi": np.arange(len(pc))}).merge(
-            pd.DataFrame({"key": key_d, "transform": derived["transform"].to_numpy(dtype=object)}), on="key"
-        )
-        if len(hits):
-            hp = hits["pi"].to_numpy()
-            hconn, hrow = pc[hp], pa[hp]
-            htrans = hits["transform"].to_numpy(dtype=object)
+        hconn, hrow, htrans = _port_hits(pc, pa, dst_port, rtype, answer)
+        if len(hconn):
             is_announced = np.isin(htrans, ANNOUNCED_TRANSFORMS)
             np.maximum.at(announced, hconn[is_announced], 1.0)
             tests_per_conn = np.bincount(pc, minlength=n) * T.N_TESTS_A
             chance = T.port_chance(htrans, dst_port[hconn])
-            prior = np.array([T.TRANSFORMS[t].prior for t in htrans]) if len(htrans) else np.zeros(0)
+            prior = pd.Series(htrans).map({t: tr.prior for t, tr in T.TRANSFORMS.items()}).to_numpy(dtype="float64")
             p_corr = np.clip(chance * tests_per_conn[hconn] / np.maximum(prior, 1e-9), 1e-300, 1.0)
             hsig = np.where(is_announced, 0.0, -np.log10(p_corr))
-            # consistency: distinct ports one transform explained for (client, query)
-            g = _hash(conns["src_ip"].to_numpy(dtype=object)[hconn], query[hrow], htrans)
-            cnt = _distinct_running_count(g, dst_port[hconn].astype("uint64"), conn_ts[hconn], state, "ports")
-            cnt = np.where(is_announced, 0, cnt)
+            # consistency: distinct ports one transform explained for (client, query), counting only
+            # derivations from the name that gave the destination IP (how port-calculating C2 works);
+            # otherwise every recent answer of a busy client would collect coincidences
+            same_name = query[hrow] == _gather(query, ip_row[hconn], None)
+            counted = same_name & ~is_announced
+            cnt = np.zeros(len(hconn), dtype="int64")
+            g = _hash(conns["src_ip"].to_numpy(dtype=object)[hconn[counted]], query[hrow[counted]], htrans[counted])
+            cnt[counted] = _distinct_running_count(g, dst_port[hconn[counted]].astype("uint64"),
+                                                   conn_ts[hconn[counted]], state, "ports")
             best = pd.DataFrame({"c": hconn, "sig": hsig + 10.0 * (cnt - 1), "k": np.arange(len(hconn))})
             best = best.sort_values(["c", "sig"], ascending=[True, False], kind="stable").drop_duplicates("c")
             bk = best["k"].to_numpy()
@@ -179,9 +223,12 @@ def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
     # --- keyed variants: a constant XOR / offset between port and a base across answers -----
     keyed = np.zeros(n)
     if len(pc):
-        a_pairs = np.flatnonzero(rtype[pa] == "A")
+        linked_query = _gather(query, ip_row[pc], None)
+        a_pairs = np.flatnonzero((rtype[pa] == "A") & (query[pa] == linked_query))
         if len(a_pairs):
-            octets, valid = T.parse_ipv4(answer[pa[a_pairs]])
+            rows, inverse = np.unique(pa[a_pairs], return_inverse=True)
+            octets, valid = T.parse_ipv4(answer[rows])
+            octets, valid = octets[inverse], valid[inverse]
             a_pairs, octets = a_pairs[valid], octets[valid].astype("int64")
             kc, kr = pc[a_pairs], pa[a_pairs]
             base = octets[:, 2] * 256 + octets[:, 3]
@@ -214,19 +261,18 @@ def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
             if len(derived):
                 drow = rows[derived["row"].to_numpy()]
                 dst = conns["dst_ip"].to_numpy(dtype=object)
-                left = pd.DataFrame({"row": upa, "ip": dst[upc], "c": upc})
-                right = pd.DataFrame({"row": drow, "ip": derived["ip"].to_numpy(dtype=object),
-                                      "transform": derived["transform"].to_numpy(dtype=object)})
-                hits = left.merge(right, on=["row", "ip"])
-                if len(hits):
-                    hc = hits["c"].to_numpy()
+                li, ri = match_keys(_hash(upa, dst[upc]), _hash(drow, derived["ip"].to_numpy(dtype=object)))
+                if len(li):
+                    hc = upc[li]
+                    hit_transform = derived["transform"].to_numpy(dtype=object)[ri]
+                    hit_row = drow[ri]
                     ip_derived[hc] = 1.0
                     # a derived IPv4 coincides with probability ~2^-32 per test
                     tests = np.bincount(upc, minlength=n)[hc] * 32
                     ip_sig[hc] = -np.log10(np.clip(tests / 2.0**32, 1e-300, 1))
                     take = ev_transform[hc] == ""
-                    ev_transform[hc[take]] = hits["transform"].to_numpy(dtype=object)[take]
-                    ev_answer_row[hc[take]] = hits["row"].to_numpy()[take]
+                    ev_transform[hc[take]] = hit_transform[take]
+                    ev_answer_row[hc[take]] = hit_row[take]
     feats["ip_derived"] = ip_derived
     feats["ip_significance"] = ip_sig
 

@@ -32,11 +32,21 @@ class Prepared:
     dns_side: pd.DataFrame
 
 
+def as_objects(frame: pd.DataFrame) -> pd.DataFrame:
+    """String columns as numpy object arrays: the feature code indexes and hashes them many times,
+    and each Arrow-to-Python conversion would otherwise be paid again at every use."""
+    out = frame.reset_index(drop=True).copy(deep=False)
+    for col in out.columns:
+        if pd.api.types.is_string_dtype(out[col].dtype) and not pd.api.types.is_object_dtype(out[col].dtype):
+            out[col] = out[col].to_numpy(dtype=object)
+    return out
+
+
 def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | None,
             join_params: dns_join.JoinParams = dns_join.JoinParams(),
             state: dns_port.ConsistencyState | None = None) -> Prepared:
-    conns = conns.reset_index(drop=True)
-    dns = dns.reset_index(drop=True)
+    conns = as_objects(conns)
+    dns = as_objects(dns)
     j = dns_join.join(conns, dns, join_params)
     rel, evidence = dns_port.relationship_features(conns, dns, j, state)
     ent = attach_entities(conns, inventory)
