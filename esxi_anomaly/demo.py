@@ -48,7 +48,7 @@ def run(out: Path, seed: int = 7, days: int = 4) -> int:
         rc = cli.main(["score", *common, "--out", str(target), "--no-progress"] + (["--top", "2000"] if target == report_html else []))
         if rc:
             return rc
-    ranked = pd.read_csv(ranked_csv, dtype={"event_id": "str"}, keep_default_na=False)
+    ranked = pd.read_csv(ranked_csv, dtype={"event_id": "str", "src_name": "str", "explanation": "str"})
     print("\nTop 10 anomalies (higher score = more anomalous):")
     for row in ranked.head(10).itertuples():
         print(f"{row.rank:>3}  {row.score:.3f}  {row.src_name} -> {row.dst_ip}:{row.dst_port}/{row.proto}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly import bundle as B
+from esxi_anomaly import bundle as B, schema
 from esxi_anomaly.features import transforms as T
 from esxi_anomaly.model import DnsCalcDetector
 from esxi_anomaly.schema import Frames
@@ -108,6 +108,10 @@ def load_model(directory: str | Path) -> tuple[DnsCalcDetector, dict]:
     return model, manifest
 
 
+def inventory_or_empty(frames: Frames) -> pd.DataFrame:
+    return frames.inventory if frames.inventory is not None else schema.empty("inventory")
+
+
 def split_holdout(frames: Frames, fraction: float) -> tuple[Frames, Frames, float]:
     """History before the cut, and the newest `fraction` of time (with its DNS) for validation."""
     ts = frames.connections["ts"]
@@ -127,7 +131,7 @@ def validate(frames: Frames, config: TrainConfig, **overrides) -> dict:
     if not len(history.connections) or not len(holdout.connections):
         return {}
     end = float(frames.connections["ts"].max())
-    conns, dns, labels = inject_attacks(holdout.connections, holdout.dns_answers, frames.inventory,
+    conns, dns, labels = inject_attacks(holdout.connections, holdout.dns_answers, inventory_or_empty(frames),
                                         families=config.inject_families, start=cut, end=end, seed=config.seed)
     model = fit_model(history, config, **overrides)
     ranked = model.score(Frames(conns, dns, frames.inventory), explain_top=0)

@@ -45,11 +45,11 @@ def storage_url(config) -> str:
 def tune(frames: Frames, config) -> tuple[dict, dict]:
     """Best parameters and a summary (trials, best AP, study name and storage)."""
     from esxi_anomaly.synth import inject_attacks
-    from esxi_anomaly.train import feedback_labels, split_holdout
+    from esxi_anomaly.train import feedback_labels, inventory_or_empty, split_holdout
 
     history, holdout, cut = split_holdout(frames, config.holdout_fraction)
     end = float(frames.connections["ts"].max())
-    conns, dns, labels = inject_attacks(holdout.connections, holdout.dns_answers, frames.inventory,
+    conns, dns, labels = inject_attacks(holdout.connections, holdout.dns_answers, inventory_or_empty(frames),
                                         families=config.inject_families, start=cut, end=end, seed=config.seed)
     labels = pd.concat([labels, feedback_labels(config)], ignore_index=True)
     validation = Frames(conns, dns, frames.inventory)

@@ -21,8 +21,9 @@ class CalibratedForest(BaseEstimator):
 
     def fit(self, X, y=None):
         X = np.asarray(X, dtype="float64")
+        max_samples = min(self.max_samples, len(X)) if isinstance(self.max_samples, int) else self.max_samples
         self.forest_ = IsolationForest(
-            n_estimators=self.n_estimators, max_samples=self.max_samples, max_features=self.max_features,
+            n_estimators=self.n_estimators, max_samples=max_samples, max_features=self.max_features,
             random_state=self.random_state, n_jobs=self.n_jobs,
         ).fit(X)
         train = self.raw_score(X)

@@ -14,6 +14,7 @@ from typing import Iterator
 import pandas as pd
 
 from esxi_anomaly import schema
+from esxi_anomaly.ingest.roles import assign_roles
 from esxi_anomaly.ingest.base import Quarantine, SourceFormat, open_text
 
 REQUIRED = ("ip", "name", "kind")
@@ -105,7 +106,7 @@ def read(path: str, quarantine: Quarantine, chunk_rows: int) -> Iterator[pd.Data
 
 def _frame(rows) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=["ip", "name", "kind", "esxi_host", "role"])
-    return schema.conform(df, "inventory")
+    return schema.conform(assign_roles(df), "inventory")
 
 
 FORMATS = [

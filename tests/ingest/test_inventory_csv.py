@@ -15,12 +15,12 @@ def test_reads_fixture_with_exact_rows_and_quarantine(fixtures):
     schema.validate(inv, "inventory")
     assert inv.to_dict("records") == [
         {"ip": "10.0.0.11", "name": "vm-web-01", "kind": "vm", "esxi_host": "esx-01", "role": "web"},
-        {"ip": "10.0.0.5", "name": "esx-01", "kind": "esxi_mgmt", "esxi_host": "esx-01", "role": ""},
+        {"ip": "10.0.0.5", "name": "esx-01", "kind": "esxi_mgmt", "esxi_host": "esx-01", "role": "esxi_mgmt"},
         {"ip": "10.0.0.2", "name": "vcsa", "kind": "vcenter", "esxi_host": "", "role": "mgmt"},
         # IPv6 normalised to the compressed lower-case form logs use
         {"ip": "2001:db8::1", "name": "dns-01", "kind": "infra", "esxi_host": "esx-02", "role": "dns"},
         # missing name -> the IP, missing kind -> unknown
-        {"ip": "10.0.0.13", "name": "10.0.0.13", "kind": "unknown", "esxi_host": "esx-02", "role": ""},
+        {"ip": "10.0.0.13", "name": "10.0.0.13", "kind": "unknown", "esxi_host": "esx-02", "role": "unknown"},
     ]
     bad = quarantine.to_frame()
     assert bad[["line", "reason"]].values.tolist() == [
@@ -37,7 +37,7 @@ def test_optional_columns_any_order_case_and_powershell_type_line(tmp_path):
     path.write_text('#TYPE Selected.Foo\n"Kind","Name","IP"\nvm,"web, 1",10.1.1.1\n', encoding="utf-8-sig")
     inv = read_inventory(str(path))
     assert inv.to_dict("records") == [
-        {"ip": "10.1.1.1", "name": "web, 1", "kind": "vm", "esxi_host": "", "role": ""}
+        {"ip": "10.1.1.1", "name": "web, 1", "kind": "vm", "esxi_host": "", "role": "vm"}
     ]
 
 
