@@ -151,27 +151,35 @@ def _read_table(path: str) -> pd.DataFrame:
     return table
 
 
+def _when(ts: float) -> str:
+    return pd.Timestamp(ts, unit="s").strftime("%Y-%m-%d %H:%M:%S")
+
+
 def cmd_inspect(args) -> int:
+    """Per file and per frame kind it holds: format, records, time range, quarantine reasons."""
+    from esxi_anomaly.schema import FRAMES
+
     rc = EXIT_OK
     for path in ingest.expand_paths(args.paths):
-        quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
-        try:
-            fmt = ingest.detect_format(path)
-        except ingest.IngestError as exc:
-            print(f"{path}: {exc}".split(": ", 1)[1] if str(exc).startswith(path) else f"{path}: {exc}")
+        found = False
+        for frame in FRAMES:
+            try:
+                fmt = ingest.detect_format(path, frame)
+            except ingest.IngestError:
+                continue
+            found = True
+            quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
+            kept = sum(len(chunk) for chunk in ingest.iter_frames([path], frame, quarantine, summary))
+            st = summary.files[0]
+            span = f", {_when(st.ts_min)} .. {_when(st.ts_max)} UTC" if st.ts_min == st.ts_min else ""
+            print(f"{path}: {fmt.name} ({frame}), {kept} records, {len(quarantine)} quarantined{span}")
+            reasons = pd.Series([r.reason for r in quarantine.records], dtype="str").value_counts().head(3)
+            for reason, n in reasons.items():
+                print(f"    {n} x {reason}")
+        if not found:
+            print(ingest.IngestError(f"{path}: not a known format (tried: "
+                                     f"{', '.join(f.name for f in ingest.formats())})"))
             rc = EXIT_ERROR
-            continue
-        kept = 0
-        for chunk in ingest.iter_frames([path], fmt.frame, quarantine, summary):
-            kept += len(chunk)
-        st = summary.files[0] if summary.files else None
-        span = ""
-        if st is not None and st.ts_min == st.ts_min:
-            span = f", {pd.Timestamp(st.ts_min, unit='s')} .. {pd.Timestamp(st.ts_max, unit='s')}"
-        print(f"{path}: {fmt.name} ({fmt.frame}), {kept} records, {len(quarantine)} quarantined{span}")
-        reasons = pd.Series([r.reason for r in quarantine.records]).value_counts().head(3)
-        for reason, n in reasons.items():
-            print(f"    {n} x {reason}")
     return rc
 
 
