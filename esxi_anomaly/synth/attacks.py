@@ -52,6 +52,7 @@ ATTACK_FAMILIES: dict[str, AttackFamily] = {f.id: f for f in (
 _C2_WORDS = ("update", "cdn", "sync", "telemetry", "static", "api", "img", "metrics", "edge", "cloud", "assets",
              "node", "relay", "status", "secure", "mail")
 _C2_TLDS = ("net", "com", "info", "org", "io", "biz")
+_A_PORT_FAMILIES = ("apt12", "low16_mgmt", "xor_key", "offset_key")
 _BAD_FIRST = {0, 10, 100, 127, 169, 172, 192, 198, 203} | set(range(224, 256))
 
 
@@ -70,7 +71,7 @@ def _public_candidates(rng: np.random.Generator, n: int) -> np.ndarray:
 def _answers_for(family: str, rng: np.random.Generator, n: int, key: int, group: int) -> dict:
     """`n` distinct answers for `family` whose derived port (or IP) is valid; re-draws the rest."""
     lo, hi = PORT_RANGE
-    while True:
+    for _attempt in range(100):
         ips = _public_candidates(rng, 64 * n + 64)
         if family == "apt12":
             port = tf.apt12_port(ips)
@@ -82,15 +83,18 @@ def _answers_for(family: str, rng: np.random.Generator, n: int, key: int, group:
             port = tf.offset_key_port(ips, key)
         else:
             port = np.full(ips.size, 443)
-        ok = (port >= lo) & (port <= hi) if family not in ("nymaim_ip",) else np.ones(ips.size, bool)
+        ok = (port >= lo) & (port <= hi) if family in _A_PORT_FAMILIES else np.ones(ips.size, dtype=bool)
         if family == "nymaim_ip":
             dst = tf.nymaim_ip(ips)
             ok &= ~np.isin(dst >> 24, list(_BAD_FIRST))
         ips, port = ips[ok], port[ok]
-        _, first = np.unique(port if family != "nymaim_ip" else ips, return_index=True)
+        # Distinct answers, and distinct ports where the port comes from the A record.
+        _, first = np.unique(port if family in _A_PORT_FAMILIES else ips, return_index=True)
         pick = np.sort(first)[:n]
         if pick.size == n:
             break
+    else:
+        raise RuntimeError(f"{family}: cannot draw {n} answers with ports in {PORT_RANGE}")
     ips, port = ips[pick], port[pick]
     out = {"a": ips, "port": port.astype(np.int64), "dst": ips.copy()}
     if family == "nymaim_ip":

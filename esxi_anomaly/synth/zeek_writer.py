@@ -84,7 +84,11 @@ def dns_records(dns: pd.DataFrame) -> pd.DataFrame:
     starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]]) if len(d) else np.array([], dtype=np.int64)
     last = np.r_[starts[1:] - 1, len(d) - 1] if len(d) else starts
     has = (d["answer"] != "").to_numpy()
-    elem = d["answer"].str.replace(",", "\\x2c", regex=False).to_numpy(dtype=object)
+    answer = d["answer"].astype(object)
+    txt = (d["rtype"] == "TXT").to_numpy()
+    if txt.any():   # Zeek logs each TXT string as "TXT <length> <text>"
+        answer[txt] = ["TXT %d %s" % (len(a), a) for a in answer[txt]]
+    elem = answer.str.replace(",", "\\x2c", regex=False).to_numpy(dtype=object)
     ttl_txt = np.asarray(pc.fill_null(fixed6(d["ttl"].to_numpy()), "-").to_pylist(), dtype=object)
     sep = np.full(len(d), ",", dtype=object)
     sep[last] = ""
