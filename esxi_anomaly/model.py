@@ -17,7 +17,7 @@ from esxi_anomaly.detect import explain, rules as R
 from esxi_anomaly.detect.ensemble import EnsembleDetector
 from esxi_anomaly.features import dns_join, pipeline
 from esxi_anomaly.features.baseline import EntityBaseline
-from esxi_anomaly.features.dns_port import ConsistencyState
+from esxi_anomaly.features.stream_state import StreamState
 from esxi_anomaly.features.mgmt_plane import ManagementPlane
 from esxi_anomaly.schema import Frames
 
@@ -33,7 +33,8 @@ class DnsCalcDetector(BaseEstimator):
                  baseline_alpha: float = 5.0, baseline_split: float = 0.67, forest_weight: float = 0.6,
                  forest_floor: float = 0.9, n_estimators: int = 200, max_samples: int = 256,
                  threshold_quantile: float = 0.999, rule_overrides: dict | None = None,
-                 mgmt_allow: tuple = (), max_forest_rows: int = 400_000, random_state=0):
+                 mgmt_allow: tuple = (), max_forest_rows: int = 400_000, max_window_s: float = 3600.0,
+                 random_state=0):
         self.min_window_s = min_window_s
         self.grace_s = grace_s
         self.recent_responses = recent_responses
@@ -47,11 +48,12 @@ class DnsCalcDetector(BaseEstimator):
         self.rule_overrides = rule_overrides
         self.mgmt_allow = mgmt_allow
         self.max_forest_rows = max_forest_rows
+        self.max_window_s = max_window_s
         self.random_state = random_state
 
     # -- fitting ---------------------------------------------------------------------------
     def join_params(self) -> dns_join.JoinParams:
-        return dns_join.JoinParams(self.min_window_s, self.grace_s, self.recent_responses)
+        return dns_join.JoinParams(self.min_window_s, self.grace_s, self.recent_responses, self.max_window_s)
 
     def fit(self, X: Frames, y=None):
         prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params())
@@ -90,7 +92,7 @@ class DnsCalcDetector(BaseEstimator):
         return self
 
     # -- scoring ---------------------------------------------------------------------------
-    def features(self, X: Frames, state: ConsistencyState | None = None):
+    def features(self, X: Frames, state: StreamState | None = None):
         prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params(), state)
         return prepared, self.features_prepared(prepared, X.inventory)
 
@@ -102,41 +104,55 @@ class DnsCalcDetector(BaseEstimator):
         return self.detector_.score_samples(self.features(X)[1])
 
     def score(self, X: Frames, top: int | None = None, explain_top: int = 200,
-              state: ConsistencyState | None = None) -> pd.DataFrame:
+              state: StreamState | None = None) -> pd.DataFrame:
         """Ranked rows (RANKED_COLUMNS + components), most anomalous first; `top` keeps the first N."""
         prepared, feats = self.features(X, state)
-        return self.rank(prepared, feats, top=top, explain_top=explain_top)
+        rows = self.score_rows(prepared, feats)
+        return self.finish(rows, feats, top=top, explain_top=explain_top)
 
-    def rank(self, prepared, feats: pd.DataFrame, top: int | None = None, explain_top: int = 200) -> pd.DataFrame:
+    def score_rows(self, prepared: pipeline.Prepared, feats: pd.DataFrame) -> pd.DataFrame:
+        """Scores, components and explanation sentences, one row per connection in batch order
+        (everything but the global rank and the per-row forest attributions)."""
         comp = self.detector_.components(feats)
-        order = np.lexsort((prepared.conns["event_id"].to_numpy(dtype=object).astype(str), -comp["score"].to_numpy()))
+        c, ev, ent = prepared.conns, prepared.evidence, prepared.entities
+        out = pd.DataFrame({
+            "score": comp["score"].to_numpy(), "event_id": c["event_id"].to_numpy(), "ts": c["ts"].to_numpy(),
+            "src_ip": c["src_ip"].to_numpy(), "src_port": c["src_port"].to_numpy(),
+            "src_name": ent["src_name"].to_numpy(), "src_kind": ent["src_kind"].to_numpy(),
+            "esxi_host": np.where(c["esxi_host"].to_numpy() != "", c["esxi_host"].to_numpy(),
+                                  ent["src_esxi_host"].to_numpy()),
+            "dst_ip": c["dst_ip"].to_numpy(), "dst_port": c["dst_port"].to_numpy(), "proto": c["proto"].to_numpy(),
+            "process": c["process"].to_numpy(), "query": ev["query"].to_numpy(), "answer": ev["answer"].to_numpy(),
+            "rtype": ev["rtype"].to_numpy(), "dns_delay": ev["dns_delay"].to_numpy(),
+            "transform": ev["transform"].to_numpy(), "rules": comp["rules"].to_numpy(),
+            "forest_score": comp["forest_score"].to_numpy(), "rule_score": comp["rule_score"].to_numpy(),
+        })
+        sentence_in = pd.concat([
+            out[["dst_port", "dst_ip", "src_name", "rules", "query", "transform", "answer", "rtype", "dns_delay"]],
+            ev[["consistency"]],
+            feats[["port_never_seen", "dst_never_seen", "dst_is_answer", "mgmt_unexpected_egress"]],
+        ], axis=1)
+        out["explanation"] = explain.sentences(sentence_in, self.history_days_).to_numpy()
+        out["alert"] = out["score"].to_numpy() >= self.detector_.threshold_
+        return out
+
+    def finish(self, rows: pd.DataFrame, feats: pd.DataFrame, top: int | None = None,
+               explain_top: int = 200) -> pd.DataFrame:
+        """Sort (score desc, event_id asc), rank, keep `top`, attribute the first `explain_top`.
+        `feats` is row-aligned with `rows`."""
+        order = np.lexsort((rows["event_id"].to_numpy(dtype=object).astype(str), -rows["score"].to_numpy()))
         if top is not None:
             order = order[:top]
-        c = prepared.conns.iloc[order].reset_index(drop=True)
-        ev = prepared.evidence.iloc[order].reset_index(drop=True)
-        ent = prepared.entities.iloc[order].reset_index(drop=True)
-        f = feats.iloc[order].reset_index(drop=True)
-        cp = comp.iloc[order].reset_index(drop=True)
-        out = pd.DataFrame({
-            "rank": np.arange(1, len(c) + 1),
-            "score": cp["score"], "event_id": c["event_id"], "ts": c["ts"], "src_ip": c["src_ip"],
-            "src_port": c["src_port"], "src_name": ent["src_name"], "src_kind": ent["src_kind"],
-            "esxi_host": np.where(c["esxi_host"] != "", c["esxi_host"], ent["src_esxi_host"]),
-            "dst_ip": c["dst_ip"], "dst_port": c["dst_port"], "proto": c["proto"], "process": c["process"],
-            "query": ev["query"], "answer": ev["answer"], "rtype": ev["rtype"], "dns_delay": ev["dns_delay"],
-            "transform": ev["transform"], "rules": cp["rules"], "forest_score": cp["forest_score"],
-            "rule_score": cp["rule_score"],
-        })
-        sentence_in = pd.concat([out[["dst_port", "dst_ip", "src_name", "rules"]], ev.drop(columns=["query"]),
-                                 out[["query"]], f[["port_never_seen", "dst_never_seen", "dst_is_answer",
-                                                    "mgmt_unexpected_egress"]]], axis=1)
-        sentence_in = sentence_in.loc[:, ~sentence_in.columns.duplicated()]
-        out["explanation"] = explain.sentences(sentence_in, self.history_days_).to_numpy()
+        out = rows.iloc[order].reset_index(drop=True)
+        out.insert(0, "rank", np.arange(1, len(out) + 1))
         k = min(explain_top, len(out))
         top_feats = np.full(len(out), "", dtype=object)
-        top_feats[:k] = self.detector_.attributions(f.iloc[:k])
+        top_feats[:k] = self.detector_.attributions(feats.iloc[order[:k]])
+        explanation = out.pop("explanation")
+        alert = out.pop("alert")
+        out["explanation"] = explanation
         out["top_features"] = top_feats
-        out["alert"] = out["score"] >= self.detector_.threshold_
+        out["alert"] = alert
         return out
 
     @property

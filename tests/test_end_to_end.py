@@ -19,7 +19,8 @@ SEED = 11
 def estate():
     from esxi_anomaly.synth import generate
 
-    return generate(days=4, seed=SEED, scenario="default", attack_days=1)
+    # 3 days of history, a 4th with attacks; benign volume scaled down to keep the suite fast
+    return generate(days=4, seed=SEED, scenario="default", attack_days=1, scale=0.4)
 
 
 def split(ds):

@@ -21,6 +21,7 @@ import pandas as pd
 DEFAULT_MIN_WINDOW_S = 300.0
 DEFAULT_GRACE_S = 60.0
 DEFAULT_RECENT_RESPONSES = 4
+DEFAULT_MAX_WINDOW_S = 3_600.0  # caps TTL-based windows; bounds the look-back a streamed batch needs
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class JoinParams:
     min_window_s: float = DEFAULT_MIN_WINDOW_S
     grace_s: float = DEFAULT_GRACE_S
     recent_responses: int = DEFAULT_RECENT_RESPONSES
+    max_window_s: float = DEFAULT_MAX_WINDOW_S
+
+    @property
+    def lookback_s(self) -> float:
+        """How far before a batch's first connection its DNS answers must reach."""
+        return max(self.max_window_s, self.min_window_s) + self.grace_s
 
 
 @dataclass
@@ -46,7 +53,7 @@ class DnsJoin:
 
 def answer_window(ttl: np.ndarray, params: JoinParams) -> np.ndarray:
     ttl = np.nan_to_num(np.asarray(ttl, dtype="float64"), nan=0.0)
-    return np.maximum(ttl, params.min_window_s) + params.grace_s
+    return np.minimum(np.maximum(ttl, params.min_window_s), max(params.max_window_s, params.min_window_s)) + params.grace_s
 
 
 def join(conns: pd.DataFrame, dns: pd.DataFrame, params: JoinParams = JoinParams()) -> DnsJoin:

@@ -14,17 +14,16 @@ For each connection and each candidate answer of its DNS join, every transform o
 * IP transforms: `dst_ip` derived from an answer (byte order, permutations, Nymaim2, TXT literals).
 
 Consistency counts are causal (only earlier and current connections count) and their state can be
-carried across batches (`ConsistencyState`), so a batch split in time gives the same values.
+carried across batches (`stream_state.StreamState`), so a batch split in time gives the same values.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from esxi_anomaly.features import transforms as T
 from esxi_anomaly.features.dns_join import DnsJoin
+from esxi_anomaly.features.stream_state import StreamState, distinct_running_count
 
 NO_DNS_DELAY_LOG = float(np.log1p(86_400.0))  # "no answer seen": as far as a day away
 MAX_DISTANCE_LOG = float(np.log1p(65_535.0))
@@ -35,40 +34,6 @@ RELATIONSHIP_FEATURES = [
     "match_significance", "match_on_ip_answer", "arith_distance_log", "byte_match",
     "port_announced", "consistency_ports", "keyed_consistency", "ip_derived", "ip_significance",
 ]
-
-
-@dataclass
-class ConsistencyState:
-    """(group, value) pairs seen so far, so that later batches continue the distinct counts."""
-
-    seen: dict[str, set] = field(default_factory=dict)
-
-
-def _distinct_running_count(group: np.ndarray, value: np.ndarray, order_ts: np.ndarray,
-                            state: ConsistencyState | None, name: str) -> np.ndarray:
-    """For each item, the number of distinct `value`s seen in its `group` up to and including it.
-
-    `group`/`value` are uint64 hashes; items are counted in time order (ties: given order).
-    """
-    n = len(group)
-    if n == 0:
-        return np.zeros(0, dtype="int64")
-    prior_pairs = state.seen.get(name, set()) if state is not None else set()
-    df = pd.DataFrame({"g": group, "v": value, "ts": order_ts, "i": np.arange(n)})
-    df = df.sort_values(["ts", "i"], kind="stable")
-    if prior_pairs:
-        prior = np.array(sorted(prior_pairs), dtype="uint64").reshape(-1, 2)
-        pre = pd.DataFrame({"g": prior[:, 0], "v": prior[:, 1], "ts": -np.inf, "i": -1})
-        df = pd.concat([pre, df], ignore_index=True)
-    new = ~df.duplicated(["g", "v"]).to_numpy()
-    counts = pd.Series(new.astype("int64")).groupby(df["g"].to_numpy()).cumsum().to_numpy()
-    mine = df["i"].to_numpy() >= 0
-    out = np.empty(n, dtype="int64")
-    out[df["i"].to_numpy()[mine]] = counts[mine]
-    if state is not None:
-        pairs = df.loc[new, ["g", "v"]].to_numpy(dtype="uint64")
-        state.seen[name] = prior_pairs | set(map(tuple, pairs.tolist()))
-    return out
 
 
 def _gather(values: np.ndarray, rows: np.ndarray, fill) -> np.ndarray:
@@ -135,7 +100,7 @@ from esxi_anomaly.features.hashing import combine as _hash  # noqa: E402
 
 
 def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
-                          state: ConsistencyState | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                          state: StreamState | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Features (one row per connection, in order) and the evidence behind the best match.
 
     Evidence columns: transform, answer, rtype, query, dns_delay, consistency (for explanations).
@@ -186,7 +151,7 @@ def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
             counted = same_name & ~is_announced
             cnt = np.zeros(len(hconn), dtype="int64")
             g = _hash(conns["src_ip"].to_numpy(dtype=object)[hconn[counted]], query[hrow[counted]], htrans[counted])
-            cnt[counted] = _distinct_running_count(g, dst_port[hconn[counted]].astype("uint64"),
+            cnt[counted] = distinct_running_count(g, dst_port[hconn[counted]].astype("uint64"),
                                                    conn_ts[hconn[counted]], state, "ports")
             best = pd.DataFrame({"c": hconn, "sig": hsig + 10.0 * (cnt - 1), "k": np.arange(len(hconn))})
             best = best.sort_values(["c", "sig"], ascending=[True, False], kind="stable").drop_duplicates("c")
@@ -238,7 +203,7 @@ def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
                 nonzero = (key != 0) & (port > 0)
                 g = _hash(src[nonzero], query[kr[nonzero]], np.full(nonzero.sum(), name, dtype=object),
                           key[nonzero].astype("int64"))
-                cnt = _distinct_running_count(g, base[nonzero].astype("uint64"), conn_ts[kc[nonzero]], state,
+                cnt = distinct_running_count(g, base[nonzero].astype("uint64"), conn_ts[kc[nonzero]], state,
                                               f"keyed_{name}")
                 np.maximum.at(keyed, kc[nonzero], cnt.astype("float64"))
                 strong = cnt >= 2

@@ -15,6 +15,7 @@ from esxi_anomaly.features.baseline import BASELINE_FEATURES, EntityBaseline
 from esxi_anomaly.features.dns_side import DNS_SIDE_FEATURES, dns_side_features
 from esxi_anomaly.features.entities import attach_entities, registered_domain
 from esxi_anomaly.features.mgmt_plane import MGMT_FEATURES, ManagementPlane
+from esxi_anomaly.features.stream_state import StreamState
 
 PORT_FEATURES = ["dst_port_log", "dst_port_ephemeral"]
 FEATURES = dns_port.RELATIONSHIP_FEATURES + DNS_SIDE_FEATURES + BASELINE_FEATURES + MGMT_FEATURES + PORT_FEATURES
@@ -44,7 +45,7 @@ def as_objects(frame: pd.DataFrame) -> pd.DataFrame:
 
 def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | None,
             join_params: dns_join.JoinParams = dns_join.JoinParams(),
-            state: dns_port.ConsistencyState | None = None) -> Prepared:
+            state: StreamState | None = None) -> Prepared:
     conns = as_objects(conns)
     dns = as_objects(dns)
     j = dns_join.join(conns, dns, join_params)
@@ -62,7 +63,7 @@ def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | No
         "ts": conns["ts"].to_numpy(), "bytes_out": conns["bytes_out"].to_numpy(),
         "duration": conns["duration"].to_numpy(),
     })
-    side = dns_side_features(conns, dns, j, pd.Series(name, dtype="str"))
+    side = dns_side_features(conns, dns, j, pd.Series(name, dtype="str"), state)
     return Prepared(conns, rel, evidence, ent, base_in, side)
 
 

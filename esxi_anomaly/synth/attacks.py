@@ -229,12 +229,14 @@ def _campaign(fam: AttackFamily, index: int, pool: np.ndarray, rng: np.random.Ge
         n = t.size
         which = np.searchsorted(changes, t)
         delay = rng.uniform(0.005, 0.3, n)          # answer -> connection
-        resp_ts = t - delay
+        resp_ts = np.round(t - delay, 6)
         resolver = resolver_of.get(victim, "")
         dns.append(_attack_dns(fam.id, victim, resolver, qname, resp_ts, ans, which, ttl, rng))
         os_kind = np.full(n, os_of.get(victim, "esxi" if fam.source_kind == "esxi_mgmt" else "linux"))
         proto = np.full(n, "tcp", dtype=object)
         fields = connection_fields(rng, np.full(n, PROFILE_NAMES.index("beacon")), proto)
+        t = np.round(t, 6)
+        fields["duration"] = np.round(fields["duration"], 6)
         conns.append(pd.DataFrame({
             "event_id": "", "ts": t, "src_ip": victim, "src_port": ephemeral_ports(rng, os_kind),
             "dst_ip": int_to_ip(ans["dst"][which]), "dst_port": ans["port"][which].astype(np.int32), "proto": proto,
@@ -262,7 +264,7 @@ def _attack_dns(family: str, victim: str, resolver: str, qname: str, resp_ts: np
     if extra:
         rtype, field = extra
         blocks.append(pd.DataFrame({"event_id": [f"{tag}{rtype}{i}" for i in range(n)],
-                                    "ts": resp_ts - rng.uniform(0.001, 0.01, n), "rtype": rtype,
+                                    "ts": np.round(resp_ts - rng.uniform(0.001, 0.01, n), 6), "rtype": rtype,
                                     "answer": ans[field][which], "answer_index": 0}))
     out = pd.concat(blocks, ignore_index=True)
     out["client_ip"], out["resolver_ip"], out["query"] = victim, resolver, qname

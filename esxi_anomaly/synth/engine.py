@@ -288,6 +288,9 @@ def to_frames(conns: dict, dns: dict, rng: np.random.Generator, taken: set[str] 
 
     DNS rows of one lookup share one uid (one Zeek dns.log record). Rows are sorted by ts.
     """
+    # Microsecond resolution, as Zeek logs it, so written logs read back to the same values.
+    conns = {**conns, "ts": np.round(conns["ts"], 6), "duration": np.round(conns["duration"], 6)}
+    dns = {**dns, "ts": np.round(dns["ts"], 6)}
     n_conn = len(conns["ts"])
     uids = new_uids(rng, n_conn + dns["n_lookups"], taken)
     conn_df = pd.DataFrame({

@@ -6,6 +6,7 @@ import pandas as pd
 
 from esxi_anomaly import schema
 from esxi_anomaly.features import dns_join, dns_port
+from esxi_anomaly.features.stream_state import StreamState
 
 
 def make(dns_rows, conn_rows):
@@ -77,7 +78,7 @@ def test_state_carries_consistency_across_batches():
         [("d1", 100, "10.0.0.5", "upd.evil.net", "19.57.34.8"), ("d2", 1000, "10.0.0.5", "upd.evil.net", "20.30.40.9")],
         [("c1", 102, "10.0.0.5", "19.57.34.8", 1117), ("c2", 1001, "10.0.0.5", "20.30.40.9", 640)])
     one_shot, _ = features(conns, dns)
-    state = dns_port.ConsistencyState()
+    state = StreamState()
     first, _ = features(conns.iloc[:1], dns.iloc[:1], state)
     second, _ = features(conns.iloc[1:].reset_index(drop=True), dns, state)
     assert first["consistency_ports"].tolist() + second["consistency_ports"].tolist() == one_shot["consistency_ports"].tolist() == [1, 2]

@@ -1,0 +1,69 @@
+"""State carried across time-ordered batches, so that a run split in chunks equals one run.
+
+Running counts ("distinct ports this transform explained for this client and name so far",
+"distinct answers this name has had", "share of the client's responses that were NXDOMAIN") are
+causal. Each is kept here as compact numpy/pandas structures keyed on 64-bit hashes:
+
+* `seen[name]`: sorted uint64 keys of the (group, value) pairs already counted;
+* `counts[name]`: per group, how many distinct values so far (or any additive total).
+
+A batch owns the DNS rows in its own time span; rows it sees from before (the join's look-back
+margin) were owned, and counted, by an earlier batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from esxi_anomaly.features.hashing import combine
+
+
+@dataclass
+class StreamState:
+    seen: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, pd.Series] = field(default_factory=dict)
+    dns_owned_until: float = -np.inf   # DNS rows before this time are already counted
+
+    def prior_counts(self, name: str, groups: np.ndarray) -> np.ndarray:
+        table = self.counts.get(name)
+        if table is None or not len(table):
+            return np.zeros(len(groups))
+        return table.reindex(groups).fillna(0.0).to_numpy()
+
+    def add_counts(self, name: str, groups: np.ndarray, amounts: np.ndarray) -> None:
+        delta = pd.Series(amounts, dtype="float64").groupby(groups).sum()
+        table = self.counts.get(name)
+        self.counts[name] = delta if table is None else table.add(delta, fill_value=0.0)
+
+
+def _member(sorted_keys: np.ndarray | None, keys: np.ndarray) -> np.ndarray:
+    if sorted_keys is None or not len(sorted_keys):
+        return np.zeros(len(keys), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[pos] == keys
+
+
+def distinct_running_count(group: np.ndarray, value: np.ndarray, ts: np.ndarray,
+                           state: StreamState | None, name: str) -> np.ndarray:
+    """For each item, the number of distinct values of its group up to and including it (in time
+    order, ties in given order), continuing the counts in `state` and updating it."""
+    n = len(group)
+    if n == 0:
+        return np.zeros(0, dtype="int64")
+    order = np.lexsort((np.arange(n), ts))
+    g, pair = group[order], combine(group, value)[order]
+    new = ~pd.Series(pair).duplicated().to_numpy()
+    if state is not None:
+        new &= ~_member(state.seen.get(name), pair)
+    running = pd.Series(new.astype("int64")).groupby(g).cumsum().to_numpy()
+    if state is not None:
+        running = running + state.prior_counts(name, g).astype("int64")
+        seen = state.seen.get(name)
+        added = pair[new]
+        state.seen[name] = np.union1d(seen, added) if seen is not None else np.unique(added)
+        state.add_counts(name, g[new], np.ones(int(new.sum())))
+    out = np.empty(n, dtype="int64")
+    out[order] = running
+    return out
