@@ -14,6 +14,11 @@ from esxi_anomaly.synth.scenario import Scenario, load_scenario
 DAY = 86400.0
 
 
+def attack_seed(seed: int) -> int:
+    """The `inject_attacks` seed `generate(seed=...)` uses (independent of the benign stream)."""
+    return int(np.random.SeedSequence([seed, 2]).generate_state(1)[0])
+
+
 @dataclass
 class SynthDataset:
     """Canonical frames of a generated estate plus ground truth.
@@ -71,8 +76,7 @@ def generate(days: int = 4, seed: int = 7, scenario: str | Scenario = "default",
     if fams and attack_days:
         rate = sc.campaigns_per_family / 2.0
         conn_df, dns_df, att_labels, campaigns = inject_attacks_detailed(
-            conn_df, dns_df, inventory, fams, train_end, end, seed=int(np.random.SeedSequence([seed, 2])
-                                                                       .generate_state(1)[0]), rate=rate)
+            conn_df, dns_df, inventory, fams, train_end, end, seed=attack_seed(seed), rate=rate)
         labels = pd.concat([look_labels, att_labels], ignore_index=True)
     else:
         conn_df = conn_df.sort_values("ts", kind="stable", ignore_index=True)
