@@ -82,3 +82,12 @@ def str_series(values, n: int | None = None) -> pd.Series:
     if n is not None and np.ndim(values) == 0:
         return pd.Series(np.full(n, values, dtype=object), dtype="str")
     return pd.Series(np.asarray(values, dtype=object), dtype="str")
+
+
+def sort_by_ts(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows stably ordered by `ts` (numpy argsort: string tie-break columns would be far slower).
+
+    Rows of one DNS response share a ts and stay together in their original order.
+    """
+    order = np.argsort(df["ts"].to_numpy(), kind="stable")
+    return df.take(order).reset_index(drop=True)

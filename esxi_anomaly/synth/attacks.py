@@ -16,7 +16,7 @@ import pandas as pd
 
 from esxi_anomaly import schema
 from esxi_anomaly.synth import transforms as tf
-from esxi_anomaly.synth._common import ephemeral_ports, int_to_ip, ips_to_int, new_uids
+from esxi_anomaly.synth._common import ephemeral_ports, int_to_ip, new_uids, sort_by_ts
 from esxi_anomaly.synth.engine import PROFILE_NAMES, SOURCE, connection_fields
 
 PORT_RANGE = (1024, 65000)
@@ -172,11 +172,10 @@ def inject_attacks_detailed(connections, dns_answers, inventory, families, start
     att_dns["event_id"] = uids[len(att_conn):][codes]
     labels = pd.concat(label_parts, ignore_index=True)
     labels["event_id"] = conn_uid
-    out_conn = pd.concat([schema.conform(connections, "connections"), schema.conform(att_conn, "connections")],
-                         ignore_index=True).sort_values("ts", kind="stable", ignore_index=True)
-    out_dns = pd.concat([schema.conform(dns_answers, "dns_answers"), schema.conform(att_dns, "dns_answers")],
-                        ignore_index=True).sort_values(["ts", "event_id", "answer_index"], kind="stable",
-                                                       ignore_index=True)
+    out_conn = sort_by_ts(pd.concat([schema.conform(connections, "connections"),
+                                     schema.conform(att_conn, "connections")], ignore_index=True))
+    out_dns = sort_by_ts(pd.concat([schema.conform(dns_answers, "dns_answers"),
+                                    schema.conform(att_dns, "dns_answers")], ignore_index=True))
     labels = labels_frame(labels)
     return out_conn, out_dns, labels, pd.DataFrame(campaigns)
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from esxi_anomaly.synth._common import sort_by_ts
 from esxi_anomaly.synth.attacks import inject_attacks_detailed, labels_frame
 from esxi_anomaly.synth.engine import benign_traffic, to_frames
 from esxi_anomaly.synth.estate import build_estate
@@ -70,7 +71,7 @@ def generate(days: int = 4, seed: int = 7, scenario: str | Scenario = "default",
     look_labels = labels_frame(pd.DataFrame({
         "event_id": conn_df["event_id"].to_numpy()[is_look], "label": "lookalike",
         "family": lookalike[is_look], "entity": conn_df["src_ip"].to_numpy()[is_look]}))
-    dns_df = dns_df.sort_values(["ts", "event_id", "answer_index"], kind="stable", ignore_index=True)
+    dns_df = sort_by_ts(dns_df)
     inventory = estate.inventory()
     campaigns = pd.DataFrame()
     if fams and attack_days:
@@ -79,7 +80,7 @@ def generate(days: int = 4, seed: int = 7, scenario: str | Scenario = "default",
             conn_df, dns_df, inventory, fams, train_end, end, seed=attack_seed(seed), rate=rate)
         labels = pd.concat([look_labels, att_labels], ignore_index=True)
     else:
-        conn_df = conn_df.sort_values("ts", kind="stable", ignore_index=True)
+        conn_df = sort_by_ts(conn_df)
         labels = look_labels
     return SynthDataset(conn_df, dns_df, inventory, labels_frame(labels), start, end, train_end, sc.name, seed,
                         fams if attack_days else (), campaigns)

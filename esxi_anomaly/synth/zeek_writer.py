@@ -58,9 +58,14 @@ def conn_records(conns: pd.DataFrame) -> pd.DataFrame:
     c = conns.reset_index(drop=True)
     tcp = c["proto"] == "tcp"
     hdr = np.where(tcp, 40, 28)
-    service = pd.Series([SERVICES.get(k, "-") for k in zip(c["dst_port"].tolist(), c["proto"].tolist())], dtype=object)
+    # Look-ups on small integer codes instead of per-row tuples.
+    port_proto = c["dst_port"].to_numpy().astype(np.int64) * 2 + tcp.to_numpy()
+    service_of = pd.Series({p * 2 + (pr == "tcp"): name for (p, pr), name in SERVICES.items()})
+    service = pd.Series(service_of.reindex(port_proto).fillna("-").to_numpy(dtype=object))
     service[(c["conn_state"].isin(["S0", "REJ"]) & tcp).to_numpy()] = "-"
-    history = pd.Series(list(zip(c["proto"].tolist(), c["conn_state"].tolist())), dtype=object).map(_HISTORY)
+    state_codes, states = pd.factorize(c["proto"].astype(object) + "/" + c["conn_state"].astype(object))
+    history_of = np.array([_HISTORY.get(tuple(s.split("/", 1)), "-") for s in states], dtype=object)
+    history = pd.Series(history_of[state_codes] if len(c) else np.array([], dtype=object))
     rec = pd.DataFrame({
         "ts": c["ts"], "uid": c["event_id"], "id.orig_h": c["src_ip"], "id.orig_p": c["src_port"],
         "id.resp_h": c["dst_ip"], "id.resp_p": c["dst_port"], "proto": c["proto"], "service": service,
@@ -79,7 +84,9 @@ def conn_records(conns: pd.DataFrame) -> pd.DataFrame:
 
 def dns_records(dns: pd.DataFrame) -> pd.DataFrame:
     """Zeek dns.log columns, one row per response (its answer rows joined into vectors)."""
-    d = dns.sort_values(["event_id", "answer_index"], kind="stable").reset_index(drop=True)
+    # Group each response's rows together (factorize + integer sort; string sorts are slow).
+    codes, _ = pd.factorize(dns["event_id"])
+    d = dns.take(np.lexsort((dns["answer_index"].to_numpy(), codes))).reset_index(drop=True)
     uid = d["event_id"].to_numpy(dtype=object)
     starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]]) if len(d) else np.array([], dtype=np.int64)
     last = np.r_[starts[1:] - 1, len(d) - 1] if len(d) else starts
@@ -151,7 +158,7 @@ def _arrow_text(col: pd.Series, zeek_type: str) -> pa.Array:
         v = col.to_numpy(dtype=np.float64, na_value=np.nan)
         ok = np.isfinite(v)
         return pc.cast(pa.array(np.where(ok, v, 0).astype(np.int64), mask=~ok), pa.string())
-    text = pa.array(col.astype(object).to_numpy(), pa.string())
+    text = pa.chunked_array([pa.array(col, type=pa.string())]).combine_chunks() if len(col) else pa.array([], pa.string())
     return pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
 
 
