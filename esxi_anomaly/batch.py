@@ -1,38 +1,376 @@
-"""Batch scoring: read, join, featurise, score, rank and write, with a run summary."""
+"""Batch scoring at scale: bounded memory, time-ordered chunks with carried state, resumable.
+
+1. **Spill**: inputs are streamed once (`ingest.iter_*`) into hourly Parquet buckets under a work
+   folder, so no input is ever held whole and later passes read in time order.
+2. **Score**: buckets are processed in time order, each split into chunks of at most `chunk_rows`
+   connections. A chunk sees the DNS answers of its look-back window; the running counts
+   (`StreamState`) and the candidates for per-row attribution are carried to the next chunk, so
+   the result equals a one-shot run. After each bucket, its scored rows and a checkpoint are
+   written atomically; `--resume` continues after the last completed bucket.
+3. **Rank and write**: scores alone are ranked globally, then rows are gathered in rank order,
+   block by block, into the output (written to a temp file and renamed at the end).
+"""
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import shutil
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
-from esxi_anomaly import report
-from esxi_anomaly.cli import Stages, finish_quarantine, log, read_inputs
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from esxi_anomaly import ingest, schema
+from esxi_anomaly.report import csv as report_csv, ecs as report_ecs, html as report_html
+from esxi_anomaly.features.stream_state import StreamState
+from esxi_anomaly.report._atomic import atomic_path
+from esxi_anomaly.schema import Frames
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".html": "html", ".htm": "html"}
+BUCKET_S = 3600
+WRITE_BLOCK = 250_000
+HTML_DEFAULT_TOP = 2000
+CHECKPOINT_VERSION = 1
 
 
 def output_format(path: Path, fmt: str | None) -> str:
-    if fmt:
-        return fmt
-    return FORMATS.get(path.suffix.lower(), "csv")
+    return fmt or FORMATS.get(path.suffix.lower(), "csv")
+
+
+# -- progress ------------------------------------------------------------------------------
+
+class Progress:
+    """Records, rate and ETA: a live line on a terminal, plain log lines elsewhere."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True, stream=sys.stderr):
+        self.total, self.label, self.enabled, self.stream = total, label, enabled, stream
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self.tty = enabled and stream.isatty()
+        self.last = 0.0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if not self.tty and now - self.last < 5 and self.done < self.total:
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        line = (f"{self.label}: {self.done:,}/{self.total:,} records ({100 * self.done / max(self.total, 1):.0f}%), "
+                f"{rate:,.0f}/s, ETA {eta:,.0f} s")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=self.stream)
+
+
+# -- pass 1: spill ------------------------------------------------------------------------
+
+def _spill(chunks: Iterator[pd.DataFrame], folder: Path, bucket_s: int) -> dict[int, int]:
+    """Write chunks into folder/<bucket>/part-N.parquet; returns rows per bucket."""
+    folder.mkdir(parents=True, exist_ok=True)
+    counts: dict[int, int] = {}
+    part = 0
+    for chunk in chunks:
+        bucket = np.floor(chunk["ts"].to_numpy(dtype="float64") / bucket_s)
+        bucket = np.nan_to_num(bucket, nan=-1).astype("int64")  # rows without time go first
+        for b in np.unique(bucket):
+            rows = chunk[bucket == b]
+            target = folder / str(int(b))
+            target.mkdir(exist_ok=True)
+            pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), target / f"part-{part}.parquet")
+            part += 1
+            counts[int(b)] = counts.get(int(b), 0) + len(rows)
+    return counts
+
+
+def _read_bucket(folder: Path, b: int) -> pd.DataFrame | None:
+    target = folder / str(b)
+    if not target.is_dir():
+        return None
+    parts = sorted(target.glob("part-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
+    return pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
+
+
+# -- pass 2: score -------------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    version: int = CHECKPOINT_VERSION
+    done_buckets: list[int] = field(default_factory=list)
+    state: StreamState = field(default_factory=StreamState)
+    top_rows: pd.DataFrame | None = None      # running top-K rows (score, event_id, bucket, row)
+    top_feats: pd.DataFrame | None = None
+    alerts: int = 0
+    scored: int = 0
+
+
+def chunk_bounds(ts: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
+    """Index ranges of at most ~chunk_rows rows of sorted `ts`, never splitting equal times."""
+    bounds, lo, n = [], 0, len(ts)
+    while lo < n:
+        hi = min(lo + chunk_rows, n)
+        while hi < n and ts[hi] == ts[hi - 1]:
+            hi += 1
+        bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def _merge_top(cp: Checkpoint, rows: pd.DataFrame, feats: pd.DataFrame, k: int) -> None:
+    rows = rows.reset_index(drop=True)
+    feats = feats.reset_index(drop=True)
+    if cp.top_rows is not None:
+        rows = pd.concat([cp.top_rows, rows], ignore_index=True)
+        feats = pd.concat([cp.top_feats, feats], ignore_index=True)
+    order = np.lexsort((rows["event_id"].to_numpy(dtype=object).astype(str), -rows["score"].to_numpy()))[:k]
+    cp.top_rows = rows.iloc[order].reset_index(drop=True)
+    cp.top_feats = feats.iloc[order].reset_index(drop=True)
+
+
+def score_buckets(model, work: Path, bucket_s: int, inventory: pd.DataFrame | None, chunk_rows: int,
+                  explain_top: int, cp: Checkpoint, progress: Progress, stages: dict) -> Checkpoint:
+    conn_dir, dns_dir, out_dir = work / "conn", work / "dns", work / "scored"
+    out_dir.mkdir(exist_ok=True)
+    buckets = sorted(int(p.name) for p in conn_dir.iterdir() if p.is_dir())
+    lookback = model.join_params().lookback_s
+    dns_cache: dict[int, pd.DataFrame | None] = {}
+    for b in buckets:
+        if b in cp.done_buckets:
+            continue
+        t0 = time.perf_counter()
+        conns = _read_bucket(conn_dir, b)
+        conns = conns.sort_values(["ts", "event_id"], kind="stable", ignore_index=True)
+        ts = conns["ts"].to_numpy(dtype="float64")
+        pieces, feats_kept = [], []
+        bounds = chunk_bounds(ts, chunk_rows)
+        for i, (lo, hi) in enumerate(bounds):
+            start = ts[lo]
+            # this chunk owns (counts) the DNS rows from its start to the next chunk's start
+            end = ts[bounds[i + 1][0]] if i + 1 < len(bounds) else (b + 1) * bucket_s
+            dns = _dns_window(dns_dir, dns_cache, start - lookback, end, bucket_s)
+            cp.state.dns_owned_until = start if cp.scored else -np.inf
+            chunk = Frames(conns.iloc[lo:hi].reset_index(drop=True), dns, inventory)
+            prepared, feats = model.features(chunk, cp.state)
+            rows = model.score_rows(prepared, feats)
+            rows["bucket"], rows["row"] = b, np.arange(lo, hi)
+            _merge_top(cp, rows, feats, explain_top)
+            pieces.append(rows)
+            cp.scored += hi - lo
+            progress.update(hi - lo)
+        scored = pd.concat(pieces, ignore_index=True)
+        cp.alerts += int(scored["alert"].sum())
+        with atomic_path(out_dir / f"{b}.parquet") as tmp:
+            pq.write_table(pa.Table.from_pandas(scored, preserve_index=False), tmp)
+        cp.done_buckets.append(b)
+        with atomic_path(work / "checkpoint.pkl") as tmp:
+            with open(tmp, "wb") as fh:
+                pickle.dump(cp, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        stages["score"] = stages.get("score", 0.0) + time.perf_counter() - t0
+        for old in [k for k in dns_cache if k >= 0 and k < np.floor((ts[-1] - lookback) / bucket_s) - 1]:
+            dns_cache.pop(old)
+    return cp
+
+
+def _dns_window(dns_dir: Path, cache: dict, lo: float, hi: float, width: int) -> pd.DataFrame:
+    """DNS rows with lo <= ts < hi, read from the (cached) hourly buckets that cover them."""
+    first = int(np.floor(lo / width)) if np.isfinite(lo) else -1
+    frames = []
+    for b in [-1] + list(range(max(first, 0), int(np.floor((hi - 1e-9) / width)) + 1)):
+        if b not in cache:
+            cache[b] = _read_bucket(dns_dir, b)
+        if cache[b] is not None:
+            frames.append(cache[b])
+    if not frames:
+        return schema.empty("dns_answers")
+    dns = pd.concat(frames, ignore_index=True)
+    t = dns["ts"].to_numpy(dtype="float64")
+    return dns[(t >= lo) & (t < hi)].sort_values("ts", kind="stable", ignore_index=True)
+
+
+# -- pass 3: rank and write -----------------------------------------------------------------
+
+def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: int | None,
+                   explain_top: int, html_extra: dict) -> int:
+    scored = sorted((work / "scored").glob("*.parquet"), key=lambda p: int(p.stem))
+    keys = pd.concat([pq.read_table(p, columns=["score", "event_id", "bucket", "row"]).to_pandas() for p in scored],
+                     ignore_index=True)
+    order = np.lexsort((keys["event_id"].to_numpy(dtype=object).astype(str), -keys["score"].to_numpy()))
+    if fmt == "html" and top is None:
+        top = HTML_DEFAULT_TOP
+    if top is not None:
+        order = order[:top]
+    attribution = dict(zip(cp.top_rows["event_id"], model.detector_.attributions(cp.top_feats)))
+    files = {int(p.stem): pq.ParquetFile(p) for p in scored}
+    written = 0
+    block_frames = []
+    with atomic_path(out) as tmp:
+        writer = _BlockWriter(tmp, fmt)
+        for start in range(0, len(order), WRITE_BLOCK):
+            idx = order[start:start + WRITE_BLOCK]
+            block = _gather(files, keys, idx)
+            block.insert(0, "rank", np.arange(start + 1, start + len(block) + 1))
+            explanation, alert = block.pop("explanation"), block.pop("alert")
+            block["explanation"] = explanation.to_numpy()
+            explained = block["rank"].to_numpy() <= explain_top
+            block["top_features"] = np.where(explained, block["event_id"].map(attribution).fillna(""), "")
+            block["alert"] = alert.to_numpy()
+            block = block.drop(columns=["bucket", "row"])
+            if fmt == "html":
+                block_frames.append(block)
+            else:
+                writer.write(block)
+            written += len(block)
+        if fmt == "html":
+            ranked = pd.concat(block_frames, ignore_index=True) if block_frames else pd.DataFrame()
+            report_html.write_html(ranked, tmp, **html_extra)
+        writer.close()
+    return written
+
+
+def _gather(files: dict, keys: pd.DataFrame, idx: np.ndarray) -> pd.DataFrame:
+    """Rows `idx` of the global key table, read from their bucket files, in the order of `idx`."""
+    sel = keys.iloc[idx]
+    parts, positions = [], []
+    for b, group in sel.groupby("bucket", sort=True):
+        table = files[int(b)].read().to_pandas()
+        local = table.set_index("row").loc[group["row"].to_numpy()].reset_index()
+        parts.append(local)
+        positions.append(np.flatnonzero(sel["bucket"].to_numpy() == b))
+    frame = pd.concat(parts, ignore_index=True)
+    where = np.empty(len(frame), dtype="int64")
+    where[np.concatenate(positions)] = np.arange(len(frame))
+    frame = frame.iloc[where].reset_index(drop=True)
+    cols = ["score", "event_id"] + [c for c in frame.columns if c not in ("score", "event_id")]
+    return frame[cols]
+
+
+class _BlockWriter:
+    """Appends rank-ordered blocks to one CSV / JSON lines / Parquet file."""
+
+    def __init__(self, path: Path, fmt: str):
+        self.path, self.fmt = path, fmt
+        self.first = True
+        self.parquet = None
+        self.fh = open(path, "w", encoding="utf-8", newline="") if fmt in ("csv", "jsonl") else None
+
+    def write(self, block: pd.DataFrame) -> None:
+        if self.fmt == "csv":
+            report_csv.neutralise_formulas(block).to_csv(self.fh, index=False, header=self.first, lineterminator="\r\n")
+        elif self.fmt == "jsonl":
+            for record in report_ecs.ecs_records(block):
+                self.fh.write(json.dumps(record, ensure_ascii=True) + "\n")
+        elif self.fmt == "parquet":
+            table = pa.Table.from_pandas(block, preserve_index=False)
+            if self.parquet is None:
+                self.parquet = pq.ParquetWriter(self.path, table.schema)
+            self.parquet.write_table(table.cast(self.parquet.schema))
+        self.first = False
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+        if self.parquet is not None:
+            self.parquet.close()
+
+
+# -- the run -------------------------------------------------------------------------------
+
+@dataclass
+class RunSummary:
+    connections: int = 0
+    dns_records: int = 0
+    written: int = 0
+    alerts: int = 0
+    quarantined: int = 0
+    chunks_resumed: int = 0
+    stages_s: dict = field(default_factory=dict)
+
+
+def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path, fmt: str | None = None,
+        top: int | None = None, chunk_rows: int = 500_000, explain_top: int = 200, work: Path | None = None,
+        resume: bool = False, progress: bool = True, quarantine: ingest.Quarantine | None = None,
+        summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
+        bucket_s: int = BUCKET_S) -> RunSummary:
+    out = Path(out)
+    fmt = output_format(out, fmt)
+    work = Path(work) if work else out.with_name(out.name + ".work")
+    quarantine = quarantine if quarantine is not None else ingest.Quarantine()
+    run_summary = RunSummary()
+    stages = run_summary.stages_s
+    cp = Checkpoint()
+    spilled = work / "spill.json"
+    if resume and spilled.exists() and (work / "checkpoint.pkl").exists():
+        cp = pickle.loads((work / "checkpoint.pkl").read_bytes())
+        if cp.version != CHECKPOINT_VERSION:
+            raise ValueError(f"{work}: checkpoint from another version; rerun without --resume")
+        meta = json.loads(spilled.read_text())
+        run_summary.connections, run_summary.dns_records = meta["connections"], meta["dns_records"]
+        run_summary.chunks_resumed = len(cp.done_buckets)
+    else:
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        t0 = time.perf_counter()
+        c_counts = _spill(ingest.iter_connections(conn_paths, quarantine, summary, chunk_rows), work / "conn", bucket_s)
+        stages["read+spill connections"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        d_counts = _spill(ingest.iter_dns(dns_paths, quarantine, summary, chunk_rows), work / "dns", bucket_s)
+        stages["read+spill dns"] = time.perf_counter() - t0
+        run_summary.connections, run_summary.dns_records = sum(c_counts.values()), sum(d_counts.values())
+        if not run_summary.connections:
+            raise ingest.IngestError("no connection records were read from --conn")
+        meta = {"bucket_s": bucket_s, "connections": run_summary.connections, "dns_records": run_summary.dns_records}
+        with atomic_path(spilled) as tmp:
+            Path(tmp).write_text(json.dumps(meta))
+    bar = Progress(run_summary.connections, "scoring", enabled=progress)
+    bar.update(cp.scored)
+    bucket_s = int(json.loads(spilled.read_text())["bucket_s"])
+    cp = score_buckets(model, work, bucket_s, inventory, chunk_rows, explain_top, cp, bar, stages)
+    bar.close()
+    t0 = time.perf_counter()
+    run_summary.written = rank_and_write(model, work, cp, out, fmt, top, explain_top, html_extra or {})
+    stages["rank+write"] = time.perf_counter() - t0
+    run_summary.alerts = cp.alerts
+    run_summary.quarantined = len(quarantine)
+    shutil.rmtree(work, ignore_errors=True)
+    return run_summary
 
 
 def score_command(args, model, manifest, directory) -> int:
-    stages = Stages(quiet=getattr(args, "no_progress", False))
-    frames, quarantine, summary = read_inputs(args, stages)
-    ranked = stages.run("score", model.score, frames, top=args.top)
+    """`esxi-anomaly score`: the local engine streams; `--engine dask` partitions by entity."""
+    from esxi_anomaly.cli import finish_quarantine, log
+
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
+    inventory = ingest.read_inventory(args.inventory, quarantine, summary) if args.inventory else None
     fmt = output_format(out, args.format)
-    extra = {}
-    if fmt == "html":
-        extra = {"dns_answers": frames.dns_answers, "connections": frames.connections,
-                 "summary": {"model": str(directory), "env": manifest.get("env", ""),
-                             "threshold": manifest.get("threshold"), "connections": len(frames.connections)}}
-    stages.run("write", report.write_outputs, ranked, str(out), fmt, **extra)
-    run = {"connections": len(frames.connections), "dns_records": len(frames.dns_answers),
-           "written": len(ranked), "alerts": int(ranked["alert"].sum()), "quarantined": len(quarantine),
-           "stages_s": {k: round(v, 2) for k, v in stages.times.items()}}
-    log(json.dumps(run))
-    log(f"wrote {len(ranked)} rows to {out} ({fmt})")
+    html_extra = {"summary": {"model": str(directory), "env": manifest.get("env", ""),
+                              "threshold": manifest.get("threshold")}} if fmt == "html" else {}
+    if args.engine == "dask":
+        from esxi_anomaly.dask_engine import run as dask_run
+
+        result = dask_run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top,
+                          scheduler=args.scheduler, quarantine=quarantine, summary=summary, html_extra=html_extra)
+    else:
+        result = run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top, chunk_rows=args.chunk_rows,
+                     resume=args.resume, progress=not args.no_progress, quarantine=quarantine, summary=summary,
+                     html_extra=html_extra)
+    for line in summary.lines():
+        log(line)
+    log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.__dict__.items()
+                    if k != "stages_s"} | {"stages_s": {k: round(v, 2) for k, v in result.stages_s.items()}}))
+    log(f"wrote {result.written} rows to {out} ({fmt})")
     return finish_quarantine(quarantine, out, args.strict)

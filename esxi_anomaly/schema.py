@@ -38,7 +38,7 @@ DNS_ANSWERS: dict[str, str] = {
     "client_ip": STR,
     "resolver_ip": STR,
     "query": STR,
-    "rtype": STR,         # A, AAAA, CNAME, TXT, SRV, ... ("" when no answer)
+    "rtype": STR,         # A, AAAA, CNAME, TXT, SRV, ...; on the no-answer row the query type if logged, else ""
     "answer": STR,        # rdata as logged ("" for responses with no answers)
     "answer_index": "int16",  # position in the response; -1 for the no-answer row
     "ttl": "float64",

@@ -1,5 +1,7 @@
 """DNS-side features of the name behind a connection: shape of the name, churn, client NXDOMAINs.
 
+Every count is per client, so sources can be scored independently of each other.
+
 All counts are causal (what was known at the connection's time), computed with `merge_asof`.
 """
 from __future__ import annotations
@@ -8,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from esxi_anomaly.features.dns_join import DnsJoin
-from esxi_anomaly.features.hashing import hash_column
+from esxi_anomaly.features.hashing import combine, hash_column
 from esxi_anomaly.features.stream_state import StreamState, distinct_running_count
 
 DNS_SIDE_FEATURES = ["query_len", "query_entropy", "name_answer_churn", "client_nxdomain_rate"]
@@ -53,14 +55,15 @@ def dns_side_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin, name: 
     conn_ts = conns["ts"].to_numpy(dtype="float64")
     if state is not None:
         dns = dns[dns["ts"].to_numpy() >= state.dns_owned_until]
-    name_key = hash_column(name.to_numpy(dtype=object))
-    # distinct answers the name has had so far, across all clients
+    # distinct answers this client has received for the name so far (per client, so that sources
+    # can be processed independently, e.g. in Dask partitions by entity)
+    name_key = combine(conns["src_ip"].to_numpy(dtype=object), name.to_numpy(dtype=object))
     data = dns[dns["answer_index"].to_numpy() >= 0]
-    dq = hash_column(data["query"].to_numpy(dtype=object))
+    dq = combine(data["client_ip"].to_numpy(dtype=object), data["query"].to_numpy(dtype=object))
+    before = _prior(state, "name_answers", name_key)  # read before this batch updates the state
     churn = distinct_running_count(dq, hash_column(data["answer"].to_numpy(dtype=object)),
                                    data["ts"].to_numpy(dtype="float64"), state, "name_answers").astype("float64")
-    churn_now = _running_by_key(data["ts"].to_numpy(dtype="float64"), dq, churn, conn_ts, name_key,
-                                fallback=_prior(state, "name_answers", name_key))
+    churn_now = _running_by_key(data["ts"].to_numpy(dtype="float64"), dq, churn, conn_ts, name_key, fallback=before)
     out["name_answer_churn"] = np.where(name.to_numpy() != "", churn_now, 0.0)
     # share of the client's responses so far that were NXDOMAIN
     resp = dns.drop_duplicates("event_id")
