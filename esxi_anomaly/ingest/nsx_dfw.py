@@ -102,21 +102,26 @@ def parse_body(body: str) -> dict | None:
     }
 
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_CANONICAL_V4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}\Z")   # exactly what ip_address keeps as is
+
+
 def _split_address(text: str) -> tuple[str, int]:
     """`ip[/port]` (split on the last `/`), IPv6 normalised to the compressed form."""
     ip, sep, port = text.rpartition("/")
     if not sep:
         ip, port = text, ""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        raise _BadRecord(f"bad address {ip[:64]!r}") from None
+    if not _CANONICAL_V4.match(ip):   # a canonical dotted quad is its own compressed form
+        try:
+            ip = ipaddress.ip_address(ip).compressed
+        except ValueError:
+            raise _BadRecord(f"bad address {ip[:64]!r}") from None
     number = -1
     if port:
         number = int(port)
         if number > 65535:
             raise _BadRecord(f"port {number} out of range")
-    return address.compressed, number
+    return ip, number
 
 
 def sniff(head: bytes) -> bool:
@@ -159,6 +164,7 @@ def read(path: str, quarantine: Quarantine, chunk_rows: int) -> Iterator[pd.Data
     rows: list[list] = []
     open_sessions: dict[tuple, int] = {}
     skipped = 0
+    event_prefix = stable_event_id("nsx", path, 0)[:-1]   # "nsx-<digest>-": hashed once per file
     for line_no, line in iter_lines(path, quarantine):
         kind, fields, env = _classify(line, default_year)
         if kind == "blank":
@@ -177,11 +183,11 @@ def read(path: str, quarantine: Quarantine, chunk_rows: int) -> Iterator[pd.Data
         key = (host, fields["dir"], fields["proto"], fields["src_ip"], fields["src_port"],
                fields["dst_ip"], fields["dst_port"])
         if fields["reason"] == "TERM":
-            _close_session(rows, open_sessions, key, fields, ts, path, line_no, host)
+            _close_session(rows, open_sessions, key, fields, ts, event_prefix, line_no, host)
         else:
             if fields["action"] == "PASS":
                 open_sessions[key] = len(rows)
-            rows.append([stable_event_id("nsx", path, line_no), ts, fields["src_ip"], fields["src_port"],
+            rows.append([f"{event_prefix}{line_no}", ts, fields["src_ip"], fields["src_port"],
                          fields["dst_ip"], fields["dst_port"], fields["proto"], np.nan, np.nan, np.nan,
                          np.nan, np.nan, fields["action"] or fields["reason"], host])
         if len(rows) >= chunk_rows:
@@ -193,7 +199,7 @@ def read(path: str, quarantine: Quarantine, chunk_rows: int) -> Iterator[pd.Data
         yield _frame(rows)
 
 
-def _close_session(rows, open_sessions, key, fields, ts, path, line_no, host) -> None:
+def _close_session(rows, open_sessions, key, fields, ts, event_prefix, line_no, host) -> None:
     counts = fields["counts"]
     if counts is not None:
         pkts_in, pkts_out, bytes_in, bytes_out = counts
@@ -207,7 +213,7 @@ def _close_session(rows, open_sessions, key, fields, ts, path, line_no, host) ->
         row[7] = ts - row[1]
         row[8], row[9], row[10], row[11] = bytes_out, bytes_in, pkts_out, pkts_in
         return
-    rows.append([stable_event_id("nsx", path, line_no), ts, fields["src_ip"], fields["src_port"],
+    rows.append([f"{event_prefix}{line_no}", ts, fields["src_ip"], fields["src_port"],
                  fields["dst_ip"], fields["dst_port"], fields["proto"], np.nan, bytes_out, bytes_in,
                  pkts_out, pkts_in, "TERM", host])
 

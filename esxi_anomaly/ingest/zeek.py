@@ -6,10 +6,12 @@ one row with `answer == ""` and `answer_index == -1`). `ts` of a DNS row is the 
 response: Zeek's `ts` (query) plus `rtt` when the response was seen.
 
 TSV files are read header-driven (`#fields`, any column order, extra columns ignored, a new
-`#fields` block mid-file is honoured) in byte pieces that end on a line break; each piece is parsed
-by `pyarrow.csv` with native types (the fast path) and, only when that fails, re-parsed as text
-with per-row conversion so that each bad line goes to the quarantine with its line number and the
-rest of the piece is kept. Pieces are parsed on two threads (pyarrow releases the GIL).
+`#fields` block mid-file is honoured) in byte pieces that end on a line break, read into reused
+buffers and handed on as memoryviews (no copy); each piece is parsed by `pyarrow.csv` with native
+types on Arrow's threads (the fast path) and, only when that fails, re-parsed as text with per-row
+conversion so that each bad line goes to the quarantine with its line number and the rest of the
+piece is kept. Pieces are parsed on two threads (pyarrow releases the GIL); a connection chunk
+goes to pandas without copying its text (Arrow-backed `str` columns over the parsed buffers).
 """
 from __future__ import annotations
 
@@ -168,104 +170,130 @@ def _parse_header_lines(lines: list[bytes]) -> _Header:
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError)
 
 
-def _pieces(fh, block_bytes: int, path: str) -> Iterator[tuple[int, bytes, list]]:
-    """(first line number, bytes, quarantine entries) pieces of the file, each ending on a line break.
+def _pieces(fh, block_bytes: int, path: str, spare: list) -> Iterator[tuple[int, bytes, int, int, list]]:
+    """(first line number, buffer, start, end, quarantine entries): pieces of the file, each
+    `buffer[start:end]` ending on a line break.
 
-    Lines longer than MAX_LINE_BYTES are quarantined without being held in memory; a read error
-    (truncated gzip, ...) is quarantined and ends the file. Entries travel with the piece so that
-    the quarantine stays in file order.
+    Blocks are read straight into bytearrays taken from `spare` (the caller puts a buffer back
+    once nothing refers to it any more), so a large file costs no allocation per block; the
+    partial last line of a block is copied to the front of the next one. Lines longer than
+    MAX_LINE_BYTES are quarantined without being held in memory; a read error (truncated gzip,
+    ...) is quarantined and ends the file. Entries travel with the piece so that the quarantine
+    stays in file order.
     """
     carry = b""
     line = 1
     skipping = False          # inside an over-long line
     bad: list = []
     while True:
+        # a long partial line grows the read geometrically: linear cost, not quadratic
+        size = len(carry) + max(block_bytes, len(carry))
+        buf = _take_buffer(spare, size)
+        kept = len(carry)
+        buf[:kept] = carry
         try:
-            block = fh.read(block_bytes)
+            got = fh.readinto(memoryview(buf)[kept:size])
         except _READ_ERRORS as exc:
+            spare.append(buf)
             reason = f"file unreadable from here on ({type(exc).__name__}: {exc})"
             if carry:
-                yield line, carry + b"\n", bad
+                yield line, carry + b"\n", 0, len(carry) + 1, bad
                 line, bad = line + 1, []
-            yield line, b"", bad + [(line, reason, b"")]
+            yield line, b"", 0, 0, bad + [(line, reason, b"")]
             return
-        if not block:
+        if not got:
+            spare.append(buf)
             break
+        end = kept + got
+        start = 0
         if skipping:
-            nl = block.find(b"\n")
+            nl = buf.find(b"\n", 0, end)
             if nl < 0:
+                spare.append(buf)
                 continue
-            block = block[nl + 1:]
+            start = nl + 1
             line += 1
             skipping = False
-        cut = block.rfind(b"\n")
+        cut = buf.rfind(b"\n", start, end)
         if cut < 0:
-            carry += block
+            carry = bytes(buf[start:end])
+            spare.append(buf)
             if len(carry) > MAX_LINE_BYTES:
                 bad.append((line, f"line longer than {MAX_LINE_BYTES} bytes", carry[:RAW_KEEP]))
                 skipping, carry = True, b""
             continue
-        # one copy of the block, not two: the carried partial line is short
-        piece = carry + block[: cut + 1] if carry else block[: cut + 1]
-        carry = block[cut + 1:]
-        yield line, piece, bad
+        carry = bytes(buf[cut + 1:end])
+        yield line, buf, start, cut + 1, bad
         bad = []
-        line += _count_lines(piece)
+        line += buf.count(b"\n", start, cut + 1)
     if carry and not skipping:
-        yield line, carry + b"\n", bad
+        yield line, carry + b"\n", 0, len(carry) + 1, bad
     elif bad:
-        yield line, b"", bad
+        yield line, b"", 0, 0, bad
 
 
-def _directive_starts(piece: bytes) -> list[int]:
-    """Offsets of the lines of `piece` that start with '#' (after optional blanks)."""
+def _take_buffer(spare: list, size: int) -> bytearray:
+    """A free buffer of at least `size` bytes (never resized: memoryviews of it may live on)."""
+    while spare:
+        buf = spare.pop()
+        if len(buf) >= size:
+            return buf
+    return bytearray(size)
+
+
+_NOT_BLANK = re.compile(rb"[^ \t\r\n\x0b\x0c]")
+
+
+def _is_blank(buf: bytes, start: int, end: int) -> bool:
+    """`not buf[start:end].strip()` without the copy."""
+    return _NOT_BLANK.search(buf, start, end) is None
+
+
+def _directive_starts(buf: bytes, start: int, end: int) -> list[int]:
+    """Offsets of the lines of `buf[start:end]` that start with '#' (after optional blanks)."""
     starts = []
-    pos = piece.find(b"#")
+    pos = buf.find(b"#", start, end)
     while pos >= 0:
-        line_start = piece.rfind(b"\n", 0, pos) + 1
-        if not piece[line_start:pos].strip(b" \t"):
+        line_start = max(buf.rfind(b"\n", start, pos) + 1, start)
+        if not buf[line_start:pos].strip(b" \t"):
             starts.append(line_start)
-            nl = piece.find(b"\n", pos)
+            nl = buf.find(b"\n", pos, end)
             if nl < 0:
                 break
-            pos = piece.find(b"#", nl)
+            pos = buf.find(b"#", nl, end)
         else:
-            pos = piece.find(b"#", pos + 1)
+            pos = buf.find(b"#", pos + 1, end)
     return starts
 
 
-def _count_lines(data: bytes) -> int:
-    return int(np.count_nonzero(np.frombuffer(data, np.uint8) == 10))
-
-
-def _split_directives(piece: bytes) -> list[tuple[int, bytes, bool]]:
-    """Split a piece at '#' lines: [(line offset, bytes, is_directive)]."""
-    starts = _directive_starts(piece)
+def _split_directives(buf: bytes, start: int, end: int) -> list[tuple[int, int, int, bool]]:
+    """Split `buf[start:end]` at '#' lines: [(line offset, start, end, is_directive)]."""
+    starts = _directive_starts(buf, start, end)
     if not starts:
-        return [(0, piece, False)]
-    out: list[tuple[int, bytes, bool]] = []
-    offset = pos = 0
-    for start in starts:
-        if start > pos:
-            data = piece[pos:start]
-            out.append((offset, data, False))
-            offset += data.count(b"\n")
-        end = piece.find(b"\n", start)
-        end = len(piece) if end < 0 else end + 1
-        out.append((offset, piece[start:end], True))
+        return [(0, start, end, False)]
+    out: list[tuple[int, int, int, bool]] = []
+    offset, pos = 0, start
+    for first in starts:
+        if first > pos:
+            out.append((offset, pos, first, False))
+            offset += buf.count(b"\n", pos, first)
+        stop = buf.find(b"\n", first, end)
+        stop = end if stop < 0 else stop + 1
+        out.append((offset, first, stop, True))
         offset += 1
-        pos = end
-    if pos < len(piece):
-        out.append((offset, piece[pos:], False))
+        pos = stop
+    if pos < end:
+        out.append((offset, pos, end, False))
     return out
 
 
-def _normalise_line_ends(piece: bytes) -> bytes:
+def _normalise_line_ends(buf: bytes, start: int, end: int) -> tuple[bytes, int, int]:
     # pyarrow ends a row at a lone CR too, which would shift line numbers; Zeek itself writes a
     # CR inside a value as \x0d, so a lone CR becomes exactly that.
-    if b"\r" not in piece:
-        return piece
-    return piece.replace(b"\r\n", b"\n").replace(b"\r", b"\\x0d")
+    if buf.find(b"\r", start, end) < 0:
+        return buf, start, end
+    piece = buf[start:end].replace(b"\r\n", b"\n").replace(b"\r", b"\\x0d")
+    return piece, 0, len(piece)
 
 
 # --- parsing one segment --------------------------------------------------------------------
@@ -305,24 +333,37 @@ def _read_blocks(seg, header, columns, types, threads, handler, block_size):
     )
 
 
-def _parse_segment(seg: bytes, first_line: int, header: _Header, spec: dict, required: tuple) -> _Parsed:
+def _parse_segment(seg, first_line: int, header: _Header, spec: dict, required: tuple,
+                   text_type: pa.DataType = pa.string()) -> _Parsed:
+    """Typed table of one segment (bytes or a memoryview, not copied on the fast path)."""
     columns = [c for c in spec if c in header.fields]
-    fast_types = {c: _ARROW_TYPE[spec[c]] for c in columns}
+    fast_types = {c: text_type if _ARROW_TYPE[spec[c]] == pa.string() else _ARROW_TYPE[spec[c]] for c in columns}
     invalid: list = []
 
     def collect(row):
         invalid.append(row)
         return "skip"
 
-    try:
-        if not seg.isascii():
-            seg.decode("utf-8")   # undecodable bytes: straight to the careful path
-        table = _read_segment(seg, header, columns, fast_types, True, collect)
-    except Exception:  # any parse/convert failure: the careful path finds the culprit rows
-        table = None
+    data = pa.py_buffer(seg)
+    table = None
+    if _is_utf8(data):   # undecodable bytes: straight to the careful path
+        try:
+            table = _read_segment(data, header, columns, fast_types, True, collect)
+        except Exception:  # any parse/convert failure: the careful path finds the culprit rows
+            table = None
     if table is not None and not invalid and _fast_path_clean(table, spec, required):
         return _Parsed(_blank_empty_strings(table, spec, header), first_line + np.arange(table.num_rows), [])
-    return _parse_segment_carefully(seg, first_line, header, spec, required, columns)
+    return _parse_segment_carefully(bytes(seg), first_line, header, spec, required, columns, text_type)
+
+
+def _is_utf8(data: pa.Buffer) -> bool:
+    """Whether the bytes are valid UTF-8 (Arrow's validator: no copy, outside the GIL)."""
+    offsets = pa.py_buffer(np.array([0, data.size], np.int64))
+    try:
+        pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, data]).cast(pa.large_string())
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _fast_path_clean(table: pa.Table, spec: dict, required: tuple) -> bool:
@@ -352,7 +393,8 @@ def _blank_empty_strings(table: pa.Table, spec: dict, header: _Header) -> pa.Tab
     return table
 
 
-def _parse_segment_carefully(seg, first_line, header, spec, required, columns) -> _Parsed:
+def _parse_segment_carefully(seg, first_line, header, spec, required, columns,
+                             text_type: pa.DataType = pa.string()) -> _Parsed:
     """Text parse of a segment that failed the fast path: per-row conversion, per-row quarantine.
 
     Blank (whitespace-only) lines carry no record and are skipped; every other line is either
@@ -387,7 +429,7 @@ def _parse_segment_carefully(seg, first_line, header, spec, required, columns) -
             _note(reason, failed, f"{col} is not a {'port number' if kind == 'port' else 'number'}")
             out[col] = values
         else:
-            out[col] = text
+            out[col] = text.cast(text_type)
     for col in required:
         if col not in out:
             _note(reason, np.ones(n, bool), f"{col} is not in #fields")
@@ -516,8 +558,8 @@ def _column(table: pa.Table, name: str, kind: str, n: int) -> pa.Array:
     return pa.array(np.full(n, np.nan))
 
 
-def _const(n: int, value: str) -> pa.Array:
-    return pc.fill_null(pa.nulls(n, pa.string()), value)
+def _const(n: int, value: str, type_: pa.DataType = pa.string()) -> pa.Array:
+    return pc.fill_null(pa.nulls(n, type_), pa.scalar(value, type_))
 
 
 def _event_ids(uid: pa.Array, lines: np.ndarray, path: str) -> pa.Array:
@@ -525,9 +567,11 @@ def _event_ids(uid: pa.Array, lines: np.ndarray, path: str) -> pa.Array:
     missing = pc.equal(uid, "")
     if not pc.any(missing).as_py():
         return uid
+    if isinstance(uid, pa.ChunkedArray):
+        uid, missing = uid.combine_chunks(), missing.combine_chunks()
     idx = np.flatnonzero(missing.to_numpy(zero_copy_only=False))
     made = [stable_event_id("zeek", path, int(ln)) for ln in lines[idx]]
-    return pc.replace_with_mask(uid, missing, pa.array(made, pa.string()))
+    return pc.replace_with_mask(uid, missing, pa.array(made, uid.type))
 
 
 def _to_pandas(columns: dict[str, pa.Array], kind: str) -> pd.DataFrame:
@@ -535,24 +579,58 @@ def _to_pandas(columns: dict[str, pa.Array], kind: str) -> pd.DataFrame:
     return schema.conform(df, kind)
 
 
+_STR_DTYPE = pd.StringDtype("pyarrow", na_value=np.nan)   # pandas' "str" (schema.STR)
+_STR_MAPPER = {pa.large_string(): _STR_DTYPE, pa.string(): _STR_DTYPE}.get
+
+
+def _arrow_to_canonical(columns: dict, kind: str) -> pd.DataFrame:
+    """Canonical frame straight from Arrow columns that already hold canonical values (no nulls in
+    text or ints): text stays in its Arrow buffers (large_string, not copied), numbers become numpy
+    columns without consolidation. Falls back to `schema.conform` if a dtype is not canonical."""
+    df = pa.table(columns).to_pandas(types_mapper=_STR_MAPPER, split_blocks=True, self_destruct=True)
+    spec = schema.FRAMES[kind]
+    if list(df.columns) != list(spec) or any(str(df[c].dtype) != d for c, d in spec.items()):
+        return schema.conform(df, kind)
+    return df
+
+
+def _text(table: pa.Table, name: str, n: int):
+    """A text column with unset values as "" (Arrow chunks kept)."""
+    if name not in table.column_names:
+        return _const(n, "", pa.large_string())
+    arr = table[name]
+    return pc.fill_null(arr, pa.scalar("", arr.type)) if arr.null_count else arr
+
+
 def _conn_frame(parsed: _Parsed, source: str, path: str) -> pd.DataFrame:
     t, n = parsed.table, parsed.table.num_rows
+
+    def number(name: str):
+        return t[name] if name in t.column_names else pa.array(np.full(n, np.nan))
+
+    def port(name: str):
+        if name not in t.column_names:
+            return pa.array(np.full(n, -1, np.int32))
+        arr = t[name]
+        return pc.fill_null(arr, -1) if arr.null_count else arr
+
     cols = {
-        "event_id": _event_ids(_column(t, "uid", "str", n), parsed.lines, path),
-        "ts": _column(t, "ts", "time", n),
-        "src_ip": _column(t, "id.orig_h", "str", n),
-        "src_port": pc.fill_null(_column(t, "id.orig_p", "port", n), -1),
-        "dst_ip": _column(t, "id.resp_h", "str", n),
-        "dst_port": pc.fill_null(_column(t, "id.resp_p", "port", n), -1),
-        "proto": _column(t, "proto", "str", n),
+        "event_id": _event_ids(_text(t, "uid", n), parsed.lines, path),
+        "ts": number("ts"),
+        "src_ip": _text(t, "id.orig_h", n),
+        "src_port": port("id.orig_p"),
+        "dst_ip": _text(t, "id.resp_h", n),
+        "dst_port": port("id.resp_p"),
+        "proto": _text(t, "proto", n),
     }
     for zeek_name in ("duration", "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts"):
-        cols[_CONN_RENAME.get(zeek_name, zeek_name)] = _column(t, zeek_name, "float", n)
-    cols["conn_state"] = _column(t, "conn_state", "str", n)
-    cols["process"] = _const(n, "")
-    cols["esxi_host"] = _const(n, "")
-    cols["source"] = _const(n, source)
-    return _to_pandas(cols, "connections")
+        cols[_CONN_RENAME.get(zeek_name, zeek_name)] = number(zeek_name)
+    cols["conn_state"] = _text(t, "conn_state", n)
+    blank = _const(n, "", pa.large_string())
+    cols["process"] = blank
+    cols["esxi_host"] = blank
+    cols["source"] = _const(n, source, pa.large_string())
+    return _arrow_to_canonical(cols, "connections")
 
 
 def _split_vectors(parsed: _Parsed, header: _Header, path: str) -> tuple[_Parsed, pa.Array, pa.Array]:
@@ -653,13 +731,26 @@ def _dns_frame(parsed: _Parsed, answers: pa.Array, ttls: pa.Array, source: str, 
 
 def _tsv_reader(kind: str, source: str):
     spec, required = (CONN_SPEC, CONN_REQUIRED) if kind == "conn" else (DNS_SPEC, DNS_REQUIRED)
+    text_type = pa.large_string() if kind == "conn" else pa.string()
 
     def convert(segments, path):
         """Parse and convert the segments of one piece (runs on a worker thread)."""
         frames, bad = [], list(segments[0])
+        runs: list[tuple[_Header, list[_Parsed]]] = []     # consecutive segments of one header
         for first_line, seg, header in segments[1:]:
             try:
-                parsed = _parse_segment(seg, first_line, header, spec, required)
+                parsed = _parse_segment(seg, first_line, header, spec, required, text_type)
+                bad.extend(parsed.bad)
+                parsed.bad = []
+                if runs and runs[-1][0] == header:
+                    runs[-1][1].append(parsed)
+                else:
+                    runs.append((header, [parsed]))
+            except Exception as exc:  # never lose a piece silently, never take the run down
+                _unreadable(bad, first_line, seg, exc)
+        for header, parts in runs:
+            try:
+                parsed = _concat_parsed(parts)
                 if kind == "conn":
                     frame = _conn_frame(parsed, source, path)
                 else:
@@ -667,38 +758,63 @@ def _tsv_reader(kind: str, source: str):
                     frame = _dns_frame(parsed, answers, ttls, source, path)
                 bad.extend(parsed.bad)
                 frames.append(frame)
-            except Exception as exc:  # never lose a piece silently, never take the run down
-                last = first_line + seg.count(b"\n") - 1
-                bad.append((first_line, f"lines {first_line}..{last} unreadable ({type(exc).__name__}: {exc})",
-                            seg[:RAW_KEEP]))
+            except Exception as exc:
+                first = int(parts[0].lines[0]) if len(parts[0].lines) else 0
+                bad.append((first, f"rows from line {first} unreadable ({type(exc).__name__}: {exc})", b""))
         bad.sort(key=lambda entry: entry[0])
         return frames, bad
 
     def read(path: str, quarantine: Quarantine, chunk_rows: int) -> Iterator[pd.DataFrame]:
         block_bytes = max(4096, int(chunk_rows) * EST_LINE_BYTES)
         header = _Header()
-        with _open_fast(path) as fh, ThreadPoolExecutor(PARSE_THREADS) as pool:
+        spare: list = []          # read buffers nothing refers to any more
+        with open_binary(path) as fh, ThreadPoolExecutor(PARSE_THREADS) as pool:
             pending = []
-            for first_line, piece, bad in _pieces(fh, block_bytes, path):
+            for first_line, buf, start, end, bad in _pieces(fh, block_bytes, path, spare):
+                block = buf
                 segments: list = [bad]
-                for offset, seg, is_directive in _split_directives(_normalise_line_ends(piece)):
+                buf, start, end = _normalise_line_ends(buf, start, end)
+                view = memoryview(buf)
+                for offset, a, b, is_directive in _split_directives(buf, start, end):
                     if is_directive:
-                        if seg.strip() and not _apply_directive(header, seg):
-                            bad.append((first_line + offset, "unknown '#' line", seg))
+                        line = bytes(view[a:b])
+                        if line.strip() and not _apply_directive(header, line):
+                            bad.append((first_line + offset, "unknown '#' line", line))
                         continue
-                    if not seg.strip():
+                    if _is_blank(buf, a, b):
                         continue
                     if not header.fields:
-                        _quarantine_lines(bad, first_line + offset, seg, "data before the #fields header")
+                        _quarantine_lines(bad, first_line + offset, bytes(view[a:b]), "data before the #fields header")
                         continue
-                    segments.append((first_line + offset, seg, replace(header, fields=list(header.fields))))
-                pending.append(pool.submit(convert, segments, path))
+                    segments.append((first_line + offset, view[a:b], replace(header, fields=list(header.fields))))
+                del view
+                pending.append((pool.submit(convert, segments, path), block))
+                del segments
                 while len(pending) > PARSE_THREADS:
-                    yield from _drain(pending.pop(0), path, quarantine)
-            for future in pending:
-                yield from _drain(future, path, quarantine)
+                    yield from _drain(*pending.pop(0), path, quarantine, spare)
+            while pending:
+                yield from _drain(*pending.pop(0), path, quarantine, spare)
 
     return read
+
+
+def _unreadable(bad: list, first_line: int, seg, exc: Exception) -> None:
+    seg = bytes(seg)
+    last = first_line + seg.count(b"\n") - 1
+    bad.append((first_line, f"lines {first_line}..{last} unreadable ({type(exc).__name__}: {exc})", seg[:RAW_KEEP]))
+
+
+def _concat_parsed(parts: list[_Parsed]) -> _Parsed:
+    """One _Parsed from consecutive ones of the same header (Arrow chunks, not copied)."""
+    if len(parts) == 1:
+        return parts[0]
+    tables = [p.table for p in parts]
+    target = tables[0].schema
+    if any(t.schema != target for t in tables[1:]):
+        target = pa.unify_schemas([t.schema for t in tables], promote_options="permissive")
+        tables = [t.cast(target) for t in tables]
+    return _Parsed(pa.concat_tables(tables), np.concatenate([p.lines for p in parts]),
+                   [e for p in parts for e in p.bad])
 
 
 def _quarantine_lines(bad: list, first_line: int, seg: bytes, reason: str) -> None:
@@ -707,17 +823,11 @@ def _quarantine_lines(bad: list, first_line: int, seg: bytes, reason: str) -> No
             bad.append((first_line + i, reason, line))
 
 
-def _open_fast(path: str):
-    """gzip through Arrow's C++ reader (about twice Python's speed, outside the GIL); else open_binary."""
-    with open(path, "rb") as fh:
-        magic = fh.read(2)
-    if magic == b"\x1f\x8b":
-        return pa.CompressedInputStream(pa.OSFile(path), "gzip")
-    return open_binary(path)
-
-
-def _drain(future, path: str, quarantine: Quarantine) -> Iterator[pd.DataFrame]:
+def _drain(future, block, path: str, quarantine: Quarantine, spare: list) -> Iterator[pd.DataFrame]:
     frames, bad = future.result()
+    # the worker is done with the block (Arrow copied what it kept): its buffer can be reused
+    if isinstance(block, bytearray):
+        spare.append(block)
     for line, reason, raw in bad:
         quarantine.add(path, line, reason, raw)
     for frame in frames:

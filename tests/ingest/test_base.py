@@ -97,3 +97,56 @@ def test_explicit_file_of_another_kind_is_an_error(fixtures):
         read_inventory(str(fixtures / "zeek" / "conn.log"))
     with pytest.raises(IngestError, match=r"dns\.json: is zeek_dns_json \(dns_answers\), not connections"):
         read_connections(str(fixtures / "zeek" / "dns.json"))
+
+
+def _drain(fh, size: int) -> tuple[bytes, str]:
+    out = b""
+    try:
+        while True:
+            block = fh.read(size)
+            if not block:
+                return out, ""
+            out += block
+    except (OSError, EOFError) as exc:
+        return out, f"{type(exc).__name__}: {exc}"
+
+
+_BODY = b"".join(b"line %d of a log\n" % i for i in range(60_000))   # ~1 MB, > one Arrow read
+
+
+@pytest.mark.parametrize("name, packed", [
+    ("one member", gzip.compress(_BODY)),
+    ("two members", gzip.compress(_BODY[:5000]) + gzip.compress(_BODY[5000:])),
+    ("zero padding", gzip.compress(_BODY[:5000]) + b"\0" * 512),        # Arrow alone rejects this
+    ("trailing garbage", gzip.compress(_BODY[:5000]) + b"garbage"),
+    ("truncated", gzip.compress(_BODY)[:200_000]),
+    ("header only", gzip.compress(_BODY)[:5]),
+    ("empty member", gzip.compress(b"")),
+])
+@pytest.mark.parametrize("size", [1 << 16, 1 << 22])
+def test_gzip_reads_exactly_like_python_gzip(tmp_path, name, packed, size):
+    """open_binary decompresses gzip with Arrow, but data and errors are those of gzip.open."""
+    import io
+
+    from esxi_anomaly.ingest.base import open_binary, open_text
+
+    path = tmp_path / "x.gz"
+    path.write_bytes(packed)
+    with gzip.open(path, "rb") as fh:
+        expected = _drain(fh, size)
+    with open_binary(str(path)) as fh:
+        assert isinstance(fh, io.BufferedReader)
+        data, error = _drain(fh, size)
+    assert error == expected[1]
+    # a truncation loses at most the block being read when it broke, never more than Python's gzip
+    assert expected[0].startswith(data[: len(expected[0])]) and len(data) >= len(expected[0])
+    if not error:
+        assert data == expected[0]
+    with open_text(str(path)) as text:      # line-wise readers (syslog, CSV) get the same lines
+        lines = []
+        try:
+            for line in text:
+                lines.append(line)
+        except (OSError, EOFError):
+            pass
+    assert "".join(lines).encode() == _BODY[: len("".join(lines).encode())]

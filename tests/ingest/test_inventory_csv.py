@@ -78,3 +78,93 @@ def test_not_an_inventory_is_rejected_by_the_shared_api(tmp_path):
         read_inventory(str(path))
     with pytest.raises(IngestError):
         detect_format(str(path), "inventory")
+
+
+# --- properties -----------------------------------------------------------------------------
+
+import csv  # noqa: E402
+
+import pandas as pd  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from esxi_anomaly.ingest import iter_frames  # noqa: E402
+
+HEADER = b"ip,name,kind,esxi_host,role"
+# (line, the (ip, name, kind, esxi_host) it must give)
+VALID = [
+    (b"10.0.0.11,vm-web-01,vm,esx-01,web", ("10.0.0.11", "vm-web-01", "vm", "esx-01")),
+    (b"10.0.0.5,esx-01,esxi_mgmt,esx-01,", ("10.0.0.5", "esx-01", "esxi_mgmt", "esx-01")),
+    (b'10.0.0.2,"vcsa, main",VCenter,,mgmt', ("10.0.0.2", "vcsa, main", "vcenter", "")),
+    (b"2001:DB8::1,dns-01,infra,esx-02,dns", ("2001:db8::1", "dns-01", "infra", "esx-02")),
+    (b"10.0.0.13,,,esx-02,", ("10.0.0.13", "10.0.0.13", "unknown", "esx-02")),
+]
+
+
+def _mutate_csv(line: bytes, data) -> bytes:
+    ops = data.draw(st.lists(st.tuples(st.sampled_from(["del", "ins", "comma"]), st.integers(0, 1000),
+                                       st.binary(min_size=1, max_size=3)), min_size=1, max_size=4))
+    out = bytearray(line)
+    for op, pos, blob in ops:
+        pos = pos % (len(out) + 1)
+        if op == "del" and out:
+            del out[pos % len(out)]
+        elif op == "ins":
+            out[pos:pos] = blob
+        else:
+            out[pos:pos] = b","
+    return bytes(out)
+
+
+def _junk(data, quotes: bool) -> bytes:
+    if data.draw(st.booleans()):
+        blob = data.draw(st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode)))
+    else:
+        blob = _mutate_csv(data.draw(st.sampled_from(VALID))[0], data)
+    blob = blob.replace(b"\n", b" ").replace(b"\r", b" ")   # one physical line each
+    return blob if quotes else blob.replace(b'"', b"'")
+
+
+def _rows(path: str, quarantine: Quarantine) -> pd.DataFrame:
+    chunks = list(iter_frames(path, "inventory", quarantine))   # all rows, not deduplicated
+    return pd.concat(chunks, ignore_index=True) if chunks else schema.empty("inventory")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_and_mutated_lines_never_break_the_reader(tmp_path, data):
+    """Anything anywhere (quotes that run on, a broken header, ...): only IngestError may escape."""
+    lines = [HEADER] + [line for line, _ in VALID]
+    for _ in range(data.draw(st.integers(1, 6))):
+        lines.insert(data.draw(st.integers(0, len(lines))), _junk(data, quotes=True))
+    path = tmp_path / "inv.csv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    quarantine = Quarantine()
+    try:
+        inv = read_inventory(str(path), quarantine)
+    except IngestError:
+        return
+    schema.validate(inv, "inventory")
+    assert all(0 <= r.line <= len(lines) for r in quarantine.records)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_valid_rows_mixed_with_garbage_are_all_kept(tmp_path, data):
+    """Garbage lines (no quote character, which could legally join lines) after the header: every
+    valid row is kept exactly, only garbage lines are blamed, and no line vanishes silently."""
+    body: list[tuple[bytes, bool]] = [(line, True) for line, _ in VALID]
+    for _ in range(data.draw(st.integers(1, 6))):
+        body.insert(data.draw(st.integers(0, len(body))), (_junk(data, quotes=False), False))
+    path = tmp_path / "inv.csv"
+    path.write_bytes(b"\n".join([HEADER] + [line for line, _ in body]) + b"\n")
+    quarantine = Quarantine()
+    rows = _rows(str(path), quarantine)
+    kept = set(rows[["ip", "name", "kind", "esxi_host"]].itertuples(index=False, name=None))
+    assert {expected for _, expected in VALID} <= kept
+    junk_lines = {2 + i for i, (_, ok) in enumerate(body) if not ok}
+    assert {r.line for r in quarantine.records} <= junk_lines
+    blank = sum(1 for line, ok in body if not ok and all(
+        not cell.strip() for cell in next(csv.reader([line.decode("utf-8", "replace")]), [])))
+    assert len(rows) + len(quarantine) + blank == len(body)
+    schema.validate(rows, "inventory")
