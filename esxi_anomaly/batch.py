@@ -139,55 +139,75 @@ def _merge_top(cp: Checkpoint, rows: pd.DataFrame, feats: pd.DataFrame, k: int) 
     cp.top_feats = feats.iloc[order].reset_index(drop=True)
 
 
-def score_buckets(model, work: Path, bucket_s: int, inventory: pd.DataFrame | None, chunk_rows: int,
-                  explain_top: int, cp: Checkpoint, progress: Progress, stages: dict) -> Checkpoint:
+def bucket_groups(counts: dict[int, int], chunk_rows: int) -> list[list[int]]:
+    """Consecutive buckets grouped until a group holds about `chunk_rows` connections."""
+    groups, current, size = [], [], 0
+    for b in sorted(counts):
+        if current and size + counts[b] > chunk_rows:
+            groups.append(current)
+            current, size = [], 0
+        current.append(b)
+        size += counts[b]
+    if current:
+        groups.append(current)
+    return groups
+
+
+def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inventory: pd.DataFrame | None,
+                  chunk_rows: int, explain_top: int, cp: Checkpoint, progress: Progress, stages: dict) -> Checkpoint:
     conn_dir, dns_dir, out_dir = work / "conn", work / "dns", work / "scored"
     out_dir.mkdir(exist_ok=True)
-    buckets = sorted(int(p.name) for p in conn_dir.iterdir() if p.is_dir())
     lookback = model.join_params().lookback_s
     dns_cache: dict[int, pd.DataFrame | None] = {}
-    for b in buckets:
-        if b in cp.done_buckets:
+    for group in bucket_groups(counts, chunk_rows):
+        if group[0] in cp.done_buckets:
             continue
         t0 = time.perf_counter()
-        conns = _read_bucket(conn_dir, b)
+        conns = pd.concat([_read_bucket(conn_dir, b) for b in group], ignore_index=True)
         conns = conns.sort_values(["ts", "event_id"], kind="stable", ignore_index=True)
         ts = conns["ts"].to_numpy(dtype="float64")
-        pieces, feats_kept = [], []
+        pieces = []
         bounds = chunk_bounds(ts, chunk_rows)
         for i, (lo, hi) in enumerate(bounds):
             start = ts[lo]
-            # this chunk owns (counts) the DNS rows from its start to the next chunk's start
-            end = ts[bounds[i + 1][0]] if i + 1 < len(bounds) else (b + 1) * bucket_s
-            dns = _dns_window(dns_dir, dns_cache, start - lookback, end, bucket_s)
-            cp.state.dns_owned_until = start if cp.scored else -np.inf
+            # the chunk counts the DNS rows from where the previous one stopped (everything, for
+            # the first) to the next chunk's start, and sees its look-back window as well
+            end = ts[bounds[i + 1][0]] if i + 1 < len(bounds) else (group[-1] + 1) * bucket_s
+            counted_until = cp.state.dns_owned_until
+            dns = _dns_window(dns_dir, dns_cache, min(counted_until, start - lookback), end, bucket_s)
             chunk = Frames(conns.iloc[lo:hi].reset_index(drop=True), dns, inventory)
             prepared, feats = model.features(chunk, cp.state)
+            cp.state.dns_owned_until = end
             rows = model.score_rows(prepared, feats)
-            rows["bucket"], rows["row"] = b, np.arange(lo, hi)
+            rows["bucket"], rows["row"] = group[0], np.arange(lo, hi)
             _merge_top(cp, rows, feats, explain_top)
             pieces.append(rows)
             cp.scored += hi - lo
             progress.update(hi - lo)
         scored = pd.concat(pieces, ignore_index=True)
         cp.alerts += int(scored["alert"].sum())
-        with atomic_path(out_dir / f"{b}.parquet") as tmp:
+        with atomic_path(out_dir / f"{group[0]}.parquet") as tmp:
             pq.write_table(pa.Table.from_pandas(scored, preserve_index=False), tmp)
-        cp.done_buckets.append(b)
+        cp.done_buckets.extend(group)
         with atomic_path(work / "checkpoint.pkl") as tmp:
             with open(tmp, "wb") as fh:
                 pickle.dump(cp, fh, protocol=pickle.HIGHEST_PROTOCOL)
         stages["score"] = stages.get("score", 0.0) + time.perf_counter() - t0
-        for old in [k for k in dns_cache if k >= 0 and k < np.floor((ts[-1] - lookback) / bucket_s) - 1]:
+        horizon = np.floor((ts[-1] - lookback) / bucket_s) - 1
+        for old in [k for k in dns_cache if 0 <= k < horizon]:
             dns_cache.pop(old)
     return cp
 
 
 def _dns_window(dns_dir: Path, cache: dict, lo: float, hi: float, width: int) -> pd.DataFrame:
-    """DNS rows with lo <= ts < hi, read from the (cached) hourly buckets that cover them."""
-    first = int(np.floor(lo / width)) if np.isfinite(lo) else -1
+    """DNS rows with lo <= ts < hi, read from the (cached) buckets that cover them."""
+    first = np.floor(lo / width) if np.isfinite(lo) else -np.inf
+    last = np.floor((hi - 1e-9) / width) if np.isfinite(hi) else np.inf
+    existing = sorted(int(p.name) for p in dns_dir.iterdir() if p.is_dir()) if dns_dir.is_dir() else []
     frames = []
-    for b in [-1] + list(range(max(first, 0), int(np.floor((hi - 1e-9) / width)) + 1)):
+    for b in existing:
+        if b != -1 and not (first <= b <= last):  # bucket -1 holds answers without a time
+            continue
         if b not in cache:
             cache[b] = _read_bucket(dns_dir, b)
         if cache[b] is not None:
@@ -331,13 +351,15 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         run_summary.connections, run_summary.dns_records = sum(c_counts.values()), sum(d_counts.values())
         if not run_summary.connections:
             raise ingest.IngestError("no connection records were read from --conn")
-        meta = {"bucket_s": bucket_s, "connections": run_summary.connections, "dns_records": run_summary.dns_records}
+        meta = {"bucket_s": bucket_s, "connections": run_summary.connections, "dns_records": run_summary.dns_records,
+                "conn_buckets": {str(k): v for k, v in c_counts.items()}}
         with atomic_path(spilled) as tmp:
             Path(tmp).write_text(json.dumps(meta))
     bar = Progress(run_summary.connections, "scoring", enabled=progress)
     bar.update(cp.scored)
-    bucket_s = int(json.loads(spilled.read_text())["bucket_s"])
-    cp = score_buckets(model, work, bucket_s, inventory, chunk_rows, explain_top, cp, bar, stages)
+    meta = json.loads(spilled.read_text())
+    counts = {int(k): v for k, v in meta["conn_buckets"].items()}
+    cp = score_buckets(model, work, int(meta["bucket_s"]), counts, inventory, chunk_rows, explain_top, cp, bar, stages)
     bar.close()
     t0 = time.perf_counter()
     run_summary.written = rank_and_write(model, work, cp, out, fmt, top, explain_top, html_extra or {})

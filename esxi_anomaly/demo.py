@@ -42,13 +42,20 @@ def run(out: Path, seed: int = 7, days: int = 4) -> int:
     if rc:
         return rc
     ranked_csv, report_html = out / "ranked.csv", out / "report.html"
-    common = ["--env", "demo", "--models-dir", str(models), "--conn", str(today / "conn.log"),
-              "--dns", str(today / "dns.log"), "--inventory", str(today / "inventory.csv")]
-    for target in (ranked_csv, report_html):
-        rc = cli.main(["score", *common, "--out", str(target), "--no-progress"] + (["--top", "2000"] if target == report_html else []))
-        if rc:
-            return rc
-    ranked = pd.read_csv(ranked_csv, dtype={"event_id": "str", "src_name": "str", "explanation": "str"})
+    rc = cli.main(["score", "--env", "demo", "--models-dir", str(models), "--conn", str(today / "conn.log"),
+                   "--dns", str(today / "dns.log"), "--inventory", str(today / "inventory.csv"),
+                   "--out", str(ranked_csv), "--no-progress"])
+    if rc:
+        return rc
+    ranked = pd.read_csv(ranked_csv, dtype="str", keep_default_na=False, low_memory=False)
+    for col in ("rank", "score", "ts", "src_port", "dst_port", "dns_delay", "forest_score", "rule_score"):
+        ranked[col] = pd.to_numeric(ranked[col], errors="coerce")
+    # the analyst's report for the same run: the top 2000 rows with timelines from today's logs
+    from esxi_anomaly.ingest import read_connections, read_dns
+    from esxi_anomaly.report import write_outputs
+
+    write_outputs(ranked.head(2000), report_html, "html", connections=read_connections(today / "conn.log"),
+                  dns_answers=read_dns(today / "dns.log"), summary={"env": "demo", "model": str(models)})
     print("\nTop 10 anomalies (higher score = more anomalous):")
     for row in ranked.head(10).itertuples():
         print(f"{row.rank:>3}  {row.score:.3f}  {row.src_name} -> {row.dst_ip}:{row.dst_port}/{row.proto}")

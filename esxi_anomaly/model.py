@@ -130,9 +130,9 @@ class DnsCalcDetector(BaseEstimator):
         sentence_in = pd.concat([
             out[["dst_port", "dst_ip", "src_name", "rules", "query", "transform", "answer", "rtype", "dns_delay"]],
             ev[["consistency"]],
-            feats[["port_never_seen", "dst_never_seen", "dst_is_answer", "mgmt_unexpected_egress"]],
+            feats[["port_never_seen", "dst_never_seen", "dst_is_answer"]],
         ], axis=1)
-        out["explanation"] = explain.sentences(sentence_in, self.history_days_).to_numpy()
+        out["explanation"] = explain.sentences(sentence_in, self.history_days_, self.detector_.rules_).to_numpy()
         out["alert"] = out["score"].to_numpy() >= self.detector_.threshold_
         return out
 

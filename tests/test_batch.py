@@ -17,7 +17,7 @@ from esxi_anomaly.schema import Frames
 def setting(tmp_path_factory):
     from esxi_anomaly.synth import generate, write_zeek
 
-    ds = generate(days=2, seed=5, scenario="default", attack_days=1, scale=0.1)
+    ds = generate(days=2, seed=5, scenario="default", attack_days=1, scale=0.05)
     c, d = ds.connections, ds.dns_answers
     history = Frames(c[c["ts"] < ds.train_end], d[d["ts"] < ds.train_end], ds.inventory)
     model = DnsCalcDetector(random_state=5, n_estimators=50).fit(history)
@@ -42,10 +42,10 @@ def test_chunked_stream_equals_one_shot(tmp_path, setting):
     out = tmp_path / "streamed.csv"
     # small chunks and half-hour buckets: many chunk borders, state carried across all of them
     summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out,
-                        chunk_rows=700, bucket_s=1800, progress=False)
+                        chunk_rows=600, bucket_s=1800, progress=False)
     assert summary.connections == len(frames.connections) == summary.written
     a, b = read(tmp_path / "one.csv"), read(out)
-    assert len(frames.connections) > 10 * 700
+    assert len(frames.connections) > 10 * 600
     pd.testing.assert_frame_equal(a, b)
     assert not (tmp_path / "streamed.csv.work").exists()
 
@@ -62,7 +62,7 @@ def test_resume_after_interruption_gives_the_same_output(tmp_path, setting, monk
 
     def interrupt(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 15:
+        if calls["n"] == 5:
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 

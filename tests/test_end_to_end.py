@@ -19,8 +19,9 @@ SEED = 11
 def estate():
     from esxi_anomaly.synth import generate
 
-    # 3 days of history, a 4th with attacks; benign volume scaled down to keep the suite fast
-    return generate(days=4, seed=SEED, scenario="default", attack_days=1, scale=0.4)
+    # 3 days of history, a 4th with attacks, at the default scenario's full volume: attacks must
+    # stay a small share of traffic for "top 1%" to mean something
+    return generate(days=4, seed=SEED, scenario="default", attack_days=1)
 
 
 def split(ds):
@@ -58,13 +59,15 @@ def test_ranked_output_shape_and_explanations(scored):
     assert "answered" in top["explanation"] and top["top_features"]
 
 
-@pytest.mark.slow
-def test_same_seed_gives_identical_scores(estate, scored):
-    model, today, ranked = scored
-    history, _ = split(estate)
-    again = DnsCalcDetector(random_state=SEED).fit(history).score(today)
-    pd.testing.assert_series_equal(again["score"], ranked["score"])
-    assert again["event_id"].tolist() == ranked["event_id"].tolist()
+def test_same_seed_gives_identical_scores():
+    from esxi_anomaly.synth import generate
+
+    history, today = split(generate(days=2, seed=SEED, scenario="default", attack_days=1, scale=0.05))
+    first = DnsCalcDetector(random_state=SEED, n_estimators=50).fit(history).score(today)
+    again = DnsCalcDetector(random_state=SEED, n_estimators=50).fit(history).score(today)
+    pd.testing.assert_frame_equal(again, first)
+    other = DnsCalcDetector(random_state=SEED + 1, n_estimators=50).fit(history).score(today)
+    assert not np.array_equal(other["forest_score"].to_numpy(), first["forest_score"].to_numpy())
 
 
 @pytest.mark.slow

@@ -6,10 +6,24 @@ Built per distinct (transform, answer, port) and joined with vectorised string o
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 
 from esxi_anomaly.features import transforms as T
+
+
+KEYED = {"P9_xor": "XOR", "P9_add": "+"}
+
+
+def _keyed(transform: str, answer: str, port: str) -> str:
+    """e.g. "54708 = (231*256+201) XOR 0x5a5a" for a keyed variant of the low 16 bits."""
+    c, d = (int(x) for x in answer.split(".")[2:4])
+    base, p = c * 256 + d, int(port)
+    if transform == "P9_xor":
+        return f"{p} = ({c}*256+{d}) XOR 0x{p ^ base:04x} (keyed low 16 bits)"
+    return f"{p} = ({c}*256+{d}) + {(p - base) % 65536} mod 65536 (keyed low 16 bits)"
 
 
 def _derivation(transform: pd.Series, answer: pd.Series, target: pd.Series) -> pd.Series:
@@ -19,15 +33,16 @@ def _derivation(transform: pd.Series, answer: pd.Series, target: pd.Series) -> p
     texts = {}
     for t, a, p in uniq.itertuples(index=False):
         try:
-            texts[(t, a, p)] = T.describe(t, a, p)
+            texts[(t, a, p)] = _keyed(t, a, p) if t in KEYED else T.describe(t, a, p)
         except Exception:  # an explanation must never fail a run
             texts[(t, a, p)] = f"{p} from {a} via {t}"
     return pd.Series([texts.get(k, "") for k in zip(key["t"], key["a"], key["p"])], index=key.index, dtype="str")
 
 
-def sentences(rows: pd.DataFrame, history_days: float) -> pd.Series:
+def sentences(rows: pd.DataFrame, history_days: float, rules: list[dict] = ()) -> pd.Series:
     """`rows` carries: transform, answer, rtype, query, dns_delay, consistency, dst_port, dst_ip,
-    src_name, port_never_seen, dst_never_seen, dst_is_answer, mgmt_unexpected_egress, rules."""
+    src_name, port_never_seen, dst_never_seen, dst_is_answer, rules; `rules` are the model's rule
+    definitions, whose `explain` templates are appended for the rules that fired."""
     if not len(rows):
         return pd.Series([], dtype="str")
     is_ip = rows["transform"].astype("str").str.startswith("I")
@@ -52,7 +67,27 @@ def sentences(rows: pd.DataFrame, history_days: float) -> pd.Series:
                     np.where(rows["dst_never_seen"] == 1,
                              "; " + rows["src_name"].astype("str") + " never contacted " + rows["dst_ip"].astype("str")
                              + " in " + days, ""))
-    cons = np.where(rows["consistency"] >= 2,
-                    "; same rule held for " + rows["consistency"].astype("int64").astype("str") + " distinct answers", "")
-    mgmt = np.where(rows["mgmt_unexpected_egress"] == 1, "; management-plane egress outside the ESXi allow-list", "")
-    return (part1 + base + cons + mgmt).astype("str")
+    return (part1 + base + _rule_clauses(rows, rules)).astype("str")
+
+
+def _render(template: str, rows: pd.DataFrame) -> pd.Series:
+    """`template` with {field} placeholders filled from `rows`, vectorised."""
+    pieces = re.split(r"\{(\w+)\}", template)
+    out = pd.Series(pieces[0], index=rows.index, dtype="str")
+    for k in range(1, len(pieces), 2):
+        field = rows[pieces[k]] if pieces[k] in rows.columns else pd.Series("", index=rows.index)
+        if pd.api.types.is_float_dtype(field):
+            field = field.map(lambda v: f"{v:g}" if v == v else "")
+        out = out + field.astype("str") + pieces[k + 1]
+    return out
+
+
+def _rule_clauses(rows: pd.DataFrame, rules: list[dict]) -> pd.Series:
+    """"; <explain>" for every rule that fired on the row, heaviest first."""
+    out = pd.Series("", index=rows.index, dtype="str")
+    fired = rows["rules"].astype("str").str.split(";")
+    for rule in sorted(rules, key=lambda r: -float(r["weight"])):
+        hit = fired.map(lambda ids, rid=rule["id"]: rid in ids).to_numpy()
+        if hit.any() and rule.get("explain"):
+            out[hit] = out[hit] + "; " + _render(rule["explain"], rows[hit])
+    return out

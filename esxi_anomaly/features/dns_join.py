@@ -102,7 +102,8 @@ def _ip_link(conns, dns, conn_client, dns_client, conn_ts, dns_ts, window, max_w
 def _recent_answers(dns, conn_client, dns_client, conn_ts, dns_ts, window, max_window, params):
     """Candidate pairs: all answer rows of the client's last K responses within the window."""
     # one row per response (event_id + client), ordered by (client, ts)
-    resp_codes, _ = pd.factorize(dns["event_id"].astype("str") + "|" + dns["client_ip"].astype("str"))
+    # a response is (uid, client, time): Zeek gives every transaction of one socket the same uid
+    resp_codes = response_codes(dns)
     first = np.unique(resp_codes, return_index=True)[1]
     resp = pd.DataFrame({
         "client": dns_client[first], "ts": dns_ts[first], "code": resp_codes[first],
@@ -138,6 +139,13 @@ def _recent_answers(dns, conn_client, dns_client, conn_ts, dns_ts, window, max_w
     keep = (age >= 0) & (age <= window[rep_rows]) & (dns["answer_index"].to_numpy()[rep_rows] >= 0)
     sort = np.lexsort((rep_rows[keep], rep_conn[keep]))
     return rep_conn[keep][sort], rep_rows[keep][sort].astype("int64"), age[keep][sort]
+
+
+def response_codes(dns: pd.DataFrame) -> np.ndarray:
+    """An integer per DNS response (event_id, client, ts) for the long-form answer rows."""
+    frame = pd.DataFrame({"e": dns["event_id"].to_numpy(dtype=object), "c": dns["client_ip"].to_numpy(dtype=object),
+                          "t": dns["ts"].to_numpy(dtype="float64")})
+    return frame.groupby(["e", "c", "t"], sort=False, dropna=False).ngroup().to_numpy()
 
 
 def _asof(left: pd.DataFrame, right: pd.DataFrame, tolerance: float) -> pd.DataFrame:

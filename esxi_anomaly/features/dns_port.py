@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from esxi_anomaly.features import transforms as T
-from esxi_anomaly.features.dns_join import DnsJoin
+from esxi_anomaly.features.dns_join import DnsJoin, response_codes
 from esxi_anomaly.features.stream_state import StreamState, distinct_running_count
 
 NO_DNS_DELAY_LOG = float(np.log1p(86_400.0))  # "no answer seen": as far as a day away
@@ -122,7 +122,7 @@ def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
     delay[linked] = conn_ts[linked] - dns_ts[ip_row[linked]]
     feats["dns_delay_log"] = np.where(linked, np.log1p(np.maximum(delay, 0)), NO_DNS_DELAY_LOG)
     feats["answer_ttl_log"] = np.log1p(np.nan_to_num(_gather(ttl, ip_row, 0.0), nan=0.0))
-    per_response = dns.groupby("event_id", sort=False)["answer_index"].transform("size").to_numpy()
+    per_response = np.bincount(response_codes(dns))[response_codes(dns)] if len(dns) else np.zeros(0, dtype="int64")
     feats["answer_count"] = _gather(per_response.astype("float64"), ip_row, 0.0)
 
     ev_transform = np.full(n, "", dtype=object)
@@ -235,7 +235,7 @@ def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
                     # a derived IPv4 coincides with probability ~2^-32 per test
                     tests = np.bincount(upc, minlength=n)[hc] * 32
                     ip_sig[hc] = -np.log10(np.clip(tests / 2.0**32, 1e-300, 1))
-                    take = ev_transform[hc] == ""
+                    take = (ev_transform[hc] == "") | (ip_sig[hc] > sig[hc])
                     ev_transform[hc[take]] = hit_transform[take]
                     ev_answer_row[hc[take]] = hit_row[take]
     feats["ip_derived"] = ip_derived

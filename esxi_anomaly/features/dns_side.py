@@ -66,7 +66,7 @@ def dns_side_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin, name: 
     churn_now = _running_by_key(data["ts"].to_numpy(dtype="float64"), dq, churn, conn_ts, name_key, fallback=before)
     out["name_answer_churn"] = np.where(name.to_numpy() != "", churn_now, 0.0)
     # share of the client's responses so far that were NXDOMAIN
-    resp = dns.drop_duplicates("event_id")
+    resp = dns.drop_duplicates(["event_id", "client_ip", "ts"])
     rc = hash_column(resp["client_ip"].to_numpy(dtype=object))
     cc = hash_column(conns["src_ip"].to_numpy(dtype=object))
     order = np.argsort(resp["ts"].to_numpy(), kind="stable")

@@ -18,8 +18,8 @@ MGMT_FEATURES = ["mgmt_source", "mgmt_expected", "mgmt_unexpected_egress"]
 MGMT_KINDS = ("esxi_mgmt", "vcenter")
 ALLOW_COLUMNS = ["process", "peer_class", "proto", "port_from", "port_to", "ruleset"]
 _ROLE_CLASSES = [  # infra role text -> peer class (first match)
-    ("dns", "dns"), ("ntp", "ntp"), ("syslog", "syslog"), ("log", "syslog"), ("dc", "dc"), ("ad", "dc"),
-    ("domain", "dc"), ("kms", "kms"), ("nfs", "nfs"), ("iscsi", "iscsi"), ("replication", "vr"), ("depot", "depot"),
+    ("dns", "dns"), ("ntp", "ntp"), ("syslog", "syslog"), ("log", "syslog"), ("loghost", "syslog"),
+    ("dc", "dc"), ("ad", "dc"), ("domain", "dc"), ("controller", "dc"), ("kms", "kms"), ("nfs", "nfs"), ("iscsi", "iscsi"), ("replication", "vr"), ("depot", "depot"),
 ]
 
 
@@ -43,8 +43,9 @@ def peer_classes(inventory: pd.DataFrame | None) -> pd.Series:
     kind = inventory["kind"].astype("str")
     role = inventory["role"].astype("str").str.lower()
     cls = pd.Series("", index=inventory.index, dtype="str")
+    tokens = role.str.split(r"[^a-z0-9]+", regex=True)  # whole words: "loadbalancer" is not "ad"
     for needle, name in reversed(_ROLE_CLASSES):
-        cls = cls.mask(role.str.contains(needle, regex=False), name)
+        cls = cls.mask(tokens.map(lambda words, n=needle: n in words), name)
     cls = cls.mask(kind.isin(MGMT_KINDS), kind)
     return pd.Series(cls.to_numpy(), index=inventory["ip"].astype("str").to_numpy()).loc[lambda s: s != ""]
 

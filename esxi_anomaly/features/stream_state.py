@@ -24,7 +24,7 @@ from esxi_anomaly.features.hashing import combine
 class StreamState:
     seen: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, pd.Series] = field(default_factory=dict)
-    dns_owned_until: float = -np.inf   # DNS rows before this time are already counted
+    dns_owned_until: float = -np.inf   # DNS rows before this time were counted by earlier batches
 
     def prior_counts(self, name: str, groups: np.ndarray) -> np.ndarray:
         table = self.counts.get(name)
