@@ -1,0 +1,226 @@
+"""Scale-out scoring on Dask: partitions by source entity, the same pandas code in every task.
+
+Every feature is computed per source (client): the DNS join links a connection to answers its own
+source received, running counts are keyed per client, baselines per entity. So the connections of
+a set of sources, scored together with *all* DNS answers of those sources, get exactly the scores of
+a one-shot run over everything. The engine therefore:
+
+1. **Spill** (client process): streams the inputs once (`ingest.iter_connections/iter_dns`) into
+   Parquet files under `<out>.work/`, each chunk sorted by a *slot*: the top 16 bits of a stable
+   64-bit hash of the source IP (`src_ip` for connections, `client_ip` for DNS; same function, so a
+   source's connections and answers get the same slot). Row groups are small, so a reader asking
+   for a slot range skips the rest by the Parquet statistics.
+2. **Partition**: the per-slot row counts (known exactly after the spill) are cut into contiguous
+   slot ranges of about `PARTITION_ROWS` rows (connections + DNS answers), at least two per worker
+   thread; `partitions=` fixes the number instead.
+3. **Score** (workers): one task per partition loads its slot range (connections in (ts, event_id)
+   order, DNS in time order), runs `model.features` and `model.score_rows` (the model and inventory
+   are scattered to every worker once), writes `<work>/scored/<partition>.parquet` (`bucket` =
+   partition, `row` = row in the partition) and returns its top `explain_top` rows and features.
+4. **Rank and write** (client process): `batch.rank_and_write`, as the local engine does.
+
+The work folder is written by the client and read/written by the workers: on a remote cluster it
+must be on a filesystem they share (see docs/dask.md).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from esxi_anomaly import batch, ingest, schema
+from esxi_anomaly.features.hashing import hash_column
+from esxi_anomaly.report._atomic import atomic_path
+from esxi_anomaly.schema import Frames
+
+SLOT_BITS = 16
+N_SLOTS = 1 << SLOT_BITS
+PARTITION_ROWS = 500_000       # connections + DNS answer rows per task (bounds a worker's memory)
+ROW_GROUP_ROWS = 16_384        # small row groups: a slot-range read skips most of each spill file
+SPILL_CHUNK_ROWS = 500_000
+_SLOT, _SEQ = "_slot", "_seq"  # spill-only columns: source slot, global read order
+
+
+def source_slot(ips) -> np.ndarray:
+    """Slot (0..N_SLOTS-1) of each source IP: the top bits of a stable 64-bit hash (the same in
+    every process and run, see `features.hashing`)."""
+    return (hash_column(np.asarray(ips, dtype=object)) >> np.uint64(64 - SLOT_BITS)).astype("int32")
+
+
+# -- spill ----------------------------------------------------------------------------------
+
+def _spill(chunks: Iterator[pd.DataFrame], folder: Path, key: str) -> np.ndarray:
+    """Write each chunk, sorted by slot (stable), to folder/part-N.parquet; rows per slot."""
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = np.zeros(N_SLOTS, dtype="int64")
+    seq = 0
+    for part, chunk in enumerate(chunks):
+        if not len(chunk):
+            continue
+        slot = source_slot(chunk[key].to_numpy(dtype=object))
+        order = np.argsort(slot, kind="stable")
+        rows = chunk.iloc[order].reset_index(drop=True)
+        rows[_SLOT] = slot[order]
+        rows[_SEQ] = seq + order.astype("int64")
+        seq += len(chunk)
+        counts += np.bincount(slot, minlength=N_SLOTS)
+        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), folder / f"part-{part}.parquet",
+                       row_group_size=ROW_GROUP_ROWS)
+    return counts
+
+
+def choose_partitions(conn_counts: np.ndarray, dns_counts: np.ndarray, partitions: int | None,
+                      min_partitions: int = 1, partition_rows: int = PARTITION_ROWS) -> list[tuple[int, int]]:
+    """Contiguous slot ranges [lo, hi) of about equal rows, only those holding connections.
+
+    `partitions` fixes the number of cuts; otherwise enough to keep each near `partition_rows`
+    rows (connections + DNS), and at least `min_partitions`."""
+    weight = conn_counts + dns_counts
+    total = int(weight.sum())
+    if partitions is None:
+        partitions = max(min_partitions, -(-total // partition_rows))
+    partitions = max(1, min(int(partitions), int(np.count_nonzero(conn_counts)) or 1))
+    cum = np.cumsum(weight)
+    cuts = np.searchsorted(cum, total * np.arange(1, partitions) / partitions, side="left") + 1
+    edges = np.unique(np.concatenate([[0], cuts, [N_SLOTS]]))
+    ranges = [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+    return [(lo, hi) for lo, hi in ranges if conn_counts[lo:hi].any()]
+
+
+# -- one task -------------------------------------------------------------------------------
+
+def _read_range(folder: Path, lo: int, hi: int) -> pd.DataFrame | None:
+    parts = sorted(folder.glob("part-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
+    filters = [(_SLOT, ">=", lo), (_SLOT, "<", hi)]
+    frames = [t.to_pandas() for t in (pq.read_table(p, filters=filters) for p in parts) if t.num_rows]
+    if not frames:
+        return None
+    return pd.concat(frames, ignore_index=True)
+
+
+def score_partition(model, inventory: pd.DataFrame | None, work: str, partition: int, lo: int, hi: int,
+                    explain_top: int) -> dict:
+    """Score the sources of slots [lo, hi): the same pandas code as the local engine, one batch."""
+    t0 = time.perf_counter()
+    work = Path(work)
+    if not (work / "conn").is_dir():
+        raise FileNotFoundError(f"{work}: the work folder is not visible on this Dask worker; with a remote "
+                                "cluster it must be on a filesystem the workers mount at the same path")
+    conns = _read_range(work / "conn", lo, hi)
+    if conns is None:
+        return {"partition": partition, "rows": 0, "alerts": 0, "top_rows": None, "top_feats": None, "seconds": 0.0}
+    conns = conns.sort_values(["ts", "event_id", _SEQ], kind="stable", ignore_index=True)
+    conns = conns.drop(columns=[_SLOT, _SEQ])
+    dns = _read_range(work / "dns", lo, hi)
+    if dns is None:
+        dns = schema.empty("dns_answers")
+    else:
+        dns = dns.sort_values(["ts", _SEQ], kind="stable", ignore_index=True).drop(columns=[_SLOT, _SEQ])
+    prepared, feats = model.features(Frames(conns, dns, inventory))
+    rows = model.score_rows(prepared, feats)
+    rows["bucket"], rows["row"] = partition, np.arange(len(rows))
+    top = batch.Checkpoint()
+    batch._merge_top(top, rows, feats, explain_top)
+    out_dir = work / "scored"
+    out_dir.mkdir(exist_ok=True)
+    with atomic_path(out_dir / f"{partition}.parquet") as tmp:
+        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), tmp)
+    return {"partition": partition, "rows": len(rows), "alerts": int(rows["alert"].sum()),
+            "top_rows": top.top_rows, "top_feats": top.top_feats, "seconds": time.perf_counter() - t0}
+
+
+# -- the run --------------------------------------------------------------------------------
+
+def _connect(scheduler):
+    """(client, cluster we started or None): an address, an existing `distributed.Client`, or None
+    for a LocalCluster of 2 single-threaded worker processes."""
+    from distributed import Client, LocalCluster
+
+    if isinstance(scheduler, Client):
+        return scheduler, None, False
+    if scheduler:
+        return Client(scheduler), None, True
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    return Client(cluster), cluster, True
+
+
+def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path, fmt: str | None = "csv",
+        top: int | None = None, scheduler=None, quarantine: ingest.Quarantine | None = None,
+        summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
+        partitions: int | None = None, explain_top: int = 200, work: Path | None = None,
+        partition_rows: int = PARTITION_ROWS) -> batch.RunSummary:
+    """Score like `batch.run`, with the per-partition work on a Dask cluster; same outputs.
+
+    `scheduler`: a scheduler address (``tcp://host:8786``), a `distributed.Client`, or None for a
+    LocalCluster started (and closed) here. `partitions`: number of tasks (default: by size)."""
+    out = Path(out)
+    fmt = batch.output_format(out, fmt)
+    work = (Path(work) if work else out.with_name(out.name + ".work")).resolve()
+    quarantine = quarantine if quarantine is not None else ingest.Quarantine()
+    result = batch.RunSummary()
+    stages = result.stages_s
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    client = cluster = None
+    close = False
+    try:
+        t0 = time.perf_counter()
+        c_counts = _spill(ingest.iter_connections(conn_paths, quarantine, summary, SPILL_CHUNK_ROWS),
+                          work / "conn", "src_ip")
+        stages["read+spill connections"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        d_counts = _spill(ingest.iter_dns(dns_paths, quarantine, summary, SPILL_CHUNK_ROWS), work / "dns", "client_ip")
+        stages["read+spill dns"] = time.perf_counter() - t0
+        result.connections, result.dns_records = int(c_counts.sum()), int(d_counts.sum())
+        if not result.connections:
+            raise ingest.IngestError("no connection records were read from --conn")
+
+        t0 = time.perf_counter()
+        client, cluster, close = _connect(scheduler)
+        threads = sum(client.nthreads().values()) or 1
+        ranges = choose_partitions(c_counts, d_counts, partitions, 2 * threads, partition_rows)
+        model_f = client.scatter(model, broadcast=True)
+        inventory_f = client.scatter(inventory, broadcast=True) if inventory is not None else None
+        stages["cluster+broadcast"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        from distributed import as_completed
+
+        futures = [client.submit(score_partition, model_f, inventory_f, str(work), p, lo, hi, explain_top, pure=False)
+                   for p, (lo, hi) in enumerate(ranges)]
+        cp = batch.Checkpoint()
+        task_s = 0.0
+        for future in as_completed(futures):
+            part = future.result()
+            future.release()
+            cp.alerts += part["alerts"]
+            cp.scored += part["rows"]
+            task_s += part["seconds"]
+            if part["top_rows"] is not None:
+                batch._merge_top(cp, part["top_rows"], part["top_feats"], explain_top)
+        cp.done_buckets = list(range(len(ranges)))
+        stages["score"] = time.perf_counter() - t0
+        stages["score (sum of tasks)"] = task_s
+        if cp.scored != result.connections:
+            raise RuntimeError(f"scored {cp.scored} of {result.connections} connections")
+
+        t0 = time.perf_counter()
+        result.written = batch.rank_and_write(model, work, cp, out, fmt, top, explain_top, html_extra or {})
+        stages["rank+write"] = time.perf_counter() - t0
+        result.alerts = cp.alerts
+        result.quarantined = len(quarantine)
+        result.partitions = len(ranges)  # informational, not a RunSummary field
+        return result
+    finally:
+        if close and client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,115 @@
+"""Dask engine: partitions by source on a LocalCluster give exactly the local engine's outputs."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from esxi_anomaly import batch, dask_engine
+from esxi_anomaly.model import DnsCalcDetector
+from esxi_anomaly.schema import Frames
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    from esxi_anomaly.ingest import read_connections, read_dns, read_inventory
+    from esxi_anomaly.synth import generate, write_zeek
+
+    ds = generate(days=2, seed=5, scenario="default", attack_days=1, scale=0.1)
+    c, d = ds.connections, ds.dns_answers
+    history = Frames(c[c["ts"] < ds.train_end], d[d["ts"] < ds.train_end], ds.inventory)
+    model = DnsCalcDetector(random_state=5, n_estimators=50).fit(history)
+    today = dataclasses.replace(ds, connections=c[c["ts"] >= ds.train_end],
+                                dns_answers=d[d["ts"] >= ds.train_end - 4000])
+    folder = tmp_path_factory.mktemp("today")
+    write_zeek(today, folder)
+    inventory = read_inventory(folder / "inventory.csv")  # as the CLI reads it
+    local = folder / "local.csv"
+    batch.run(model, [folder / "conn.log"], [folder / "dns.log"], inventory, local, progress=False)
+    counts = (len(read_connections(folder / "conn.log")), len(read_dns(folder / "dns.log")))
+    return model, folder, inventory, local, counts
+
+
+@pytest.fixture(scope="module")
+def client():
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+def read(path):
+    return pd.read_csv(path, dtype={"event_id": "str"}, keep_default_na=False)
+
+
+def test_dask_equals_local_engine(tmp_path, setting, client):
+    model, folder, inventory, local, (n_conn, n_dns) = setting
+    out = tmp_path / "dask.csv"
+    summary = dask_engine.run(model, [folder / "conn.log"], [folder / "dns.log"], inventory, out,
+                              scheduler=client, partitions=5)
+    assert summary.connections == summary.written == n_conn
+    assert summary.dns_records == n_dns
+    assert summary.partitions == 5
+    expected = read(local)
+    assert summary.alerts == int(expected["alert"].sum()) > 0
+    assert {"read+spill connections", "read+spill dns", "cluster+broadcast", "score", "rank+write"} <= set(summary.stages_s)
+    pd.testing.assert_frame_equal(expected, read(out))
+    assert (read(out)["top_features"] != "").sum() == 200  # attributions merged from the partitions' tops
+    assert not (tmp_path / "dask.csv.work").exists()
+    assert client.status == "running"  # a client passed in is left open
+
+
+def test_cli_engine_dask_starts_its_own_cluster_parquet_top(tmp_path, setting):
+    from esxi_anomaly import cli
+    from esxi_anomaly.train import TrainConfig, write_model
+
+    model, folder, _, local, _ = setting
+    bundle = write_model(model, TrainConfig(env="t"), tmp_path / "models")
+    out = tmp_path / "dask.parquet"
+    assert cli.main(["score", "--model", str(bundle), "--conn", str(folder / "conn.log"), "--dns", str(folder / "dns.log"),
+                     "--inventory", str(folder / "inventory.csv"), "--out", str(out), "--top", "50",
+                     "--engine", "dask"]) == 0
+    got, expected = pd.read_parquet(out), read(local).head(50)
+    assert got["rank"].tolist() == list(range(1, 51))
+    assert got["event_id"].tolist() == expected["event_id"].tolist()
+    np.testing.assert_allclose(got["score"].to_numpy(), expected["score"].to_numpy(), rtol=1e-12)
+    assert got["top_features"].tolist() == expected["top_features"].tolist()
+    assert got["explanation"].tolist() == expected["explanation"].tolist()
+    assert not (tmp_path / "dask.parquet.work").exists()
+
+
+def test_source_slot_is_stable_and_shared_by_connections_and_dns():
+    ips = np.array(["10.0.0.1", "10.0.0.2", "fe80::1", "10.0.0.1", ""], dtype=object)
+    slots = dask_engine.source_slot(ips)
+    assert slots.dtype == np.int32 and ((slots >= 0) & (slots < dask_engine.N_SLOTS)).all()
+    assert slots[0] == slots[3]
+    # a value, not an accident of the process: pandas' stable hash, the same on every worker
+    again = dask_engine.source_slot(pd.Series(["10.0.0.1"], dtype="str").to_numpy(dtype=object))
+    assert again[0] == slots[0]
+    assert len(set(dask_engine.source_slot(np.array([f"10.0.{i // 256}.{i % 256}" for i in range(4000)],
+                                                    dtype=object)).tolist())) > 3500
+
+
+def test_choose_partitions_balances_rows_and_skips_slots_without_connections():
+    conn = np.zeros(dask_engine.N_SLOTS, dtype="int64")
+    dns = np.zeros(dask_engine.N_SLOTS, dtype="int64")
+    conn[[10, 20, 30, 40]] = 100
+    dns[[10, 20, 30, 40, 50]] = 100  # slot 50: DNS of a source without connections
+    ranges = dask_engine.choose_partitions(conn, dns, partitions=None, min_partitions=1, partition_rows=450)
+    assert ranges == [(0, 31), (31, dask_engine.N_SLOTS)]  # 900 rows -> 2 cuts at the weighted middle
+    covered = [s for lo, hi in ranges for s in (10, 20, 30, 40) if lo <= s < hi]
+    assert sorted(covered) == [10, 20, 30, 40]  # every source slot in exactly one partition
+    assert sum(int(conn[lo:hi].sum()) for lo, hi in ranges) == 400
+    assert len(dask_engine.choose_partitions(conn, dns, partitions=3)) == 3
+    many = dask_engine.choose_partitions(conn, dns, partitions=50)  # at most one per slot with connections
+    assert 1 < len(many) <= 4 and all(conn[lo:hi].any() for lo, hi in many)
+    assert dask_engine.choose_partitions(conn, dns, None, min_partitions=8) == \
+        dask_engine.choose_partitions(conn, dns, 4)
+
+
+def test_a_worker_that_cannot_see_the_work_folder_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="shared|filesystem"):
+        dask_engine.score_partition(None, None, str(tmp_path / "elsewhere"), 0, 0, dask_engine.N_SLOTS, 200)
