@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from esxi_anomaly import ingest, schema
 from esxi_anomaly.report import csv as report_csv, ecs as report_ecs, html as report_html
+from esxi_anomaly.feedback import FeedbackStore, apply_suppressions
 from esxi_anomaly.features.stream_state import StreamState
 from esxi_anomaly.report._atomic import atomic_path
 from esxi_anomaly.schema import Frames
@@ -154,7 +155,8 @@ def bucket_groups(counts: dict[int, int], chunk_rows: int) -> list[list[int]]:
 
 
 def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inventory: pd.DataFrame | None,
-                  chunk_rows: int, explain_top: int, cp: Checkpoint, progress: Progress, stages: dict) -> Checkpoint:
+                  chunk_rows: int, explain_top: int, cp: Checkpoint, progress: Progress, stages: dict,
+                  suppressions: pd.DataFrame | None = None) -> Checkpoint:
     conn_dir, dns_dir, out_dir = work / "conn", work / "dns", work / "scored"
     out_dir.mkdir(exist_ok=True)
     lookback = model.join_params().lookback_s
@@ -178,7 +180,7 @@ def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inve
             chunk = Frames(conns.iloc[lo:hi].reset_index(drop=True), dns, inventory)
             prepared, feats = model.features(chunk, cp.state)
             cp.state.dns_owned_until = end
-            rows = model.score_rows(prepared, feats)
+            rows = apply_suppressions(model.score_rows(prepared, feats), suppressions)
             rows["bucket"], rows["row"] = group[0], np.arange(lo, hi)
             _merge_top(cp, rows, feats, explain_top)
             pieces.append(rows)
@@ -315,6 +317,7 @@ class RunSummary:
     alerts: int = 0
     quarantined: int = 0
     chunks_resumed: int = 0
+    partitions: int = 0          # Dask engine: partitions scored
     stages_s: dict = field(default_factory=dict)
 
 
@@ -322,7 +325,7 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         top: int | None = None, chunk_rows: int = 500_000, explain_top: int = 200, work: Path | None = None,
         resume: bool = False, progress: bool = True, quarantine: ingest.Quarantine | None = None,
         summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
-        bucket_s: int = BUCKET_S) -> RunSummary:
+        bucket_s: int = BUCKET_S, suppressions: pd.DataFrame | None = None) -> RunSummary:
     out = Path(out)
     fmt = output_format(out, fmt)
     work = Path(work) if work else out.with_name(out.name + ".work")
@@ -359,7 +362,8 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
     bar.update(cp.scored)
     meta = json.loads(spilled.read_text())
     counts = {int(k): v for k, v in meta["conn_buckets"].items()}
-    cp = score_buckets(model, work, int(meta["bucket_s"]), counts, inventory, chunk_rows, explain_top, cp, bar, stages)
+    cp = score_buckets(model, work, int(meta["bucket_s"]), counts, inventory, chunk_rows, explain_top, cp, bar, stages,
+                       suppressions if suppressions is not None else pd.DataFrame())
     bar.close()
     t0 = time.perf_counter()
     run_summary.written = rank_and_write(model, work, cp, out, fmt, top, explain_top, html_extra or {})
@@ -387,9 +391,11 @@ def score_command(args, model, manifest, directory) -> int:
         result = dask_run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top,
                           scheduler=args.scheduler, quarantine=quarantine, summary=summary, html_extra=html_extra)
     else:
+        # benign analyst verdicts of this environment (next to its bundles) become suppressions
+        suppressions = FeedbackStore(Path(directory).parent.parent, Path(directory).parent.name).suppressions()
         result = run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top, chunk_rows=args.chunk_rows,
                      resume=args.resume, progress=not args.no_progress, quarantine=quarantine, summary=summary,
-                     html_extra=html_extra)
+                     html_extra=html_extra, suppressions=suppressions)
     for line in summary.lines():
         log(line)
     log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.__dict__.items()

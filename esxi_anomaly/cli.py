@@ -193,7 +193,14 @@ def cmd_label(args) -> int:
     else:
         if not args.event_id or not args.verdict:
             raise SystemExit("label: give --event-id and --verdict, or --import-csv")
-        store.add(args.event_id, args.verdict, args.note or "")
+        context = {}
+        if args.scores:  # the event's source, name and port make a benign verdict a suppression
+            scored = _read_table(args.scores)
+            match = scored[scored["event_id"].astype("str") == args.event_id]
+            if not len(match):
+                raise ValueError(f"{args.scores}: no event {args.event_id}")
+            context = match.iloc[0][[c for c in ("src_ip", "query", "dst_port") if c in match.columns]].to_dict()
+        store.add(args.event_id, args.verdict, args.note or "", context)
         log(f"{args.event_id}: {args.verdict} stored in {store.path}")
     return EXIT_OK
 
@@ -276,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event-id")
     p.add_argument("--verdict", choices=["benign", "malicious"])
     p.add_argument("--note")
-    p.add_argument("--import-csv", help="CSV with event_id,verdict[,note]")
+    p.add_argument("--import-csv", help="CSV with event_id,verdict[,note,src_ip,query,dst_port]")
+    p.add_argument("--scores", help="the scored CSV/Parquet the event comes from (enables suppression)")
     p.set_defaults(func=cmd_label)
     return parser
 

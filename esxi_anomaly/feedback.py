@@ -76,17 +76,17 @@ class FeedbackStore:
         return store.labels()
 
 
-def apply_suppressions(ranked: pd.DataFrame, suppressions: pd.DataFrame) -> pd.DataFrame:
-    """Scale down rows matching a benign verdict's (src_ip, query, dst_port) and mark them."""
-    ranked = ranked.copy()
-    ranked["suppressed"] = False
-    if not len(suppressions) or not len(ranked):
-        return ranked
-    key = ranked["src_ip"].astype("str") + "|" + ranked["query"].astype("str") + "|" + ranked["dst_port"].astype("str")
+def apply_suppressions(rows: pd.DataFrame, suppressions: pd.DataFrame) -> pd.DataFrame:
+    """Scale down rows matching a benign verdict's (src_ip, query, dst_port) and mark them
+    `suppressed`; ranking happens afterwards, so suppressed rows sink but stay visible."""
+    if not len(suppressions) or not len(rows):
+        return rows
+    rows = rows.copy()
+    rows["suppressed"] = False
+    key = rows["src_ip"].astype("str") + "|" + rows["query"].astype("str") + "|" + rows["dst_port"].astype("str")
     sup = set(suppressions["src_ip"] + "|" + suppressions["query"] + "|" + suppressions["dst_port"].astype("str"))
     hit = key.isin(sup).to_numpy()
-    ranked.loc[hit, "score"] = ranked.loc[hit, "score"] * SUPPRESSION_FACTOR
-    ranked.loc[hit, "suppressed"] = True
-    ranked = ranked.sort_values(["score", "event_id"], ascending=[False, True], kind="stable", ignore_index=True)
-    ranked["rank"] = np.arange(1, len(ranked) + 1)
-    return ranked
+    rows.loc[hit, "score"] = rows.loc[hit, "score"] * SUPPRESSION_FACTOR
+    rows.loc[hit, "suppressed"] = True
+    rows.loc[hit, "alert"] = False if "alert" in rows.columns else None
+    return rows
