@@ -216,7 +216,7 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         stages["rank+write"] = time.perf_counter() - t0
         result.alerts = cp.alerts
         result.quarantined = len(quarantine)
-        result.partitions = len(ranges)  # informational, not a RunSummary field
+        result.partitions = len(ranges)
         return result
     finally:
         if close and client is not None:
