@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from esxi_anomaly import ingest, schema
 from esxi_anomaly.report import csv as report_csv, ecs as report_ecs, html as report_html
+from esxi_anomaly.detect.explain import context_clauses
 from esxi_anomaly.feedback import FeedbackStore, apply_suppressions
 from esxi_anomaly.features.stream_state import StreamState
 from esxi_anomaly.report._atomic import atomic_path
@@ -224,7 +225,7 @@ def _dns_window(dns_dir: Path, cache: dict, lo: float, hi: float, width: int) ->
 # -- pass 3: rank and write -----------------------------------------------------------------
 
 def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: int | None,
-                   explain_top: int, html_extra: dict) -> int:
+                   explain_top: int, html_extra: dict, context: pd.DataFrame | None = None) -> int:
     scored = sorted((work / "scored").glob("*.parquet"), key=lambda p: int(p.stem))
     keys = pd.concat([pq.read_table(p, columns=["score", "event_id", "bucket", "row"]).to_pandas() for p in scored],
                      ignore_index=True)
@@ -244,7 +245,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
             block = _gather(files, keys, idx)
             block.insert(0, "rank", np.arange(start + 1, start + len(block) + 1))
             explanation, alert = block.pop("explanation"), block.pop("alert")
-            block["explanation"] = explanation.to_numpy()
+            block["explanation"] = (explanation + context_clauses(block, context)).to_numpy()
             explained = block["rank"].to_numpy() <= explain_top
             block["top_features"] = np.where(explained, block["event_id"].map(attribution).fillna(""), "")
             block["alert"] = alert.to_numpy()
@@ -325,7 +326,8 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         top: int | None = None, chunk_rows: int = 500_000, explain_top: int = 200, work: Path | None = None,
         resume: bool = False, progress: bool = True, quarantine: ingest.Quarantine | None = None,
         summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
-        bucket_s: int = BUCKET_S, suppressions: pd.DataFrame | None = None) -> RunSummary:
+        bucket_s: int = BUCKET_S, suppressions: pd.DataFrame | None = None,
+        context: pd.DataFrame | None = None) -> RunSummary:
     out = Path(out)
     fmt = output_format(out, fmt)
     work = Path(work) if work else out.with_name(out.name + ".work")
@@ -366,7 +368,7 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
                        suppressions if suppressions is not None else pd.DataFrame())
     bar.close()
     t0 = time.perf_counter()
-    run_summary.written = rank_and_write(model, work, cp, out, fmt, top, explain_top, html_extra or {})
+    run_summary.written = rank_and_write(model, work, cp, out, fmt, top, explain_top, html_extra or {}, context)
     stages["rank+write"] = time.perf_counter() - t0
     run_summary.alerts = cp.alerts
     run_summary.quarantined = len(quarantine)
@@ -382,6 +384,7 @@ def score_command(args, model, manifest, directory) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
     inventory = ingest.read_inventory(args.inventory, quarantine, summary) if args.inventory else None
+    context = ingest.read_context(args.context, quarantine, summary) if args.context else None
     fmt = output_format(out, args.format)
     html_extra = {"summary": {"model": str(directory), "env": manifest.get("env", ""),
                               "threshold": manifest.get("threshold")}} if fmt == "html" else {}
@@ -395,7 +398,7 @@ def score_command(args, model, manifest, directory) -> int:
         suppressions = FeedbackStore(Path(directory).parent.parent, Path(directory).parent.name).suppressions()
         result = run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top, chunk_rows=args.chunk_rows,
                      resume=args.resume, progress=not args.no_progress, quarantine=quarantine, summary=summary,
-                     html_extra=html_extra, suppressions=suppressions)
+                     html_extra=html_extra, suppressions=suppressions, context=context)
     for line in summary.lines():
         log(line)
     log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.__dict__.items()

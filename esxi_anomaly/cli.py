@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models-dir", default="models")
     _inputs(p)
     p.add_argument("--out", required=True)
+    p.add_argument("--context", nargs="+", help="ESXi/vCenter syslog (hostd, vobd, shell, ...) shown in explanations")
     p.add_argument("--format", choices=["csv", "parquet", "jsonl", "html"])
     p.add_argument("--engine", choices=["local", "dask"], default="local")
     p.add_argument("--scheduler", help="Dask scheduler address (default: a LocalCluster)")

@@ -91,7 +91,8 @@ def test_cli_train_and_score_on_real_zeek(samples, tmp_path, folder, capsys):
     assert rc == 0
     out = tmp_path / "ranked.csv"
     rc = cli.main(["score", "--env", "real", "--models-dir", str(models), "--conn", str(base / "conn.log"),
-                   "--dns", str(base / "dns.log"), "--out", str(out), "--no-progress"])
+                   "--dns", str(base / "dns.log"), "--out", str(out), "--no-progress",
+                   "--context", str(samples / "vsphere-elastic-integrations" / "test-format-common.log")])
     assert rc == 0
     ranked = pd.read_csv(out, dtype={"event_id": "str"}, keep_default_na=False)
     n = {"test10-mixed-zeek-dir": 117, "test9-mixed-zeek-dir": 576}[folder]

@@ -91,3 +91,34 @@ def _rule_clauses(rows: pd.DataFrame, rules: list[dict]) -> pd.Series:
         if hit.any() and rule.get("explain"):
             out[hit] = out[hit] + "; " + _render(rule["explain"], rows[hit])
     return out
+
+
+NOTABLE_CONTEXT = ("syslog_remote_failure", "syslog_stopped", "firewall_change", "ssh_enabled", "shell_enabled",
+                   "vib_install")
+CONTEXT_HORIZON_S = 86_400.0
+
+
+def context_clauses(rows: pd.DataFrame, context: pd.DataFrame | None) -> pd.Series:
+    """"; esx-01: syslog_stopped 2.1 h earlier" when the row's source (or its ESXi host) logged a
+    notable event in the day before the connection (ESXi context frame, `ingest.read_context`)."""
+    out = pd.Series("", index=rows.index, dtype="str")
+    if context is None or not len(context) or not len(rows):
+        return out
+    notable = context[context["event"].isin(NOTABLE_CONTEXT)]
+    if not len(notable):
+        return out
+    events = pd.DataFrame({"ts": notable["ts"].to_numpy(dtype="float64"),
+                           "host": notable["host"].astype("str").str.lower().to_numpy(),
+                           "event": notable["event"].to_numpy(dtype=object)}).dropna(subset=["ts"])
+    events = events.sort_values("ts", kind="stable")
+    for column in ("src_name", "esxi_host"):
+        probe = pd.DataFrame({"ts": rows["ts"].to_numpy(dtype="float64"),
+                              "host": rows[column].astype("str").str.lower().to_numpy(), "i": np.arange(len(rows))})
+        probe = probe[probe["host"] != ""].sort_values("ts", kind="stable")
+        hit = pd.merge_asof(probe, events.rename(columns={"ts": "ets"}), left_on="ts", right_on="ets", by="host",
+                            direction="backward", tolerance=CONTEXT_HORIZON_S).dropna(subset=["event"])
+        hit = hit[out.to_numpy()[hit["i"].to_numpy()] == ""]
+        text = ("; " + hit["host"] + ": " + hit["event"].astype("str") + " "
+                + ((hit["ts"] - hit["ets"]) / 3600).map(lambda h: f"{h:.1f}") + " h earlier")
+        out.iloc[hit["i"].to_numpy()] = text.to_numpy()
+    return out
