@@ -118,7 +118,9 @@ def context_clauses(rows: pd.DataFrame, context: pd.DataFrame | None) -> pd.Seri
         hit = pd.merge_asof(probe, events.rename(columns={"ts": "ets"}), left_on="ts", right_on="ets", by="host",
                             direction="backward", tolerance=CONTEXT_HORIZON_S).dropna(subset=["event"])
         hit = hit[out.to_numpy()[hit["i"].to_numpy()] == ""]
-        text = ("; " + hit["host"] + ": " + hit["event"].astype("str") + " "
-                + ((hit["ts"] - hit["ets"]) / 3600).map(lambda h: f"{h:.1f}") + " h earlier")
+        if not len(hit):
+            continue
+        hours = ((hit["ts"] - hit["ets"]) / 3600).map(lambda h: f"{h:.1f}").astype("str")
+        text = "; " + hit["host"].astype("str") + ": " + hit["event"].astype("str") + " " + hours + " h earlier"
         out.iloc[hit["i"].to_numpy()] = text.to_numpy()
     return out
