@@ -368,6 +368,8 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
                        suppressions if suppressions is not None else pd.DataFrame())
     bar.close()
     t0 = time.perf_counter()
+    if html_extra:
+        html_extra = {**html_extra, "summary": {**html_extra.get("summary", {}), "connections": run_summary.connections}}
     run_summary.written = rank_and_write(model, work, cp, out, fmt, top, explain_top, html_extra or {}, context)
     stages["rank+write"] = time.perf_counter() - t0
     run_summary.alerts = cp.alerts

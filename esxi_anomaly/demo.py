@@ -55,7 +55,8 @@ def run(out: Path, seed: int = 7, days: int = 4) -> int:
     from esxi_anomaly.report import write_outputs
 
     write_outputs(ranked.head(2000), report_html, "html", connections=read_connections(today / "conn.log"),
-                  dns_answers=read_dns(today / "dns.log"), summary={"env": "demo", "model": str(models)})
+                  dns_answers=read_dns(today / "dns.log"),
+                  summary={"env": "demo", "model": str(models), "connections": len(ranked)})
     print("\nTop 10 anomalies (higher score = more anomalous):")
     for row in ranked.head(10).itertuples():
         print(f"{row.rank:>3}  {row.score:.3f}  {row.src_name} -> {row.dst_ip}:{row.dst_port}/{row.proto}")

@@ -156,7 +156,8 @@ def _iso(ts: float) -> str:
 def _summary(ranked: pd.DataFrame, shown: int, rollup: pd.DataFrame, summary: dict | None) -> dict:
     summary = dict(summary or {})
     threshold = summary.get("threshold")
-    cards = [["connections scored", f"{len(ranked):,}"], ["rows in table", f"{shown:,}"],
+    scored = summary.pop("connections", len(ranked))  # a run passes its total; the table may be its top N
+    cards = [["connections scored", f"{int(scored):,}"], ["rows in table", f"{shown:,}"],
              ["entities", f"{len(rollup):,}"]]
     if isinstance(threshold, (int, float)) and "score" in ranked.columns:
         cards.append([f"alerts (score \u2265 {threshold:.3g})", f"{int((ranked['score'] >= threshold).sum()):,}"])
