@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import tempfile
 
 import pandas as pd
+
+from tests.ingest._lines import read_lines
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -116,18 +116,8 @@ def test_gzip_and_empty_file(tmp_path):
     assert len(read_all(empty)) == 0
 
 
-def _read_lines(lines: list[str]) -> pd.DataFrame:
-    fd, path = tempfile.mkstemp(suffix=".log")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as fh:
-            fh.write("\n".join(lines) + "\n")
-        try:
-            return read_all(path)
-        except IngestError:
-            return schema.empty("dns_answers")
-    finally:
-        os.unlink(path)
-
+def _read_lines(lines):
+    return read_lines(lines, read_all, "dns_answers")
 
 @settings(max_examples=50, deadline=None)
 @given(garbage=st.lists(st.text(max_size=120), max_size=8), where=st.integers(0, 8))

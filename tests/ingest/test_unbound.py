@@ -6,11 +6,11 @@ in formats.md (f), verbatim.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 
 import numpy as np
 import pandas as pd
+
+from tests.ingest._lines import read_lines
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -77,17 +77,7 @@ def test_bad_lines(tmp_path):
 
 
 def _read_lines(lines):
-    fd, path = tempfile.mkstemp(suffix=".log")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as fh:
-            fh.write("\n".join(lines) + "\n")
-        try:
-            return read_all(path)
-        except IngestError:
-            return schema.empty("dns_answers")
-    finally:
-        os.unlink(path)
-
+    return read_lines(lines, read_all, "dns_answers")
 
 @settings(max_examples=50, deadline=None)
 @given(garbage=st.lists(st.text(max_size=120), max_size=8), where=st.integers(0, 8))
