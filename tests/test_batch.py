@@ -1,33 +1,22 @@
 """Streaming batch scoring: chunked = one-shot, resume after an interruption, atomic outputs."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pandas as pd
 import pytest
 
 from esxi_anomaly import batch
-from esxi_anomaly.model import DnsCalcDetector
 from esxi_anomaly.report.csv import write_csv
 from esxi_anomaly.schema import Frames
 
 
 @pytest.fixture(scope="module")
-def setting(tmp_path_factory):
-    from esxi_anomaly.synth import generate, write_zeek
+def setting(small_day):
+    from esxi_anomaly.ingest import read_connections, read_dns, read_inventory
 
-    ds = generate(days=2, seed=5, scenario="default", attack_days=1, scale=0.05)
-    c, d = ds.connections, ds.dns_answers
-    history = Frames(c[c["ts"] < ds.train_end], d[d["ts"] < ds.train_end], ds.inventory)
-    model = DnsCalcDetector(random_state=5, n_estimators=50).fit(history)
-    today = dataclasses.replace(ds, connections=c[c["ts"] >= ds.train_end],
-                                dns_answers=d[d["ts"] >= ds.train_end - 4000])
-    folder = tmp_path_factory.mktemp("today")
-    write_zeek(today, folder)
-    from esxi_anomaly.ingest import read_connections, read_dns
-
-    frames = Frames(read_connections(folder / "conn.log"), read_dns(folder / "dns.log"), ds.inventory)
+    model, folder = small_day
+    frames = Frames(read_connections(folder / "conn.log"), read_dns(folder / "dns.log"),
+                    read_inventory(folder / "inventory.csv"))
     return model, folder, frames
 
 

@@ -1,32 +1,21 @@
 """Dask engine: partitions by source on a LocalCluster give exactly the local engine's outputs."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from esxi_anomaly import batch, dask_engine
-from esxi_anomaly.model import DnsCalcDetector
-from esxi_anomaly.schema import Frames
 
 distributed = pytest.importorskip("distributed")
 
 
 @pytest.fixture(scope="module")
-def setting(tmp_path_factory):
+def setting(small_day):
     from esxi_anomaly.ingest import read_connections, read_dns, read_inventory
-    from esxi_anomaly.synth import generate, write_zeek
 
-    ds = generate(days=2, seed=5, scenario="default", attack_days=1, scale=0.1)
-    c, d = ds.connections, ds.dns_answers
-    history = Frames(c[c["ts"] < ds.train_end], d[d["ts"] < ds.train_end], ds.inventory)
-    model = DnsCalcDetector(random_state=5, n_estimators=50).fit(history)
-    today = dataclasses.replace(ds, connections=c[c["ts"] >= ds.train_end],
-                                dns_answers=d[d["ts"] >= ds.train_end - 4000])
-    folder = tmp_path_factory.mktemp("today")
-    write_zeek(today, folder)
+    model, folder = small_day
     inventory = read_inventory(folder / "inventory.csv")  # as the CLI reads it
     local = folder / "local.csv"
     batch.run(model, [folder / "conn.log"], [folder / "dns.log"], inventory, local, progress=False)
