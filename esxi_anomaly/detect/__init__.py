@@ -1,0 +1,1 @@
+"""Detection: the calibrated isolation forest, rules as data, the ensemble score and explanations."""
