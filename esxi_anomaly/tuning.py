@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pandas as pd
 from sklearn.metrics import average_precision_score
