@@ -81,8 +81,11 @@ def tune(frames: Frames, config) -> tuple[dict, dict]:
     started = time.perf_counter()
 
     def report(study, trial):  # one line per trial: tuning is the longest step a user waits on
-        print(f"tuning {config.env}: trial {trial.number + 1}/{config.trials} AP={trial.value:.4f} "
-              f"best={study.best_value:.4f} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+        value = f"AP={trial.value:.4f}" if trial.value is not None else trial.state.name
+        done = [t.value for t in study.trials if t.value is not None]
+        best = f" best={max(done):.4f}" if done else ""
+        print(f"tuning {config.env}: trial {trial.number + 1} of this run's {config.trials}: {value}{best} "
+              f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
     study.optimize(objective, n_trials=config.trials, show_progress_bar=False, callbacks=[report])
     best = dict(study.best_params)
