@@ -78,13 +78,14 @@ def tune(frames: Frames, config) -> tuple[dict, dict]:
     name = f"{config.env}-{config.digest()}"
     study = optuna.create_study(direction="maximize", study_name=name, storage=storage_url(config),
                                 sampler=optuna.samplers.TPESampler(seed=config.seed), load_if_exists=True)
-    started = time.perf_counter()
+    started, finished = time.perf_counter(), []
 
     def report(study, trial):  # one line per trial: tuning is the longest step a user waits on
+        finished.append(trial.number)
         value = f"AP={trial.value:.4f}" if trial.value is not None else trial.state.name
         done = [t.value for t in study.trials if t.value is not None]
-        best = f" best={max(done):.4f}" if done else ""
-        print(f"tuning {config.env}: trial {trial.number + 1} of this run's {config.trials}: {value}{best} "
+        best = f", best so far {max(done):.4f}" if done else ""
+        print(f"tuning {config.env}: trial {len(finished)}/{config.trials} {value}{best} "
               f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
     study.optimize(objective, n_trials=config.trials, show_progress_bar=False, callbacks=[report])
