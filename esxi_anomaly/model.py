@@ -9,6 +9,8 @@ will at scoring time; the baseline kept for scoring is then refitted on all of i
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
@@ -59,15 +61,27 @@ class DnsCalcDetector(BaseEstimator):
         prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params())
         return self.fit_prepared(prepared, X.inventory)
 
-    def fit_prepared(self, prepared: pipeline.Prepared, inventory: pd.DataFrame | None):
-        """Fit from an already prepared batch (tuning re-uses one preparation across trials)."""
-        self.mgmt_ = ManagementPlane(extra_allow=tuple(self.mgmt_allow)).fit(inventory)
+    def fitted_baselines(self, prepared: pipeline.Prepared) -> tuple[EntityBaseline, EntityBaseline]:
+        """The baseline of the older history (for the forest's training features) and of all of it."""
+        early = self._early_mask(prepared)
+        return (EntityBaseline(alpha=self.baseline_alpha).fit(prepared.baseline_input[early]),
+                EntityBaseline(alpha=self.baseline_alpha).fit(prepared.baseline_input))
+
+    def _early_mask(self, prepared: pipeline.Prepared) -> np.ndarray:
         ts = prepared.conns["ts"].to_numpy()
         cut = np.quantile(ts, self.baseline_split) if len(ts) else 0.0
-        early = ts < cut
-        late_idx = np.flatnonzero(~early)
-        early_baseline = EntityBaseline(alpha=self.baseline_alpha).fit(prepared.baseline_input[early])
-        features = pipeline.extract(_take(prepared, late_idx), early_baseline, self.mgmt_)
+        return ts < cut
+
+    def fit_prepared(self, prepared: pipeline.Prepared, inventory: pd.DataFrame | None, baselines=None):
+        """Fit from an already prepared batch. Tuning re-uses one preparation, and the fitted
+        `baselines` (their fit does not depend on `alpha`, which only enters at transform time)."""
+        self.mgmt_ = ManagementPlane(extra_allow=tuple(self.mgmt_allow)).fit(inventory)
+        ts = prepared.conns["ts"].to_numpy()
+        late_idx = np.flatnonzero(~self._early_mask(prepared))
+        if baselines is None:
+            baselines = self.fitted_baselines(prepared)
+        early_baseline, full_baseline = (copy.copy(b).set_params(alpha=self.baseline_alpha) for b in baselines)
+        features = pipeline.extract(take_rows(prepared, late_idx), early_baseline, self.mgmt_)
         if len(features) > self.max_forest_rows:
             rng = np.random.default_rng(self.random_state)
             features = features.iloc[np.sort(rng.choice(len(features), self.max_forest_rows, replace=False))]
@@ -77,7 +91,7 @@ class DnsCalcDetector(BaseEstimator):
             n_estimators=self.n_estimators, max_samples=self.max_samples,
             threshold_quantile=self.threshold_quantile, random_state=self.random_state,
         ).fit(features.reset_index(drop=True))
-        self.baseline_ = EntityBaseline(alpha=self.baseline_alpha).fit(prepared.baseline_input)
+        self.baseline_ = full_baseline
         self.history_days_ = self.baseline_.history_days_
         self.training_window_ = (float(ts.min()), float(ts.max())) if len(ts) else (0.0, 0.0)
         self.feature_names_ = list(pipeline.FEATURES)
@@ -160,7 +174,7 @@ class DnsCalcDetector(BaseEstimator):
         return self.detector_.threshold_
 
 
-def _take(prepared: pipeline.Prepared, idx: np.ndarray) -> pipeline.Prepared:
+def take_rows(prepared: pipeline.Prepared, idx: np.ndarray) -> pipeline.Prepared:
     return pipeline.Prepared(
         conns=prepared.conns.iloc[idx].reset_index(drop=True),
         relationship=prepared.relationship.iloc[idx].reset_index(drop=True),

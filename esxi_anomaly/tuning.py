@@ -17,17 +17,22 @@ import optuna
 import pandas as pd
 from sklearn.metrics import average_precision_score
 
+import numpy as np
+
 from esxi_anomaly.features import pipeline
+from esxi_anomaly.model import take_rows
 from esxi_anomaly.schema import Frames
 
 DEFAULT_STORAGE_DIR = Path("training")
+MAX_VALIDATION_NEGATIVES = 100_000  # per trial; negatives beyond this are sampled and weighted
+TRIAL_FOREST_ROWS = 100_000         # forest training rows per trial (the final fit uses the model's own)
 
 
 def search_space(trial: optuna.Trial) -> dict:
     """The tuned parameters; a data scientist narrows or widens them here."""
     return {
+        # join parameters each cost one preparation of history and validation: keep their choices few
         "min_window_s": trial.suggest_categorical("min_window_s", [120.0, 300.0, 900.0]),
-        "recent_responses": trial.suggest_categorical("recent_responses", [2, 4, 6]),
         "baseline_alpha": trial.suggest_float("baseline_alpha", 0.5, 20.0, log=True),
         "forest_weight": trial.suggest_float("forest_weight", 0.2, 0.9),
         "forest_floor": trial.suggest_float("forest_floor", 0.8, 0.995),
@@ -58,21 +63,29 @@ def tune(frames: Frames, config) -> tuple[dict, dict]:
     cache: dict = {}
 
     def prepared_for(params):
-        key = (params["min_window_s"], params["recent_responses"])
+        """Per join window, once: both preparations, the fitted baselines, and the validation rows
+        (every positive, a weighted sample of negatives: AP is estimated without scoring them all)."""
+        key = params["min_window_s"]
         if key not in cache:
             model = config.detector(**params)
             jp = model.join_params()
-            cache[key] = (pipeline.prepare(history.connections, history.dns_answers, history.inventory, jp),
-                          pipeline.prepare(validation.connections, validation.dns_answers, validation.inventory, jp))
+            hist = pipeline.prepare(history.connections, history.dns_answers, history.inventory, jp)
+            val = pipeline.prepare(validation.connections, validation.dns_answers, validation.inventory, jp)
+            y = val.conns["event_id"].isin(positives).to_numpy()
+            rate = min(1.0, MAX_VALIDATION_NEGATIVES / max(int((~y).sum()), 1))
+            keep = y | (np.random.default_rng(config.seed).random(len(y)) < rate)
+            idx = np.flatnonzero(keep)
+            weight = np.where(y[idx], 1.0, 1.0 / rate)
+            cache[key] = (hist, take_rows(val, idx), y[idx], weight, model.fitted_baselines(hist))
         return cache[key]
 
     def objective(trial):
         params = search_space(trial)
-        hist_prep, val_prep = prepared_for(params)
-        model = config.detector(**params).fit_prepared(hist_prep, history.inventory)
+        hist_prep, val_prep, y, weight, baselines = prepared_for(params)
+        model = config.detector(**params, max_forest_rows=TRIAL_FOREST_ROWS)
+        model.fit_prepared(hist_prep, history.inventory, baselines)
         scores = model.detector_.score_samples(model.features_prepared(val_prep, validation.inventory))
-        y = val_prep.conns["event_id"].isin(positives).to_numpy()
-        return float(average_precision_score(y, scores)) if y.any() else 0.0
+        return float(average_precision_score(y, scores, sample_weight=weight)) if y.any() else 0.0
 
     optuna.logging.set_verbosity(logging.WARNING)
     name = f"{config.env}-{config.digest()}"

@@ -38,9 +38,11 @@ class EnsembleDetector(BaseEstimator):
         self.forest_ = CalibratedForest(
             n_estimators=self.n_estimators, max_samples=self.max_samples, max_features=self.max_features,
             random_state=self.random_state, n_jobs=self.n_jobs,
-        ).fit(X.to_numpy())
+        )
+        train_raw = self.forest_.fit_raw_scores(X.to_numpy())
         self.feature_median_ = X.median().to_numpy()
-        self.threshold_ = float(np.quantile(self.score_samples(X), self.threshold_quantile))
+        train = self._combine(self.forest_.percentile(train_raw), R.evaluate(self.rules_, X), with_names=False)
+        self.threshold_ = float(np.quantile(train["score"].to_numpy(), self.threshold_quantile))
         return self
 
     def components(self, X: pd.DataFrame) -> pd.DataFrame:
@@ -48,14 +50,15 @@ class EnsembleDetector(BaseEstimator):
         pct = self.forest_.score(X.to_numpy())
         return self._combine(pct, R.evaluate(self.rules_, X))
 
-    def _combine(self, pct: np.ndarray, fired: np.ndarray) -> pd.DataFrame:
+    def _combine(self, pct: np.ndarray, fired: np.ndarray, with_names: bool = True) -> pd.DataFrame:
         f = np.clip((pct - self.forest_floor) / (1.0 - self.forest_floor), 0.0, 1.0)
         rule = R.rule_score(self.rules_, fired)
         combined = 1.0 - (1.0 - self.forest_weight * f) * (1.0 - rule)
         score = (1.0 - TIE_BREAK) * combined + TIE_BREAK * pct
         out = pd.DataFrame({"score": score, "forest_score": pct, "rule_score": rule})
-        ids = np.array([r["id"] for r in self.rules_], dtype=object)
-        out["rules"] = [";".join(ids[row]) for row in fired] if len(ids) else ""
+        if with_names:
+            ids = np.array([r["id"] for r in self.rules_], dtype=object)
+            out["rules"] = [";".join(ids[row]) for row in fired] if len(ids) else ""
         return out
 
     def score_samples(self, X: pd.DataFrame) -> np.ndarray:

@@ -20,6 +20,12 @@ class CalibratedForest(BaseEstimator):
         self.n_jobs = n_jobs
 
     def fit(self, X, y=None):
+        self.fit_raw_scores(X)
+        return self
+
+    def fit_raw_scores(self, X) -> np.ndarray:
+        """Fit, and return the raw scores of the training rows (callers calibrate on them without
+        scoring the same rows again)."""
         X = np.asarray(X, dtype="float64")
         max_samples = min(self.max_samples, len(X)) if isinstance(self.max_samples, int) else self.max_samples
         self.forest_ = IsolationForest(
@@ -29,7 +35,7 @@ class CalibratedForest(BaseEstimator):
         train = self.raw_score(X)
         self.calibration_ = np.quantile(train, np.linspace(0.0, 1.0, CALIBRATION_POINTS))
         self.n_features_in_ = X.shape[1]
-        return self
+        return train
 
     def raw_score(self, X) -> np.ndarray:
         """The forest's anomaly score with the sign flipped: higher = more anomalous."""
