@@ -39,6 +39,7 @@ BUCKET_S = 3600
 WRITE_BLOCK = 250_000
 HTML_DEFAULT_TOP = 2000
 CHECKPOINT_VERSION = 1
+SCORED_SUFFIX = ".scored.arrow"
 
 
 def output_format(path: Path, fmt: str | None) -> str:
@@ -188,8 +189,7 @@ def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inve
             progress.update(hi - lo)
         scored = pd.concat(pieces, ignore_index=True)
         cp.alerts += int(scored["alert"].sum())
-        with atomic_path(out_dir / f"{group[0]}.parquet") as tmp:
-            pq.write_table(pa.Table.from_pandas(scored, preserve_index=False), tmp)
+        write_scored(scored, out_dir / f"{group[0]}{SCORED_SUFFIX}")
         cp.done_buckets.extend(group)
         with atomic_path(work / "checkpoint.pkl") as tmp:
             with open(tmp, "wb") as fh:
@@ -223,10 +223,24 @@ def _dns_window(dns_dir: Path, cache: dict, lo: float, hi: float, width: int) ->
 
 # -- pass 3: rank and write -----------------------------------------------------------------
 
+def write_scored(rows: pd.DataFrame, path: Path) -> None:
+    """Scored rows of one bucket group (or Dask partition), as an Arrow IPC file written atomically.
+    `row` must be the position in the file: ranking then takes rows from a memory map directly."""
+    table = pa.Table.from_pandas(rows, preserve_index=False)
+    with atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+
+
+def _read_scored(path: Path) -> pa.Table:
+    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()  # zero-copy: pages load on use
+
+
 def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: int | None,
                    explain_top: int, html_extra: dict, context: pd.DataFrame | None = None) -> int:
-    scored = sorted((work / "scored").glob("*.parquet"), key=lambda p: int(p.stem))
-    keys = pd.concat([pq.read_table(p, columns=["score", "event_id", "bucket", "row"]).to_pandas() for p in scored],
+    paths = sorted((work / "scored").glob(f"*{SCORED_SUFFIX}"), key=lambda p: int(p.name.split(".")[0]))
+    tables = {int(p.name.split(".")[0]): _read_scored(p) for p in paths}
+    keys = pd.concat([tables[b].select(["score", "event_id", "bucket", "row"]).to_pandas() for b in tables],
                      ignore_index=True)
     order = np.lexsort((keys["event_id"].to_numpy(dtype=object).astype(str), -keys["score"].to_numpy()))
     if fmt == "html" and top is None:
@@ -234,14 +248,12 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
     if top is not None:
         order = order[:top]
     attribution = dict(zip(cp.top_rows["event_id"], model.detector_.attributions(cp.top_feats)))
-    files = {int(p.stem): pq.ParquetFile(p) for p in scored}
     written = 0
     block_frames = []
     with atomic_path(out) as tmp:
         writer = _BlockWriter(tmp, fmt)
         for start in range(0, len(order), WRITE_BLOCK):
-            idx = order[start:start + WRITE_BLOCK]
-            block = _gather(files, keys, idx)
+            block = _gather(tables, keys.iloc[order[start:start + WRITE_BLOCK]])
             block.insert(0, "rank", np.arange(start + 1, start + len(block) + 1))
             explanation, alert = block.pop("explanation"), block.pop("alert")
             block["explanation"] = (explanation + context_clauses(block, context)).to_numpy()
@@ -261,16 +273,15 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
     return written
 
 
-def _gather(files: dict, keys: pd.DataFrame, idx: np.ndarray) -> pd.DataFrame:
-    """Rows `idx` of the global key table, read from their bucket files, in the order of `idx`."""
-    sel = keys.iloc[idx]
+def _gather(tables: dict[int, pa.Table], sel: pd.DataFrame) -> pd.DataFrame:
+    """The rows named by `sel` (bucket, row), taken from the memory-mapped tables, in `sel`'s order."""
+    bucket, row = sel["bucket"].to_numpy(), sel["row"].to_numpy()
     parts, positions = [], []
-    for b, group in sel.groupby("bucket", sort=True):
-        table = files[int(b)].read().to_pandas()
-        local = table.set_index("row").loc[group["row"].to_numpy()].reset_index()
-        parts.append(local)
-        positions.append(np.flatnonzero(sel["bucket"].to_numpy() == b))
-    frame = pd.concat(parts, ignore_index=True)
+    for b in np.unique(bucket):
+        mine = np.flatnonzero(bucket == b)
+        parts.append(tables[int(b)].take(pa.array(row[mine])))
+        positions.append(mine)
+    frame = pa.concat_tables(parts).to_pandas()
     where = np.empty(len(frame), dtype="int64")
     where[np.concatenate(positions)] = np.arange(len(frame))
     frame = frame.iloc[where].reset_index(drop=True)

@@ -15,7 +15,7 @@ a one-shot run over everything. The engine therefore:
    thread; `partitions=` fixes the number instead.
 3. **Score** (workers): one task per partition loads its slot range (connections in (ts, event_id)
    order, DNS in time order), runs `model.features` and `model.score_rows` (the model and inventory
-   are scattered to every worker once), writes `<work>/scored/<partition>.parquet` (`bucket` =
+   are scattered to every worker once), writes `<work>/scored/<partition>.scored.arrow` (`bucket` =
    partition, `row` = row in the partition) and returns its top `explain_top` rows and features.
 4. **Rank and write** (client process): `batch.rank_and_write`, as the local engine does.
 
@@ -36,7 +36,6 @@ import pyarrow.parquet as pq
 
 from esxi_anomaly import batch, ingest, schema
 from esxi_anomaly.features.hashing import hash_column
-from esxi_anomaly.report._atomic import atomic_path
 from esxi_anomaly.schema import Frames
 
 SLOT_BITS = 16
@@ -129,8 +128,7 @@ def score_partition(model, inventory: pd.DataFrame | None, work: str, partition:
     batch._merge_top(top, rows, feats, explain_top)
     out_dir = work / "scored"
     out_dir.mkdir(exist_ok=True)
-    with atomic_path(out_dir / f"{partition}.parquet") as tmp:
-        pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), tmp)
+    batch.write_scored(rows, out_dir / f"{partition}{batch.SCORED_SUFFIX}")
     return {"partition": partition, "rows": len(rows), "alerts": int(rows["alert"].sum()),
             "top_rows": top.top_rows, "top_feats": top.top_feats, "seconds": time.perf_counter() - t0}
 
