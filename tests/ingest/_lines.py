@@ -23,3 +23,33 @@ def read_lines(lines: list[str], read_all, kind: str) -> pd.DataFrame:
             return schema.empty(kind)
     finally:
         os.unlink(path)
+
+
+def read_through(read, path, kind: str, quarantine=None, chunk_rows: int = 1000) -> pd.DataFrame:
+    """All chunks a format's `read` yields for `path`, concatenated and validated as `kind`."""
+    from esxi_anomaly.ingest import Quarantine
+
+    quarantine = quarantine if quarantine is not None else Quarantine()
+    chunks = list(read(str(path), quarantine, chunk_rows))
+    out = pd.concat(chunks, ignore_index=True) if chunks else schema.empty(kind)
+    schema.validate(out, kind)
+    return out
+
+
+def mutate(line: bytes, data, separator: bytes, max_pos: int) -> bytes:
+    """Up to 4 random edits of `line` (hypothesis `data`): delete a byte, insert 1-3 random bytes,
+    or insert the format's field `separator`."""
+    from hypothesis import strategies as st
+
+    ops = data.draw(st.lists(st.tuples(st.sampled_from(["del", "ins", "sep"]), st.integers(0, max_pos),
+                                       st.binary(min_size=1, max_size=3)), min_size=1, max_size=4))
+    out = bytearray(line)
+    for op, pos, blob in ops:
+        pos = pos % (len(out) + 1)
+        if op == "del" and out:
+            del out[pos % len(out)]
+        elif op == "ins":
+            out[pos:pos] = blob
+        else:
+            out[pos:pos] = separator
+    return bytes(out)

@@ -13,24 +13,19 @@ import shutil
 import numpy as np
 import pandas as pd
 
-from tests.ingest._lines import read_lines
+from tests.ingest._lines import read_lines, read_through
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esxi_anomaly import schema
 from esxi_anomaly.ingest import infoblox
-from esxi_anomaly.ingest.base import IngestError, Quarantine, detect_format
+from esxi_anomaly.ingest.base import Quarantine, detect_format
 from esxi_anomaly.ingest.bind_query import read, sniff
 
 QUERY = "client @0x7f97e40eb500 192.168.1.90#64727 (ocsp.digicert.com): query: ocsp.digicert.com IN A + (192.168.1.10)"
 
 
 def read_all(path, quarantine=None) -> pd.DataFrame:
-    quarantine = quarantine if quarantine is not None else Quarantine()
-    chunks = list(read(str(path), quarantine, 2))
-    out = pd.concat(chunks, ignore_index=True) if chunks else schema.empty("dns_answers")
-    schema.validate(out, "dns_answers")
-    return out
+    return read_through(read, path, "dns_answers", quarantine, 2)
 
 
 def test_verbatim_query_lines(fixtures, tmp_path):

@@ -13,13 +13,12 @@ import shutil
 
 import pandas as pd
 
-from tests.ingest._lines import read_lines
+from tests.ingest._lines import read_lines, read_through
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esxi_anomaly import schema
 from esxi_anomaly.ingest import bind_query, infoblox, unbound
-from esxi_anomaly.ingest.base import IngestError, Quarantine, detect_format
+from esxi_anomaly.ingest.base import Quarantine, detect_format
 from esxi_anomaly.ingest.dnsmasq import read, sniff
 
 COLUMNS = ["client_ip", "query", "rtype", "answer", "answer_index", "rcode"]
@@ -27,11 +26,7 @@ REPLY = "Jun 22 06:03:07 dnsmasq[9187]: reply www.google.com is 172.217.12.132"
 
 
 def read_all(path, quarantine=None, chunk_rows=1000) -> pd.DataFrame:
-    quarantine = quarantine if quarantine is not None else Quarantine()
-    chunks = list(read(str(path), quarantine, chunk_rows))
-    out = pd.concat(chunks, ignore_index=True) if chunks else schema.empty("dns_answers")
-    schema.validate(out, "dns_answers")
-    return out
+    return read_through(read, path, "dns_answers", quarantine, chunk_rows)
 
 
 def write(tmp_path, text, name="dnsmasq.log", year=2024):

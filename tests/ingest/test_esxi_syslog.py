@@ -6,6 +6,8 @@ import tempfile
 
 import numpy as np
 import pandas as pd
+
+from tests.ingest._lines import read_through
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,11 +22,7 @@ VALID = "2023-12-05T17:35:29.040Z No(13) SSH[1053644]: SSH login enabled"
 
 
 def read_all(path, quarantine=None, chunk_rows=5) -> pd.DataFrame:
-    quarantine = quarantine if quarantine is not None else Quarantine()
-    chunks = list(read(str(path), quarantine, chunk_rows))
-    out = pd.concat(chunks, ignore_index=True) if chunks else schema.empty("context")
-    schema.validate(out, "context")
-    return out
+    return read_through(read, path, "context", quarantine, chunk_rows)
 
 
 def ts(text: str) -> float:

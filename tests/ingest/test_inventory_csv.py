@@ -89,6 +89,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from esxi_anomaly.ingest import iter_frames  # noqa: E402
+from tests.ingest._lines import mutate
 
 HEADER = b"ip,name,kind,esxi_host,role"
 # (line, the (ip, name, kind, esxi_host) it must give)
@@ -102,18 +103,7 @@ VALID = [
 
 
 def _mutate_csv(line: bytes, data) -> bytes:
-    ops = data.draw(st.lists(st.tuples(st.sampled_from(["del", "ins", "comma"]), st.integers(0, 1000),
-                                       st.binary(min_size=1, max_size=3)), min_size=1, max_size=4))
-    out = bytearray(line)
-    for op, pos, blob in ops:
-        pos = pos % (len(out) + 1)
-        if op == "del" and out:
-            del out[pos % len(out)]
-        elif op == "ins":
-            out[pos:pos] = blob
-        else:
-            out[pos:pos] = b","
-    return bytes(out)
+    return mutate(line, data, b",", 1000)
 
 
 def _junk(data, quotes: bool) -> bytes:

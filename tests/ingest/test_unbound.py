@@ -10,24 +10,19 @@ import logging
 import numpy as np
 import pandas as pd
 
-from tests.ingest._lines import read_lines
+from tests.ingest._lines import read_lines, read_through
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from esxi_anomaly import schema
 from esxi_anomaly.ingest import bind_query, dnsmasq, infoblox
-from esxi_anomaly.ingest.base import IngestError, Quarantine, detect_format
+from esxi_anomaly.ingest.base import Quarantine, detect_format
 from esxi_anomaly.ingest.unbound import read, sniff
 
 REPLY = "[1791387199] unbound[46658:0] reply: 127.0.0.1 a.home.test. A IN NOERROR 0.000000 1 56"
 
 
 def read_all(path, quarantine=None) -> pd.DataFrame:
-    quarantine = quarantine if quarantine is not None else Quarantine()
-    chunks = list(read(str(path), quarantine, 1))
-    out = pd.concat(chunks, ignore_index=True) if chunks else schema.empty("dns_answers")
-    schema.validate(out, "dns_answers")
-    return out
+    return read_through(read, path, "dns_answers", quarantine, 1)
 
 
 def test_verbatim_lines(fixtures, caplog):

@@ -9,6 +9,8 @@ import tempfile
 
 import numpy as np
 import pandas as pd
+
+from tests.ingest._lines import read_through
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,12 +24,8 @@ TS_257 = pd.Timestamp("2024-04-22T09:31:13.894Z").timestamp()
 NXDOMAIN_PACKET = "0x0009818300010000000000000378797A076578616D706C6503636F6D0000010001"  # xyz.example.com A, rcode 3
 
 
-def read_all(path, quarantine=None):
-    quarantine = quarantine if quarantine is not None else Quarantine()
-    chunks = list(read(str(path), quarantine, 1000))
-    out = pd.concat(chunks, ignore_index=True) if chunks else schema.empty("dns_answers")
-    schema.validate(out, "dns_answers")
-    return out
+def read_all(path, quarantine=None) -> pd.DataFrame:
+    return read_through(read, path, "dns_answers", quarantine, 1000)
 
 
 def sample_events(samples):

@@ -10,6 +10,8 @@ Record counts of the real samples were checked independently of this code:
 from __future__ import annotations
 
 import pandas as pd
+
+from tests.ingest._lines import mutate
 import pytest
 
 from esxi_anomaly import schema
@@ -519,18 +521,7 @@ def _valid_lines(fixtures):
 
 
 def _mutate(line: bytes, data) -> bytes:
-    ops = data.draw(st.lists(st.tuples(st.sampled_from(["del", "ins", "tab"]), st.integers(0, 10_000),
-                                       st.binary(min_size=1, max_size=3)), min_size=1, max_size=4))
-    out = bytearray(line)
-    for op, pos, blob in ops:
-        pos = pos % (len(out) + 1)
-        if op == "del" and out:
-            del out[pos % len(out)]
-        elif op == "ins":
-            out[pos:pos] = blob
-        else:
-            out[pos:pos] = b"\t"
-    return bytes(out).replace(b"\n", b" ")
+    return mutate(line, data, b"\t", 10_000).replace(b"\n", b" ")
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
