@@ -27,14 +27,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esxi_anomaly import ingest, schema
-from esxi_anomaly.report import csv as report_csv, ecs as report_ecs, html as report_html
+from esxi_anomaly.report import csv as report_csv, ecs as report_ecs, format_for_path, html as report_html
 from esxi_anomaly.detect.explain import context_clauses
 from esxi_anomaly.feedback import FeedbackStore, apply_suppressions
 from esxi_anomaly.features.stream_state import StreamState
 from esxi_anomaly.report._atomic import atomic_path
 from esxi_anomaly.schema import Frames
 
-FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".html": "html", ".htm": "html"}
 BUCKET_S = 3600
 WRITE_BLOCK = 250_000
 HTML_DEFAULT_TOP = 2000
@@ -43,7 +42,13 @@ SCORED_SUFFIX = ".scored.arrow"
 
 
 def output_format(path: Path, fmt: str | None) -> str:
-    return fmt or FORMATS.get(path.suffix.lower(), "csv")
+    """`fmt`, else the format the file name implies, else CSV."""
+    if fmt:
+        return fmt
+    try:
+        return format_for_path(path)
+    except ValueError:
+        return "csv"
 
 
 # -- progress ------------------------------------------------------------------------------
