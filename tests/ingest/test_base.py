@@ -63,13 +63,15 @@ def test_folder_is_split_by_content(zeek_dir):
 def test_read_summary_counts(fixtures, tmp_path):
     data = (fixtures / "zeek" / "conn.log").read_bytes().replace(b"\t1117\t", b"\tport\t")
     (tmp_path / "conn.log").write_bytes(data)
+    (tmp_path / "conn.json").write_bytes((fixtures / "zeek" / "conn.json").read_bytes())
     q, s = Quarantine(), ReadSummary()
-    read_connections([tmp_path / "conn.log", fixtures / "zeek" / "conn.json"], q, s)
+    # Files are read in sorted path order whatever order they were given in.
+    read_connections([tmp_path / "conn.log", tmp_path / "conn.json"], q, s)
     assert [(f.format, f.kept, f.quarantined) for f in s.files] == [
-        ("zeek_conn_tsv", 4, 1), ("zeek_conn_json", 3, 0)]
+        ("zeek_conn_json", 3, 0), ("zeek_conn_tsv", 4, 1)]
     assert (s.kept, s.quarantined) == (7, 1)
-    assert s.files[0].ts_min == 1700000000.05 and s.files[0].ts_max == 1700000003.4
-    assert s.lines()[0] == f"{tmp_path}/conn.log: zeek_conn_tsv, 4 kept, 1 quarantined"
+    assert s.files[1].ts_min == 1700000000.05 and s.files[1].ts_max == 1700000003.4
+    assert s.lines()[1] == f"{tmp_path}/conn.log: zeek_conn_tsv, 4 kept, 1 quarantined"
     assert q.counts == {str(tmp_path / "conn.log"): 1}
 
 
