@@ -113,7 +113,7 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
             # unknown entities are judged by what their role has seen
             return np.where(known, ~_member(ent_table, _h(ent, *cols)), ~_member(role_table, _h(role, *cols)))
 
-        has_domain = X["domain"].to_numpy(dtype=object) != ""
+        has_domain = domain != _EMPTY_KEY
         b = np.log1p(np.nan_to_num(X["bytes_out"].to_numpy(dtype="float64"), nan=0.0))
         d = np.log1p(np.nan_to_num(X["duration"].to_numpy(dtype="float64"), nan=0.0))
         med = self.entity_median_.reindex(he)
@@ -143,8 +143,12 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
 
 
 def _hashed(X: pd.DataFrame):
-    """Column keys hashed once per call (entity, role, dst_ip, domain)."""
-    return tuple(hash_column(X[c].to_numpy(dtype=object)) for c in ("entity", "role", "dst_ip", "domain"))
+    """Column keys hashed once per call (entity, role, dst_ip, domain). Columns may hold strings or
+    their `hashing.hash_column` keys (uint64), as `pipeline.prepare` passes them."""
+    return tuple(hash_column(X[c]) for c in ("entity", "role", "dst_ip", "domain"))
+
+
+_EMPTY_KEY = hash_column(np.array([""], dtype=object))[0]  # the key of "no domain"
 
 
 def _hour(ts: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ Two links per connection, both causal (answer time <= connection time) and windo
   the window, whatever their data, for the port/IP derivation tests (a port may come from another
   record or another name than the one that gave the IP).
 
-Keys are integer-coded with `pandas.factorize`, so the join never compares strings row by row.
+Keys are integer-coded (`features.columns`), so the join never compares strings row by row.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+
+from esxi_anomaly.features.columns import ConnColumns, DnsColumns
 
 DEFAULT_MIN_WINDOW_S = 300.0
 DEFAULT_GRACE_S = 60.0
@@ -56,32 +58,32 @@ def answer_window(ttl: np.ndarray, params: JoinParams) -> np.ndarray:
     return np.minimum(np.maximum(ttl, params.min_window_s), max(params.max_window_s, params.min_window_s)) + params.grace_s
 
 
-def join(conns: pd.DataFrame, dns: pd.DataFrame, params: JoinParams = JoinParams()) -> DnsJoin:
-    """Join `conns` to `dns` (canonical frames, any order). Indices refer to positions."""
-    n = len(conns)
-    if n == 0 or len(dns) == 0:
+def join(conns, dns, params: JoinParams = JoinParams()) -> DnsJoin:
+    """Join `conns` to `dns` (canonical frames or their `columns` views, any order). Indices refer
+    to positions."""
+    conns, dns = ConnColumns.of(conns), DnsColumns.of(dns)
+    n = conns.n
+    if n == 0 or dns.n == 0:
         empty = np.empty(0, dtype="int64")
         return DnsJoin(np.full(n, -1, dtype="int64"), empty, empty, np.empty(0))
 
-    clients, _ = pd.factorize(pd.concat([conns["src_ip"], dns["client_ip"]], ignore_index=True))
+    clients = pd.factorize(np.concatenate([conns.src.keys, dns.client.keys]))[0]
     conn_client = clients[:n].astype("int64")
     dns_client = clients[n:].astype("int64")
-    conn_ts = conns["ts"].to_numpy(dtype="float64")
-    dns_ts = dns["ts"].to_numpy(dtype="float64")
-    window = answer_window(dns["ttl"].to_numpy(), params)
+    window = answer_window(dns.ttl, params)
     max_window = float(window.max()) if len(window) else 0.0
 
-    ip_row = _ip_link(conns, dns, conn_client, dns_client, conn_ts, dns_ts, window, max_window)
-    pc, pa, age = _recent_answers(dns, conn_client, dns_client, conn_ts, dns_ts, window, max_window, params)
+    ip_row = _ip_link(conns, dns, conn_client, dns_client, window, max_window)
+    pc, pa, age = _recent_answers(dns, conn_client, dns_client, conns.ts, window, max_window, params)
     return DnsJoin(ip_row, pc, pa, age)
 
 
-def _ip_link(conns, dns, conn_client, dns_client, conn_ts, dns_ts, window, max_window) -> np.ndarray:
-    has_data = (dns["answer_index"].to_numpy() >= 0) & dns["rtype"].isin(["A", "AAAA"]).to_numpy()
-    rows = np.flatnonzero(has_data)
-    ips, _ = pd.factorize(pd.concat([conns["dst_ip"], dns["answer"].iloc[rows]], ignore_index=True))
-    n = len(conns)
+def _ip_link(conns: ConnColumns, dns: DnsColumns, conn_client, dns_client, window, max_window) -> np.ndarray:
+    rows = np.flatnonzero(dns.has_data & dns.is_rtype("A", "AAAA"))
+    ips = pd.factorize(np.concatenate([conns.dst.keys, dns.answer.keys[rows]]))[0]
+    n = conns.n
     n_ips = int(ips.max()) + 1 if len(ips) else 1
+    conn_ts, dns_ts = conns.ts, dns.ts
     left = pd.DataFrame({"ts": conn_ts, "key": conn_client * n_ips + ips[:n], "pos": np.arange(n)})
     right = pd.DataFrame({
         "ts": dns_ts[rows],
@@ -99,25 +101,23 @@ def _ip_link(conns, dns, conn_client, dns_client, conn_ts, dns_ts, window, max_w
     return out
 
 
-def _recent_answers(dns, conn_client, dns_client, conn_ts, dns_ts, window, max_window, params):
+def _recent_answers(dns: DnsColumns, conn_client, dns_client, conn_ts, window, max_window, params):
     """Candidate pairs: all answer rows of the client's last K responses within the window."""
-    # one row per response (event_id + client), ordered by (client, ts)
-    # a response is (uid, client, time): Zeek gives every transaction of one socket the same uid
-    resp_codes = response_codes(dns)
+    # one row per response, ordered by (client, ts)
+    resp_codes = dns.response
+    dns_ts = dns.ts
     first = np.unique(resp_codes, return_index=True)[1]
-    resp = pd.DataFrame({
-        "client": dns_client[first], "ts": dns_ts[first], "code": resp_codes[first],
-    }).sort_values(["client", "ts"], kind="stable", ignore_index=True)
-    resp["rank"] = np.arange(len(resp), dtype="int64")
+    order = np.lexsort((dns_ts[first], dns_client[first]))  # stable: ties keep response order
+    resp_first = first[order]
+    resp_client = dns_client[resp_first]
     n = len(conn_client)
     left = pd.DataFrame({"ts": conn_ts, "key": conn_client, "pos": np.arange(n)})
-    right = pd.DataFrame({"ts": resp["ts"].to_numpy(), "key": resp["client"].to_numpy(), "row": resp["rank"].to_numpy()})
+    right = pd.DataFrame({"ts": dns_ts[resp_first], "key": resp_client, "row": np.arange(len(resp_first), dtype="int64")})
     merged = _asof(left, right, max_window)
     last = merged["row"].to_numpy()
     pos = merged["pos"].to_numpy()
     conn_of = []
     rank_of = []
-    resp_client = resp["client"].to_numpy()
     for k in range(params.recent_responses):  # K is a small constant, not per-row work
         r = last - k
         ok = (last >= 0) & (r >= 0)
@@ -127,25 +127,23 @@ def _recent_answers(dns, conn_client, dns_client, conn_ts, dns_ts, window, max_w
     conn_idx = np.concatenate(conn_of)
     resp_rank = np.concatenate(rank_of)
     # expand responses to their answer rows
-    code_of_rank = resp["code"].to_numpy()[resp_rank]
-    order = np.argsort(resp_codes, kind="stable")
-    starts = np.searchsorted(resp_codes[order], np.arange(resp_codes.max() + 1), side="left")
-    ends = np.searchsorted(resp_codes[order], np.arange(resp_codes.max() + 1), side="right")
-    counts = (ends - starts)[code_of_rank]
+    code_of_rank = resp_codes[resp_first][resp_rank]
+    by_code = np.argsort(resp_codes, kind="stable")
+    bounds = np.searchsorted(resp_codes[by_code], np.arange(resp_codes.max() + 2), side="left")
+    starts, counts = bounds[:-1][code_of_rank], np.diff(bounds)[code_of_rank]
     rep_conn = np.repeat(conn_idx, counts)
     offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    rep_rows = order[np.repeat(starts[code_of_rank], counts) + offsets]
+    rep_rows = by_code[np.repeat(starts, counts) + offsets]
     age = conn_ts[rep_conn] - dns_ts[rep_rows]
-    keep = (age >= 0) & (age <= window[rep_rows]) & (dns["answer_index"].to_numpy()[rep_rows] >= 0)
-    sort = np.lexsort((rep_rows[keep], rep_conn[keep]))
-    return rep_conn[keep][sort], rep_rows[keep][sort].astype("int64"), age[keep][sort]
+    keep = (age >= 0) & (age <= window[rep_rows]) & dns.has_data[rep_rows]
+    rep_conn, rep_rows, age = rep_conn[keep], rep_rows[keep], age[keep]
+    sort = np.lexsort((rep_rows, rep_conn))
+    return rep_conn[sort], rep_rows[sort].astype("int64"), age[sort]
 
 
-def response_codes(dns: pd.DataFrame) -> np.ndarray:
+def response_codes(dns) -> np.ndarray:
     """An integer per DNS response (event_id, client, ts) for the long-form answer rows."""
-    frame = pd.DataFrame({"e": dns["event_id"].to_numpy(dtype=object), "c": dns["client_ip"].to_numpy(dtype=object),
-                          "t": dns["ts"].to_numpy(dtype="float64")})
-    return frame.groupby(["e", "c", "t"], sort=False, dropna=False).ngroup().to_numpy()
+    return DnsColumns.of(dns).response
 
 
 def _asof(left: pd.DataFrame, right: pd.DataFrame, tolerance: float) -> pd.DataFrame:

@@ -22,7 +22,9 @@ import numpy as np
 import pandas as pd
 
 from esxi_anomaly.features import transforms as T
-from esxi_anomaly.features.dns_join import DnsJoin, response_codes
+from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns
+from esxi_anomaly.features.dns_join import DnsJoin
+from esxi_anomaly.features.hashing import combine as _hash
 from esxi_anomaly.features.stream_state import StreamState, distinct_running_count
 
 NO_DNS_DELAY_LOG = float(np.log1p(86_400.0))  # "no answer seen": as far as a day away
@@ -57,105 +59,148 @@ def match_keys(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndar
     return li, order[np.repeat(lo, counts) + offsets]
 
 
-A_PORT_IDS = np.array([t.id for t in T.A_PORT_TRANSFORMS], dtype=object)
-PAIR_CHUNK = 100_000  # bounds the (pairs x transforms) comparison matrix to ~35 MB
+def _expand(items: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Repeat each item `counts` times, with positions starts..starts+counts-1 alongside."""
+    rep = np.repeat(items, counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rep, np.repeat(starts, counts) + offsets
 
 
-def _port_hits(pc, pa, dst_port, rtype, answer):
-    """Every (connection, answer row, transform) where the transform of the answer equals dst_port.
+PORT_SPAN = 65_537  # ports 0..65535, and one slot for anything outside
+COMBO_CHUNK = 200_000  # bounds the (combinations x transforms) comparison matrix to ~70 MB
+ANNOUNCED_CODES = T.transform_codes(ANNOUNCED_TRANSFORMS)
 
-    A records, the bulk, are compared densely against `a_record_ports` of each distinct answer, in
-    bounded chunks; other record types go through the long-form `derive_ports`."""
+
+def _port_slot(port: np.ndarray) -> np.ndarray:
+    return np.where((port >= 0) & (port <= 65_535), port, 65_536)
+
+
+class _ATable:
+    """The A-record port derivations of each distinct answer value, computed once per batch."""
+
+    def __init__(self, dns: DnsColumns):
+        values = dns.answer.values
+        self.octets, self.valid = T.parse_ipv4(values)
+        ports = T.a_record_ports(self.octets)
+        ports[~self.valid] = -1
+        self.ports = ports
+
+
+def _dense_a_hits(value: np.ndarray, port: np.ndarray, table: _ATable):
+    """For items (answer value code, port): the items where an A transform gives the port, and which.
+    Distinct (value, port) combinations are compared once; items repeat them heavily."""
+    key = value * PORT_SPAN + _port_slot(port)
+    inverse, combos = pd.factorize(key)
+    combo_value, combo_port = combos // PORT_SPAN, combos % PORT_SPAN
+    hit_combo, hit_t = [], []
+    for start in range(0, len(combos), COMBO_CHUNK):
+        sel = slice(start, start + COMBO_CHUNK)
+        k, t = np.nonzero(table.ports[combo_value[sel]] == combo_port[sel, None])
+        hit_combo.append(k + start)
+        hit_t.append(t)
+    hit_combo, hit_t = np.concatenate(hit_combo), np.concatenate(hit_t)  # sorted by (combo, transform)
+    n_hits = np.bincount(hit_combo, minlength=len(combos))
+    first = np.cumsum(n_hits) - n_hits
+    items = np.flatnonzero(n_hits[inverse] > 0)
+    item, at = _expand(items, first[inverse[items]], n_hits[inverse[items]])
+    return item, T.A_PORT_CODES[hit_t[at]]
+
+
+def _port_hits(pc, pa, dst_port, dns: DnsColumns, table: _ATable):
+    """Every (connection, answer row, transform code) where the transform of the answer equals
+    dst_port, in pair order then transform order.
+
+    A records, the bulk, are compared densely against `_ATable`; other record types go through the
+    long-form `derive_ports`, once per distinct (record type, answer) value."""
     out_c, out_r, out_t = [], [], []
-    is_a = rtype[pa] == "A"
+    is_a = dns.rtype.codes[pa] == dns.rtype.code_of("A")
     a_pairs = np.flatnonzero(is_a)
     if len(a_pairs):
-        rows, inverse = np.unique(pa[a_pairs], return_inverse=True)
-        octets, valid = T.parse_ipv4(answer[rows])
-        ports = T.a_record_ports(octets)
-        ports[~valid] = -1
-        for start in range(0, len(a_pairs), PAIR_CHUNK):
-            sel = slice(start, start + PAIR_CHUNK)
-            eq = ports[inverse[sel]] == dst_port[pc[a_pairs[sel]], None]
-            k, t = np.nonzero(eq)
-            pairs = a_pairs[sel][k]
-            out_c.append(pc[pairs]); out_r.append(pa[pairs]); out_t.append(A_PORT_IDS[t])
+        item, tcode = _dense_a_hits(dns.answer.codes[pa[a_pairs]], dst_port[pc[a_pairs]], table)
+        pairs = a_pairs[item]
+        out_c.append(pc[pairs]); out_r.append(pa[pairs]); out_t.append(tcode)
     other = np.flatnonzero(~is_a)
     if len(other):
-        rows = np.unique(pa[other])
-        derived = T.derive_ports(rtype[rows], answer[rows])
+        rows = pa[other]
+        value_key = dns.rtype.codes[rows] * max(len(dns.answer.values), 1) + dns.answer.codes[rows]
+        inverse, combos = pd.factorize(value_key)
+        first_row = rows[np.unique(inverse, return_index=True)[1]]
+        derived = T.derive_ports(dns.rtype.strings(first_row), dns.answer.strings(first_row))
         if len(derived):
-            derived_row = rows[derived["row"].to_numpy()]
-            key_d = derived_row.astype("int64") * 65536 + derived["port"].to_numpy(dtype="int64")
-            key_p = pa[other] * 65536 + dst_port[pc[other]]
+            key_d = derived["row"].to_numpy(dtype="int64") * PORT_SPAN + derived["port"].to_numpy(dtype="int64")
+            key_p = inverse.astype("int64") * PORT_SPAN + _port_slot(dst_port[pc[other]])
             hp, hd = match_keys(key_p, key_d)
-            out_c.append(pc[other][hp]); out_r.append(pa[other][hp])
-            out_t.append(derived["transform"].to_numpy(dtype=object)[hd])
+            out_c.append(pc[other][hp]); out_r.append(rows[hp])
+            out_t.append(derived["transform"].array.codes[hd].astype(np.int16))
     if not out_c:
-        return np.zeros(0, dtype="int64"), np.zeros(0, dtype="int64"), np.zeros(0, dtype=object)
+        return np.zeros(0, dtype="int64"), np.zeros(0, dtype="int64"), np.zeros(0, dtype=np.int16)
     return np.concatenate(out_c), np.concatenate(out_r), np.concatenate(out_t)
 
 
-from esxi_anomaly.features.hashing import combine as _hash  # noqa: E402
+def _first_per_group(group: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Index of the highest `score` per `group` (ties: the earliest)."""
+    order = np.lexsort((-score, group))
+    g = group[order]
+    return order[np.r_[True, g[1:] != g[:-1]]]
 
 
-def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
+def relationship_features(conns, dns, j: DnsJoin,
                           state: StreamState | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Features (one row per connection, in order) and the evidence behind the best match.
 
-    Evidence columns: transform, answer, rtype, query, dns_delay, consistency (for explanations).
+    `conns` and `dns` are canonical frames or their `columns` views. Evidence columns: transform,
+    answer, rtype, query, dns_delay, consistency (for explanations), answer_row (the row of `dns`
+    behind it, -1 if none).
     """
-    n = len(conns)
-    dst_port = conns["dst_port"].to_numpy(dtype="int64")
-    conn_ts = conns["ts"].to_numpy(dtype="float64")
-    dns_ts = dns["ts"].to_numpy(dtype="float64")
-    answer = dns["answer"].to_numpy(dtype=object)
-    rtype = dns["rtype"].to_numpy(dtype=object)
-    query = dns["query"].to_numpy(dtype=object)
-    ttl = dns["ttl"].to_numpy(dtype="float64")
+    conns, dns = ConnColumns.of(conns), DnsColumns.of(dns)
+    n = conns.n
+    dst_port = conns.dst_port
+    conn_ts = conns.ts
+    dns_ts = dns.ts
+    qcode = dns.query.codes
+    src_key = conns.src.keys
 
-    feats = pd.DataFrame(index=pd.RangeIndex(n))
+    feats = {}
     ip_row = j.ip_answer_row
     linked = ip_row >= 0
     feats["dst_is_answer"] = linked.astype("float64")
     delay = np.full(n, np.nan)
     delay[linked] = conn_ts[linked] - dns_ts[ip_row[linked]]
     feats["dns_delay_log"] = np.where(linked, np.log1p(np.maximum(delay, 0)), NO_DNS_DELAY_LOG)
-    feats["answer_ttl_log"] = np.log1p(np.nan_to_num(_gather(ttl, ip_row, 0.0), nan=0.0))
-    per_response = np.bincount(response_codes(dns))[response_codes(dns)] if len(dns) else np.zeros(0, dtype="int64")
-    feats["answer_count"] = _gather(per_response.astype("float64"), ip_row, 0.0)
+    feats["answer_ttl_log"] = np.log1p(np.nan_to_num(_gather(dns.ttl, ip_row, 0.0), nan=0.0))
+    feats["answer_count"] = _gather(dns.response_size.astype("float64"), ip_row, 0.0)
 
-    ev_transform = np.full(n, "", dtype=object)
+    ev_transform = np.full(n, -1, dtype=np.int16)
     ev_answer_row = np.where(linked, ip_row, -1)
+    linked_query = _gather(qcode, ip_row, -1)  # the name that gave the destination IP
 
     # --- exact port derivations over all candidate pairs -----------------------------------
     pc, pa = j.pairs_conn, j.pairs_answer
+    table = _ATable(dns) if len(pc) else None
     sig = np.zeros(n)
     on_ip = np.zeros(n)
     announced = np.zeros(n)
     consistency = np.zeros(n)
     if len(pc):
-        hconn, hrow, htrans = _port_hits(pc, pa, dst_port, rtype, answer)
+        hconn, hrow, htrans = _port_hits(pc, pa, dst_port, dns, table)
         if len(hconn):
-            is_announced = np.isin(htrans, ANNOUNCED_TRANSFORMS)
-            np.maximum.at(announced, hconn[is_announced], 1.0)
+            is_announced = np.isin(htrans, ANNOUNCED_CODES)
+            announced[hconn[is_announced]] = 1.0
             tests_per_conn = np.bincount(pc, minlength=n) * T.N_TESTS_A
-            chance = T.port_chance(htrans, dst_port[hconn])
-            prior = pd.Series(htrans).map({t: tr.prior for t, tr in T.TRANSFORMS.items()}).to_numpy(dtype="float64")
+            chance = T.port_chance(pd.Categorical.from_codes(htrans, dtype=T._transform_dtype(), validate=False),
+                                   dst_port[hconn])
+            prior = T.TRANSFORM_PRIORS[htrans]
             p_corr = np.clip(chance * tests_per_conn[hconn] / np.maximum(prior, 1e-9), 1e-300, 1.0)
             hsig = np.where(is_announced, 0.0, -np.log10(p_corr))
             # consistency: distinct ports one transform explained for (client, query), counting only
             # derivations from the name that gave the destination IP (how port-calculating C2 works);
             # otherwise every recent answer of a busy client would collect coincidences
-            same_name = query[hrow] == _gather(query, ip_row[hconn], None)
-            counted = same_name & ~is_announced
+            counted = (qcode[hrow] == linked_query[hconn]) & ~is_announced
             cnt = np.zeros(len(hconn), dtype="int64")
-            g = _hash(conns["src_ip"].to_numpy(dtype=object)[hconn[counted]], query[hrow[counted]], htrans[counted])
-            cnt[counted] = distinct_running_count(g, dst_port[hconn[counted]].astype("uint64"),
-                                                   conn_ts[hconn[counted]], state, "ports")
-            best = pd.DataFrame({"c": hconn, "sig": hsig + 10.0 * (cnt - 1), "k": np.arange(len(hconn))})
-            best = best.sort_values(["c", "sig"], ascending=[True, False], kind="stable").drop_duplicates("c")
-            bk = best["k"].to_numpy()
+            c_conn, c_row = hconn[counted], hrow[counted]
+            g = _hash(src_key[c_conn], dns.query.keys[c_row], T.TRANSFORM_KEYS[htrans[counted]])
+            cnt[counted] = distinct_running_count(g, dst_port[c_conn].astype("uint64"), conn_ts[c_conn], state, "ports")
+            bk = _first_per_group(hconn, hsig + 10.0 * (cnt - 1))
             bc = hconn[bk]
             sig[bc] = hsig[bk]
             consistency[bc] = cnt[bk]
@@ -170,38 +215,39 @@ def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
     # --- arithmetic distance and byte encodings on the IP-link answer (A records) -------------
     dist = np.full(n, MAX_DISTANCE_LOG)
     byte = np.zeros(n)
-    a_linked = np.flatnonzero(_gather(rtype, ip_row, "") == "A")
+    a_linked = np.flatnonzero(linked & (_gather(dns.rtype.codes, ip_row, -1) == dns.rtype.code_of("A")))
     if len(a_linked):
-        octets, valid = T.parse_ipv4(answer[ip_row[a_linked]])
-        ports = T.a_record_ports(octets).astype("int64")
-        d = np.abs(ports - dst_port[a_linked, None])
-        d = np.where(ports < 0, 65_535, d).min(axis=1)
-        dist[a_linked] = np.where(valid, np.log1p(d), MAX_DISTANCE_LOG)
-        o = octets.astype("int64")
+        table = table or _ATable(dns)
+        value = dns.answer.codes[ip_row[a_linked]]
+        key = value * PORT_SPAN + _port_slot(dst_port[a_linked])
+        inverse, combos = pd.factorize(key)
+        cv, cp = combos // PORT_SPAN, (combos % PORT_SPAN)[:, None]
+        ports, valid, o = table.ports[cv].astype("int64"), table.valid[cv], table.octets[cv].astype("int64")
+        d = np.where(ports < 0, 65_535, np.abs(ports - cp)).min(axis=1)
+        combo_dist = np.where(valid, np.log1p(d), MAX_DISTANCE_LOG)
         be = np.stack([o[:, 0] * 256 + o[:, 1], o[:, 1] * 256 + o[:, 2], o[:, 2] * 256 + o[:, 3]], axis=1)
         le = np.stack([o[:, 1] * 256 + o[:, 0], o[:, 2] * 256 + o[:, 1], o[:, 3] * 256 + o[:, 2]], axis=1)
-        p = dst_port[a_linked, None]
-        byte[a_linked] = (valid & ((be == p).any(axis=1) | (le == p).any(axis=1))).astype("float64")
+        combo_byte = (valid & ((be == cp).any(axis=1) | (le == cp).any(axis=1))).astype("float64")
+        dist[a_linked] = combo_dist[inverse]
+        byte[a_linked] = combo_byte[inverse]
     feats["arith_distance_log"] = dist
     feats["byte_match"] = byte
 
     # --- keyed variants: a constant XOR / offset between port and a base across answers -----
     keyed = np.zeros(n)
     if len(pc):
-        linked_query = _gather(query, ip_row[pc], None)
-        a_pairs = np.flatnonzero((rtype[pa] == "A") & (query[pa] == linked_query))
+        a_pairs = np.flatnonzero((dns.rtype.codes[pa] == dns.rtype.code_of("A")) & (qcode[pa] == linked_query[pc]))
+        value = dns.answer.codes[pa[a_pairs]]
+        a_pairs = a_pairs[table.valid[value]]
         if len(a_pairs):
-            rows, inverse = np.unique(pa[a_pairs], return_inverse=True)
-            octets, valid = T.parse_ipv4(answer[rows])
-            octets, valid = octets[inverse], valid[inverse]
-            a_pairs, octets = a_pairs[valid], octets[valid].astype("int64")
             kc, kr = pc[a_pairs], pa[a_pairs]
-            base = octets[:, 2] * 256 + octets[:, 3]
+            o = table.octets[dns.answer.codes[kr]].astype("int64")
+            base = o[:, 2] * 256 + o[:, 3]
             port = dst_port[kc]
-            src = conns["src_ip"].to_numpy(dtype=object)[kc]
+            group_src = _hash(src_key[kc], dns.query.keys[kr])
             for name, key in T.port_keys(base, port).items():
                 nonzero = (key != 0) & (port > 0)
-                g = _hash(src[nonzero], query[kr[nonzero]], np.full(nonzero.sum(), name, dtype=object),
+                g = _hash(group_src[nonzero], np.full(nonzero.sum(), T.TRANSFORM_KEYS[T.transform_codes([name])[0]]),
                           key[nonzero].astype("int64"))
                 cnt = distinct_running_count(g, base[nonzero].astype("uint64"), conn_ts[kc[nonzero]], state,
                                               f"keyed_{name}")
@@ -210,7 +256,7 @@ def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
                 if strong.any():
                     idx = kc[nonzero][strong]
                     take = consistency[idx] < 2  # an exact repeated derivation explains better
-                    ev_transform[idx[take]] = name
+                    ev_transform[idx[take]] = T.transform_codes([name])[0]
                     ev_answer_row[idx[take]] = kr[nonzero][strong][take]
     feats["keyed_consistency"] = keyed
 
@@ -221,32 +267,35 @@ def relationship_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin,
         unl = ~linked[pc]
         upc, upa = pc[unl], pa[unl]
         if len(upc):
-            rows = np.unique(upa)
-            derived = T.derive_ips(rtype[rows], answer[rows])
+            value_key = dns.rtype.codes[upa] * max(len(dns.answer.values), 1) + dns.answer.codes[upa]
+            inverse, combos = pd.factorize(value_key)
+            first_row = upa[np.unique(inverse, return_index=True)[1]]
+            derived = T.derive_ips(dns.rtype.strings(first_row), dns.answer.strings(first_row))
             if len(derived):
-                drow = rows[derived["row"].to_numpy()]
-                dst = conns["dst_ip"].to_numpy(dtype=object)
-                li, ri = match_keys(_hash(upa, dst[upc]), _hash(drow, derived["ip"].to_numpy(dtype=object)))
+                ip_keys = Coded.of(derived["ip"]).keys
+                li, ri = match_keys(_hash(inverse.astype("int64"), conns.dst.keys[upc]),
+                                    _hash(derived["row"].to_numpy(dtype="int64"), ip_keys))
                 if len(li):
                     hc = upc[li]
-                    hit_transform = derived["transform"].to_numpy(dtype=object)[ri]
-                    hit_row = drow[ri]
+                    hit_transform = derived["transform"].array.codes[ri].astype(np.int16)
+                    hit_row = upa[li]
                     ip_derived[hc] = 1.0
                     # a derived IPv4 coincides with probability ~2^-32 per test
                     tests = np.bincount(upc, minlength=n)[hc] * 32
                     ip_sig[hc] = -np.log10(np.clip(tests / 2.0**32, 1e-300, 1))
-                    take = (ev_transform[hc] == "") | (ip_sig[hc] > sig[hc])
+                    take = (ev_transform[hc] < 0) | (ip_sig[hc] > sig[hc])
                     ev_transform[hc[take]] = hit_transform[take]
                     ev_answer_row[hc[take]] = hit_row[take]
     feats["ip_derived"] = ip_derived
     feats["ip_significance"] = ip_sig
 
     evidence = pd.DataFrame({
-        "transform": ev_transform,
-        "answer": _gather(answer, ev_answer_row, ""),
-        "rtype": _gather(rtype, ev_answer_row, ""),
-        "query": _gather(query, ev_answer_row, ""),
+        "transform": np.where(ev_transform >= 0, T.TRANSFORM_IDS[np.maximum(ev_transform, 0)], ""),
+        "answer": dns.answer.strings(ev_answer_row),
+        "rtype": dns.rtype.strings(ev_answer_row),
+        "query": dns.query.strings(ev_answer_row),
         "dns_delay": conn_ts - _gather(dns_ts, ev_answer_row, np.nan),
         "consistency": np.maximum(consistency, keyed),
-    })
-    return feats[RELATIONSHIP_FEATURES], evidence
+        "answer_row": ev_answer_row,
+    }, dtype=object).astype({"dns_delay": "float64", "consistency": "float64", "answer_row": "int64"})
+    return pd.DataFrame(feats)[RELATIONSHIP_FEATURES], evidence

@@ -9,25 +9,24 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns
 from esxi_anomaly.features.dns_join import DnsJoin
-from esxi_anomaly.features.hashing import combine, hash_column
+from esxi_anomaly.features.hashing import combine
 from esxi_anomaly.features.stream_state import StreamState, distinct_running_count
 
 DNS_SIDE_FEATURES = ["query_len", "query_entropy", "name_answer_churn", "client_nxdomain_rate"]
 
 
-def _entropy(names: pd.Series) -> pd.Series:
-    """Shannon entropy (bits/char) of each distinct name, mapped back; loops over distinct names only."""
-    uniq = pd.unique(names)
-    values = {}
-    for name in uniq:
-        if not name:
-            values[name] = 0.0
+def _entropy(names: np.ndarray) -> np.ndarray:
+    """Shannon entropy (bits/char) of each name; call it on distinct names (it loops over them)."""
+    values = np.zeros(len(names))
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name:
             continue
         _, counts = np.unique(np.frombuffer(name.encode("utf-8", "replace"), dtype="uint8"), return_counts=True)
         p = counts / counts.sum()
-        values[name] = float(-(p * np.log2(p)).sum())
-    return names.map(values).astype("float64")
+        values[i] = float(-(p * np.log2(p)).sum())
+    return values
 
 
 def _running_by_key(event_ts, event_key, event_value, query_ts, query_key, fallback=None) -> np.ndarray:
@@ -42,41 +41,42 @@ def _running_by_key(event_ts, event_key, event_value, query_ts, query_key, fallb
     return out
 
 
-def dns_side_features(conns: pd.DataFrame, dns: pd.DataFrame, j: DnsJoin, name: pd.Series,
-                      state: StreamState | None = None) -> pd.DataFrame:
-    """With `state`, only DNS rows at or after `state.dns_owned_until` are counted (earlier ones,
+def dns_side_features(conns, dns, j: DnsJoin, name, state: StreamState | None = None) -> pd.DataFrame:
+    """`name` is the name behind each connection ("" if none), as strings or `Coded`.
+
+    With `state`, only DNS rows at or after `state.dns_owned_until` are counted (earlier ones,
     the join's look-back margin, were counted by an earlier batch), and the counts continue it."""
-    n = len(conns)
-    name = name.fillna("").astype("str")
+    conns, dns = ConnColumns.of(conns), DnsColumns.of(dns)
+    name = name if isinstance(name, Coded) else Coded.of(pd.Series(name, dtype=object).fillna("").to_numpy(dtype=object))
+    values = np.asarray(["" if not isinstance(v, str) else v for v in name.values], dtype=object)
     out = pd.DataFrame({
-        "query_len": name.str.len().astype("float64").to_numpy(),
-        "query_entropy": _entropy(name).to_numpy(),
+        "query_len": name.per_value(np.array([len(v) for v in values], dtype="float64")),
+        "query_entropy": name.per_value(_entropy(values)),
     })
-    conn_ts = conns["ts"].to_numpy(dtype="float64")
-    if state is not None:
-        dns = dns[dns["ts"].to_numpy() >= state.dns_owned_until]
+    conn_ts = conns.ts
+    owned = dns.ts >= state.dns_owned_until if state is not None else np.ones(dns.n, dtype=bool)
     # distinct answers this client has received for the name so far (per client, so that sources
     # can be processed independently, e.g. in Dask partitions by entity)
-    name_key = combine(conns["src_ip"].to_numpy(dtype=object), name.to_numpy(dtype=object))
-    data = dns[dns["answer_index"].to_numpy() >= 0]
-    dq = combine(data["client_ip"].to_numpy(dtype=object), data["query"].to_numpy(dtype=object))
+    src_key = conns.src.keys
+    name_key = combine(src_key, name.keys)
+    data = np.flatnonzero(owned & dns.has_data)
+    dq = combine(dns.client.keys[data], dns.query.keys[data])
     before = _prior(state, "name_answers", name_key)  # read before this batch updates the state
-    churn = distinct_running_count(dq, hash_column(data["answer"].to_numpy(dtype=object)),
-                                   data["ts"].to_numpy(dtype="float64"), state, "name_answers").astype("float64")
-    churn_now = _running_by_key(data["ts"].to_numpy(dtype="float64"), dq, churn, conn_ts, name_key, fallback=before)
-    out["name_answer_churn"] = np.where(name.to_numpy() != "", churn_now, 0.0)
+    churn = distinct_running_count(dq, dns.answer.keys[data], dns.ts[data], state, "name_answers").astype("float64")
+    churn_now = _running_by_key(dns.ts[data], dq, churn, conn_ts, name_key, fallback=before)
+    out["name_answer_churn"] = np.where(name.per_value(values != ""), churn_now, 0.0)
     # share of the client's responses so far that were NXDOMAIN
-    resp = dns.drop_duplicates(["event_id", "client_ip", "ts"])
-    rc = hash_column(resp["client_ip"].to_numpy(dtype=object))
-    cc = hash_column(conns["src_ip"].to_numpy(dtype=object))
-    order = np.argsort(resp["ts"].to_numpy(), kind="stable")
-    resp, rc = resp.iloc[order], rc[order]
-    nx = (resp["rcode"].to_numpy(dtype=object) == "NXDOMAIN").astype("float64")
+    owned_rows = np.flatnonzero(owned)
+    first = np.sort(owned_rows[np.unique(dns.response[owned_rows], return_index=True)[1]])  # a row per response
+    resp_ts = dns.ts[first]
+    order = np.argsort(resp_ts, kind="stable")
+    first, resp_ts = first[order], resp_ts[order]
+    rc = dns.client.keys[first]
+    nx = (dns.rcode.codes[first] == dns.rcode.code_of("NXDOMAIN")).astype("float64")
     nx_run = pd.Series(nx).groupby(rc).cumsum().to_numpy() + _prior(state, "client_nx", rc)
     total_run = pd.Series(np.ones(len(rc))).groupby(rc).cumsum().to_numpy() + _prior(state, "client_responses", rc)
-    resp_ts = resp["ts"].to_numpy(dtype="float64")
-    nx_now = _running_by_key(resp_ts, rc, nx_run, conn_ts, cc, fallback=_prior(state, "client_nx", cc))
-    total_now = _running_by_key(resp_ts, rc, total_run, conn_ts, cc, fallback=_prior(state, "client_responses", cc))
+    nx_now = _running_by_key(resp_ts, rc, nx_run, conn_ts, src_key, fallback=_prior(state, "client_nx", src_key))
+    total_now = _running_by_key(resp_ts, rc, total_run, conn_ts, src_key, fallback=_prior(state, "client_responses", src_key))
     out["client_nxdomain_rate"] = np.where(total_now > 0, nx_now / np.maximum(total_now, 1), 0.0)
     if state is not None:
         state.add_counts("client_nx", rc, nx)

@@ -13,6 +13,10 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
 def hash_column(values) -> np.ndarray:
+    if isinstance(values, pd.Series) and pd.api.types.is_string_dtype(values.dtype) \
+            and not pd.api.types.is_object_dtype(values.dtype):
+        codes, uniques = pd.factorize(values, use_na_sentinel=False)  # Arrow strings: no object per row
+        return pd.util.hash_array(np.asarray(uniques, dtype=object))[codes]
     values = np.asarray(values)
     if values.dtype == np.uint64:  # already a key: lets callers hash a column once and reuse it
         return values

@@ -12,8 +12,11 @@ import pandas as pd
 
 from esxi_anomaly.features import dns_join, dns_port
 from esxi_anomaly.features.baseline import BASELINE_FEATURES, EntityBaseline
+from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns
+from esxi_anomaly.features.dns_port import _gather
 from esxi_anomaly.features.dns_side import DNS_SIDE_FEATURES, dns_side_features
-from esxi_anomaly.features.entities import attach_entities, registered_domain
+from esxi_anomaly.features.entities import entity_table, registered_domain
+from esxi_anomaly.features.hashing import hash_column
 from esxi_anomaly.features.mgmt_plane import MGMT_FEATURES, ManagementPlane
 from esxi_anomaly.features.stream_state import StreamState
 
@@ -33,37 +36,35 @@ class Prepared:
     dns_side: pd.DataFrame
 
 
-def as_objects(frame: pd.DataFrame) -> pd.DataFrame:
-    """String columns as numpy object arrays: the feature code indexes and hashes them many times,
-    and each Arrow-to-Python conversion would otherwise be paid again at every use."""
-    out = frame.reset_index(drop=True).copy(deep=False)
-    for col in out.columns:
-        if pd.api.types.is_string_dtype(out[col].dtype) and not pd.api.types.is_object_dtype(out[col].dtype):
-            out[col] = out[col].to_numpy(dtype=object)
-    return out
-
-
 def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | None,
             join_params: dns_join.JoinParams = dns_join.JoinParams(),
             state: StreamState | None = None) -> Prepared:
-    conns = as_objects(conns)
-    dns = as_objects(dns)
-    j = dns_join.join(conns, dns, join_params)
-    rel, evidence = dns_port.relationship_features(conns, dns, j, state)
-    ent = attach_entities(conns, inventory)
-    # the name that resolved the destination (else the name behind the best derivation)
-    link_query = dns_port._gather(dns["query"].to_numpy(dtype=object), j.ip_answer_row, "")
-    name = np.where(link_query != "", link_query, evidence["query"].to_numpy(dtype=object))
-    evidence["query"] = np.where(evidence["query"].to_numpy(dtype=object) != "", evidence["query"].to_numpy(dtype=object), name)
-    domain = registered_domain(pd.Series(name, dtype="str")).to_numpy(dtype=object)
+    conns = conns.reset_index(drop=True)
+    cc, dc = ConnColumns(conns), DnsColumns(dns.reset_index(drop=True))
+    j = dns_join.join(cc, dc, join_params)
+    rel, evidence = dns_port.relationship_features(cc, dc, j, state)
+    # the name behind a connection: the one that resolved the destination, else the one behind the
+    # best derivation; evidence without a name of its own takes it too
+    queries = dc.query
+    empty = queries.code_of("")
+    link = _gather(queries.codes, j.ip_answer_row, -1)
+    behind = _gather(queries.codes, evidence.pop("answer_row").to_numpy(), -1)
+    link[link == empty], behind[behind == empty] = -1, -1
+    evidence["query"] = queries.decode(np.where(behind >= 0, behind, link))
+    names = np.append(queries.values, "")
+    name = Coded(np.where(link >= 0, link, np.where(behind >= 0, behind, len(names) - 1)), names)
+    table = entity_table(cc.src.values, inventory)
+    ent = table.take(cc.src.codes).reset_index(drop=True)
+    domain = np.where(names != "", registered_domain(names).to_numpy(dtype=object), "")
     base_in = pd.DataFrame({
-        "entity": ent["src_name"].to_numpy(), "role": ent["src_role"].to_numpy(),
-        "dst_ip": conns["dst_ip"].to_numpy(), "dst_port": conns["dst_port"].to_numpy(),
-        "proto": conns["proto"].to_numpy(), "domain": np.where(name != "", domain, ""),
-        "ts": conns["ts"].to_numpy(), "bytes_out": conns["bytes_out"].to_numpy(),
+        "entity": cc.src.per_value(hash_column(table["src_name"].to_numpy(dtype=object))),
+        "role": cc.src.per_value(hash_column(table["src_role"].to_numpy(dtype=object))),
+        "dst_ip": cc.dst.keys, "dst_port": cc.dst_port,
+        "proto": conns["proto"].to_numpy(), "domain": name.per_value(hash_column(domain)),
+        "ts": cc.ts, "bytes_out": conns["bytes_out"].to_numpy(),
         "duration": conns["duration"].to_numpy(),
     })
-    side = dns_side_features(conns, dns, j, pd.Series(name, dtype="str"), state)
+    side = dns_side_features(cc, dc, j, name, state)
     return Prepared(conns, rel, evidence, ent, base_in, side)
 
 

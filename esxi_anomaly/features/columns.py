@@ -1,0 +1,186 @@
+"""Integer-coded views of the canonical frames: what the feature code computes on.
+
+A string column becomes `Coded`: one integer code per row into its distinct values. Work that
+depends only on the value (hashing, parsing an IP, the registered domain, an inventory lookup) runs
+once per distinct value and is gathered back by code, and equality tests compare integers. Log
+columns repeat heavily (a few thousand answers and names behind millions of rows), so this is
+where feature extraction gets its speed.
+
+`ConnColumns` and `DnsColumns` hold the coded columns of one batch, built lazily and once, so the
+join, the relationship features and the DNS-side features share them.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from esxi_anomaly.features.hashing import combine
+
+
+class Coded:
+    """A column as `codes` (int64, one per row) into `values` (object array of distinct values)."""
+
+    __slots__ = ("codes", "values", "_value_keys", "_keys")
+
+    def __init__(self, codes: np.ndarray, values: np.ndarray):
+        self.codes = np.asarray(codes, dtype=np.int64)
+        self.values = np.asarray(values, dtype=object)
+        self._value_keys = None
+        self._keys = None
+
+    @classmethod
+    def of(cls, column) -> "Coded":
+        if isinstance(column, Coded):
+            return column
+        codes, uniques = pd.factorize(column, use_na_sentinel=False)  # Arrow-backed str: hashed in C++
+        return cls(codes, np.asarray(uniques, dtype=object))
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @property
+    def value_keys(self) -> np.ndarray:
+        """The stable 64-bit hash of each distinct value (`hashing.hash_column` of it)."""
+        if self._value_keys is None:
+            self._value_keys = pd.util.hash_array(self.values) if len(self.values) else np.zeros(0, np.uint64)
+        return self._value_keys
+
+    @property
+    def keys(self) -> np.ndarray:
+        """Per row, the stable hash of its value: equal to `hashing.hash_column(strings)`."""
+        if self._keys is None:
+            self._keys = self.value_keys[self.codes]
+        return self._keys
+
+    def per_value(self, result: np.ndarray) -> np.ndarray:
+        """Gather a result computed for each distinct value back to rows."""
+        return np.asarray(result)[self.codes]
+
+    def strings(self, rows: np.ndarray | None = None, fill: str = "") -> np.ndarray:
+        """The values of `rows` (all rows if None) as an object array; rows < 0 give `fill`."""
+        if rows is None:
+            return self.decode(self.codes, fill)
+        rows = np.asarray(rows)
+        codes = np.full(len(rows), -1, dtype=np.int64)
+        ok = rows >= 0
+        codes[ok] = self.codes[rows[ok]]
+        return self.decode(codes, fill)
+
+    def decode(self, codes: np.ndarray, fill: str = "") -> np.ndarray:
+        """The values of `codes` as an object array; codes < 0 give `fill`."""
+        out = np.full(len(codes), fill, dtype=object)
+        ok = codes >= 0
+        if ok.any():
+            out[ok] = self.values[codes[ok]]
+        return out
+
+    def code_of(self, value) -> int:
+        """The code of `value`, or -1 if the column never holds it."""
+        hit = np.flatnonzero(self.values == value)
+        return int(hit[0]) if len(hit) else -1
+
+    def isin(self, allowed) -> np.ndarray:
+        return self.per_value(np.isin(self.values, np.asarray(list(allowed), dtype=object)))
+
+    def take(self, rows: np.ndarray) -> "Coded":
+        return Coded(self.codes[rows], self.values)
+
+    def to_series(self, index=None) -> pd.Series:
+        """An Arrow-backed "str" Series (decoded in Arrow, without a Python object per row)."""
+        values = pa.array(self.values.astype(str) if len(self.values) else [], type=pa.large_string())
+        arr = pa.DictionaryArray.from_arrays(pa.array(self.codes.astype(np.int32)), values).dictionary_decode()
+        return pd.Series(pd.array(arr, dtype="str"), index=index)
+
+
+class ConnColumns:
+    """The connection columns the features use, coded once per batch."""
+
+    def __init__(self, frame: pd.DataFrame):
+        self.frame = frame
+        self.n = len(frame)
+
+    @classmethod
+    def of(cls, conns) -> "ConnColumns":
+        return conns if isinstance(conns, ConnColumns) else cls(conns)
+
+    @cached_property
+    def ts(self) -> np.ndarray:
+        return self.frame["ts"].to_numpy(dtype="float64")
+
+    @cached_property
+    def dst_port(self) -> np.ndarray:
+        return self.frame["dst_port"].to_numpy(dtype="int64")
+
+    @cached_property
+    def src(self) -> Coded:
+        return Coded.of(self.frame["src_ip"])
+
+    @cached_property
+    def dst(self) -> Coded:
+        return Coded.of(self.frame["dst_ip"])
+
+
+class DnsColumns:
+    """The DNS answer columns the features use, coded once per batch."""
+
+    def __init__(self, frame: pd.DataFrame):
+        self.frame = frame
+        self.n = len(frame)
+
+    @classmethod
+    def of(cls, dns) -> "DnsColumns":
+        return dns if isinstance(dns, DnsColumns) else cls(dns)
+
+    @cached_property
+    def ts(self) -> np.ndarray:
+        return self.frame["ts"].to_numpy(dtype="float64")
+
+    @cached_property
+    def ttl(self) -> np.ndarray:
+        return self.frame["ttl"].to_numpy(dtype="float64")
+
+    @cached_property
+    def has_data(self) -> np.ndarray:
+        """Rows that carry an answer record (not a no-data / NXDOMAIN response placeholder)."""
+        return self.frame["answer_index"].to_numpy() >= 0
+
+    @cached_property
+    def client(self) -> Coded:
+        return Coded.of(self.frame["client_ip"])
+
+    @cached_property
+    def query(self) -> Coded:
+        return Coded.of(self.frame["query"])
+
+    @cached_property
+    def rtype(self) -> Coded:
+        return Coded.of(self.frame["rtype"])
+
+    @cached_property
+    def answer(self) -> Coded:
+        return Coded.of(self.frame["answer"])
+
+    @cached_property
+    def rcode(self) -> Coded:
+        return Coded.of(self.frame["rcode"])
+
+    def is_rtype(self, *rtypes: str) -> np.ndarray:
+        return self.rtype.isin(rtypes)
+
+    @cached_property
+    def response(self) -> np.ndarray:
+        """An integer per DNS response, numbered in order of first appearance. A response is
+        (event_id, client, ts): Zeek gives every transaction on one socket the same uid."""
+        if self.n == 0:
+            return np.zeros(0, dtype=np.int64)
+        event = Coded.of(self.frame["event_id"])
+        key = combine(event.keys, self.client.keys, self.ts.view(np.uint64))
+        return pd.factorize(key)[0].astype(np.int64)
+
+    @cached_property
+    def response_size(self) -> np.ndarray:
+        """Per row, the number of answer rows of its response."""
+        return np.bincount(self.response)[self.response] if self.n else np.zeros(0, dtype=np.int64)
