@@ -95,10 +95,32 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
 
     def transform(self, X: pd.DataFrame) -> pd.DataFrame:
         _check(X)
-        a = self.alpha
         ent, role, dst, domain = _hashed(X)
         port = X["dst_port"].to_numpy(dtype="int64")
         hour = _hour(X["ts"].to_numpy())
+        # rows repeat (entity, destination, port, name, hour) heavily: look each combination up once
+        codes, combos = pd.factorize(_h(ent, role, dst, port, domain, hour))
+        first = np.empty(len(combos), dtype=np.int64)
+        first[codes[::-1]] = np.arange(len(codes))[::-1]
+        keyed = self._keyed_features(ent[first], role[first], dst[first], port[first], domain[first], hour[first])
+        he = _h(ent)
+        b = np.log1p(np.nan_to_num(X["bytes_out"].to_numpy(dtype="float64"), nan=0.0))
+        d = np.log1p(np.nan_to_num(X["duration"].to_numpy(dtype="float64"), nan=0.0))
+        ent_codes, ents = pd.factorize(he)
+        med = self.entity_median_.reindex(ents)
+        mad = self.entity_mad_.reindex(ents)
+        med_b = med["b"].fillna(self.global_median_["b"]).to_numpy()[ent_codes]
+        med_d = med["d"].fillna(self.global_median_["d"]).to_numpy()[ent_codes]
+        mad_b = mad["b"].fillna(self.global_mad_["b"]).to_numpy()[ent_codes]
+        mad_d = mad["d"].fillna(self.global_mad_["d"]).to_numpy()[ent_codes]
+        out = pd.DataFrame({name: values[codes] for name, values in keyed.items()}, index=X.index)
+        out["bytes_out_z"] = np.clip((b - med_b) / (1.4826 * mad_b), -50, 50)
+        out["duration_z"] = np.clip((d - med_d) / (1.4826 * mad_d), -50, 50)
+        return out[BASELINE_FEATURES]
+
+    def _keyed_features(self, ent, role, dst, port, domain, hour) -> dict[str, np.ndarray]:
+        """Every feature that depends only on (entity, role, destination, port, domain, hour)."""
+        a = self.alpha
         he, hr = _h(ent), _h(role)
         n_e = _lookup(self.entity_totals_, he)
         n_r = _lookup(self.role_totals_, hr)
@@ -114,15 +136,7 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
             return np.where(known, ~_member(ent_table, _h(ent, *cols)), ~_member(role_table, _h(role, *cols)))
 
         has_domain = domain != _EMPTY_KEY
-        b = np.log1p(np.nan_to_num(X["bytes_out"].to_numpy(dtype="float64"), nan=0.0))
-        d = np.log1p(np.nan_to_num(X["duration"].to_numpy(dtype="float64"), nan=0.0))
-        med = self.entity_median_.reindex(he)
-        mad = self.entity_mad_.reindex(he)
-        med_b = med["b"].fillna(self.global_median_["b"]).to_numpy()
-        med_d = med["d"].fillna(self.global_median_["d"]).to_numpy()
-        mad_b = mad["b"].fillna(self.global_mad_["b"]).to_numpy()
-        mad_d = mad["d"].fillna(self.global_mad_["d"]).to_numpy()
-        out = pd.DataFrame({
+        return {
             "port_rarity": -np.log(p_ent),
             "port_never_seen": np.where(known, _lookup(self.entity_port_, _h(ent, port)) == 0,
                                         ~_member(self.seen_role_port_, _h(role, port))).astype("float64"),
@@ -132,11 +146,8 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
             "port_prevalence": self.port_prevalence_.reindex(port).fillna(0.0).to_numpy(),
             "dst_prevalence": self.dst_prevalence_.reindex(_h(dst)).fillna(0.0).to_numpy(),
             "hour_rarity": -np.log(ph_ent),
-            "bytes_out_z": np.clip((b - med_b) / (1.4826 * mad_b), -50, 50),
-            "duration_z": np.clip((d - med_d) / (1.4826 * mad_d), -50, 50),
             "entity_known": known.astype("float64"),
-        }, index=X.index)
-        return out[BASELINE_FEATURES]
+        }
 
     def get_feature_names_out(self, input_features=None):
         return np.array(BASELINE_FEATURES, dtype=object)

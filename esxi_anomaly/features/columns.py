@@ -77,6 +77,14 @@ class Coded:
             out[ok] = self.values[codes[ok]]
         return out
 
+    def categorical(self, codes: np.ndarray, fill: str = "") -> pd.Categorical:
+        """The values of `codes` as a pandas Categorical (no per-row objects); codes < 0 give `fill`."""
+        values, codes = self.values, np.asarray(codes)
+        at = self.code_of(fill)
+        if at < 0:
+            values, at = np.append(values, fill), len(values)
+        return pd.Categorical.from_codes(np.where(codes >= 0, codes, at), categories=pd.Index(values, dtype=object))
+
     def code_of(self, value) -> int:
         """The code of `value`, or -1 if the column never holds it."""
         hit = np.flatnonzero(self.values == value)
@@ -176,8 +184,8 @@ class DnsColumns:
         (event_id, client, ts): Zeek gives every transaction on one socket the same uid."""
         if self.n == 0:
             return np.zeros(0, dtype=np.int64)
-        event = Coded.of(self.frame["event_id"])
-        key = combine(event.keys, self.client.keys, self.ts.view(np.uint64))
+        event = pd.factorize(self.frame["event_id"], use_na_sentinel=False)[0].astype(np.int64)
+        key = combine(event, self.client.codes, self.ts.view(np.uint64))  # batch-local numbering
         return pd.factorize(key)[0].astype(np.int64)
 
     @cached_property

@@ -102,7 +102,8 @@ def _ip_link(conns: ConnColumns, dns: DnsColumns, conn_client, dns_client, windo
 
 
 def _recent_answers(dns: DnsColumns, conn_client, dns_client, conn_ts, window, max_window, params):
-    """Candidate pairs: all answer rows of the client's last K responses within the window."""
+    """Candidate pairs, sorted by (connection, answer row): all answer rows of the client's last K
+    responses within the window."""
     # one row per response, ordered by (client, ts)
     resp_codes = dns.response
     dns_ts = dns.ts
@@ -114,18 +115,16 @@ def _recent_answers(dns: DnsColumns, conn_client, dns_client, conn_ts, window, m
     left = pd.DataFrame({"ts": conn_ts, "key": conn_client, "pos": np.arange(n)})
     right = pd.DataFrame({"ts": dns_ts[resp_first], "key": resp_client, "row": np.arange(len(resp_first), dtype="int64")})
     merged = _asof(left, right, max_window)
-    last = merged["row"].to_numpy()
-    pos = merged["pos"].to_numpy()
-    conn_of = []
-    rank_of = []
-    for k in range(params.recent_responses):  # K is a small constant, not per-row work
-        r = last - k
-        ok = (last >= 0) & (r >= 0)
-        ok[ok] &= resp_client[r[ok]] == conn_client[pos[ok]]
-        conn_of.append(pos[ok])
-        rank_of.append(r[ok])
-    conn_idx = np.concatenate(conn_of)
-    resp_rank = np.concatenate(rank_of)
+    last = np.empty(n, dtype="int64")
+    last[merged["pos"].to_numpy()] = merged["row"].to_numpy()
+    # (connection, response rank) for the K most recent, connection-major and oldest first, so the
+    # expanded pairs come out almost sorted by (connection, row)
+    k = params.recent_responses
+    rank = last[:, None] - np.arange(k - 1, -1, -1)[None, :]
+    ok = (last[:, None] >= 0) & (rank >= 0)
+    ok[ok] &= resp_client[rank[ok]] == np.broadcast_to(conn_client[:, None], rank.shape)[ok]
+    conn_idx = np.broadcast_to(np.arange(n)[:, None], rank.shape)[ok]
+    resp_rank = rank[ok]
     # expand responses to their answer rows
     code_of_rank = resp_codes[resp_first][resp_rank]
     by_code = np.argsort(resp_codes, kind="stable")
@@ -137,8 +136,11 @@ def _recent_answers(dns: DnsColumns, conn_client, dns_client, conn_ts, window, m
     age = conn_ts[rep_conn] - dns_ts[rep_rows]
     keep = (age >= 0) & (age <= window[rep_rows]) & dns.has_data[rep_rows]
     rep_conn, rep_rows, age = rep_conn[keep], rep_rows[keep], age[keep]
-    sort = np.lexsort((rep_rows, rep_conn))
-    return rep_conn[sort], rep_rows[sort].astype("int64"), age[sort]
+    key = rep_conn * max(dns.n, 1) + rep_rows
+    if len(key) and not (key[1:] > key[:-1]).all():
+        sort = np.argsort(key, kind="stable")  # runs: nearly linear
+        rep_conn, rep_rows, age = rep_conn[sort], rep_rows[sort], age[sort]
+    return rep_conn, rep_rows.astype("int64"), age
 
 
 def response_codes(dns) -> np.ndarray:

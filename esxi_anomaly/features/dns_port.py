@@ -149,8 +149,8 @@ def relationship_features(conns, dns, j: DnsJoin,
     """Features (one row per connection, in order) and the evidence behind the best match.
 
     `conns` and `dns` are canonical frames or their `columns` views. Evidence columns: transform,
-    answer, rtype, query, dns_delay, consistency (for explanations), answer_row (the row of `dns`
-    behind it, -1 if none).
+    answer, rtype, query (categoricals, "" where none), dns_delay, consistency (for explanations),
+    answer_row (the row of `dns` behind it, -1 if none).
     """
     conns, dns = ConnColumns.of(conns), DnsColumns.of(dns)
     n = conns.n
@@ -290,12 +290,12 @@ def relationship_features(conns, dns, j: DnsJoin,
     feats["ip_significance"] = ip_sig
 
     evidence = pd.DataFrame({
-        "transform": np.where(ev_transform >= 0, T.TRANSFORM_IDS[np.maximum(ev_transform, 0)], ""),
-        "answer": dns.answer.strings(ev_answer_row),
-        "rtype": dns.rtype.strings(ev_answer_row),
-        "query": dns.query.strings(ev_answer_row),
+        "transform": pd.Categorical.from_codes(ev_transform + 1, categories=pd.Index(np.r_[[""], T.TRANSFORM_IDS], dtype=object)),
+        "answer": dns.answer.categorical(_gather(dns.answer.codes, ev_answer_row, -1)),
+        "rtype": dns.rtype.categorical(_gather(dns.rtype.codes, ev_answer_row, -1)),
+        "query": dns.query.categorical(_gather(dns.query.codes, ev_answer_row, -1)),
         "dns_delay": conn_ts - _gather(dns_ts, ev_answer_row, np.nan),
         "consistency": np.maximum(consistency, keyed),
         "answer_row": ev_answer_row,
-    }, dtype=object).astype({"dns_delay": "float64", "consistency": "float64", "answer_row": "int64"})
+    })
     return pd.DataFrame(feats)[RELATIONSHIP_FEATURES], evidence
