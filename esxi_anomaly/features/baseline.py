@@ -10,14 +10,14 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from esxi_anomaly.features.columns import distinct
+from esxi_anomaly.features.hashing import combine as _h, hash_column
+
 BASELINE_FEATURES = [
     "port_rarity", "port_never_seen", "dst_never_seen", "dstport_never_seen", "domain_never_seen",
     "port_prevalence", "dst_prevalence", "hour_rarity", "bytes_out_z", "duration_z", "entity_known",
 ]
 REQUIRED = ["entity", "role", "dst_ip", "dst_port", "proto", "domain", "ts", "bytes_out", "duration"]
-
-
-from esxi_anomaly.features.hashing import combine as _h, hash_column
 
 
 def _counts(keys: np.ndarray) -> pd.Series:
@@ -99,9 +99,7 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
         port = X["dst_port"].to_numpy(dtype="int64")
         hour = _hour(X["ts"].to_numpy())
         # rows repeat (entity, destination, port, name, hour) heavily: look each combination up once
-        codes, combos = pd.factorize(_h(ent, role, dst, port, domain, hour))
-        first = np.empty(len(combos), dtype=np.int64)
-        first[codes[::-1]] = np.arange(len(codes))[::-1]
+        codes, first = distinct(_h(ent, role, dst, port, domain, hour))
         keyed = self._keyed_features(ent[first], role[first], dst[first], port[first], domain[first], hour[first])
         he = _h(ent)
         b = np.log1p(np.nan_to_num(X["bytes_out"].to_numpy(dtype="float64"), nan=0.0))

@@ -20,6 +20,14 @@ import pyarrow as pa
 from esxi_anomaly.features.hashing import combine
 
 
+def distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row the code of its key, and per distinct key the first row holding it."""
+    codes, uniques = pd.factorize(keys)
+    first = np.empty(len(uniques), dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes))[::-1]
+    return codes, first
+
+
 class Coded:
     """A column as `codes` (int64, one per row) into `values` (object array of distinct values)."""
 

@@ -104,20 +104,23 @@ def _ip_link(conns: ConnColumns, dns: DnsColumns, conn_client, dns_client, windo
 def _recent_answers(dns: DnsColumns, conn_client, dns_client, conn_ts, window, max_window, params):
     """Candidate pairs, sorted by (connection, answer row): all answer rows of the client's last K
     responses within the window."""
-    # one row per response, ordered by (client, ts)
+    # the responses (all rows of one share client and time), ordered by (client, ts)
     resp_codes = dns.response
-    dns_ts = dns.ts
-    first = np.unique(resp_codes, return_index=True)[1]
-    order = np.lexsort((dns_ts[first], dns_client[first]))  # stable: ties keep response order
-    resp_first = first[order]
-    resp_client = dns_client[resp_first]
+    by_code = np.argsort(resp_codes, kind="stable")
+    bounds = np.searchsorted(resp_codes[by_code], np.arange(resp_codes.max() + 2), side="left")
+    first = by_code[bounds[:-1]]
+    order = np.lexsort((dns.ts[first], dns_client[first]))  # stable: ties keep response order
+    resp_client, resp_ts = dns_client[first[order]], dns.ts[first[order]]
+    resp_start, resp_count = bounds[:-1][order], np.diff(bounds)[order]
+    row_window = np.where(dns.has_data, window, -1.0)[by_code]  # rows in response order
+    resp_window = np.maximum.reduceat(row_window, bounds[:-1])[order] if len(row_window) else row_window
     n = len(conn_client)
     left = pd.DataFrame({"ts": conn_ts, "key": conn_client, "pos": np.arange(n)})
-    right = pd.DataFrame({"ts": dns_ts[resp_first], "key": resp_client, "row": np.arange(len(resp_first), dtype="int64")})
+    right = pd.DataFrame({"ts": resp_ts, "key": resp_client, "row": np.arange(len(resp_ts), dtype="int64")})
     merged = _asof(left, right, max_window)
     last = np.empty(n, dtype="int64")
     last[merged["pos"].to_numpy()] = merged["row"].to_numpy()
-    # (connection, response rank) for the K most recent, connection-major and oldest first, so the
+    # (connection, response) for the K most recent, connection-major and oldest first, so the
     # expanded pairs come out almost sorted by (connection, row)
     k = params.recent_responses
     rank = last[:, None] - np.arange(k - 1, -1, -1)[None, :]
@@ -125,22 +128,21 @@ def _recent_answers(dns: DnsColumns, conn_client, dns_client, conn_ts, window, m
     ok[ok] &= resp_client[rank[ok]] == np.broadcast_to(conn_client[:, None], rank.shape)[ok]
     conn_idx = np.broadcast_to(np.arange(n)[:, None], rank.shape)[ok]
     resp_rank = rank[ok]
+    age = conn_ts[conn_idx] - resp_ts[resp_rank]
+    live = age <= resp_window[resp_rank]  # a response whose every record has expired adds nothing
+    conn_idx, resp_rank, age = conn_idx[live], resp_rank[live], age[live]
     # expand responses to their answer rows
-    code_of_rank = resp_codes[resp_first][resp_rank]
-    by_code = np.argsort(resp_codes, kind="stable")
-    bounds = np.searchsorted(resp_codes[by_code], np.arange(resp_codes.max() + 2), side="left")
-    starts, counts = bounds[:-1][code_of_rank], np.diff(bounds)[code_of_rank]
-    rep_conn = np.repeat(conn_idx, counts)
-    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    rep_rows = by_code[np.repeat(starts, counts) + offsets]
-    age = conn_ts[rep_conn] - dns_ts[rep_rows]
-    keep = (age >= 0) & (age <= window[rep_rows]) & dns.has_data[rep_rows]
-    rep_conn, rep_rows, age = rep_conn[keep], rep_rows[keep], age[keep]
+    counts = resp_count[resp_rank]
+    ends = np.cumsum(counts)
+    pos = np.arange(ends[-1] if len(ends) else 0) + np.repeat(resp_start[resp_rank] - (ends - counts), counts)
+    rep_conn, rep_age = np.repeat(conn_idx, counts), np.repeat(age, counts)
+    keep = rep_age <= row_window[pos]
+    rep_conn, rep_rows, rep_age = rep_conn[keep], by_code[pos[keep]], rep_age[keep]
     key = rep_conn * max(dns.n, 1) + rep_rows
     if len(key) and not (key[1:] > key[:-1]).all():
         sort = np.argsort(key, kind="stable")  # runs: nearly linear
-        rep_conn, rep_rows, age = rep_conn[sort], rep_rows[sort], age[sort]
-    return rep_conn, rep_rows.astype("int64"), age
+        rep_conn, rep_rows, rep_age = rep_conn[sort], rep_rows[sort], rep_age[sort]
+    return rep_conn, rep_rows.astype("int64"), rep_age
 
 
 def response_codes(dns) -> np.ndarray:

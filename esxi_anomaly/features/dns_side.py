@@ -29,15 +29,19 @@ def _entropy(names: np.ndarray) -> np.ndarray:
     return values
 
 
-def _running_by_key(event_ts, event_key, event_value, query_ts, query_key, fallback=None) -> np.ndarray:
-    """Value of the latest event with the same key at or before each query time (`fallback`, or 0,
-    if none)."""
+def _running_by_key(event_ts, event_key, event_values: list, query_ts, query_key, fallbacks: list) -> list[np.ndarray]:
+    """For each of `event_values`: the value of the latest event with the same key at or before each
+    query time (the matching `fallbacks` array where there is none)."""
     left = pd.DataFrame({"ts": query_ts, "key": query_key, "pos": np.arange(len(query_ts))}).sort_values("ts", kind="stable")
-    right = pd.DataFrame({"ts": event_ts, "key": event_key, "v": event_value}).sort_values("ts", kind="stable")
-    merged = pd.merge_asof(left, right, on="ts", by="key", direction="backward")
-    out = np.zeros(len(query_ts)) if fallback is None else np.asarray(fallback, dtype="float64").copy()
-    found = merged["v"].notna().to_numpy()
-    out[merged["pos"].to_numpy()[found]] = merged["v"].to_numpy()[found]
+    right = pd.DataFrame({"ts": event_ts, "key": event_key, **{f"v{i}": v for i, v in enumerate(event_values)}})
+    merged = pd.merge_asof(left, right.sort_values("ts", kind="stable"), on="ts", by="key", direction="backward")
+    pos = merged["pos"].to_numpy()
+    found = merged["v0"].notna().to_numpy()
+    out = []
+    for i, fallback in enumerate(fallbacks):
+        values = np.asarray(fallback, dtype="float64").copy()
+        values[pos[found]] = merged[f"v{i}"].to_numpy()[found]
+        out.append(values)
     return out
 
 
@@ -63,7 +67,7 @@ def dns_side_features(conns, dns, j: DnsJoin, name, state: StreamState | None = 
     dq = combine(dns.client.keys[data], dns.query.keys[data])
     before = _prior(state, "name_answers", name_key)  # read before this batch updates the state
     churn = distinct_running_count(dq, dns.answer.keys[data], dns.ts[data], state, "name_answers").astype("float64")
-    churn_now = _running_by_key(dns.ts[data], dq, churn, conn_ts, name_key, fallback=before)
+    churn_now, = _running_by_key(dns.ts[data], dq, [churn], conn_ts, name_key, [before])
     out["name_answer_churn"] = np.where(name.per_value(values != ""), churn_now, 0.0)
     # share of the client's responses so far that were NXDOMAIN
     owned_rows = np.flatnonzero(owned)
@@ -75,8 +79,8 @@ def dns_side_features(conns, dns, j: DnsJoin, name, state: StreamState | None = 
     nx = (dns.rcode.codes[first] == dns.rcode.code_of("NXDOMAIN")).astype("float64")
     nx_run = pd.Series(nx).groupby(rc).cumsum().to_numpy() + _prior(state, "client_nx", rc)
     total_run = pd.Series(np.ones(len(rc))).groupby(rc).cumsum().to_numpy() + _prior(state, "client_responses", rc)
-    nx_now = _running_by_key(resp_ts, rc, nx_run, conn_ts, src_key, fallback=_prior(state, "client_nx", src_key))
-    total_now = _running_by_key(resp_ts, rc, total_run, conn_ts, src_key, fallback=_prior(state, "client_responses", src_key))
+    nx_now, total_now = _running_by_key(resp_ts, rc, [nx_run, total_run], conn_ts, src_key,
+                                        [_prior(state, "client_nx", src_key), _prior(state, "client_responses", src_key)])
     out["client_nxdomain_rate"] = np.where(total_now > 0, nx_now / np.maximum(total_now, 1), 0.0)
     if state is not None:
         state.add_counts("client_nx", rc, nx)

@@ -14,6 +14,9 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
+from esxi_anomaly.features.columns import Coded, distinct
+from esxi_anomaly.features.hashing import combine
+
 MGMT_FEATURES = ["mgmt_source", "mgmt_expected", "mgmt_unexpected_egress"]
 MGMT_KINDS = ("esxi_mgmt", "vcenter")
 ALLOW_COLUMNS = ["process", "peer_class", "proto", "port_from", "port_to", "ruleset"]
@@ -69,21 +72,28 @@ class ManagementPlane(BaseEstimator):
 
     def transform(self, conns: pd.DataFrame, entities: pd.DataFrame) -> pd.DataFrame:
         n = len(conns)
-        source = entities["src_kind"].isin(MGMT_KINDS).to_numpy()
+        source = Coded.of(entities["src_kind"]).isin(MGMT_KINDS)
         expected = np.zeros(n, dtype=bool)
         idx = np.flatnonzero(source)
         if len(idx):
+            # judge each distinct (destination, proto, port, process) once
+            dst, proto, proc = (Coded.of(conns[c]) for c in ("dst_ip", "proto", "process"))
+            port = conns["dst_port"].to_numpy(dtype="int64")[idx]
+            combo, first = distinct(combine(dst.codes[idx], proto.codes[idx], proc.codes[idx], port))
+            rows = idx[first]
             sub = pd.DataFrame({
-                "i": idx,
-                "peer_class": conns["dst_ip"].iloc[idx].map(self.peer_class_).fillna("other").to_numpy(),
-                "proto": conns["proto"].iloc[idx].astype("str").str.lower().to_numpy(),
-                "port": conns["dst_port"].iloc[idx].to_numpy(),
-                "proc": conns["process"].iloc[idx].astype("str").to_numpy(),
+                "i": np.arange(len(rows)),
+                "peer_class": pd.Series(dst.strings(rows)).map(self.peer_class_).fillna("other").to_numpy(dtype=object),
+                "proto": np.char.lower(proto.strings(rows).astype(str)).astype(object),
+                "port": port[first],
+                "proc": proc.strings(rows).astype(str).astype(object),
             })
             m = sub.merge(self.allowlist_, on=["peer_class", "proto"])
             ok = (m["port"] >= m["port_from"]) & (m["port"] <= m["port_to"]) & (
                 (m["process"] == "*") | (m["process"] == m["proc"]))
-            expected[m.loc[ok, "i"].to_numpy()] = True
+            allowed = np.zeros(len(rows), dtype=bool)
+            allowed[m.loc[ok, "i"].to_numpy()] = True
+            expected[idx] = allowed[combo]
         return pd.DataFrame({
             "mgmt_source": source.astype("float64"),
             "mgmt_expected": expected.astype("float64"),
