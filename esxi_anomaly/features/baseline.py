@@ -12,12 +12,15 @@ from sklearn.base import BaseEstimator, TransformerMixin
 
 from esxi_anomaly.features.columns import distinct
 from esxi_anomaly.features.hashing import combine as _h, hash_column
+from esxi_anomaly.features.stream_state import trailing_count
 
 BASELINE_FEATURES = [
     "port_rarity", "port_never_seen", "dst_never_seen", "dstport_never_seen", "domain_never_seen",
-    "port_prevalence", "dst_prevalence", "hour_rarity", "bytes_out_z", "duration_z", "entity_known",
+    "port_prevalence", "dst_prevalence", "hour_rarity", "bytes_out_z", "duration_z", "conn_rate_z", "entity_known",
 ]
 REQUIRED = ["entity", "role", "dst_ip", "dst_port", "proto", "domain", "ts", "bytes_out", "duration"]
+RATE_WINDOW_S = 300.0  # connection rate: the source's connections in the trailing five minutes
+_Z_STATS = {"b": "bytes_out_z", "d": "duration_z", "r": "conn_rate_z"}
 
 
 def _counts(keys: np.ndarray) -> pd.Series:
@@ -76,18 +79,15 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
         pairs = pd.DataFrame({"e": _h(ent), "p": port, "d": _h(dst)})
         self.port_prevalence_ = pairs.drop_duplicates(["e", "p"]).groupby("p").size() / n_entities
         self.dst_prevalence_ = pairs.drop_duplicates(["e", "d"]).groupby("d").size() / n_entities
-        # robust centre and scale of log bytes / duration, per entity
-        stats = pd.DataFrame({
-            "e": _h(ent),
-            "b": np.log1p(np.nan_to_num(X["bytes_out"].to_numpy(dtype="float64"), nan=0.0)),
-            "d": np.log1p(np.nan_to_num(X["duration"].to_numpy(dtype="float64"), nan=0.0)),
-        })
-        med = stats.groupby("e")[["b", "d"]].median()
-        mad = (stats[["b", "d"]] - med.loc[stats["e"]].to_numpy()).abs().groupby(stats["e"]).median()
+        # robust centre and scale of log bytes / duration / connection rate, per entity
+        stats = _log_stats(X, ent)
+        cols = list(_Z_STATS)
+        med = stats.groupby("e")[cols].median()
+        mad = (stats[cols] - med.loc[stats["e"]].to_numpy()).abs().groupby(stats["e"]).median()
         self.entity_median_ = med
         self.entity_mad_ = mad.clip(lower=0.25)  # floor: one-size traffic would give infinite z
-        self.global_median_ = stats[["b", "d"]].median()
-        self.global_mad_ = (stats[["b", "d"]] - self.global_median_).abs().median().clip(lower=0.25)
+        self.global_median_ = stats[cols].median()
+        self.global_mad_ = (stats[cols] - self.global_median_).abs().median().clip(lower=0.25)
         ts = X["ts"].to_numpy(dtype="float64")
         self.history_days_ = float((ts.max() - ts.min()) / 86_400.0) if len(ts) else 0.0
         self.n_features_in_ = len(REQUIRED)
@@ -101,19 +101,15 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
         # rows repeat (entity, destination, port, name, hour) heavily: look each combination up once
         codes, first = distinct(_h(ent, role, dst, port, domain, hour))
         keyed = self._keyed_features(ent[first], role[first], dst[first], port[first], domain[first], hour[first])
-        he = _h(ent)
-        b = np.log1p(np.nan_to_num(X["bytes_out"].to_numpy(dtype="float64"), nan=0.0))
-        d = np.log1p(np.nan_to_num(X["duration"].to_numpy(dtype="float64"), nan=0.0))
-        ent_codes, ents = pd.factorize(he)
+        out = pd.DataFrame({name: values[codes] for name, values in keyed.items()}, index=X.index)
+        stats = _log_stats(X, ent)
+        ent_codes, ents = pd.factorize(stats["e"].to_numpy())
         med = self.entity_median_.reindex(ents)
         mad = self.entity_mad_.reindex(ents)
-        med_b = med["b"].fillna(self.global_median_["b"]).to_numpy()[ent_codes]
-        med_d = med["d"].fillna(self.global_median_["d"]).to_numpy()[ent_codes]
-        mad_b = mad["b"].fillna(self.global_mad_["b"]).to_numpy()[ent_codes]
-        mad_d = mad["d"].fillna(self.global_mad_["d"]).to_numpy()[ent_codes]
-        out = pd.DataFrame({name: values[codes] for name, values in keyed.items()}, index=X.index)
-        out["bytes_out_z"] = np.clip((b - med_b) / (1.4826 * mad_b), -50, 50)
-        out["duration_z"] = np.clip((d - med_d) / (1.4826 * mad_d), -50, 50)
+        for col, name in _Z_STATS.items():
+            centre = med[col].fillna(self.global_median_[col]).to_numpy()[ent_codes]
+            scale = mad[col].fillna(self.global_mad_[col]).to_numpy()[ent_codes]
+            out[name] = np.clip((stats[col].to_numpy() - centre) / (1.4826 * scale), -50, 50)
         return out[BASELINE_FEATURES]
 
     def _keyed_features(self, ent, role, dst, port, domain, hour) -> dict[str, np.ndarray]:
@@ -158,6 +154,21 @@ def _hashed(X: pd.DataFrame):
 
 
 _EMPTY_KEY = hash_column(np.array([""], dtype=object))[0]  # the key of "no domain"
+
+
+def _log_stats(X: pd.DataFrame, ent: np.ndarray) -> pd.DataFrame:
+    """Per row: entity key and log1p of bytes out, duration and connection rate. `conn_rate` (the
+    source's connections in the trailing `RATE_WINDOW_S`, as `pipeline.prepare` counts it per source
+    IP across batches) is counted here per entity when X lacks it."""
+    he = _h(ent)
+    rate = X["conn_rate"].to_numpy(dtype="float64") if "conn_rate" in X.columns else \
+        trailing_count(he, X["ts"].to_numpy(dtype="float64"), RATE_WINDOW_S, None, "conn_rate").astype("float64")
+    return pd.DataFrame({
+        "e": he,
+        "b": np.log1p(np.nan_to_num(X["bytes_out"].to_numpy(dtype="float64"), nan=0.0)),
+        "d": np.log1p(np.nan_to_num(X["duration"].to_numpy(dtype="float64"), nan=0.0)),
+        "r": np.log1p(rate),
+    })
 
 
 def _hour(ts: np.ndarray) -> np.ndarray:

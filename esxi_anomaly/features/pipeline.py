@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 
 from esxi_anomaly.features import dns_join, dns_port
-from esxi_anomaly.features.baseline import BASELINE_FEATURES, EntityBaseline
+from esxi_anomaly.features.baseline import BASELINE_FEATURES, RATE_WINDOW_S, EntityBaseline
 from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns
 from esxi_anomaly.features.dns_port import _gather
 from esxi_anomaly.features.dns_side import DNS_SIDE_FEATURES, dns_side_features
 from esxi_anomaly.features.entities import entity_table, registered_domain
 from esxi_anomaly.features.hashing import hash_column
 from esxi_anomaly.features.mgmt_plane import MGMT_FEATURES, ManagementPlane
-from esxi_anomaly.features.stream_state import StreamState
+from esxi_anomaly.features.stream_state import StreamState, trailing_count
 
 PORT_FEATURES = ["dst_port_log", "dst_port_ephemeral"]
 FEATURES = dns_port.RELATIONSHIP_FEATURES + DNS_SIDE_FEATURES + BASELINE_FEATURES + MGMT_FEATURES + PORT_FEATURES
@@ -63,6 +63,7 @@ def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | No
         "proto": conns["proto"].to_numpy(), "domain": name.per_value(hash_column(domain)),
         "ts": cc.ts, "bytes_out": conns["bytes_out"].to_numpy(),
         "duration": conns["duration"].to_numpy(),
+        "conn_rate": trailing_count(cc.src.keys, cc.ts, RATE_WINDOW_S, state, "conn_rate"),
     })
     side = dns_side_features(cc, dc, j, name, state)
     return Prepared(conns, rel, evidence, ent, base_in, side)

@@ -25,6 +25,7 @@ class StreamState:
     seen: dict[str, np.ndarray] = field(default_factory=dict)
     counts: dict[str, pd.Series] = field(default_factory=dict)
     dns_owned_until: float = -np.inf   # DNS rows before this time were counted by earlier batches
+    recent: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # (keys, ts) in a trailing window
 
     def prior_counts(self, name: str, groups: np.ndarray) -> np.ndarray:
         table = self.counts.get(name)
@@ -68,4 +69,31 @@ def distinct_running_count(group: np.ndarray, value: np.ndarray, ts: np.ndarray,
         state.add_counts(name, g[new], np.ones(int(new.sum())))
     out = np.empty(n, dtype="int64")
     out[order] = running
+    return out
+
+
+def trailing_count(key: np.ndarray, ts: np.ndarray, window_s: float, state: StreamState | None, name: str) -> np.ndarray:
+    """For each item, how many items with its key fall in (ts - window_s, ts], itself and earlier
+    equal times included (in given order), continuing from the items `state` kept of the batches
+    before, and keeping this batch's last `window_s` seconds for the next."""
+    key, ts = np.asarray(key, dtype=np.uint64), np.asarray(ts, dtype="float64")
+    n = len(key)
+    prev_key, prev_ts = state.recent.get(name, (key[:0], ts[:0])) if state is not None else (key[:0], ts[:0])
+    all_key, all_ts = np.concatenate([prev_key, key]), np.concatenate([prev_ts, ts])
+    out = np.zeros(n, dtype="int64")
+    if len(all_key):
+        order = np.lexsort((all_ts, all_key))  # stable: earlier batches, then given order
+        k, t = all_key[order], all_ts[order]
+        group = np.cumsum(np.r_[True, k[1:] != k[:-1]]) - 1
+        window_ms = int(np.ceil(window_s * 1000))
+        ms = np.floor(t * 1000).astype(np.int64)  # absolute milliseconds: the same in every batch
+        ms -= ms.min()
+        stamp = group * (int(ms.max()) + window_ms + 1) + ms  # sorted: (group, time) as one integer
+        first = np.searchsorted(stamp, stamp - window_ms, side="right")
+        counts = np.arange(len(stamp)) - first + 1
+        mine = order >= len(prev_key)
+        out[order[mine] - len(prev_key)] = counts[mine]
+    if state is not None and len(all_ts):
+        keep = all_ts > all_ts.max() - window_s
+        state.recent[name] = (all_key[keep], all_ts[keep])
     return out

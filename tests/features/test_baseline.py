@@ -62,3 +62,19 @@ def test_missing_column_is_named():
 
     with pytest.raises(ValueError, match="domain"):
         EntityBaseline().fit(history().drop(columns=["domain"]))
+
+
+def test_connection_rate_z_counts_the_trailing_five_minutes_per_entity():
+    b = EntityBaseline().fit(history())
+    # vm-web-01's history: 100 connections one second apart, so trailing counts 1..100
+    hist = np.log1p(np.arange(1, 101))
+    centre = np.median(hist)
+    scale = max(np.median(np.abs(hist - centre)), 0.25)
+    burst = [("vm-web-01", "web", "93.184.216.34", 443, "example.com", 3600.0 * 9 + i * 0.1, 1000.0, 1.0)
+             for i in range(200)]
+    z = b.transform(probe(*burst))["conn_rate_z"].to_numpy()
+    expected = (np.log1p(np.arange(1, 201)) - centre) / (1.4826 * scale)
+    np.testing.assert_allclose(z, expected, rtol=1e-12)
+    # given counts take precedence over counting within X (the pipeline counts across batches)
+    given = b.transform(probe(*burst[:2]).assign(conn_rate=[1.0, 1.0]))
+    assert given["conn_rate_z"].iloc[0] == given["conn_rate_z"].iloc[1] == expected[0]

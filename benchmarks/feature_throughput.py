@@ -1,0 +1,143 @@
+"""Feature-extraction throughput: the DNS join plus every feature, without parsing or scoring.
+
+    .venv/bin/python benchmarks/feature_throughput.py                  # ~1.1M connections, best of 3
+    .venv/bin/python benchmarks/feature_throughput.py --days 8 --repeat 2
+
+A generated "large" estate (`synth.generate`) is held in memory as canonical frames, exactly what the
+readers hand to the scorer. The per-entity baseline and the management plane are fitted on the first
+half of the days (not timed). Timed, on all connections and DNS answers:
+
+  one process     `pipeline.prepare` (join, relationship, DNS-side and entity features) followed by
+                  `pipeline.extract` (baseline and management-plane features): the work each batch
+                  of the local engine does between reading and the ensemble.
+  by source, P    the same two calls in P worker processes, each on the connections and DNS answers
+                  of its own sources, cut by the Dask engine's `source_slot` into P slot ranges of
+                  equal size; wall time from the cut to every feature row back in this process, in
+                  the original order. This is how `--engine dask` spreads the work over cores; the
+                  benchmark checks that the result equals the one-process matrix exactly.
+
+rows/s = connections per wall second (best of --repeat); CPU s is this process's CPU time (plus
+the workers' for the multi-process mode). Writes `benchmarks/results/feature_throughput.md`
+(git-ignored) and prints the same table.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from esxi_anomaly.dask_engine import source_slot
+from esxi_anomaly.features import pipeline
+from esxi_anomaly.features.baseline import EntityBaseline
+from esxi_anomaly.features.mgmt_plane import ManagementPlane
+from esxi_anomaly.synth import generate
+
+RESULTS = Path(__file__).resolve().parent / "results"
+_JOB: dict = {}  # inherited by forked workers: the frames and fitted pieces, never pickled
+
+
+def _features(conns: pd.DataFrame, dns: pd.DataFrame) -> pd.DataFrame:
+    prepared = pipeline.prepare(conns, dns, _JOB["inventory"])
+    return pipeline.extract(prepared, _JOB["baseline"], _JOB["mgmt"])
+
+
+def _partition_features(part: int) -> tuple[np.ndarray, np.ndarray, float]:
+    conn_rows, dns_rows = _JOB["parts"][part]
+    start = time.process_time()
+    X = _features(_JOB["conns"].take(conn_rows), _JOB["dns"].take(dns_rows))
+    return conn_rows, X.to_numpy(), time.process_time() - start
+
+
+def _cut(processes: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Row numbers of each partition: contiguous slot ranges with about equal connection counts."""
+    conn_slot = source_slot(_JOB["conns"]["src_ip"].to_numpy(dtype=object))
+    dns_slot = source_slot(_JOB["dns"]["client_ip"].to_numpy(dtype=object))
+    edges = np.quantile(conn_slot, np.linspace(0, 1, processes + 1)[1:-1]).astype(np.int64) if processes > 1 else []
+    conn_part, dns_part = np.searchsorted(edges, conn_slot, side="right"), np.searchsorted(edges, dns_slot, side="right")
+    return [(np.flatnonzero(conn_part == p), np.flatnonzero(dns_part == p)) for p in range(processes)]
+
+
+def time_one_process(repeat: int) -> tuple[float, float, pd.DataFrame]:
+    best_wall, best_cpu, X = np.inf, np.inf, None
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        X = _features(_JOB["conns"], _JOB["dns"])
+        best_wall = min(best_wall, time.perf_counter() - wall)
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+    return best_wall, best_cpu, X
+
+
+def time_by_source(processes: int, repeat: int, expected: pd.DataFrame) -> tuple[float, float]:
+    best_wall, best_cpu = np.inf, np.inf
+    context = multiprocessing.get_context("fork")
+    for _ in range(repeat):
+        wall, cpu = time.perf_counter(), time.process_time()
+        _JOB["parts"] = _cut(processes)
+        with ProcessPoolExecutor(processes, mp_context=context) as pool:
+            results = list(pool.map(_partition_features, range(processes)))
+        X = np.empty((len(_JOB["conns"]), expected.shape[1]))
+        for rows, part, _cpu in results:
+            X[rows] = part
+        best_wall = min(best_wall, time.perf_counter() - wall)
+        best_cpu = min(best_cpu, time.process_time() - cpu + sum(r[2] for r in results))
+    if not np.array_equal(X, expected.to_numpy(), equal_nan=True):
+        raise SystemExit("partitioned features differ from the one-process features")
+    return best_wall, best_cpu
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--days", type=int, default=4, help="days of the generated large estate (~275k connections/day)")
+    ap.add_argument("--scale", type=float, default=1.0, help="benign traffic volume multiplier")
+    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--processes", type=int, nargs="*", default=[2], help="process counts for the by-source mode")
+    args = ap.parse_args(argv)
+
+    t = time.perf_counter()
+    ds = generate(days=args.days, seed=args.seed, scenario="large", scale=args.scale, attack_days=1)
+    conns, dns = ds.connections.reset_index(drop=True), ds.dns_answers.reset_index(drop=True)
+    history = conns["ts"].to_numpy() < ds.start + (ds.end - ds.start) / 2
+    fitted = pipeline.prepare(conns[history], dns, ds.inventory)
+    _JOB.update(conns=conns, dns=dns, inventory=ds.inventory,
+                baseline=EntityBaseline().fit(fitted.baseline_input), mgmt=ManagementPlane().fit(ds.inventory))
+    print(f"generated {len(conns):,} connections, {len(dns):,} DNS answer rows in {time.perf_counter() - t:.0f} s",
+          file=sys.stderr)
+
+    n = len(conns)
+    wall, cpu, X = time_one_process(args.repeat)
+    rows = [("one process", 1, wall, cpu)]
+    for p in args.processes:
+        rows.append((f"by source, {p} processes", p, *time_by_source(p, args.repeat, X)))
+
+    load = os.getloadavg()
+    lines = [
+        f"# Feature extraction throughput ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+        "",
+        f"{n:,} connections, {len(dns):,} DNS answer rows ({args.days} days, large estate, scale {args.scale:g});"
+        f" {X.shape[1]} features; {os.cpu_count()} CPUs; load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f};"
+        f" Python {platform.python_version()}, pandas {pd.__version__}, numpy {np.__version__};"
+        f" peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB.",
+        "",
+        "| mode | processes | wall s | CPU s | connections/s (wall) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {name} | {p} | {w:.2f} | {c:.2f} | {n / w:,.0f} |" for name, p, w, c in rows]
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "feature_throughput.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
