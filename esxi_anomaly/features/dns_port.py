@@ -11,7 +11,9 @@ For each connection and each candidate answer of its DNS join, every transform o
   ports* one transform has explained so far (the port follows the answer; a CDN whose rotating
   answers all give 443 explains one port only), and how many distinct answers share one unknown
   key `port XOR base` or `port - base` (keyed variants);
-* IP transforms: `dst_ip` derived from an answer (byte order, permutations, Nymaim2, TXT literals).
+* IP transforms: `dst_ip` derived from an answer (byte order, permutations, Nymaim2, TXT literals);
+* response-level evidence on the IP-link answer's response: reached through a CNAME (I6), and a
+  checksum record among its A records (P10, Nymaim).
 
 Consistency counts are causal (only earlier and current connections count) and their state can be
 carried across batches (`stream_state.StreamState`), so a batch split in time gives the same values.
@@ -32,7 +34,7 @@ MAX_DISTANCE_LOG = float(np.log1p(65_535.0))
 ANNOUNCED_TRANSFORMS = ("P12_srv", "P12_svcb")  # legitimate DNS-carried ports: informative, not suspicious
 
 RELATIONSHIP_FEATURES = [
-    "dst_is_answer", "dns_delay_log", "answer_ttl_log", "answer_count",
+    "dst_is_answer", "dns_delay_log", "answer_ttl_log", "answer_count", "via_cname", "answer_checksum",
     "match_significance", "match_on_ip_answer", "arith_distance_log", "byte_match",
     "port_announced", "consistency_ports", "keyed_consistency", "ip_derived", "ip_significance",
 ]
@@ -137,6 +139,19 @@ def _port_hits(pc, pa, dst_port, dns: DnsColumns, table: _ATable):
     return np.concatenate(out_c), np.concatenate(out_r), np.concatenate(out_t)
 
 
+def _response_any(dns: DnsColumns, flag: np.ndarray) -> np.ndarray:
+    """Per DNS row, 1.0 if any row of its response has `flag`."""
+    return (np.bincount(dns.response, weights=flag.astype("float64"))[dns.response] > 0).astype("float64")
+
+
+def _checksum_rows(dns: DnsColumns, table: "_ATable") -> np.ndarray:
+    """Valid A rows that are P10 checksum records of their response."""
+    a_rows = np.flatnonzero(dns.has_data & dns.is_rtype("A") & table.valid[dns.answer.codes])
+    out = np.zeros(dns.n, dtype=bool)
+    out[a_rows] = T.a_checksum_rows(table.octets[dns.answer.codes[a_rows]], dns.response[a_rows])
+    return out
+
+
 def _first_per_group(group: np.ndarray, score: np.ndarray) -> np.ndarray:
     """Index of the highest `score` per `group` (ties: the earliest)."""
     order = np.lexsort((-score, group))
@@ -169,6 +184,9 @@ def relationship_features(conns, dns, j: DnsJoin,
     feats["dns_delay_log"] = np.where(linked, np.log1p(np.maximum(delay, 0)), NO_DNS_DELAY_LOG)
     feats["answer_ttl_log"] = np.log1p(np.nan_to_num(_gather(dns.ttl, ip_row, 0.0), nan=0.0))
     feats["answer_count"] = _gather(dns.response_size.astype("float64"), ip_row, 0.0)
+    table = _ATable(dns)
+    feats["via_cname"] = _gather(_response_any(dns, dns.is_rtype("CNAME")), ip_row, 0.0)
+    feats["answer_checksum"] = _gather(_response_any(dns, _checksum_rows(dns, table)), ip_row, 0.0)
 
     ev_transform = np.full(n, -1, dtype=np.int16)
     ev_answer_row = np.where(linked, ip_row, -1)
@@ -176,7 +194,6 @@ def relationship_features(conns, dns, j: DnsJoin,
 
     # --- exact port derivations over all candidate pairs -----------------------------------
     pc, pa = j.pairs_conn, j.pairs_answer
-    table = _ATable(dns) if len(pc) else None
     sig = np.zeros(n)
     on_ip = np.zeros(n)
     announced = np.zeros(n)
@@ -217,7 +234,6 @@ def relationship_features(conns, dns, j: DnsJoin,
     byte = np.zeros(n)
     a_linked = np.flatnonzero(linked & (_gather(dns.rtype.codes, ip_row, -1) == dns.rtype.code_of("A")))
     if len(a_linked):
-        table = table or _ATable(dns)
         value = dns.answer.codes[ip_row[a_linked]]
         key = value * PORT_SPAN + _port_slot(dst_port[a_linked])
         inverse, combos = pd.factorize(key)

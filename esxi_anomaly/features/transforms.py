@@ -11,6 +11,10 @@ Families (see docs/transforms.md for the full table and counts):
   P11 AAAA groups and AAAA-embedded IPv4; P12 ports in TXT/CNAME text, SRV, SVCB/HTTPS, MX;
   I1 byte reversal, I2/I3 keyed (``ip_keys``), I4 octet permutations, I5 Nymaim2,
   I7 IPs literally in TXT text, I8 IPv4 embedded in AAAA.
+Response-level evidence (features, not per-answer transforms): P10 checksum records
+(``checksum_rows``); P10's other half, IP from one record and port from another, is covered by
+testing every record of the recent responses; I6, the IP reached through a CNAME, is the
+``via_cname`` feature.
 """
 from __future__ import annotations
 
@@ -533,6 +537,28 @@ def _nymaim2_inverse(little_endian: np.ndarray) -> np.ndarray:
 
 def _byteswap32(v: np.ndarray) -> np.ndarray:
     return v.astype(np.uint32).byteswap()
+
+
+def checksum_rows(words: np.ndarray, group: np.ndarray, min_records: int = 3) -> np.ndarray:
+    """P10 checksum record (Nymaim): True where a row's 32-bit word equals the sum of the other words
+    of its group (one DNS response) mod 2^32, in groups of at least `min_records` rows."""
+    words, group = np.asarray(words, dtype=np.uint64), np.asarray(group)
+    out = np.zeros(len(words), dtype=bool)
+    if not len(words):
+        return out
+    order = np.argsort(group, kind="stable")
+    g, w = group[order], words[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    sizes = np.diff(np.r_[starts, len(g)])
+    total = np.repeat(np.add.reduceat(w, starts) % 2**32, sizes)  # < 2^64 for < 2^32 rows
+    out[order] = ((2 * w) % 2**32 == total) & (np.repeat(sizes, sizes) >= min_records)
+    return out
+
+
+def a_checksum_rows(octets: np.ndarray, group: np.ndarray) -> np.ndarray:
+    """P10 on A records: the checksum over the raw addresses (N) or over their Nymaim2 decodings."""
+    little = _byteswap32(_octets_to_int(octets))
+    return checksum_rows(_octets_to_int(octets), group) | checksum_rows(_nymaim2_forward(little), group)
 
 
 def a_record_ips(octets: np.ndarray) -> np.ndarray:

@@ -90,3 +90,43 @@ def test_no_dns_at_all():
     assert f["dst_is_answer"].tolist() == [0]
     assert f["dns_delay_log"].tolist() == [dns_port.NO_DNS_DELAY_LOG]
     assert ev["transform"].tolist() == [""]
+
+
+def make_typed(dns_rows, conn_rows):
+    """As `make`, with (event_id, ts, client, query, rtype, answer, answer_index) DNS rows."""
+    dns = schema.conform(pd.DataFrame(dns_rows, columns=["event_id", "ts", "client_ip", "query", "rtype", "answer",
+                                                         "answer_index"]).assign(ttl=60.0, rcode="NOERROR"), "dns_answers")
+    conns = schema.conform(pd.DataFrame(conn_rows, columns=["event_id", "ts", "src_ip", "dst_ip", "dst_port"]).assign(
+        proto="tcp"), "connections")
+    return conns, dns
+
+
+def test_via_cname_marks_the_ip_reached_through_an_alias():
+    conns, dns = make_typed(
+        [("d1", 100, "10.0.0.5", "x1y2z3.appsync-api.evil.net", "CNAME", "c2.freescan.net", 0),
+         ("d1", 100, "10.0.0.5", "x1y2z3.appsync-api.evil.net", "A", "13.59.205.66", 1),
+         ("d2", 200, "10.0.0.5", "www.example.com", "A", "93.184.216.34", 0)],
+        [("c1", 101, "10.0.0.5", "13.59.205.66", 443), ("c2", 201, "10.0.0.5", "93.184.216.34", 443),
+         ("c3", 202, "10.0.0.5", "8.8.8.8", 443)])
+    f, _ = features(conns, dns)
+    assert f["via_cname"].tolist() == [1, 0, 0]
+
+
+def test_answer_checksum_on_raw_and_nymaim_decoded_records():
+    from esxi_anomaly.features import transforms as T
+
+    # raw: 10.0.0.1 + 10.0.0.2 = 20.0.0.3; decoded: the third record's Nymaim2 decoding is the sum
+    # of the other two decodings mod 2^32 (records built by inverting the decoder)
+    def encode(words):
+        little = T._nymaim2_inverse(np.asarray(words, dtype=np.uint32))
+        return T._octets_to_strings(T._int_to_octets(T._byteswap32(little)))
+
+    decoded = np.array([0xC0A80001, 0xFFFFFFF0, (0xC0A80001 + 0xFFFFFFF0) % 2**32], dtype=np.uint32)
+    coded = encode(decoded)
+    rows = [("d1", 100, "10.0.0.5", "a.evil.net", "A", ip, i) for i, ip in enumerate(["10.0.0.1", "10.0.0.2", "20.0.0.3"])]
+    rows += [("d2", 200, "10.0.0.5", "b.evil.net", "A", ip, i) for i, ip in enumerate(coded)]
+    rows += [("d3", 300, "10.0.0.5", "cdn.example.com", "A", ip, i) for i, ip in enumerate(["2.2.2.1", "2.2.2.2", "2.2.2.4"])]
+    conns, dns = make_typed(rows, [("c1", 101, "10.0.0.5", "10.0.0.2", 443), ("c2", 201, "10.0.0.5", coded[0], 443),
+                                   ("c3", 301, "10.0.0.5", "2.2.2.4", 443)])
+    f, _ = features(conns, dns)
+    assert f["answer_checksum"].tolist() == [1, 1, 0]

@@ -426,3 +426,11 @@ def test_rows_are_positions_not_series_labels():
     rtypes = pd.Series(["TXT", "A"], index=[5, 6], dtype="str")
     df = T.derive_ports(rtypes, answers)
     assert set(df["row"]) == {1} and _ports_of(df, 1)["P1"] == 1117
+
+
+def test_checksum_rows_exact():
+    words = np.array([5, 7, 12, 2**32 - 1, 2, 1, 9, 9], dtype=np.uint64)
+    group = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    # group 0: 12 = 5 + 7; group 1: 1 = (2^32 - 1) + 2 mod 2^32; group 2 has two rows only
+    assert T.checksum_rows(words, group).tolist() == [False, False, True, False, False, True, False, False]
+    assert T.checksum_rows(words, group, min_records=2).tolist()[6:] == [True, True]
