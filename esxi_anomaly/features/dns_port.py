@@ -42,11 +42,9 @@ RELATIONSHIP_FEATURES = [
 
 def _gather(values: np.ndarray, rows: np.ndarray, fill) -> np.ndarray:
     """values[rows] where rows >= 0, else `fill` (also when `values` is empty)."""
-    out = np.full(len(rows), fill, dtype=values.dtype if len(values) else np.asarray(fill).dtype)
-    ok = rows >= 0
-    if len(values) and ok.any():
-        out[ok] = values[rows[ok]]
-    return out
+    if not len(values):
+        return np.full(len(rows), fill, dtype=np.asarray(fill).dtype)
+    return np.where(rows >= 0, values[np.maximum(rows, 0)], np.asarray(fill, dtype=values.dtype))
 
 
 def match_keys(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

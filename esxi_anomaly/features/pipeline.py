@@ -82,5 +82,13 @@ def extract(prepared: Prepared, baseline: EntityBaseline, mgmt: ManagementPlane)
             "dst_port_ephemeral": (port >= 49_152).astype("float64"),
         }),
     ]
-    X = pd.concat([p.reset_index(drop=True) for p in parts], axis=1)
-    return X[FEATURES].astype("float64")
+    # one float64 block filled column by column: no concatenation or consolidation copies
+    X = np.empty((len(port), len(FEATURES)), dtype="float64", order="F")
+    where = {name: i for i, name in enumerate(FEATURES)}
+    filled = [name for part in parts for name in part.columns]
+    if sorted(filled) != sorted(FEATURES):
+        raise RuntimeError(f"feature parts give {sorted(filled)}, expected {sorted(FEATURES)}")
+    for part in parts:
+        for name in part.columns:
+            X[:, where[name]] = part[name].to_numpy(dtype="float64")
+    return pd.DataFrame(X, columns=FEATURES, copy=False)
