@@ -96,6 +96,16 @@ def parse_ipv4(answers) -> tuple[np.ndarray, np.ndarray]:
     return octets, valid
 
 
+_IPV4_ONE = re.compile(_IPV4_FULL)
+
+
+def _ipv4_octets(answer) -> np.ndarray | None:
+    """One strict dotted quad -> (1,4) uint8 octets, or None (`parse_ipv4` for a single value)."""
+    if not isinstance(answer, str) or not _IPV4_ONE.fullmatch(answer):
+        return None
+    return np.array([[int(x) for x in answer.split(".")]], dtype=np.uint8)
+
+
 def _octets_to_int(octets: np.ndarray) -> np.ndarray:
     o = octets.astype(np.uint32)
     return (o[:, 0] << 24) | (o[:, 1] << 16) | (o[:, 2] << 8) | o[:, 3]
@@ -714,6 +724,7 @@ def _format_ipv6(groups: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
 def _transform_dtype() -> pd.CategoricalDtype:
     return pd.CategoricalDtype(categories=pd.Index(_TRANSFORM_IDS, dtype="str"))
 
@@ -865,14 +876,20 @@ def _a_formula_text(t: Transform, octets: np.ndarray) -> str:
     return _LETTER.sub(lambda m: str(values[m.group(0)]), base.formula)
 
 
+@functools.lru_cache(maxsize=65_536)
 def describe(transform_id: str, answer: str, port_or_ip) -> str:
     """Human text for an explanation, e.g. describe("P1", "19.57.34.8", 1117) -> "1117 = 19*57+34 (APT12 a*b+c)".
 
     When the transform does not give ``port_or_ip`` for this answer the text says so instead of "=".
+    Memoised: explanations repeat the same (transform, answer, port) many times.
     """
     t = TRANSFORMS[transform_id]
     rtype = t.rtypes[0]
-    if t.output == "port" and transform_id not in ("P9_xor", "P9_add"):
+    if transform_id in _A_PORT_INDEX:  # the bulk: one column of a_record_ports, no long frame
+        octets = _ipv4_octets(answer)
+        port = int(a_record_ports(octets)[0, _A_PORT_INDEX[transform_id]]) if octets is not None else -1
+        got = [port] if port >= 1 else []
+    elif t.output == "port" and transform_id not in ("P9_xor", "P9_add"):
         derived = derive_ports(rtype, [answer])
         got = derived.loc[derived["transform"] == transform_id, "port"].astype(int).tolist()
     elif t.output == "ip" and transform_id not in ("I2_xor", "I3_add"):
@@ -884,7 +901,8 @@ def describe(transform_id: str, answer: str, port_or_ip) -> str:
     matched = target in got
     if transform_id in _A_PORT_INDEX or transform_id.startswith("P11_v4_"):
         if transform_id in _A_PORT_INDEX:
-            octets, valid = parse_ipv4([answer])
+            octets = _ipv4_octets(answer)
+            valid = [octets is not None]
             where = ""
         else:
             groups, valid = parse_ipv6([answer])
