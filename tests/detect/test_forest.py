@@ -123,7 +123,7 @@ def test_row_counts_dtypes_and_layouts(rng, train, small_blocks):
 
 def test_thread_count_and_block_size_do_not_change_results(rng, train, monkeypatch):
     forest = fit(train, n_estimators=30, max_samples=256, max_features=0.8)
-    X = quirky(rng, 3000)
+    X = quirky(rng, 1600)                        # 2000 rows
     expected = forest.score_samples(X)
     for block, min_rows in [(8192, 1024), (64, 16), (7, 1)]:
         monkeypatch.setattr(forest_mod, "BLOCK_ROWS", block)
