@@ -179,15 +179,17 @@ def feedback_labels(config: TrainConfig) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def train_environment(frames: Frames, config: TrainConfig) -> tuple[DnsCalcDetector, dict, dict]:
-    """Tune (when `config.trials`), validate on the held-out slice, then fit on all history."""
+def train_environment(frames: Frames, config: TrainConfig,
+                      validation: bool = True) -> tuple[DnsCalcDetector, dict, dict]:
+    """Tune (when `config.trials`), validate on the held-out slice (unless `validation` is False:
+    it costs one more fit and does not change the model), then fit on all history."""
     tuning: dict = {}
     if config.trials > 0:
         from esxi_anomaly.tuning import tune
 
         best, tuning = tune(frames, config)
         config.model.update(best)
-    metrics = validate(frames, config)
+    metrics = validate(frames, config) if validation else {}
     model = fit_model(frames, config)
     return model, metrics, tuning
 
