@@ -2,7 +2,10 @@
 
 Configs are TOML files under `training/` (see `training/example.toml`). Without labels, quality is
 measured self-supervised: the synthetic attack families of `synth` are injected into the newest
-slice of the environment's own history and the model must rank them first.
+slice of the environment's own history and the model must rank them first. Every connection of
+that slice that no label calls an attack counts as a negative, so C2 already present in the history
+lowers the measured AP; `validate` lists the unlabelled rows that outrank half of the injected
+attacks, and known labels (analyst verdicts, or `labels_path`) make confirmed attacks positives.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from esxi_anomaly import bundle as B, schema
@@ -36,6 +40,7 @@ class TrainConfig:
     inject_families: list = field(default_factory=lambda: ["apt12", "low16_mgmt", "xor_key", "offset_key"])
     study_storage: str = ""                          # Optuna storage URL; "" -> sqlite under training/
     feedback_path: str = ""                          # analyst verdicts (set from --models-dir/--env)
+    labels_path: str = ""                            # known labels of this history (CSV: event_id, label)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TrainConfig":
@@ -72,6 +77,12 @@ def model_card(model: DnsCalcDetector, config: TrainConfig, metrics: dict) -> st
         f"- config hash: {config.digest()}", "", "## Metrics", "",
     ]
     lines += [f"- {k}: {v}" for k, v in metrics.items()] or ["- (none measured)"]
+    if metrics.get("unlabelled_above_median_attack"):
+        lines += ["", f"{metrics['unlabelled_above_median_attack']} connections of the held-out history "
+                  f"({metrics.get('unlabelled_sources_above_median_attack', 0)} sources), neither injected nor "
+                  "labelled, outrank half of the injected attacks: C2 already in the history, or the worst "
+                  "false positives. They count as negatives in the AP above. Review them; confirmed attacks "
+                  "become positives with `esxi-anomaly label --verdict malicious` or `labels_path`."]
     lines += ["", "Higher score = more anomalous. Scores are comparable within one bundle only."]
     return "\n".join(lines) + "\n"
 
@@ -135,25 +146,50 @@ def validate(frames: Frames, config: TrainConfig, **overrides) -> dict:
     model = fit_model(history, config, **overrides)
     ranked = model.score(Frames(conns, dns, frames.inventory), explain_top=0)
     labels = pd.concat([labels, feedback_labels(config)], ignore_index=True)
-    return evaluate(ranked, labels)
+    return {**evaluate(ranked, labels), **unlabelled_above_attacks(ranked, labels)}
+
+
+def unlabelled_above_attacks(ranked: pd.DataFrame, labels: pd.DataFrame, examples: int = 5) -> dict:
+    """Rows that no label mentions and that score at least the median positive: count, sources, and the
+    most frequent (source, name, port) triples. In a clean history these are the detector's worst false
+    positives; when the history already holds C2, they are mostly that C2 (counted as negatives)."""
+    known = set(labels["event_id"].astype("str"))
+    ids = ranked["event_id"].astype("str")
+    attack = ids.isin(set(labels.loc[labels["label"] == "attack", "event_id"].astype("str"))).to_numpy()
+    if not attack.any():
+        return {}
+    score = ranked["score"].to_numpy(dtype="float64")
+    above = ~ids.isin(known).to_numpy() & (score >= np.median(score[attack]))
+    rows = ranked.loc[above, ["src_ip", "query", "dst_port"]].astype("str")
+    top = rows.value_counts().head(examples)
+    return {"unlabelled_above_median_attack": int(above.sum()),
+            "unlabelled_sources_above_median_attack": int(rows["src_ip"].nunique()),
+            "unlabelled_examples": [f"{s} -> {q or '(no name)'}:{p} x{n}" for (s, q, p), n in top.items()]}
 
 
 def feedback_labels(config: TrainConfig) -> pd.DataFrame:
-    """Analyst verdicts stored for this environment, as evaluation labels (empty when none)."""
+    """Known labels of this environment, as evaluation labels (empty when none): analyst verdicts
+    (malicious -> attack) and the rows of `config.labels_path` (`evaluate --labels` format)."""
+    from esxi_anomaly.evaluate import read_labels
     from esxi_anomaly.feedback import FeedbackStore
 
-    return FeedbackStore.labels_for(config)
+    parts = [FeedbackStore.labels_for(config)]
+    if config.labels_path:
+        parts.append(read_labels(config.labels_path)[["event_id", "label", "family"]])
+    return pd.concat(parts, ignore_index=True)
 
 
-def train_environment(frames: Frames, config: TrainConfig) -> tuple[DnsCalcDetector, dict, dict]:
-    """Tune (when `config.trials`), validate on the held-out slice, then fit on all history."""
+def train_environment(frames: Frames, config: TrainConfig,
+                      validation: bool = True) -> tuple[DnsCalcDetector, dict, dict]:
+    """Tune (when `config.trials`), validate on the held-out slice (unless `validation` is False:
+    it costs one more fit and does not change the model), then fit on all history."""
     tuning: dict = {}
     if config.trials > 0:
         from esxi_anomaly.tuning import tune
 
         best, tuning = tune(frames, config)
         config.model.update(best)
-    metrics = validate(frames, config)
+    metrics = validate(frames, config) if validation else {}
     model = fit_model(frames, config)
     return model, metrics, tuning
 

@@ -85,3 +85,36 @@ def test_tuning_persists_and_resumes_its_study(tmp_path, estate):
     assert 0.0 <= summary["best_average_precision"] <= 1.0
     _, again = tune(history, cfg)        # same study name and storage: continues, does not restart
     assert again["trials"] == 4 and again["study"] == summary["study"]
+
+
+def test_attacks_already_in_the_history_are_listed_and_known_labels_make_them_positives(tmp_path):
+    """The held-out slice of a history that already holds C2 (here the generator's attack day): without
+    labels those rows count as negatives (large estate, full volume: validation AP 0.35 instead of 0.98),
+    so validation must list them for review; with the labels file they become positives."""
+    from esxi_anomaly.synth import generate
+
+    ds = generate(days=2, seed=2, scenario="small", attack_days=1, scale=0.3,
+                  families=["apt12", "xor_key", "aaaa_port", "nymaim_ip"])
+    frames = Frames(ds.connections, ds.dns_answers, ds.inventory)
+    cfg = train.TrainConfig(env="lab", seed=3, model={"n_estimators": 40}, holdout_fraction=0.5)
+    _, holdout, cut = train.split_holdout(frames, cfg.holdout_fraction)
+    real = set(ds.labels.loc[ds.labels["label"] == "attack", "event_id"])
+    n_real = int(holdout.connections["event_id"].isin(real).sum())
+    assert cut <= ds.train_end and n_real == len(real) == 779      # the whole attack day is held out
+
+    unlabelled = train.validate(frames, cfg)
+    assert unlabelled["unlabelled_above_median_attack"] >= 100
+    assert unlabelled["unlabelled_sources_above_median_attack"] <= 6
+    c2_names = set(ds.campaigns["query"])
+    assert len(unlabelled["unlabelled_examples"]) == 5
+    assert all(e.split(" -> ")[1].rsplit(":", 1)[0] in c2_names for e in unlabelled["unlabelled_examples"])
+    assert unlabelled["average_precision"] < 0.8
+    assert "outrank half of the injected attacks" in train.model_card(
+        train.fit_model(Frames(ds.connections[:2000], ds.dns_answers, ds.inventory), cfg), cfg, unlabelled)
+
+    ds.labels.to_csv(tmp_path / "labels.csv", index=False)
+    cfg.labels_path = str(tmp_path / "labels.csv")
+    labelled = train.validate(frames, cfg)
+    assert labelled["attacks"] == unlabelled["attacks"] + n_real
+    assert labelled["average_precision"] >= 0.99
+    assert labelled["unlabelled_above_median_attack"] == 0 and labelled["unlabelled_examples"] == []
