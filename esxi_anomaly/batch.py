@@ -32,6 +32,7 @@ from esxi_anomaly.detect.explain import context_clauses
 from esxi_anomaly.feedback import FeedbackStore, apply_suppressions
 from esxi_anomaly.features.stream_state import StreamState
 from esxi_anomaly.report._atomic import atomic_path
+from esxi_anomaly.report.rollup import StreamingRollup
 from esxi_anomaly.schema import Frames
 
 BUCKET_S = 3600
@@ -39,6 +40,7 @@ WRITE_BLOCK = 250_000
 HTML_DEFAULT_TOP = 2000
 CHECKPOINT_VERSION = 1
 SCORED_SUFFIX = ".scored.arrow"
+ROLLUP_SUFFIX = ".entities.csv"
 
 
 def output_format(path: Path, fmt: str | None) -> str:
@@ -160,6 +162,13 @@ def bucket_groups(counts: dict[int, int], chunk_rows: int) -> list[list[int]]:
     return groups
 
 
+def _lap(stages: dict, name: str, t0: float) -> float:
+    """Add the time since `t0` to stages[name]; returns now (the next lap's start)."""
+    now = time.perf_counter()
+    stages[name] = stages.get(name, 0.0) + now - t0
+    return now
+
+
 def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inventory: pd.DataFrame | None,
                   chunk_rows: int, explain_top: int, cp: Checkpoint, progress: Progress, stages: dict,
                   suppressions: pd.DataFrame | None = None) -> Checkpoint:
@@ -170,7 +179,7 @@ def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inve
     for group in bucket_groups(counts, chunk_rows):
         if group[0] in cp.done_buckets:
             continue
-        t0 = time.perf_counter()
+        t0 = t = time.perf_counter()
         conns = pd.concat([_read_bucket(conn_dir, b) for b in group], ignore_index=True)
         conns = conns.sort_values(["ts", "event_id"], kind="stable", ignore_index=True)
         ts = conns["ts"].to_numpy(dtype="float64")
@@ -184,14 +193,18 @@ def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inve
             counted_until = cp.state.dns_owned_until
             dns = _dns_window(dns_dir, dns_cache, min(counted_until, start - lookback), end, bucket_s)
             chunk = Frames(conns.iloc[lo:hi].reset_index(drop=True), dns, inventory)
+            t = _lap(stages, "score: read buckets", t)
             prepared, feats = model.features(chunk, cp.state)
             cp.state.dns_owned_until = end
+            t = _lap(stages, "score: features", t)
             rows = apply_suppressions(model.score_rows(prepared, feats), suppressions)
             rows["bucket"], rows["row"] = group[0], np.arange(lo, hi)
+            t = _lap(stages, "score: ensemble+explanations", t)
             _merge_top(cp, rows, feats, explain_top)
             pieces.append(rows)
             cp.scored += hi - lo
             progress.update(hi - lo)
+            t = _lap(stages, "score: top merge", t)
         scored = pd.concat(pieces, ignore_index=True)
         cp.alerts += int(scored["alert"].sum())
         write_scored(scored, out_dir / f"{group[0]}{SCORED_SUFFIX}")
@@ -199,6 +212,7 @@ def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inve
         with atomic_path(work / "checkpoint.pkl") as tmp:
             with open(tmp, "wb") as fh:
                 pickle.dump(cp, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        t = _lap(stages, "score: write scored+checkpoint", t)
         stages["score"] = stages.get("score", 0.0) + time.perf_counter() - t0
         horizon = np.floor((ts[-1] - lookback) / bucket_s) - 1
         for old in [k for k in dns_cache if 0 <= k < horizon]:
@@ -241,18 +255,38 @@ def _read_scored(path: Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()  # zero-copy: pages load on use
 
 
+def rollup_path(out: Path) -> Path:
+    """Where `score --out X.<ext>` writes its entity roll-up: X.entities.csv (any output format)."""
+    out = Path(out)
+    return out.with_name(out.stem + ROLLUP_SUFFIX)
+
+
 def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: int | None,
-                   explain_top: int, html_extra: dict, context: pd.DataFrame | None = None) -> int:
+                   explain_top: int, html_extra: dict, context: pd.DataFrame | None = None, *,
+                   rollup_out: Path | None = None, stages: dict | None = None) -> tuple[int, int]:
+    """Rank every scored row, write the first `top` (all when None) to `out`; with `rollup_out`, also
+    the per-entity roll-up of *all* scored rows (not only the `top`) as formula-safe CSV there.
+    Both files are written atomically. Returns (rows written, entities in the roll-up)."""
+    stages = {} if stages is None else stages
+    t = time.perf_counter()
     paths = sorted((work / "scored").glob(f"*{SCORED_SUFFIX}"), key=lambda p: int(p.name.split(".")[0]))
     tables = {int(p.name.split(".")[0]): _read_scored(p) for p in paths}
-    keys = pd.concat([tables[b].select(["score", "event_id", "bucket", "row"]).to_pandas() for b in tables],
-                     ignore_index=True)
-    order = np.lexsort((keys["event_id"].to_numpy(dtype=object).astype(str), -keys["score"].to_numpy()))
+    rollup = StreamingRollup() if rollup_out is not None else None
+    key_parts = []
+    for b in tables:
+        key_parts.append(tables[b].select(["score", "event_id", "bucket", "row"]).to_pandas())
+    keys = pd.concat(key_parts, ignore_index=True)
+    t = _lap(stages, "rank+write: read keys", t)
+    if rollup is not None:
+        for b in tables:
+            rollup.add(tables[b])
+        t = _lap(stages, "rank+write: entity roll-up", t)
+    full_order = np.lexsort((keys["event_id"].to_numpy(dtype=object).astype(str), -keys["score"].to_numpy()))
     if fmt == "html" and top is None:
         top = HTML_DEFAULT_TOP
-    if top is not None:
-        order = order[:top]
+    order = full_order[:top] if top is not None else full_order
     attribution = dict(zip(cp.top_rows["event_id"], model.detector_.attributions(cp.top_feats)))
+    t = _lap(stages, "rank+write: rank + attributions", t)
     written = 0
     block_frames = []
     with atomic_path(out) as tmp:
@@ -275,7 +309,18 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
             ranked = pd.concat(block_frames, ignore_index=True) if block_frames else pd.DataFrame()
             report_html.write_html(ranked, tmp, **html_extra)
         writer.close()
-    return written
+    t = _lap(stages, f"rank+write: gather+write {fmt}", t)
+    if rollup is not None:
+        def rows_at(idx: np.ndarray) -> pd.DataFrame:
+            rows = _gather(tables, keys.iloc[idx])
+            rows["explanation"] = (rows["explanation"] + context_clauses(rows, context)).to_numpy()
+            return rows
+
+        entities = rollup.finish(full_order, rows_at)
+        report_csv.write_entity_rollup_csv(entities, rollup_out)
+        _lap(stages, "rank+write: entity roll-up", t)
+        return written, len(entities)
+    return written, 0
 
 
 def _gather(tables: dict[int, pa.Table], sel: pd.DataFrame) -> pd.DataFrame:
@@ -334,6 +379,7 @@ class RunSummary:
     quarantined: int = 0
     chunks_resumed: int = 0
     partitions: int = 0          # Dask engine: partitions scored
+    entities: int = 0            # rows of the entity roll-up CSV (0: not written)
     stages_s: dict = field(default_factory=dict)
 
 
@@ -342,7 +388,9 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         resume: bool = False, progress: bool = True, quarantine: ingest.Quarantine | None = None,
         summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
         bucket_s: int = BUCKET_S, suppressions: pd.DataFrame | None = None,
-        context: pd.DataFrame | None = None) -> RunSummary:
+        context: pd.DataFrame | None = None, rollup: bool = True) -> RunSummary:
+    """Score `conn_paths` against `dns_paths` into `out` (ranked rows); with `rollup`, the per-entity
+    roll-up of every scored connection goes to `rollup_path(out)` as well."""
     out = Path(out)
     fmt = output_format(out, fmt)
     work = Path(work) if work else out.with_name(out.name + ".work")
@@ -385,7 +433,9 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
     t0 = time.perf_counter()
     if html_extra:
         html_extra = {**html_extra, "summary": {**html_extra.get("summary", {}), "connections": run_summary.connections}}
-    run_summary.written = rank_and_write(model, work, cp, out, fmt, top, explain_top, html_extra or {}, context)
+    run_summary.written, run_summary.entities = rank_and_write(
+        model, work, cp, out, fmt, top, explain_top, html_extra or {}, context,
+        rollup_out=rollup_path(out) if rollup else None, stages=stages)
     stages["rank+write"] = time.perf_counter() - t0
     run_summary.alerts = cp.alerts
     run_summary.quarantined = len(quarantine)
@@ -409,7 +459,8 @@ def score_command(args, model, manifest, directory) -> int:
         from esxi_anomaly.dask_engine import run as dask_run
 
         result = dask_run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top,
-                          scheduler=args.scheduler, quarantine=quarantine, summary=summary, html_extra=html_extra)
+                          scheduler=args.scheduler, quarantine=quarantine, summary=summary, html_extra=html_extra,
+                          context=context)
     else:
         # benign analyst verdicts of this environment (next to its bundles) become suppressions
         suppressions = FeedbackStore(Path(directory).parent.parent, Path(directory).parent.name).suppressions()
@@ -421,4 +472,10 @@ def score_command(args, model, manifest, directory) -> int:
     log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.__dict__.items()
                     if k != "stages_s"} | {"stages_s": {k: round(v, 2) for k, v in result.stages_s.items()}}))
     log(f"wrote {result.written} rows to {out} ({fmt})")
+    log(f"wrote {result.entities} entities to {rollup_path(out)} (entity roll-up of all scored connections, csv)")
+    if getattr(args, "stats_json", None):
+        stats = {**result.__dict__, "engine": args.engine, "out": str(out), "format": fmt,
+                 "rollup": str(rollup_path(out))}
+        with atomic_path(args.stats_json) as tmp:
+            Path(tmp).write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
     return finish_quarantine(quarantine, out, args.strict)
