@@ -28,7 +28,8 @@ def test_score_writes_rollup_next_to_any_output_and_stats_json(tmp_path, small_d
     inventory.to_csv(tmp_path / "inventory.csv", index=False)
     out = tmp_path / "out" / "ranked.parquet"
     stats = tmp_path / "stats.json"
-    rc = cli.main(["score", "--model", str(bundle), "--conn", str(folder / "conn.log"), "--dns", str(folder / "dns.log"),
+    rc = cli.main(["score", "--model", str(bundle), "--conn", str(folder / "conn.log"),
+                   "--dns", str(folder / "dns.log"),
                    "--inventory", str(tmp_path / "inventory.csv"), "--out", str(out), "--top", "10",
                    "--no-progress", "--stats-json", str(stats)])
     assert rc == 0
