@@ -219,9 +219,11 @@ def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inve
             prepared, feats = model.features(chunk, cp.state)
             cp.state.dns_owned_until = end
             t = _lap(stages, "score: features", t)
-            rows = apply_suppressions(model.score_rows(prepared, feats), suppressions)
+            components = model.detector_.components(feats)
+            t = _lap(stages, "score: forest+rules", t)
+            rows = apply_suppressions(model.score_rows(prepared, feats, components), suppressions)
             rows["bucket"], rows["row"] = group[0], np.arange(lo, hi)
-            t = _lap(stages, "score: ensemble+explanations", t)
+            t = _lap(stages, "score: rows", t)
             _merge_top(cp, rows, feats, explain_top)
             pieces.append(rows)
             cp.scored += hi - lo
@@ -297,32 +299,33 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
     keys = pa.concat_tables([tables[b].select(["score", "event_id", "bucket", "row"]) for b in tables])
     t = _lap(stages, "rank+write: read keys", t)
     pool = ThreadPoolExecutor(max_workers=WRITE_THREADS)   # Arrow kernels release the GIL
-    rollup = StreamingRollup() if rollup_out is not None else None
-    counted = pool.submit(lambda: [rollup.add(tables[b]) for b in tables]) if rollup is not None else None
-    full_order = rank_order(keys["score"].combine_chunks(), keys["event_id"].combine_chunks())
-    bucket, row = keys["bucket"].to_numpy(), keys["row"].to_numpy()
-    if fmt == "html" and top is None:
-        top = HTML_DEFAULT_TOP
-    order = full_order[:top] if top is not None else full_order
-    attribution = dict(zip(cp.top_rows["event_id"], model.detector_.attributions(cp.top_feats)))
-    t = _lap(stages, "rank+write: rank + attributions", t)
-
-    def block_job(start: int):
-        """Block `start`: for CSV its bytes, else the ranked rows (Arrow), in rank order."""
-        idx = order[start:start + WRITE_BLOCK]
-        ranked, to_rank = _ranked_block(model, tables, bucket[idx], row[idx], start, explain_top, attribution,
-                                        context)
-        if fmt != "csv":
-            return ranked.take(pa.array(to_rank))
-        parts = report_csv.arrow_csv_parts(ranked, header=start == 0, order=to_rank)
-        if parts is None:   # a column type the Arrow encoder does not handle: pandas writes the block
-            buffer = io.BytesIO()
-            report_csv.write_frame_csv(ranked.take(pa.array(to_rank)).to_pandas(), buffer, header=start == 0)
-            parts = [buffer.getbuffer()]
-        return parts
-
-    block_frames = []
     try:
+        rollup = StreamingRollup() if rollup_out is not None else None
+        counted = pool.submit(lambda: [rollup.add(tables[b]) for b in tables]) if rollup is not None else None
+        attributed = pool.submit(model.detector_.attributions, cp.top_feats)   # while the rows are ranked
+        full_order = rank_order(keys["score"].combine_chunks(), keys["event_id"].combine_chunks())
+        bucket, row = keys["bucket"].to_numpy(), keys["row"].to_numpy()
+        if fmt == "html" and top is None:
+            top = HTML_DEFAULT_TOP
+        order = full_order[:top] if top is not None else full_order
+        attribution = dict(zip(cp.top_rows["event_id"], attributed.result()))
+        t = _lap(stages, "rank+write: rank + attributions", t)
+
+        def block_job(start: int):
+            """Block `start`: for CSV its bytes, else the ranked rows (Arrow), in rank order."""
+            idx = order[start:start + WRITE_BLOCK]
+            ranked, to_rank = _ranked_block(model, tables, bucket[idx], row[idx], start, explain_top, attribution,
+                                            context)
+            if fmt != "csv":
+                return ranked.take(pa.array(to_rank))
+            parts = report_csv.arrow_csv_parts(ranked, header=start == 0, order=to_rank)
+            if parts is None:   # a column type the Arrow encoder does not handle: pandas writes the block
+                buffer = io.BytesIO()
+                report_csv.write_frame_csv(ranked.take(pa.array(to_rank)).to_pandas(), buffer, header=start == 0)
+                parts = [buffer.getbuffer()]
+            return parts
+
+        block_frames = []
         with atomic_path(out) as tmp:
             writer = _BlockWriter(tmp, fmt)
             pending: deque = deque()
@@ -353,19 +356,20 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     t = _lap(stages, f"rank+write: gather+explain+write {fmt}", t)
-    if rollup is not None:
-        def rows_at(idx: np.ndarray) -> pd.DataFrame:
-            rows = _gather(tables, bucket[idx], row[idx]).to_pandas()
-            rows["explanation"] = explain.sentences(rows, model.history_days_, model.detector_.rules_).array
-            if context is not None:
-                rows["explanation"] = (rows["explanation"] + context_clauses(rows, context)).array
-            return rows
+    if rollup is None:
+        return written, 0
 
-        entities = rollup.finish(full_order, rows_at)
-        report_csv.write_entity_rollup_csv(entities, rollup_out)
-        _lap(stages, "rank+write: entity roll-up", t)
-        return written, len(entities)
-    return written, 0
+    def rows_at(idx: np.ndarray) -> pd.DataFrame:
+        rows = _gather(tables, bucket[idx], row[idx]).to_pandas()
+        rows["explanation"] = explain.sentences(rows, model.history_days_, model.detector_.rules_).array
+        if context is not None:
+            rows["explanation"] = (rows["explanation"] + context_clauses(rows, context)).array
+        return rows
+
+    entities = rollup.finish(full_order, rows_at)
+    report_csv.write_entity_rollup_csv(entities, rollup_out)
+    _lap(stages, "rank+write: entity roll-up", t)
+    return written, len(entities)
 
 
 def _ranked_block(model, tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray, start: int,

@@ -124,12 +124,14 @@ class DnsCalcDetector(BaseEstimator):
         rows = self.score_rows(prepared, feats)
         return self.finish(rows, feats, top=top, explain_top=explain_top)
 
-    def score_rows(self, prepared: pipeline.Prepared, feats: pd.DataFrame) -> pd.DataFrame:
+    def score_rows(self, prepared: pipeline.Prepared, feats: pd.DataFrame,
+                   components: pd.DataFrame | None = None) -> pd.DataFrame:
         """Scores, components and what the explanation sentence is made of, one row per connection
         in batch order: everything but the global rank, the per-row attributions and the sentence
         itself, which is built (`explain.sentences`) only for the rows that are kept: by `finish`,
-        or by the batch writer block by block. `explain.SENTENCE_ONLY` columns are dropped then."""
-        comp = self.detector_.components(feats)
+        or by the batch writer block by block. `explain.SENTENCE_ONLY` columns are dropped then.
+        `components`: `self.detector_.components(feats)` when the caller has it already."""
+        comp = self.detector_.components(feats) if components is None else components
         c, ev, ent = prepared.conns, prepared.evidence, prepared.entities
         host = pd.Series(c["esxi_host"].array)
         out = pd.DataFrame({  # `.array`: no copies and no Python objects for the text columns
