@@ -12,11 +12,14 @@
 """
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import shutil
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -24,21 +27,30 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from esxi_anomaly import ingest, schema
 from esxi_anomaly.report import csv as report_csv, ecs as report_ecs, format_for_path, html as report_html
+from esxi_anomaly.detect import explain
 from esxi_anomaly.detect.explain import context_clauses
 from esxi_anomaly.feedback import FeedbackStore, apply_suppressions
 from esxi_anomaly.features.stream_state import StreamState
 from esxi_anomaly.report._atomic import atomic_path
+from esxi_anomaly.report.rollup import StreamingRollup
 from esxi_anomaly.schema import Frames
 
 BUCKET_S = 3600
 WRITE_BLOCK = 250_000
+WRITE_THREADS = 2              # output blocks prepared concurrently (2-core machines and up)
 HTML_DEFAULT_TOP = 2000
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2            # 2: scored rows carry sentence inputs, not sentences
 SCORED_SUFFIX = ".scored.arrow"
+ROLLUP_SUFFIX = ".entities.csv"
+# what `explain.sentences` reads from a scored row; the sentence-only ones are not written out
+SENTENCE_COLUMNS = ["dst_port", "dst_ip", "src_name", "rules", "query", "transform", "answer", "rtype", "dns_delay",
+                    *explain.SENTENCE_ONLY]
+DROPPED = {"bucket", "row", *explain.SENTENCE_ONLY}
 
 
 def output_format(path: Path, fmt: str | None) -> str:
@@ -135,7 +147,19 @@ def chunk_bounds(ts: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def rank_order(score: pa.Array | np.ndarray, event_id) -> np.ndarray:
+    """Positions sorted by score descending, then event_id ascending (the ranking everywhere)."""
+    keys = pa.table({"score": pa.array(score), "event_id": pa.array(event_id)})
+    return pc.sort_indices(keys, sort_keys=[("score", "descending"), ("event_id", "ascending")]).to_numpy()
+
+
 def _merge_top(cp: Checkpoint, rows: pd.DataFrame, feats: pd.DataFrame, k: int) -> None:
+    """Keep the `k` best rows (and their features) of everything seen so far in `cp`."""
+    score = rows["score"].to_numpy()
+    if len(score) > k > 0:   # only rows scoring at least the k-th best can make it (ties kept)
+        kth = -np.partition(-score, k - 1)[k - 1]
+        keep = np.flatnonzero(score >= kth)
+        rows, feats = rows.iloc[keep], feats.iloc[keep]
     rows = rows.reset_index(drop=True)
     feats = feats.reset_index(drop=True)
     if cp.top_rows is not None:
@@ -160,6 +184,13 @@ def bucket_groups(counts: dict[int, int], chunk_rows: int) -> list[list[int]]:
     return groups
 
 
+def _lap(stages: dict, name: str, t0: float) -> float:
+    """Add the time since `t0` to stages[name]; returns now (the next lap's start)."""
+    now = time.perf_counter()
+    stages[name] = stages.get(name, 0.0) + now - t0
+    return now
+
+
 def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inventory: pd.DataFrame | None,
                   chunk_rows: int, explain_top: int, cp: Checkpoint, progress: Progress, stages: dict,
                   suppressions: pd.DataFrame | None = None) -> Checkpoint:
@@ -170,7 +201,7 @@ def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inve
     for group in bucket_groups(counts, chunk_rows):
         if group[0] in cp.done_buckets:
             continue
-        t0 = time.perf_counter()
+        t0 = t = time.perf_counter()
         conns = pd.concat([_read_bucket(conn_dir, b) for b in group], ignore_index=True)
         conns = conns.sort_values(["ts", "event_id"], kind="stable", ignore_index=True)
         ts = conns["ts"].to_numpy(dtype="float64")
@@ -184,14 +215,20 @@ def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inve
             counted_until = cp.state.dns_owned_until
             dns = _dns_window(dns_dir, dns_cache, min(counted_until, start - lookback), end, bucket_s)
             chunk = Frames(conns.iloc[lo:hi].reset_index(drop=True), dns, inventory)
+            t = _lap(stages, "score: read buckets", t)
             prepared, feats = model.features(chunk, cp.state)
             cp.state.dns_owned_until = end
-            rows = apply_suppressions(model.score_rows(prepared, feats), suppressions)
+            t = _lap(stages, "score: features", t)
+            components = model.detector_.components(feats)
+            t = _lap(stages, "score: forest+rules", t)
+            rows = apply_suppressions(model.score_rows(prepared, feats, components), suppressions)
             rows["bucket"], rows["row"] = group[0], np.arange(lo, hi)
+            t = _lap(stages, "score: rows", t)
             _merge_top(cp, rows, feats, explain_top)
             pieces.append(rows)
             cp.scored += hi - lo
             progress.update(hi - lo)
+            t = _lap(stages, "score: top merge", t)
         scored = pd.concat(pieces, ignore_index=True)
         cp.alerts += int(scored["alert"].sum())
         write_scored(scored, out_dir / f"{group[0]}{SCORED_SUFFIX}")
@@ -199,6 +236,7 @@ def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inve
         with atomic_path(work / "checkpoint.pkl") as tmp:
             with open(tmp, "wb") as fh:
                 pickle.dump(cp, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        t = _lap(stages, "score: write scored+checkpoint", t)
         stages["score"] = stages.get("score", 0.0) + time.perf_counter() - t0
         horizon = np.floor((ts[-1] - lookback) / bucket_s) - 1
         for old in [k for k in dns_cache if 0 <= k < horizon]:
@@ -241,76 +279,170 @@ def _read_scored(path: Path) -> pa.Table:
     return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()  # zero-copy: pages load on use
 
 
+def rollup_path(out: Path) -> Path:
+    """Where `score --out X.<ext>` writes its entity roll-up: X.entities.csv (any output format)."""
+    out = Path(out)
+    return out.with_name(out.stem + ROLLUP_SUFFIX)
+
+
 def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: int | None,
-                   explain_top: int, html_extra: dict, context: pd.DataFrame | None = None) -> int:
+                   explain_top: int, html_extra: dict, context: pd.DataFrame | None = None, *,
+                   rollup_out: Path | None = None, stages: dict | None = None) -> tuple[int, int]:
+    """Rank every scored row, write the first `top` (all when None) to `out`; with `rollup_out`, also
+    the per-entity roll-up of *all* scored rows (not only the `top`) as formula-safe CSV there.
+    Explanation sentences are built here, block by block, for the rows written only.
+    Both files are written atomically. Returns (rows written, entities in the roll-up)."""
+    stages = {} if stages is None else stages
+    t = time.perf_counter()
     paths = sorted((work / "scored").glob(f"*{SCORED_SUFFIX}"), key=lambda p: int(p.name.split(".")[0]))
     tables = {int(p.name.split(".")[0]): _read_scored(p) for p in paths}
-    keys = pd.concat([tables[b].select(["score", "event_id", "bucket", "row"]).to_pandas() for b in tables],
-                     ignore_index=True)
-    order = np.lexsort((keys["event_id"].to_numpy(dtype=object).astype(str), -keys["score"].to_numpy()))
-    if fmt == "html" and top is None:
-        top = HTML_DEFAULT_TOP
-    if top is not None:
-        order = order[:top]
-    attribution = dict(zip(cp.top_rows["event_id"], model.detector_.attributions(cp.top_feats)))
-    written = 0
-    block_frames = []
-    with atomic_path(out) as tmp:
-        writer = _BlockWriter(tmp, fmt)
-        for start in range(0, len(order), WRITE_BLOCK):
-            block = _gather(tables, keys.iloc[order[start:start + WRITE_BLOCK]])
-            block.insert(0, "rank", np.arange(start + 1, start + len(block) + 1))
-            explanation, alert = block.pop("explanation"), block.pop("alert")
-            block["explanation"] = (explanation + context_clauses(block, context)).to_numpy()
-            explained = block["rank"].to_numpy() <= explain_top
-            block["top_features"] = np.where(explained, block["event_id"].map(attribution).fillna(""), "")
-            block["alert"] = alert.to_numpy()
-            block = block.drop(columns=["bucket", "row"])
+    keys = pa.concat_tables([tables[b].select(["score", "event_id", "bucket", "row"]) for b in tables])
+    t = _lap(stages, "rank+write: read keys", t)
+    pool = ThreadPoolExecutor(max_workers=WRITE_THREADS)   # Arrow kernels release the GIL
+    try:
+        rollup = StreamingRollup() if rollup_out is not None else None
+        counted = pool.submit(lambda: [rollup.add(tables[b]) for b in tables]) if rollup is not None else None
+        attributed = pool.submit(model.detector_.attributions, cp.top_feats)   # while the rows are ranked
+        full_order = rank_order(keys["score"].combine_chunks(), keys["event_id"].combine_chunks())
+        bucket, row = keys["bucket"].to_numpy(), keys["row"].to_numpy()
+        if fmt == "html" and top is None:
+            top = HTML_DEFAULT_TOP
+        order = full_order[:top] if top is not None else full_order
+        attribution = dict(zip(cp.top_rows["event_id"], attributed.result()))
+        t = _lap(stages, "rank+write: rank + attributions", t)
+
+        def block_job(start: int):
+            """Block `start`: for CSV its bytes, else the ranked rows (Arrow), in rank order."""
+            idx = order[start:start + WRITE_BLOCK]
+            ranked, to_rank = _ranked_block(model, tables, bucket[idx], row[idx], start, explain_top, attribution,
+                                            context)
+            if fmt != "csv":
+                return ranked.take(pa.array(to_rank))
+            parts = report_csv.arrow_csv_parts(ranked, header=start == 0, order=to_rank)
+            if parts is None:   # a column type the Arrow encoder does not handle: pandas writes the block
+                buffer = io.BytesIO()
+                report_csv.write_frame_csv(ranked.take(pa.array(to_rank)).to_pandas(), buffer, header=start == 0)
+                parts = [buffer.getbuffer()]
+            return parts
+
+        block_frames = []
+        with atomic_path(out) as tmp:
+            writer = _BlockWriter(tmp, fmt)
+            pending: deque = deque()
+
+            def write_done(keep: int) -> None:
+                """Write finished blocks, oldest first, until at most `keep` are in flight."""
+                while len(pending) > keep:
+                    result = pending.popleft().result()
+                    if fmt == "csv":
+                        for part in result:
+                            writer.fh.write(part)
+                    elif fmt == "html":
+                        block_frames.append(result.to_pandas())
+                    else:
+                        writer.write(result)
+
+            for start in range(0, len(order), WRITE_BLOCK):
+                pending.append(pool.submit(block_job, start))
+                write_done(WRITE_THREADS - 1)
+            write_done(0)
             if fmt == "html":
-                block_frames.append(block)
-            else:
-                writer.write(block)
-            written += len(block)
-        if fmt == "html":
-            ranked = pd.concat(block_frames, ignore_index=True) if block_frames else pd.DataFrame()
-            report_html.write_html(ranked, tmp, **html_extra)
-        writer.close()
-    return written
+                ranked = pd.concat(block_frames, ignore_index=True) if block_frames else pd.DataFrame()
+                report_html.write_html(ranked, tmp, **html_extra)
+            writer.close()
+        written = len(order)
+        if counted is not None:
+            counted.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    t = _lap(stages, f"rank+write: gather+explain+write {fmt}", t)
+    if rollup is None:
+        return written, 0
+
+    def rows_at(idx: np.ndarray) -> pd.DataFrame:
+        rows = _gather(tables, bucket[idx], row[idx]).to_pandas()
+        rows["explanation"] = explain.sentences(rows, model.history_days_, model.detector_.rules_).array
+        if context is not None:
+            rows["explanation"] = (rows["explanation"] + context_clauses(rows, context)).array
+        return rows
+
+    entities = rollup.finish(full_order, rows_at)
+    report_csv.write_entity_rollup_csv(entities, rollup_out)
+    _lap(stages, "rank+write: entity roll-up", t)
+    return written, len(entities)
 
 
-def _gather(tables: dict[int, pa.Table], sel: pd.DataFrame) -> pd.DataFrame:
-    """The rows named by `sel` (bucket, row), taken from the memory-mapped tables, in `sel`'s order."""
-    bucket, row = sel["bucket"].to_numpy(), sel["row"].to_numpy()
-    parts, positions = [], []
-    for b in np.unique(bucket):
-        mine = np.flatnonzero(bucket == b)
-        parts.append(tables[int(b)].take(pa.array(row[mine])))
-        positions.append(mine)
-    frame = pa.concat_tables(parts).to_pandas()
-    where = np.empty(len(frame), dtype="int64")
-    where[np.concatenate(positions)] = np.arange(len(frame))
-    frame = frame.iloc[where].reset_index(drop=True)
-    cols = ["score", "event_id"] + [c for c in frame.columns if c not in ("score", "event_id")]
-    return frame[cols]
+def _ranked_block(model, tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray, start: int,
+                 explain_top: int, attribution: dict, context: pd.DataFrame | None) -> tuple[pa.Table, np.ndarray]:
+    """The output rows for rank positions start+1.. (rows (bucket[i], row[i])): taken, explained and
+    laid out in file order (sequential reads of the memory maps), and the positions that put them
+    in rank order."""
+    block, stored = _gather_stored(tables, bucket, row)
+    to_rank = np.empty(len(stored), dtype=np.int64)
+    to_rank[stored] = np.arange(len(stored))
+    ranks = start + 1 + stored
+    sentence = explain.sentences(block.select(SENTENCE_COLUMNS).to_pandas(), model.history_days_,
+                                 model.detector_.rules_)
+    if context is not None:
+        sentence = sentence + context_clauses(block.select(["ts", "src_name", "esxi_host"]).to_pandas(), context)
+    top_features = np.full(len(stored), "", dtype=object)
+    first = np.flatnonzero(ranks <= explain_top)
+    top_features[first] = [attribution.get(e, "") for e in block["event_id"].take(pa.array(first)).to_pylist()]
+    columns = {"rank": pa.array(ranks)}
+    columns.update({c: block[c] for c in block.column_names if c not in DROPPED and c != "alert"})
+    columns["explanation"] = pa.array(sentence.array, pa.large_string())
+    columns["top_features"] = pa.array(top_features, pa.large_string())
+    columns["alert"] = block["alert"]
+    return pa.table(columns), to_rank
+
+
+def _gather_stored(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+    """The rows (bucket[i], row[i]) of the memory-mapped tables in file order (sequential reads),
+    score and event_id first, and `stored`: row j of the result is the pair stored[j]."""
+    stored = np.lexsort((row, bucket))
+    bucket, row = bucket[stored], row[stored]
+    cuts = np.flatnonzero(np.diff(bucket)) + 1
+    parts = [tables[int(b[0])].take(pa.array(r)) for b, r in zip(np.split(bucket, cuts), np.split(row, cuts)) if len(b)]
+    table = pa.concat_tables(parts, promote_options="default") if parts else \
+        next(iter(tables.values())).slice(0, 0)
+    cols = ["score", "event_id"] + [c for c in table.column_names if c not in ("score", "event_id")]
+    return table.select(cols), stored
+
+
+def _gather(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray) -> pa.Table:
+    """The rows (bucket[i], row[i]) of the memory-mapped tables, in that order, score and event_id first."""
+    table, stored = _gather_stored(tables, bucket, row)
+    to_order = np.empty(len(stored), dtype=np.int64)
+    to_order[stored] = np.arange(len(stored))
+    return table.take(pa.array(to_order))
 
 
 class _BlockWriter:
-    """Appends rank-ordered blocks to one CSV / JSON lines / Parquet file."""
+    """Appends rank-ordered blocks (Arrow tables) to one CSV / JSON lines / Parquet file."""
 
     def __init__(self, path: Path, fmt: str):
         self.path, self.fmt = path, fmt
         self.first = True
         self.parquet = None
-        self.fh = open(path, "w", encoding="utf-8", newline="") if fmt in ("csv", "jsonl") else None
+        self.fh = open(path, "wb") if fmt == "csv" else open(path, "w", encoding="utf-8", newline="") \
+            if fmt == "jsonl" else None
 
-    def write(self, block: pd.DataFrame) -> None:
+    def write(self, block: pa.Table, order: np.ndarray | None = None) -> None:
+        """Append the rows of `block` (in `order`, when given)."""
         if self.fmt == "csv":
-            report_csv.neutralise_formulas(block).to_csv(self.fh, index=False, header=self.first, lineterminator="\r\n")
-        elif self.fmt == "jsonl":
-            for record in report_ecs.ecs_records(block):
+            if report_csv.write_arrow_csv(block, self.fh, header=self.first, order=order):
+                self.first = False
+                return
+            block = block.take(pa.array(order)) if order is not None else block
+            report_csv.write_frame_csv(block.to_pandas(), self.fh, header=self.first)
+            self.first = False
+            return
+        block = block.take(pa.array(order)) if order is not None else block
+        if self.fmt == "jsonl":
+            for record in report_ecs.ecs_records(block.to_pandas()):
                 self.fh.write(json.dumps(record, ensure_ascii=True) + "\n")
         elif self.fmt == "parquet":
-            table = pa.Table.from_pandas(block, preserve_index=False)
+            table = pa.Table.from_pandas(block.to_pandas(), preserve_index=False)
             if self.parquet is None:
                 self.parquet = pq.ParquetWriter(self.path, table.schema)
             self.parquet.write_table(table.cast(self.parquet.schema))
@@ -334,6 +466,7 @@ class RunSummary:
     quarantined: int = 0
     chunks_resumed: int = 0
     partitions: int = 0          # Dask engine: partitions scored
+    entities: int = 0            # rows of the entity roll-up CSV (0: not written)
     stages_s: dict = field(default_factory=dict)
 
 
@@ -342,7 +475,9 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         resume: bool = False, progress: bool = True, quarantine: ingest.Quarantine | None = None,
         summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
         bucket_s: int = BUCKET_S, suppressions: pd.DataFrame | None = None,
-        context: pd.DataFrame | None = None) -> RunSummary:
+        context: pd.DataFrame | None = None, rollup: bool = True) -> RunSummary:
+    """Score `conn_paths` against `dns_paths` into `out` (ranked rows); with `rollup`, the per-entity
+    roll-up of every scored connection goes to `rollup_path(out)` as well."""
     out = Path(out)
     fmt = output_format(out, fmt)
     work = Path(work) if work else out.with_name(out.name + ".work")
@@ -385,7 +520,9 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
     t0 = time.perf_counter()
     if html_extra:
         html_extra = {**html_extra, "summary": {**html_extra.get("summary", {}), "connections": run_summary.connections}}
-    run_summary.written = rank_and_write(model, work, cp, out, fmt, top, explain_top, html_extra or {}, context)
+    run_summary.written, run_summary.entities = rank_and_write(
+        model, work, cp, out, fmt, top, explain_top, html_extra or {}, context,
+        rollup_out=rollup_path(out) if rollup else None, stages=stages)
     stages["rank+write"] = time.perf_counter() - t0
     run_summary.alerts = cp.alerts
     run_summary.quarantined = len(quarantine)
@@ -409,7 +546,8 @@ def score_command(args, model, manifest, directory) -> int:
         from esxi_anomaly.dask_engine import run as dask_run
 
         result = dask_run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top,
-                          scheduler=args.scheduler, quarantine=quarantine, summary=summary, html_extra=html_extra)
+                          scheduler=args.scheduler, quarantine=quarantine, summary=summary, html_extra=html_extra,
+                          context=context)
     else:
         # benign analyst verdicts of this environment (next to its bundles) become suppressions
         suppressions = FeedbackStore(Path(directory).parent.parent, Path(directory).parent.name).suppressions()
@@ -421,4 +559,10 @@ def score_command(args, model, manifest, directory) -> int:
     log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.__dict__.items()
                     if k != "stages_s"} | {"stages_s": {k: round(v, 2) for k, v in result.stages_s.items()}}))
     log(f"wrote {result.written} rows to {out} ({fmt})")
+    log(f"wrote {result.entities} entities to {rollup_path(out)} (entity roll-up of all scored connections, csv)")
+    if getattr(args, "stats_json", None):
+        stats = {**result.__dict__, "engine": args.engine, "out": str(out), "format": fmt,
+                 "rollup": str(rollup_path(out))}
+        with atomic_path(args.stats_json) as tmp:
+            Path(tmp).write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
     return finish_quarantine(quarantine, out, args.strict)

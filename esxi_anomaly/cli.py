@@ -256,15 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="a bundle folder")
     p.add_argument("--models-dir", default="models")
     _inputs(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True,
+                   help="ranked output; the per-entity roll-up (one row per VM/host, over all scored "
+                        "connections, whatever --top) is written next to it as <out stem>.entities.csv")
     p.add_argument("--context", nargs="+", help="ESXi/vCenter syslog (hostd, vobd, shell, ...) shown in explanations")
     p.add_argument("--format", choices=["csv", "parquet", "jsonl", "html"])
     p.add_argument("--engine", choices=["local", "dask"], default="local")
     p.add_argument("--scheduler", help="Dask scheduler address (default: a LocalCluster)")
-    p.add_argument("--top", type=int)
+    p.add_argument("--top", type=int, help="write only the N best-ranked rows (the roll-up still covers all)")
     p.add_argument("--chunk-rows", type=int, default=500_000)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last chunk")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--stats-json", metavar="PATH",
+                   help="also write the run summary (counts, per-stage seconds) as JSON to PATH")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("evaluate", help="quality of a ranking against labels")

@@ -152,11 +152,13 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         top: int | None = None, scheduler=None, quarantine: ingest.Quarantine | None = None,
         summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
         partitions: int | None = None, explain_top: int = 200, work: Path | None = None,
-        partition_rows: int = PARTITION_ROWS) -> batch.RunSummary:
+        partition_rows: int = PARTITION_ROWS, context: pd.DataFrame | None = None,
+        rollup: bool = True) -> batch.RunSummary:
     """Score like `batch.run`, with the per-partition work on a Dask cluster; same outputs.
 
     `scheduler`: a scheduler address (``tcp://host:8786``), a `distributed.Client`, or None for a
-    LocalCluster started (and closed) here. `partitions`: number of tasks (default: by size)."""
+    LocalCluster started (and closed) here. `partitions`: number of tasks (default: by size).
+    `context`: ESXi events for the explanations; `rollup`: also write `batch.rollup_path(out)`."""
     out = Path(out)
     fmt = batch.output_format(out, fmt)
     work = (Path(work) if work else out.with_name(out.name + ".work")).resolve()
@@ -210,7 +212,9 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
             raise RuntimeError(f"scored {cp.scored} of {result.connections} connections")
 
         t0 = time.perf_counter()
-        result.written = batch.rank_and_write(model, work, cp, out, fmt, top, explain_top, html_extra or {})
+        result.written, result.entities = batch.rank_and_write(
+            model, work, cp, out, fmt, top, explain_top, html_extra or {}, context,
+            rollup_out=batch.rollup_path(out) if rollup else None, stages=stages)
         stages["rank+write"] = time.perf_counter() - t0
         result.alerts = cp.alerts
         result.quarantined = len(quarantine)

@@ -124,36 +124,36 @@ class DnsCalcDetector(BaseEstimator):
         rows = self.score_rows(prepared, feats)
         return self.finish(rows, feats, top=top, explain_top=explain_top)
 
-    def score_rows(self, prepared: pipeline.Prepared, feats: pd.DataFrame) -> pd.DataFrame:
-        """Scores, components and explanation sentences, one row per connection in batch order
-        (everything but the global rank and the per-row forest attributions)."""
-        comp = self.detector_.components(feats)
+    def score_rows(self, prepared: pipeline.Prepared, feats: pd.DataFrame,
+                   components: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Scores, components and what the explanation sentence is made of, one row per connection
+        in batch order: everything but the global rank, the per-row attributions and the sentence
+        itself, which is built (`explain.sentences`) only for the rows that are kept: by `finish`,
+        or by the batch writer block by block. `explain.SENTENCE_ONLY` columns are dropped then.
+        `components`: `self.detector_.components(feats)` when the caller has it already."""
+        comp = self.detector_.components(feats) if components is None else components
         c, ev, ent = prepared.conns, prepared.evidence, prepared.entities
-        out = pd.DataFrame({
-            "score": comp["score"].to_numpy(), "event_id": c["event_id"].to_numpy(), "ts": c["ts"].to_numpy(),
-            "src_ip": c["src_ip"].to_numpy(), "src_port": c["src_port"].to_numpy(),
-            "src_name": ent["src_name"].to_numpy(), "src_kind": ent["src_kind"].to_numpy(),
-            "esxi_host": np.where(c["esxi_host"].to_numpy() != "", c["esxi_host"].to_numpy(),
-                                  ent["src_esxi_host"].to_numpy()),
-            "dst_ip": c["dst_ip"].to_numpy(), "dst_port": c["dst_port"].to_numpy(), "proto": c["proto"].to_numpy(),
-            "process": c["process"].to_numpy(), "query": ev["query"].to_numpy(), "answer": ev["answer"].to_numpy(),
-            "rtype": ev["rtype"].to_numpy(), "dns_delay": ev["dns_delay"].to_numpy(),
-            "transform": ev["transform"].to_numpy(), "rules": comp["rules"].to_numpy(),
+        host = pd.Series(c["esxi_host"].array)
+        out = pd.DataFrame({  # `.array`: no copies and no Python objects for the text columns
+            "score": comp["score"].to_numpy(), "event_id": c["event_id"].array, "ts": c["ts"].to_numpy(),
+            "src_ip": c["src_ip"].array, "src_port": c["src_port"].array,
+            "src_name": ent["src_name"].array, "src_kind": ent["src_kind"].array,
+            "esxi_host": host.where(host != "", pd.Series(ent["src_esxi_host"].array)).array,
+            "dst_ip": c["dst_ip"].array, "dst_port": c["dst_port"].array, "proto": c["proto"].array,
+            "process": c["process"].array, "query": ev["query"].array, "answer": ev["answer"].array,
+            "rtype": ev["rtype"].array, "dns_delay": ev["dns_delay"].to_numpy(),
+            "transform": ev["transform"].array, "rules": comp["rules"].array,
             "forest_score": comp["forest_score"].to_numpy(), "rule_score": comp["rule_score"].to_numpy(),
+            "consistency": ev["consistency"].to_numpy(), "port_never_seen": feats["port_never_seen"].to_numpy(),
+            "dst_never_seen": feats["dst_never_seen"].to_numpy(), "dst_is_answer": feats["dst_is_answer"].to_numpy(),
         })
-        sentence_in = pd.concat([
-            out[["dst_port", "dst_ip", "src_name", "rules", "query", "transform", "answer", "rtype", "dns_delay"]],
-            ev[["consistency"]],
-            feats[["port_never_seen", "dst_never_seen", "dst_is_answer"]],
-        ], axis=1)
-        out["explanation"] = explain.sentences(sentence_in, self.history_days_, self.detector_.rules_).to_numpy()
         out["alert"] = out["score"].to_numpy() >= self.detector_.threshold_
         return out
 
     def finish(self, rows: pd.DataFrame, feats: pd.DataFrame, top: int | None = None,
                explain_top: int = 200) -> pd.DataFrame:
-        """Sort (score desc, event_id asc), rank, keep `top`, attribute the first `explain_top`.
-        `feats` is row-aligned with `rows`."""
+        """Sort (score desc, event_id asc), rank, keep `top`, explain the kept rows and attribute
+        the first `explain_top`. `feats` is row-aligned with `rows` (from `score_rows`)."""
         order = np.lexsort((rows["event_id"].to_numpy(dtype=object).astype(str), -rows["score"].to_numpy()))
         if top is not None:
             order = order[:top]
@@ -162,9 +162,10 @@ class DnsCalcDetector(BaseEstimator):
         k = min(explain_top, len(out))
         top_feats = np.full(len(out), "", dtype=object)
         top_feats[:k] = self.detector_.attributions(feats.iloc[order[:k]])
-        explanation = out.pop("explanation")
+        explanation = explain.sentences(out, self.history_days_, self.detector_.rules_)
         alert = out.pop("alert")
-        out["explanation"] = explanation
+        out = out.drop(columns=[c for c in explain.SENTENCE_ONLY if c in out.columns])
+        out["explanation"] = explanation.array
         out["top_features"] = top_feats
         out["alert"] = alert
         return out

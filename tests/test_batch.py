@@ -86,6 +86,34 @@ def test_other_formats_and_top(tmp_path, setting, fmt):
             validate_ecs_record(json.loads(line))
 
 
+def test_entity_rollup_written_next_to_the_output_covers_every_row(tmp_path, setting):
+    from esxi_anomaly.report.rollup import entity_rollup
+
+    model, folder, frames = setting
+    out = tmp_path / "ranked.csv"
+    summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, top=30,
+                        chunk_rows=700, bucket_s=1800, progress=False)
+    assert summary.written == 30
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranked.csv", "ranked.entities.csv"]  # no temp files
+    expected = entity_rollup(model.score(frames), threshold=model.threshold_)  # one shot, over all rows
+    write_csv(expected, tmp_path / "expected" / "entities.csv")
+    got = read(tmp_path / "ranked.entities.csv")
+    pd.testing.assert_frame_equal(got, read(tmp_path / "expected" / "entities.csv"))
+    assert summary.entities == len(got) == frames.connections["src_ip"].nunique()
+    assert got["connections"].sum() == len(frames.connections) and got["alerts"].sum() == summary.alerts > 0
+    assert got["max_score"].is_monotonic_decreasing
+
+
+def test_rollup_path_and_switching_it_off(tmp_path, setting):
+    assert batch.rollup_path(tmp_path / "r.csv") == tmp_path / "r.entities.csv"
+    assert batch.rollup_path(tmp_path / "report.html") == tmp_path / "report.entities.csv"
+    assert batch.rollup_path(tmp_path / "out") == tmp_path / "out.entities.csv"
+    model, folder, frames = setting
+    summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, tmp_path / "r.jsonl",
+                        top=5, progress=False, rollup=False)
+    assert summary.entities == 0 and [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]
+
+
 def test_chunk_bounds_never_split_equal_times():
     ts = np.array([1, 1, 2, 2, 2, 3, 4, 4, 5], dtype=float)
     assert batch.chunk_bounds(ts, 2) == [(0, 2), (2, 5), (5, 8), (8, 9)]

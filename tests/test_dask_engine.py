@@ -47,6 +47,8 @@ def test_dask_equals_local_engine(tmp_path, setting, client):
     assert {"read+spill connections", "read+spill dns", "cluster+broadcast", "score", "rank+write"} <= set(summary.stages_s)
     pd.testing.assert_frame_equal(expected, read(out))
     assert (read(out)["top_features"] != "").sum() == 200  # attributions merged from the partitions' tops
+    assert summary.entities > 1
+    pd.testing.assert_frame_equal(read(folder / "local.entities.csv"), read(tmp_path / "dask.entities.csv"))
     assert not (tmp_path / "dask.csv.work").exists()
     assert client.status == "running"  # a client passed in is left open
 

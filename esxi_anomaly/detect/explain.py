@@ -1,8 +1,10 @@
 """One human sentence per ranked row: the formula, the DNS answer and query, the delay, the
 baseline fact that made it rare, and what the fired rules add.
 
-Built per distinct (transform, answer, port) and joined with vectorised string operations; only
-`describe` of the transform library is called per distinct derivation, never per connection.
+Vectorised: derivation texts are built once per distinct (transform, answer, target) by
+`describe_many` (the text of `transforms.describe`, with one batched derivation per record type
+instead of one per answer), and sentences are assembled with Arrow string kernels, each branch
+on its own rows only. Per-value Python runs only per distinct value (float formats, repr).
 """
 from __future__ import annotations
 
@@ -10,11 +12,18 @@ import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from esxi_anomaly.features import transforms as T
 
 
 KEYED = {"P9_xor": "XOR", "P9_add": "+"}
+# columns `DnsCalcDetector.score_rows` carries for the sentence only (not part of the ranked output)
+SENTENCE_ONLY = ("consistency", "port_never_seen", "dst_never_seen", "dst_is_answer")
+_TEXT = pa.large_string()
+_NOT_DERIVED = ("I2_xor", "I3_add")     # describe says "<target> from <answer> via ..." without deriving
+_DIGITS = re.compile(r"[0-9]+")         # targets describe can int() the same way numpy does
 
 
 def _keyed(transform: str, answer: str, port: str) -> str:
@@ -26,71 +35,324 @@ def _keyed(transform: str, answer: str, port: str) -> str:
     return f"{p} = ({c}*256+{d}) + {(p - base) % 65536} mod 65536 (keyed low 16 bits)"
 
 
-def _derivation(transform: pd.Series, answer: pd.Series, target: pd.Series) -> pd.Series:
-    key = pd.DataFrame({"t": transform, "a": answer, "p": target})
-    uniq = key.drop_duplicates()
-    uniq = uniq[uniq["t"] != ""]
-    texts = {}
-    for t, a, p in uniq.itertuples(index=False):
+def _one(t: str, a: str, p: str) -> str:
+    """The text of one derivation, computed alone (the reference path; never raises)."""
+    try:
+        return _keyed(t, a, p) if t in KEYED else T.describe(t, a, p)
+    except Exception:  # an explanation must never fail a run
+        return f"{p} from {a} via {t}"
+
+
+# -- Arrow string helpers --------------------------------------------------------------------
+
+def _arrow(values) -> pa.Array:
+    """Text values (a str Series, a list or object array of str, an Arrow array) as large_string."""
+    if isinstance(values, pd.Series):
+        values = values.array
+    if not isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = pa.array(values, _TEXT) if isinstance(values, (list, np.ndarray)) else pa.array(values)
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    return values if values.type == _TEXT else pc.cast(values, _TEXT)
+
+
+def _text(values: pd.Series) -> pa.Array:
+    """`values.astype("str")` (how a sentence shows a column), as a large_string Arrow array."""
+    dtype = values.dtype
+    if isinstance(dtype, np.dtype) and dtype.kind in "iu":
+        return pc.cast(pa.array(values.to_numpy()), _TEXT)      # as str(int)
+    if pd.api.types.is_string_dtype(dtype) and not pd.api.types.is_object_dtype(dtype):
+        return _arrow(values)
+    return _arrow(values.astype("str").to_numpy(dtype=object))
+
+
+def _const(text: str, n: int) -> pa.Array:
+    return pa.array([text], _TEXT).take(pa.array(np.zeros(n, dtype=np.int64)))
+
+
+def _cat(*parts) -> pa.Array:
+    """Element-wise concatenation of arrays and str constants (null in, null out)."""
+    return pc.binary_join_element_wise(*(pa.scalar(p, _TEXT) if isinstance(p, str) else p for p in parts),
+                                       pa.scalar("", _TEXT))
+
+
+def _scatter(n: int, pieces: list[tuple[np.ndarray, pa.Array]], fill: str = "") -> pa.Array:
+    """n texts: the values of pieces[k][1] at the rows pieces[k][0], `fill` everywhere else."""
+    pieces = [(rows, values) for rows, values in pieces if len(rows)]
+    if len(pieces) == 1 and len(pieces[0][0]) == n and (np.diff(pieces[0][0]) == 1).all():
+        return pieces[0][1]
+    where = np.full(n, sum(len(rows) for rows, _ in pieces), dtype=np.int64)  # default: the fill value
+    offset = 0
+    for rows, _ in pieces:
+        where[rows] = offset + np.arange(len(rows))
+        offset += len(rows)
+    return pa.concat_arrays([values for _, values in pieces] + [pa.array([fill], _TEXT)]).take(pa.array(where))
+
+
+def _per_distinct(values: np.ndarray, fmt) -> pa.Array:
+    """fmt(v) for every value, computed once per distinct value (floats by bit pattern, so -0.0
+    and 0.0 stay apart)."""
+    values = np.asarray(values)
+    key = values.view(np.int64) if values.dtype == np.float64 else values
+    codes = pd.factorize(key, use_na_sentinel=False)[0]
+    first = np.unique(codes, return_index=True)[1]
+    return pa.array([fmt(v) for v in values[first]], _TEXT).take(pa.array(codes))
+
+
+def _distinct_rows(*columns: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(code per row, first row of each code) of the distinct tuples of the columns."""
+    combined = np.zeros(len(columns[0]), dtype=np.int64)
+    for column in columns:
+        encoded = pc.dictionary_encode(column, null_encoding="encode")
+        combined, _ = pd.factorize(combined * max(len(encoded.dictionary), 1)
+                                   + encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64))
+    return combined, np.unique(combined, return_index=True)[1]
+
+
+# -- derivations ------------------------------------------------------------------------------
+
+def _numbers(values: np.ndarray) -> pa.Array:
+    return pc.cast(pa.array(np.asarray(values, dtype=np.int64)), _TEXT)
+
+
+def _formula_text(t, octets: np.ndarray) -> pa.Array:
+    """`transforms._a_formula_text` for many answers of one transform: the formula with the
+    octets (or, for the bit windows, the 32-bit word in hex) filled in."""
+    if t.id.startswith("P7_"):
+        word = "N" if "_be_" in t.id else "L"
+        u = octets.astype(np.uint32)
+        value = (u[:, 0] << 24 | u[:, 1] << 16 | u[:, 2] << 8 | u[:, 3]) if word == "N" else \
+            (u[:, 3] << 24 | u[:, 2] << 16 | u[:, 1] << 8 | u[:, 0])
+        nibbles = (value[:, None] >> np.arange(28, -1, -4, dtype=np.uint32)) & 0xF
+        digits = np.ascontiguousarray(np.array(list("0123456789ABCDEF"))[nibbles])
+        hex_text = _cat("0x", pa.array(digits.view("<U8").ravel(), _TEXT))
+        pieces = t.formula.split(word)                       # str.replace(word, hex) of describe
+        parts: list = [pieces[0]]
+        for piece in pieces[1:]:
+            parts += [hex_text, piece]
+    else:
+        base = T.TRANSFORMS[t.id[len("P11_v4_"):]] if t.id.startswith("P11_v4_") else t
+        pieces = re.split(r"\b([abcd])\b", base.formula)     # the letters transforms._LETTER replaces
+        parts = [pieces[0]]
+        for k in range(1, len(pieces), 2):
+            parts += [_numbers(octets[:, "abcd".index(pieces[k])]), pieces[k + 1]]
+    return _cat(*parts) if len(parts) > 1 else _const(parts[0], len(octets))
+
+
+def _matched(codes: np.ndarray, tids: list[str], a: np.ndarray, p: np.ndarray, output: str, rtype: str) -> np.ndarray:
+    """Whether transform tids[codes[i]] derives p[i] from answer a[i] (one derivation call)."""
+    row, uniq = pd.factorize(a)
+    derived = (T.derive_ports if output == "port" else T.derive_ips)(rtype, list(uniq))
+    value = derived["port"].to_numpy(dtype=np.int64) if output == "port" else \
+        derived["ip"].astype(str).to_numpy(dtype=object)
+    got = pd.DataFrame({"row": derived["row"].to_numpy(dtype=np.int64),
+                        "t": derived["transform"].astype(str).to_numpy(dtype=object), "v": value})
+    asked = pd.DataFrame({"row": row.astype(np.int64), "t": np.asarray(tids, dtype=object)[codes],
+                          "v": np.array([int(x) for x in p], dtype=np.int64) if output == "port" else p})
+    merged = asked.merge(got[got["t"].isin(set(tids))].drop_duplicates().assign(hit=True),
+                         on=["row", "t", "v"], how="left")
+    return merged["hit"].notna().to_numpy()
+
+
+def _formula_texts(codes: np.ndarray, tids: list[str], octets: np.ndarray) -> pa.Array:
+    """`_formula_text` for rows of several transforms (codes into tids), in row order."""
+    pieces = []
+    for k in np.unique(codes):
+        rows = np.flatnonzero(codes == k)
+        pieces.append((rows, _formula_text(T.TRANSFORMS[tids[k]], octets[rows])))
+    return _scatter(len(codes), pieces)
+
+
+def describe_many(transforms, answers, targets) -> np.ndarray:
+    """The derivation text of each (transform, answer, target) triple of str: what `_one` gives
+    (`transforms.describe`, the keyed text, or the fallback), with one derivation call per record
+    type instead of one per triple. Keyed transforms, non-numeric ports, unmatched formulas,
+    unparsable answers and non-str values take the reference path, triple by triple."""
+    t = np.asarray(transforms, dtype=object)
+    a = np.asarray(answers, dtype=object)
+    p = np.asarray(targets, dtype=object)
+    out = np.empty(len(t), dtype=object)
+    todo = np.ones(len(t), dtype=bool)
+    strings = np.array([isinstance(x, str) and isinstance(y, str) and isinstance(z, str) for x, y, z in zip(t, a, p)],
+                       dtype=bool)
+    digits = np.array([isinstance(x, str) and _DIGITS.fullmatch(x) is not None for x in p], dtype=bool)
+    codes, tids = pd.factorize(np.where(strings, t, ""))
+    tids = list(tids)
+    spec = [T.TRANSFORMS.get(x) if x not in KEYED else None for x in tids]
+    ok = np.array([tr is not None for tr in spec] or [False], dtype=bool)[codes] & strings
+    is_port = np.array([tr is not None and tr.output == "port" for tr in spec] or [False], dtype=bool)[codes]
+    ok &= digits | ~is_port                                   # describe int()s a port target
+    groups: dict[tuple, list[int]] = {}
+    for k, tr in enumerate(spec):
+        if tr is not None:
+            kind = ("raw",) if tr.id in _NOT_DERIVED else (tr.output, tr.rtypes[0])
+            groups.setdefault(kind, []).append(k)
+
+    def done(rows: np.ndarray, texts: pa.Array) -> None:
+        out[rows] = np.asarray(texts.to_pylist(), dtype=object)
+        todo[rows] = False
+
+    def per_row(rows: np.ndarray, field: str) -> pa.Array:
+        values = pa.array([getattr(tr, field) if tr is not None else "" for tr in spec], _TEXT)
+        return values.take(pa.array(codes[rows]))
+
+    for kind, members in groups.items():
+        rows = np.flatnonzero(ok & np.isin(codes, members))
+        if not len(rows):
+            continue
         try:
-            texts[(t, a, p)] = _keyed(t, a, p) if t in KEYED else T.describe(t, a, p)
-        except Exception:  # an explanation must never fail a run
-            texts[(t, a, p)] = f"{p} from {a} via {t}"
-    return pd.Series([texts.get(k, "") for k in zip(key["t"], key["a"], key["p"])], index=key.index, dtype="str")
+            if kind == ("raw",):       # "<target> from '<answer>' via <formula> (<name>)"
+                done(rows, _cat(_arrow(p[rows]), " from ", _per_distinct(a[rows], repr), " via ",
+                                per_row(rows, "formula"), " (", per_row(rows, "name"), ")"))
+                continue
+            output, rtype = kind
+            hit = _matched(codes[rows], tids, a[rows], p[rows], output, rtype)
+            a_formula = np.array([tr is not None and (tr.id in T._A_PORT_INDEX or tr.id.startswith("P11_v4_"))
+                                  for tr in spec], dtype=bool)[codes[rows]]
+            if a_formula.any():        # "<port> = <formula with octets>[ on embedded IPv4 a.b.c.d] (<name>)"
+                sub = rows[a_formula]
+                if rtype == "A":
+                    octets, valid = T.parse_ipv4(list(a[sub]))
+                else:
+                    groups6, valid = T.parse_ipv6(list(a[sub]))
+                    h6, h7 = groups6[:, 6].astype(np.uint32), groups6[:, 7].astype(np.uint32)
+                    octets = np.stack([h6 >> 8, h6 & 0xFF, h7 >> 8, h7 & 0xFF], axis=1).astype(np.uint8)
+                good = hit[a_formula] & valid
+                sub, octets = sub[good], octets[good]
+                if len(sub):
+                    parts = [_arrow(p[sub]), " = ", _formula_texts(codes[sub], tids, octets)]
+                    if rtype != "A":
+                        dotted = pc.binary_join_element_wise(*(_numbers(octets[:, k]) for k in range(4)),
+                                                             pa.scalar(".", _TEXT))
+                        parts += [" on embedded IPv4 ", dotted]
+                    done(sub, _cat(*parts, " (", per_row(sub, "name"), ")"))
+            rest = ~a_formula
+            if rest.any():
+                sub, sub_hit = rows[rest], hit[rest]
+                if output == "ip" and rtype == "A" or rtype == "AAAA" and output == "port":
+                    # P11_g* and A-derived IPs: "<target> = <formula> of <answer> (<name>)", "!=" when it does not
+                    verb = pa.array(np.where(sub_hit, " = ", " != "), _TEXT)
+                    done(sub, _cat(_arrow(p[sub]), verb, per_row(sub, "formula"), " of ", _arrow(a[sub]),
+                                   " (", per_row(sub, "name"), ")"))
+                else:                  # "<target> [not ]found in <rtype> answer '<answer>' via <formula> (<name>)"
+                    verb = pa.array(np.where(sub_hit, " found", " not found"), _TEXT)
+                    done(sub, _cat(_arrow(p[sub]), verb, f" in {rtype} answer ", _per_distinct(a[sub], repr), " via ",
+                                   per_row(sub, "formula"), " (", per_row(sub, "name"), ")"))
+        except Exception:  # a surprise in the batched path: these triples go one by one
+            continue
+    for i in np.flatnonzero(todo):
+        out[i] = _one(t[i], a[i], p[i])
+    return out
+
+
+def _derivation(transform: pa.Array, answer: pa.Array, target: pa.Array) -> pa.Array:
+    """Derivation text per row ("" where there is no transform), built once per distinct triple."""
+    rows = np.flatnonzero(pc.fill_null(pc.not_equal(transform, ""), True).to_numpy(zero_copy_only=False))
+    if not len(rows):
+        return _const("", len(transform))
+    take = pa.array(rows)
+    t, a, p = transform.take(take), answer.take(take), target.take(take)
+    code, first = _distinct_rows(t, a, p)
+    first = pa.array(first)
+    texts = describe_many(*(x.take(first).to_numpy(zero_copy_only=False) for x in (t, a, p)))
+    return _scatter(len(transform), [(rows, pa.array(texts, _TEXT).take(pa.array(code)))])
+
+
+# -- sentences --------------------------------------------------------------------------------
+
+def _is_one(values: pd.Series) -> np.ndarray:
+    return np.asarray(values.to_numpy() == 1, dtype=bool)
 
 
 def sentences(rows: pd.DataFrame, history_days: float, rules: list[dict] = ()) -> pd.Series:
     """`rows` carries: transform, answer, rtype, query, dns_delay, consistency, dst_port, dst_ip,
     src_name, port_never_seen, dst_never_seen, dst_is_answer, rules; `rules` are the model's rule
     definitions, whose `explain` templates are appended for the rules that fired."""
-    if not len(rows):
+    n = len(rows)
+    if not n:
         return pd.Series([], dtype="str")
-    is_ip = rows["transform"].astype("str").str.startswith("I")
-    target = np.where(is_ip, rows["dst_ip"].astype("str"), rows["dst_port"].astype("str"))
-    deriv = _derivation(rows["transform"].astype("str"), rows["answer"].astype("str"), pd.Series(target, index=rows.index))
-    what = np.where(is_ip, "IP ", "port ")
-    delay = rows["dns_delay"].map(lambda d: f"{d:.1f} s" if d == d else "")
-    has = deriv != ""
-    part1 = pd.Series(np.where(
-        has,
-        what + deriv + " from " + rows["rtype"].astype("str") + " " + rows["answer"].astype("str")
-        + " for " + rows["query"].astype("str") + " answered " + delay + " earlier",
-        np.where(rows["dst_is_answer"] == 1,
-                 "no derivation of port " + rows["dst_port"].astype("str") + "; " + rows["dst_ip"].astype("str")
-                 + " was answered for " + rows["query"].astype("str"),
-                 "no DNS answer explains " + rows["dst_ip"].astype("str") + ":" + rows["dst_port"].astype("str")),
-    ), index=rows.index)
+    transform, answer = _text(rows["transform"]), _text(rows["answer"])
+    dst_ip, dst_port = _text(rows["dst_ip"]), _text(rows["dst_port"])
+    is_ip = pc.fill_null(pc.starts_with(transform, "I"), False)
+    deriv = _derivation(transform, answer, pc.if_else(is_ip, dst_ip, dst_port))
+    has = pc.fill_null(pc.not_equal(deriv, ""), True).to_numpy(zero_copy_only=False)
+    answered = _is_one(rows["dst_is_answer"])
+    query = _text(rows["query"])
+
+    # "port <derivation> from A <answer> for <query> answered <delay> earlier" | "no derivation ..." |
+    # "no DNS answer ..."
+    pieces = []
+    i1, i2, i3 = np.flatnonzero(has), np.flatnonzero(~has & answered), np.flatnonzero(~has & ~answered)
+    if len(i1):
+        take = pa.array(i1)
+        what = pa.array(np.where(is_ip.to_numpy(zero_copy_only=False)[i1], "IP ", "port "), _TEXT)
+        delay = _per_distinct(rows["dns_delay"].to_numpy(dtype=np.float64)[i1],
+                              lambda d: f"{d:.1f} s" if d == d else "")
+        pieces.append((i1, _cat(what, deriv.take(take), " from ", _text(rows["rtype"]).take(take), " ",
+                                answer.take(take), " for ", query.take(take), " answered ", delay, " earlier")))
+    if len(i2):
+        take = pa.array(i2)
+        pieces.append((i2, _cat("no derivation of port ", dst_port.take(take), "; ", dst_ip.take(take),
+                                " was answered for ", query.take(take))))
+    if len(i3):
+        take = pa.array(i3)
+        pieces.append((i3, _cat("no DNS answer explains ", dst_ip.take(take), ":", dst_port.take(take))))
+    part1 = _scatter(n, pieces)
+
+    # "; <source> never used port <port> in <days>" | "; <source> never contacted <ip> in <days>" | ""
     days = f"{history_days:.0f} days" if history_days >= 1 else f"{history_days * 24:.0f} h"
-    base = np.where(rows["port_never_seen"] == 1,
-                    "; " + rows["src_name"].astype("str") + " never used port " + rows["dst_port"].astype("str")
-                    + " in " + days,
-                    np.where(rows["dst_never_seen"] == 1,
-                             "; " + rows["src_name"].astype("str") + " never contacted " + rows["dst_ip"].astype("str")
-                             + " in " + days, ""))
-    return (part1 + base + _rule_clauses(rows, rules)).astype("str")
+    never_port = _is_one(rows["port_never_seen"])
+    j1, j2 = np.flatnonzero(never_port), np.flatnonzero(~never_port & _is_one(rows["dst_never_seen"]))
+    pieces = []
+    if len(j1) or len(j2):
+        src_name = _text(rows["src_name"])
+        for j, middle, what in ((j1, " never used port ", dst_port), (j2, " never contacted ", dst_ip)):
+            if len(j):
+                take = pa.array(j)
+                pieces.append((j, _cat("; ", src_name.take(take), middle, what.take(take), " in " + days)))
+    text = _cat(part1, _scatter(n, pieces), _rule_clauses(rows, rules))
+    out = text.to_pandas()
+    out.index = rows.index
+    return out.astype("str")
 
 
-def _render(template: str, rows: pd.DataFrame) -> pd.Series:
-    """`template` with {field} placeholders filled from `rows`, vectorised."""
+def _render(template: str, rows: pd.DataFrame) -> pa.Array:
+    """`template` with {field} placeholders filled from `rows` (floats as {:g}, NaN as ""), vectorised."""
     pieces = re.split(r"\{(\w+)\}", template)
-    out = pd.Series(pieces[0], index=rows.index, dtype="str")
+    parts: list = [pieces[0]]
     for k in range(1, len(pieces), 2):
-        field = rows[pieces[k]] if pieces[k] in rows.columns else pd.Series("", index=rows.index)
-        if pd.api.types.is_float_dtype(field):
-            field = field.map(lambda v: f"{v:g}" if v == v else "")
-        out = out + field.astype("str") + pieces[k + 1]
-    return out
+        name = pieces[k]
+        if name not in rows.columns:
+            field = ""
+        elif pd.api.types.is_float_dtype(rows[name]):
+            field = _per_distinct(rows[name].to_numpy(dtype=np.float64), lambda v: f"{v:g}" if v == v else "")
+        else:
+            field = _text(rows[name])
+        parts += [field, pieces[k + 1]]
+    return _cat(*parts) if any(not isinstance(x, str) for x in parts) else _const("".join(parts), len(rows))
 
 
-def _rule_clauses(rows: pd.DataFrame, rules: list[dict]) -> pd.Series:
-    """"; <explain>" for every rule that fired on the row, heaviest first."""
-    out = pd.Series("", index=rows.index, dtype="str")
-    fired = rows["rules"].astype("str").str.split(";")
-    for rule in sorted(rules, key=lambda r: -float(r["weight"])):
-        hit = fired.map(lambda ids, rid=rule["id"]: rid in ids).to_numpy()
-        if hit.any() and rule.get("explain"):
-            out[hit] = out[hit] + "; " + _render(rule["explain"], rows[hit])
-    return out
+def _rule_clauses(rows: pd.DataFrame, rules: list[dict]) -> pa.Array:
+    """"; <explain>" for every rule that fired on the row, heaviest first. Rule membership is
+    decided once per distinct `rules` value; templates are rendered on the rows that fired."""
+    n = len(rows)
+    codes, distinct = pd.factorize(rows["rules"].astype("str"), use_na_sentinel=False)
+    fired = [str(v).split(";") for v in distinct]
+    active = [r for r in sorted(rules, key=lambda r: -float(r["weight"])) if r.get("explain")]
+    hits = [np.array([r["id"] in ids for ids in fired], dtype=bool)[codes] for r in active]
+    any_hit = np.logical_or.reduce(hits) if hits else np.zeros(n, dtype=bool)
+    if not any_hit.any():
+        return _const("", n)
+    sub_rows = np.flatnonzero(any_hit)
+    sub = rows.iloc[sub_rows]
+    clause = _const("", len(sub_rows))
+    for rule, hit in zip(active, hits):
+        mine = hit[sub_rows]
+        if not mine.any():
+            continue
+        rendered = _scatter(len(sub_rows), [(np.flatnonzero(mine), _render(rule["explain"], sub[mine]))])
+        clause = pc.if_else(pa.array(mine), _cat(clause, "; ", rendered), clause)
+    return _scatter(n, [(sub_rows, clause)])
 
 
 NOTABLE_CONTEXT = ("syslog_remote_failure", "syslog_stopped", "firewall_change", "ssh_enabled", "shell_enabled",

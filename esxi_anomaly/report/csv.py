@@ -4,13 +4,23 @@ Log text is attacker-controlled: a DNS name such as `=HYPERLINK("http://x")` wou
 formula in Excel or LibreOffice. Every text cell starting with `=`, `+`, `-`, `@`, tab or CR gets
 a leading single quote (OWASP "CSV injection"); numeric columns are written as numbers.
 Rows end in CRLF (RFC 4180), so a CR or LF inside a cell is always quoted.
+
+The bytes are those of `DataFrame.to_csv(index=False, lineterminator="\r\n")` (minimal quoting,
+floats as numpy/Python repr, missing values empty, booleans True/False), but encoded with Arrow
+string kernels (`write_arrow_csv`): pandas' writer formats cell by cell in Python and managed
+about 30k rows/s on the ranked output. Column types Arrow cannot encode this way (datetimes,
+mixed objects, ...) fall back to pandas.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from esxi_anomaly.report._atomic import atomic_path
 
@@ -42,9 +52,187 @@ def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
     return safe
 
 
+# -- Arrow encoder ----------------------------------------------------------------------------
+
+_TEXT = pa.large_string()
+_QUOTE_WHEN = r'[,"\r\n]'                # what makes Python's csv module (QUOTE_MINIMAL) quote a field
+_TRIGGER = r"^[=+\-@\t\r]"              # FORMULA_TRIGGERS as a pattern
+
+
+def _join(*parts) -> pa.Array:
+    return pc.binary_join_element_wise(*(pa.scalar(p, _TEXT) if isinstance(p, str) else p for p in parts),
+                                       pa.scalar("", _TEXT))
+
+
+_TRIGGER_BYTE = np.zeros(256, dtype=bool)
+_TRIGGER_BYTE[[ord(c) for c in FORMULA_TRIGGERS]] = True
+_QUOTE_BYTES = (b",", b'"', b"\r", b"\n")
+
+
+def _offsets(text: pa.Array) -> np.ndarray:
+    """The n+1 value offsets of a large_string array (into its data buffer)."""
+    return np.frombuffer(text.buffers()[1], dtype=np.int64, count=len(text) + 1, offset=text.offset * 8)
+
+
+def _data(text: pa.Array) -> memoryview:
+    """The bytes of all values of a large_string array, back to back."""
+    offsets = _offsets(text)
+    buffer = text.buffers()[2]
+    return memoryview(buffer)[offsets[0]:offsets[-1]] if buffer is not None else memoryview(b"")
+
+
+def neutralise_arrow(text: pa.Array) -> pa.Array:
+    """`text` (Arrow large_string) with a leading single quote on every value that starts a formula
+    (decided on each value's first byte: all triggers are ASCII)."""
+    if not len(text):
+        return text
+    offsets = _offsets(text)
+    data = np.frombuffer(_data(text), dtype=np.uint8)
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    trigger = np.zeros(len(text), dtype=bool)
+    nonempty = np.flatnonzero(lengths > 0)
+    trigger[nonempty] = _TRIGGER_BYTE[data[starts[nonempty]]]
+    if text.null_count:
+        trigger &= pc.is_valid(text).to_numpy(zero_copy_only=False)
+    if not trigger.any():
+        return text
+    return pc.if_else(pa.array(trigger), _join("'", text), text)
+
+
+def _quoted(text: pa.Array) -> pa.Array:
+    """Values holding a comma, quote, CR or LF in double quotes (quotes doubled), as the csv module
+    does; a column whose bytes hold none of them is returned as it is without a per-value scan."""
+    data = _data(text).tobytes()
+    if not any(data.find(c) >= 0 for c in _QUOTE_BYTES):
+        return text
+    needs = pc.fill_null(pc.match_substring_regex(text, _QUOTE_WHEN), False)
+    return pc.if_else(needs, _join('"', pc.replace_substring(text, '"', '""'), '"'), text)
+
+
+def _float_text(values: np.ndarray) -> pa.Array:
+    """numpy's `astype(str)` of float64 (what pandas writes), NaN as "": Arrow's shortest round-trip
+    digits, plus ".0" for integral values; values numpy writes in exponent form (|v| < 1e-4 or
+    >= 1e16), or Arrow does, and infinities are formatted by numpy itself."""
+    finite = np.isfinite(values)
+    text = pc.cast(pa.array(values, from_pandas=True), _TEXT)       # NaN -> null -> ""
+    integral = finite & (values == np.trunc(np.where(finite, values, 0.0)))
+    if integral.any():
+        text = _join(text, pc.if_else(pa.array(integral), pa.scalar(".0", _TEXT), pa.scalar("", _TEXT)))
+    size = np.abs(values)
+    slow = np.isinf(values) | ((size < 1e-4) & (values != 0)) | (size >= 1e16)
+    slow |= pc.fill_null(pc.match_substring(text, "e"), False).to_numpy(zero_copy_only=False)
+    if slow.any():
+        text = pc.replace_with_mask(text, pa.array(slow), pa.array(values[slow].astype(str), _TEXT))
+    return text
+
+
+def _column_text(column: pa.Array | pa.ChunkedArray) -> pa.Array | None:
+    """The CSV text of one column (before quoting), or None when this encoder does not know the type."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        if not (pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)):
+            return None
+        column, kind = column.cast(_TEXT), _TEXT
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        text = column.cast(_TEXT)
+    elif pa.types.is_boolean(kind):
+        text = pc.if_else(column, pa.scalar("True", _TEXT), pa.scalar("False", _TEXT))
+    elif pa.types.is_integer(kind):
+        text = column.cast(_TEXT)
+    elif pa.types.is_floating(kind):
+        values = column.to_numpy(zero_copy_only=False)       # nulls come out as NaN, written ""
+        if kind == pa.float64():
+            text = _float_text(values)
+        else:                                                # numpy's own rules for float32/16
+            odd = values.astype(str)
+            odd[np.isnan(values)] = ""
+            text = pa.array(odd, _TEXT)
+    elif pa.types.is_null(kind):
+        text = pa.nulls(len(column), _TEXT)
+    else:
+        return None
+    return pc.fill_null(text, "")
+
+
+def arrow_csv_parts(table: pa.Table, header: bool = True, neutralise: bool = True,
+                    order: np.ndarray | None = None) -> list | None:
+    """`table` as CSV (CRLF rows): the bytes pandas' `to_csv` would write, as a list of byte
+    buffers to write one after the other; text cells are formula-neutralised first unless
+    `neutralise` is False. `order`: the rows in this order (positions), encoded first in the
+    table's own order. None when a column type is not supported (use pandas then)."""
+    columns, textual = [], []
+    for name in table.column_names:
+        text = _column_text(table[name])
+        if text is None:
+            return None
+        kind = table[name].type
+        is_text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_dictionary(kind)
+        columns.append(neutralise_arrow(text) if neutralise and is_text else text)
+        textual.append(is_text)          # numbers and booleans never need quotes
+    single = len(columns) == 1           # the csv module quotes a lone empty field
+    parts: list = []
+    if header:
+        names = _quoted(pa.array([str(n) for n in table.column_names], _TEXT))
+        if single:
+            names = pc.if_else(pc.equal(names, ""), pa.scalar('""', _TEXT), names)
+        parts.append((",".join(names.to_pylist()) + "\r\n").encode("utf-8"))
+    if not table.num_rows or not columns:
+        return parts
+    cells = [_quoted(c) if t else c for c, t in zip(columns, textual)]
+    if single:
+        cells[0] = pc.if_else(pc.equal(cells[0], ""), pa.scalar('""', _TEXT), cells[0])
+    cells[-1] = _join(cells[-1], "\r\n")
+    rows = pc.binary_join_element_wise(*cells, pa.scalar(",", _TEXT)) if len(cells) > 1 else cells[0]
+    if order is not None:
+        rows = rows.take(pa.array(order))
+    parts.append(_data(rows))
+    return parts
+
+
+def write_arrow_csv(table: pa.Table, fh: BinaryIO, header: bool = True, neutralise: bool = True,
+                    order: np.ndarray | None = None) -> bool:
+    """Append `arrow_csv_parts(...)` to the binary file `fh`; False (nothing written) when a
+    column type is not supported."""
+    parts = arrow_csv_parts(table, header, neutralise, order)
+    if parts is None:
+        return False
+    for part in parts:
+        fh.write(part)
+    return True
+
+
+def _arrow_table(frame: pd.DataFrame) -> pa.Table | None:
+    """`frame` as an Arrow table whose columns this encoder handles, or None (then pandas writes)."""
+    if not frame.columns.is_unique or any(not isinstance(c, str) for c in frame.columns):
+        return None
+    for column in frame.columns:
+        dtype = frame[column].dtype
+        if pd.api.types.is_object_dtype(dtype):
+            if pd.api.types.infer_dtype(frame[column], skipna=True) not in ("string", "empty"):
+                return None                                     # mixed objects: pandas formats them
+        elif not (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
+                  or pd.api.types.is_string_dtype(dtype) or isinstance(dtype, pd.CategoricalDtype)):
+            return None
+    try:
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowException, ValueError, TypeError):
+        return None
+
+
+def write_frame_csv(frame: pd.DataFrame, fh: BinaryIO, header: bool = True) -> None:
+    """Append `frame` to the binary file `fh` as formula-safe CSV (Arrow encoder, pandas fallback)."""
+    table = _arrow_table(frame)
+    if table is None or not write_arrow_csv(table, fh, header):
+        fh.write(neutralise_formulas(frame).to_csv(index=False, header=header, lineterminator="\r\n")
+                 .encode("utf-8"))
+
+
 def _write(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     with atomic_path(path) as staging:
-        neutralise_formulas(frame).to_csv(staging, index=False, encoding="utf-8", lineterminator="\r\n")
+        with open(staging, "wb") as fh:
+            write_frame_csv(frame, fh)
     return Path(path)
 
 

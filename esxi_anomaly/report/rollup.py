@@ -5,7 +5,10 @@ says which entity to open first, how often it alerted, when, and why its worst r
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 ENTITY_KEYS = ("src_ip", "src_name", "src_kind", "esxi_host")
 
@@ -44,10 +47,12 @@ def entity_rollup(ranked: pd.DataFrame, threshold: float | None = None) -> pd.Da
     grouped = frame.groupby(keys, sort=False, dropna=False)
     rollup = grouped.agg(max_score=("score", "max"), connections=("score", "size"),
                          alerts=("_alert", "sum"), first_seen=("ts", "min"), last_seen=("ts", "max"))
-    top = frame.drop_duplicates(subset=keys, keep="first").set_index(keys)
-    rollup["top_event_id"] = top["event_id"] if "event_id" in top.columns else ""
-    rollup["top_ts"] = top["ts"]
-    rollup["top_explanation"] = top["explanation"] if "explanation" in top.columns else ""
+    # groups come in order of first appearance (sort=False), as do the first rows: assign by position
+    # (aligning on the key index would lose entities with a missing key value)
+    top = frame.drop_duplicates(subset=keys, keep="first")
+    rollup["top_event_id"] = top["event_id"].to_numpy() if "event_id" in top.columns else ""
+    rollup["top_ts"] = top["ts"].to_numpy()
+    rollup["top_explanation"] = top["explanation"].to_numpy() if "explanation" in top.columns else ""
     for column, out in (("transform", "transforms"), ("family", "families")):
         if column in frame.columns:
             rollup[out] = _distinct_joined(frame, keys, column)
@@ -60,3 +65,113 @@ def entity_rollup(ranked: pd.DataFrame, threshold: float | None = None) -> pd.Da
     rollup = rollup.sort_values(["max_score", "connections", "src_ip"], ascending=[False, False, True],
                                 kind="stable", na_position="last")
     return rollup[columns].reset_index(drop=True)
+
+
+class StreamingRollup:
+    """`entity_rollup` over scored rows that arrive as Arrow tables, one bucket group at a time.
+
+    `add` keeps per-entity running counts, alert counts, first/last times and distinct transforms
+    (families) plus one int32 entity code per row; `finish` takes the global rank order of all rows
+    added (indices into their concatenation) and a function returning full rows for given indices,
+    to describe each entity's best-ranked row. No per-row Python: key columns are dictionary
+    encoded by Arrow, entities combined with integer factorisation.
+    Counts come from the `alert` column (False for suppressed rows), not from a threshold.
+    """
+
+    _DISTINCT = (("transform", "transforms"), ("family", "families"))
+
+    def __init__(self):
+        self._values: dict[str, dict] = {k: {} for k in ENTITY_KEYS}   # key column: value -> code
+        self._entities: dict[tuple, int] = {}                          # tuple of key codes -> entity
+        self._codes: list[np.ndarray] = []
+        self._connections = np.zeros(0, dtype="int64")
+        self._alerts = np.zeros(0, dtype="int64")
+        self._first = np.zeros(0, dtype="float64")
+        self._last = np.zeros(0, dtype="float64")
+        self._distinct: dict[str, set] = {}
+        self.keys: list[str] | None = None
+
+    @staticmethod
+    def _encode(column, lookup: dict) -> np.ndarray:
+        """Codes of `column`'s values in `lookup` (extended with new values); null is its own value."""
+        encoded = pc.dictionary_encode(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column,
+                                       null_encoding="encode")
+        local = np.array([lookup.setdefault(v, len(lookup)) for v in encoded.dictionary.to_pylist()] or [0],
+                         dtype="int64")
+        return local[encoded.indices.to_numpy(zero_copy_only=False)]
+
+    def add(self, table: pa.Table) -> None:
+        if self.keys is None:
+            self.keys = [k for k in ENTITY_KEYS if k in table.column_names]
+            if "src_ip" not in self.keys:
+                raise ValueError("the entity roll-up needs a src_ip column")
+            self._distinct = {c: set() for c, _ in self._DISTINCT if c in table.column_names}
+        n = table.num_rows
+        if not n:
+            self._codes.append(np.zeros(0, dtype="int32"))
+            return
+        combined = np.zeros(n, dtype="int64")
+        parts = []
+        for k in self.keys:
+            codes = self._encode(table[k], self._values[k])
+            parts.append(codes)
+            combined, _ = pd.factorize(combined * len(self._values[k]) + codes)
+        first = np.unique(combined, return_index=True)[1]      # one row per local entity, in code order
+        tuples = zip(*(p[first].tolist() for p in parts))
+        to_global = np.array([self._entities.setdefault(t, len(self._entities)) for t in tuples], dtype="int64")
+        entity = to_global[combined].astype("int32")
+        self._codes.append(entity)
+        size = len(self._entities)
+        grow = size - len(self._connections)
+        if grow > 0:
+            self._connections = np.r_[self._connections, np.zeros(grow, dtype="int64")]
+            self._alerts = np.r_[self._alerts, np.zeros(grow, dtype="int64")]
+            self._first = np.r_[self._first, np.full(grow, np.nan)]
+            self._last = np.r_[self._last, np.full(grow, np.nan)]
+        self._connections += np.bincount(entity, minlength=size)
+        alert = table["alert"].to_numpy().astype(bool) if "alert" in table.column_names else np.zeros(n, bool)
+        self._alerts += np.bincount(entity, weights=alert, minlength=size).astype("int64")
+        ts = pd.Series(table["ts"].to_numpy(), dtype="float64").groupby(entity)
+        lo, hi = ts.min(), ts.max()
+        ids = lo.index.to_numpy()
+        self._first[ids] = np.fmin(self._first[ids], lo.to_numpy())
+        self._last[ids] = np.fmax(self._last[ids], hi.to_numpy())
+        for column, seen in self._distinct.items():
+            values = pc.fill_null(table[column].cast(pa.string()), "")
+            pairs = pd.DataFrame({"e": entity, "v": values.to_numpy(zero_copy_only=False)}).drop_duplicates()
+            seen.update(pairs[pairs["v"] != ""].itertuples(index=False, name=None))
+
+    def finish(self, order: np.ndarray, rows_at) -> pd.DataFrame:
+        """The roll-up: `order` ranks all rows added (best first); `rows_at(indices)` returns those
+        rows (key columns, event_id, ts, explanation) as a frame, in the order asked."""
+        keys = self.keys or ["src_ip"]
+        columns = [c for c in ROLLUP_COLUMNS if c in keys or c not in ENTITY_KEYS]
+        if "families" not in {out for c, out in self._DISTINCT if c in self._distinct}:
+            columns.remove("families")
+        entity = np.concatenate(self._codes) if self._codes else np.zeros(0, dtype="int32")
+        if not len(entity):
+            return pd.DataFrame(columns=columns)
+        ranked_entity = entity[order]
+        ids, first_pos = np.unique(ranked_entity, return_index=True)
+        by_rank = np.argsort(first_pos, kind="stable")     # entities in the order their best row ranks
+        ids, first_pos = ids[by_rank], first_pos[by_rank]
+        top = rows_at(order[first_pos]).reset_index(drop=True)
+        rollup = top[keys].copy()
+        rollup["max_score"] = top["score"].to_numpy()
+        rollup["connections"] = self._connections[ids]
+        rollup["alerts"] = self._alerts[ids]
+        rollup["first_seen"] = self._first[ids]
+        rollup["last_seen"] = self._last[ids]
+        for column, out in self._DISTINCT:
+            if column in self._distinct:
+                joined = pd.DataFrame(sorted(self._distinct[column]), columns=["e", "v"]).groupby("e")["v"] \
+                    .agg("; ".join) if self._distinct[column] else pd.Series(dtype="str")
+                rollup[out] = joined.reindex(ids).fillna("").astype("str").to_numpy()
+            elif out in columns:
+                rollup[out] = ""
+        rollup["top_event_id"] = top["event_id"].to_numpy() if "event_id" in top.columns else ""
+        rollup["top_ts"] = top["ts"].to_numpy()
+        rollup["top_explanation"] = top["explanation"].to_numpy() if "explanation" in top.columns else ""
+        rollup = rollup.sort_values(["max_score", "connections", "src_ip"], ascending=[False, False, True],
+                                    kind="stable", na_position="last")
+        return rollup[columns].reset_index(drop=True)

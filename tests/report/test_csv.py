@@ -57,3 +57,61 @@ def test_rollup_csv_neutralised(tmp_path):
     rows = _rows(write_entity_rollup_csv(rollup, tmp_path / "rollup.csv"))
     assert rows == [{"src_name": "'=cmd|' /C calc'!A0", "max_score": "0.9"},
                     {"src_name": "vm-db-01", "max_score": "-0.1"}]
+
+
+def _pandas_bytes(frame: pd.DataFrame) -> bytes:
+    from esxi_anomaly.report.csv import neutralise_formulas
+
+    return neutralise_formulas(frame).to_csv(index=False, lineterminator="\r\n").encode("utf-8")
+
+
+def _arrow_bytes(frame: pd.DataFrame) -> bytes:
+    import io
+
+    import pyarrow as pa
+
+    from esxi_anomaly.report.csv import write_arrow_csv
+
+    buffer = io.BytesIO()
+    assert write_arrow_csv(pa.Table.from_pandas(frame, preserve_index=False), buffer)  # the Arrow encoder ran
+    return buffer.getvalue()
+
+
+def test_arrow_encoder_writes_the_bytes_pandas_writes(ranked):
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    n = 4000
+    magnitude = 10.0 ** rng.uniform(-12, 23, n)
+    scale = 10.0 ** rng.integers(0, 17, n)   # short and long digit strings
+    floats = np.round(rng.choice([-1.0, 1.0], n) * magnitude * scale) / scale
+    floats[:12] = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-4, 9.999999999999999e-05, 1e16, 9999999999999998.0,
+                   1e15, 0.1 + 0.2, 2.0]
+    texts = np.array(["plain", "", "a,b", 'say "hi"', "cr\rin", "lf\nin", "\tlead", "\rlead", "=1+2", "+x", "-y",
+                      "@z", " =space first", "é ü ∞", "tail\r\n", "\x00nul", "'quoted'"], dtype=object)
+    frame = pd.DataFrame({
+        "f": floats, "f32": floats.astype("float32"), "i": rng.integers(-2**40, 2**40, n),
+        "i32": rng.integers(-5, 70000, n).astype("int32"), "u8": rng.integers(0, 255, n).astype("uint8"),
+        "b": rng.random(n) < 0.5, "nb": pd.array(np.where(rng.random(n) < 0.2, None, rng.random(n) < 0.5),
+                                                dtype="boolean"),
+        "ni": pd.array(np.where(rng.random(n) < 0.2, None, rng.integers(-9, 9, n)), dtype="Int64"),
+        "s": pd.Series(rng.choice(texts, n), dtype="str"),
+        "o": pd.Series(np.where(rng.random(n) < 0.1, None, rng.choice(texts, n)), dtype=object),
+        "c": pd.Categorical(rng.choice(texts[:6], n)),
+        'odd "name", here': "x",
+    })
+    assert _arrow_bytes(frame) == _pandas_bytes(frame)
+    assert _arrow_bytes(ranked) == _pandas_bytes(ranked)
+    for single in (pd.DataFrame({"a": ["", "x", None, "=1"]}, dtype="str"), pd.DataFrame({"": [1.5, np.nan]}),
+                   frame.iloc[:0]):
+        assert _arrow_bytes(single) == _pandas_bytes(single)
+
+
+def test_write_csv_falls_back_to_pandas_for_other_types(tmp_path):
+    import numpy as np
+
+    frame = pd.DataFrame({"when": pd.to_datetime([0, 10**9], unit="s"), "mixed": [1, "=2"],
+                          "x": [np.nan, 0.5]})
+    path = write_csv(frame, tmp_path / "mixed.csv")
+    assert path.read_bytes() == _pandas_bytes(frame)
+    assert _rows(path)[1]["mixed"] == "'=2"

@@ -60,3 +60,47 @@ def test_write_outputs_dispatches_by_format_and_suffix(ranked, tmp_path):
         write_outputs(ranked, tmp_path / "c.txt")
     with pytest.raises(TypeError, match="takes no options"):
         write_outputs(ranked, tmp_path / "d.csv", "csv", top=3)
+
+
+def _streamed_rollup(frame: pd.DataFrame, cuts: list[int]) -> pd.DataFrame:
+    """StreamingRollup over `frame` fed as Arrow tables split at `cuts`, ranked by its rank column."""
+    import numpy as np
+    import pyarrow as pa
+
+    from esxi_anomaly.report.rollup import StreamingRollup
+
+    streaming = StreamingRollup()
+    for lo, hi in zip([0] + cuts, cuts + [len(frame)]):
+        streaming.add(pa.Table.from_pandas(frame.iloc[lo:hi], preserve_index=False))
+    order = np.argsort(frame["rank"].to_numpy(), kind="stable")
+    return streaming.finish(order, lambda idx: frame.iloc[idx])
+
+
+@pytest.mark.parametrize("cuts", [[], [1], [2, 3], [1, 2, 3, 4]])
+def test_streaming_rollup_equals_rollup_of_the_whole_frame(ranked, cuts):
+    ranked = ranked.sample(frac=1.0, random_state=3).reset_index(drop=True)  # arrival order != rank order
+    ranked["alert"] = ranked["score"] >= 0.6
+    ranked.loc[ranked["event_id"] == "CxA2", "transform"] = "xor_key"     # two distinct transforms
+    ranked.loc[ranked["event_id"] == "CxC2", "ts"] = float("nan")         # a row without time
+    got = _streamed_rollup(ranked, cuts)
+    expected = entity_rollup(ranked, threshold=0.6)
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False)
+    assert got.loc[0, "transforms"] == "apt12_a*b+c; xor_key"
+    assert got["alerts"].tolist() == [2, 1, 0]
+    assert got.loc[2, "last_seen"] == got.loc[2, "first_seen"]  # NaN time skipped, as in entity_rollup
+
+
+def test_streaming_rollup_keeps_entities_apart_and_breaks_ties_by_rank(ranked):
+    # same src_ip under two names is two entities; an empty name is not the same as a missing one
+    ranked["alert"] = False
+    ranked.loc[ranked["event_id"] == "CxC2", "src_name"] = "vm-db-01-renamed"
+    ranked.loc[ranked["event_id"] == "CxA2", "score"] = 0.97  # tie with CxA1: the lower rank wins
+    ranked.loc[ranked["event_id"] == "CxB1", "src_name"] = None
+    ranked.loc[ranked["event_id"] == "CxB1", "transform"] = "xor_key"
+    got = _streamed_rollup(ranked, [2])
+    pd.testing.assert_frame_equal(got, entity_rollup(ranked), check_dtype=False)
+    assert got["top_event_id"].tolist() == ["CxA1", "CxB1", "CxC1", "CxC2"]
+    assert got["connections"].tolist() == [2, 1, 1, 1]
+    assert got["src_name"].isna().tolist() == [False, True, False, False]
+    assert got["transforms"].tolist() == ["apt12_a*b+c", "xor_key", "", ""]
+    assert got["families"].tolist() == ["apt12", "mgmt_c2", "benign", "benign"]
