@@ -85,13 +85,16 @@ class Coded:
             out[ok] = self.values[codes[ok]]
         return out
 
-    def categorical(self, codes: np.ndarray, fill: str = "") -> pd.Categorical:
-        """The values of `codes` as a pandas Categorical (no per-row objects); codes < 0 give `fill`."""
+    def text(self, codes: np.ndarray, fill: str = "") -> pd.arrays.ArrowStringArray:
+        """The values of `codes` as an Arrow-backed "str" array, decoded in Arrow (no Python object
+        per row); codes < 0 give `fill`."""
         values, codes = self.values, np.asarray(codes)
         at = self.code_of(fill)
         if at < 0:
             values, at = np.append(values, fill), len(values)
-        return pd.Categorical.from_codes(np.where(codes >= 0, codes, at), categories=pd.Index(values, dtype=object))
+        dictionary = pa.array(values.astype(str) if len(values) else [], type=pa.large_string())
+        indices = pa.array(np.where(codes >= 0, codes, at).astype(np.int32))
+        return pd.array(pa.DictionaryArray.from_arrays(indices, dictionary).dictionary_decode(), dtype="str")
 
     def code_of(self, value) -> int:
         """The code of `value`, or -1 if the column never holds it."""
@@ -105,10 +108,8 @@ class Coded:
         return Coded(self.codes[rows], self.values)
 
     def to_series(self, index=None) -> pd.Series:
-        """An Arrow-backed "str" Series (decoded in Arrow, without a Python object per row)."""
-        values = pa.array(self.values.astype(str) if len(self.values) else [], type=pa.large_string())
-        arr = pa.DictionaryArray.from_arrays(pa.array(self.codes.astype(np.int32)), values).dictionary_decode()
-        return pd.Series(pd.array(arr, dtype="str"), index=index)
+        """All rows as an Arrow-backed "str" Series."""
+        return pd.Series(self.text(self.codes), index=index)
 
 
 class ConnColumns:

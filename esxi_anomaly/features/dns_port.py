@@ -69,6 +69,7 @@ def _expand(items: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[
 PORT_SPAN = 65_537  # ports 0..65535, and one slot for anything outside
 COMBO_CHUNK = 200_000  # bounds the (combinations x transforms) comparison matrix to ~70 MB
 ANNOUNCED_CODES = T.transform_codes(ANNOUNCED_TRANSFORMS)
+_TRANSFORM_TEXT = Coded(np.zeros(0, dtype=np.int64), T.TRANSFORM_IDS)  # decodes transform codes to ids
 
 
 def _port_slot(port: np.ndarray) -> np.ndarray:
@@ -162,7 +163,7 @@ def relationship_features(conns, dns, j: DnsJoin,
     """Features (one row per connection, in order) and the evidence behind the best match.
 
     `conns` and `dns` are canonical frames or their `columns` views. Evidence columns: transform,
-    answer, rtype, query (categoricals, "" where none), dns_delay, consistency (for explanations),
+    answer, rtype, query ("" where none), dns_delay, consistency (for explanations),
     answer_row (the row of `dns` behind it, -1 if none).
     """
     conns, dns = ConnColumns.of(conns), DnsColumns.of(dns)
@@ -304,10 +305,10 @@ def relationship_features(conns, dns, j: DnsJoin,
     feats["ip_significance"] = ip_sig
 
     evidence = pd.DataFrame({
-        "transform": pd.Categorical.from_codes(ev_transform + 1, categories=pd.Index(np.r_[[""], T.TRANSFORM_IDS], dtype=object)),
-        "answer": dns.answer.categorical(_gather(dns.answer.codes, ev_answer_row, -1)),
-        "rtype": dns.rtype.categorical(_gather(dns.rtype.codes, ev_answer_row, -1)),
-        "query": dns.query.categorical(_gather(dns.query.codes, ev_answer_row, -1)),
+        "transform": _TRANSFORM_TEXT.text(ev_transform),
+        "answer": dns.answer.text(_gather(dns.answer.codes, ev_answer_row, -1)),
+        "rtype": dns.rtype.text(_gather(dns.rtype.codes, ev_answer_row, -1)),
+        "query": dns.query.text(_gather(dns.query.codes, ev_answer_row, -1)),
         "dns_delay": conn_ts - _gather(dns_ts, ev_answer_row, np.nan),
         "consistency": np.maximum(consistency, keyed),
         "answer_row": ev_answer_row,

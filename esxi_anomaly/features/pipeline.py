@@ -50,7 +50,7 @@ def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | No
     link = _gather(queries.codes, j.ip_answer_row, -1)
     behind = _gather(queries.codes, evidence.pop("answer_row").to_numpy(), -1)
     link[link == empty], behind[behind == empty] = -1, -1
-    evidence["query"] = queries.categorical(np.where(behind >= 0, behind, link))
+    evidence["query"] = queries.text(np.where(behind >= 0, behind, link))
     names = np.append(queries.values, "")
     name = Coded(np.where(link >= 0, link, np.where(behind >= 0, behind, len(names) - 1)), names)
     table = entity_table(cc.src.values, inventory)
