@@ -119,7 +119,7 @@ def _read_bucket(folder: Path, b: int) -> pd.DataFrame | None:
     if not target.is_dir():
         return None
     parts = sorted(target.glob("part-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
-    return pd.concat([pq.read_table(p).to_pandas() for p in parts], ignore_index=True)
+    return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default").to_pandas()
 
 
 # -- pass 2: score -------------------------------------------------------------------------
@@ -203,7 +203,10 @@ def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inve
             continue
         t0 = t = time.perf_counter()
         conns = pd.concat([_read_bucket(conn_dir, b) for b in group], ignore_index=True)
-        conns = conns.sort_values(["ts", "event_id"], kind="stable", ignore_index=True)
+        # stable sort by (ts, event_id), NaN times last: Arrow's multi-key sort, 3-4x pandas' here
+        by = pa.table({"ts": conns["ts"].to_numpy(dtype="float64"), "event_id": pa.array(conns["event_id"].array)})
+        order = pc.sort_indices(by, sort_keys=[("ts", "ascending"), ("event_id", "ascending")]).to_numpy()
+        conns = conns.take(order).reset_index(drop=True)
         ts = conns["ts"].to_numpy(dtype="float64")
         pieces = []
         bounds = chunk_bounds(ts, chunk_rows)
