@@ -1,6 +1,8 @@
 """Streaming batch scoring: chunked = one-shot, resume after an interruption, atomic outputs."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,8 +26,9 @@ def read(path):
     return pd.read_csv(path, dtype={"event_id": "str"}, keep_default_na=False)
 
 
-def test_chunked_stream_equals_one_shot(tmp_path, setting):
+def test_chunked_stream_equals_one_shot(tmp_path, setting, monkeypatch):
     model, folder, frames = setting
+    monkeypatch.setattr(batch, "WRITE_BLOCK", 1000)   # many output blocks, prepared two at a time
     one_shot = model.score(frames)
     write_csv(one_shot, tmp_path / "one.csv")
     out = tmp_path / "streamed.csv"
@@ -36,6 +39,7 @@ def test_chunked_stream_equals_one_shot(tmp_path, setting):
     a, b = read(tmp_path / "one.csv"), read(out)
     assert len(frames.connections) > 10 * 600
     pd.testing.assert_frame_equal(a, b)
+    assert (tmp_path / "one.csv").read_bytes() == out.read_bytes()   # same encoder, same bytes
     assert not (tmp_path / "streamed.csv.work").exists()
 
 
@@ -112,6 +116,22 @@ def test_rollup_path_and_switching_it_off(tmp_path, setting):
     summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, tmp_path / "r.jsonl",
                         top=5, progress=False, rollup=False)
     assert summary.entities == 0 and [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]
+
+
+def test_html_output_holds_the_default_top_rows_explained_and_the_rollup_all(tmp_path, setting, monkeypatch):
+    model, folder, frames = setting
+    monkeypatch.setattr(batch, "HTML_DEFAULT_TOP", 40)
+    monkeypatch.setattr(batch, "WRITE_BLOCK", 16)     # several blocks in flight, written in order
+    out = tmp_path / "report.html"
+    summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, progress=False)
+    expected = model.score(frames, top=40)
+    assert summary.written == 40 and summary.entities == frames.connections["src_ip"].nunique()
+    page = out.read_text(encoding="utf-8")
+    embedded = [json.dumps(text[:150], ensure_ascii=True)[1:-1].replace("<", "\\u003c").replace(">", "\\u003e")
+                .replace("&", "\\u0026") for text in expected["explanation"]]
+    assert all(event_id in page for event_id in expected["event_id"])
+    assert all(text in page for text in embedded)   # the sentences of the rows shown, as the page embeds them
+    assert read(tmp_path / "report.entities.csv")["connections"].sum() == len(frames.connections)
 
 
 def test_chunk_bounds_never_split_equal_times():
