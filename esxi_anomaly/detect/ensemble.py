@@ -57,8 +57,7 @@ class EnsembleDetector(BaseEstimator):
         score = (1.0 - TIE_BREAK) * combined + TIE_BREAK * pct
         out = pd.DataFrame({"score": score, "forest_score": pct, "rule_score": rule})
         if with_names:
-            ids = np.array([r["id"] for r in self.rules_], dtype=object)
-            out["rules"] = [";".join(ids[row]) for row in fired] if len(ids) else ""
+            out["rules"] = _fired_names(np.array([r["id"] for r in self.rules_], dtype=object), fired)
         return out
 
     def score_samples(self, X: pd.DataFrame) -> np.ndarray:
@@ -83,3 +82,15 @@ class EnsembleDetector(BaseEstimator):
             best = np.argsort(-row)[:top]
             out.append("; ".join(f"{names[k]}={row[k]:+.3f}" for k in best if row[k] > 0))
         return out
+
+
+def _fired_names(ids: np.ndarray, fired: np.ndarray) -> np.ndarray:
+    """Per row, the ids of the rules that fired joined by ";": one string per distinct pattern."""
+    if not len(ids):
+        return np.full(len(fired), "", dtype=object)
+    if len(ids) > 62:  # more rules than bits in an int64 pattern: join row by row
+        return np.array([";".join(ids[row]) for row in fired], dtype=object)
+    bits = fired.astype(np.int64) @ (np.int64(1) << np.arange(len(ids), dtype=np.int64))  # rules < 63
+    patterns, inverse = np.unique(bits, return_inverse=True)
+    names = np.array([";".join(ids[(p >> np.arange(len(ids))) & 1 == 1]) for p in patterns], dtype=object)
+    return names[inverse]

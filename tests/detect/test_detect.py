@@ -77,3 +77,16 @@ def test_ensemble_contract_direction_and_determinism():
     assert 0 < det.threshold_ <= 1
     attributions = det.attributions(probe.iloc[[2]])
     assert attributions[0].split("=")[0] in ("x", "y")
+
+
+def test_fired_rule_names_per_row():
+    from esxi_anomaly.detect.ensemble import _fired_names
+
+    ids = np.array(["a", "b", "c"], dtype=object)
+    fired = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1], [0, 1, 0], [1, 1, 1]], dtype=bool)
+    assert _fired_names(ids, fired).tolist() == ["a;c", "", "a;c", "b", "a;b;c"]
+    many = np.array([f"r{i}" for i in range(70)], dtype=object)
+    wide = np.zeros((2, 70), dtype=bool)
+    wide[0, [0, 69]] = True
+    assert _fired_names(many, wide).tolist() == ["r0;r69", ""]
+    assert _fired_names(ids[:0], fired[:, :0]).tolist() == ["", "", "", "", ""]
