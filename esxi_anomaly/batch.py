@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import mmap
 import pickle
 import shutil
 import sys
@@ -278,8 +279,30 @@ def write_scored(rows: pd.DataFrame, path: Path) -> None:
             writer.write_table(table)
 
 
+class _ScoredFiles(dict):
+    """The scored Arrow files, memory-mapped (zero-copy: pages load on use), by bucket.
+
+    Ranking touches every page of them, and touched pages of a mapping count as this process's
+    resident memory. `release()` drops them from it (they stay in the OS page cache and fault back
+    in cheaply), so the resident memory of ranking stays bounded whatever the number of rows."""
+
+    def __init__(self, paths: list[Path]):
+        super().__init__()
+        self._maps = []
+        for path in paths:
+            with open(path, "rb") as fh:
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps.append(mapped)
+            self[int(path.name.split(".")[0])] = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapped))).read_all()
+
+    def release(self) -> None:
+        if hasattr(mmap, "MADV_DONTNEED"):
+            for mapped in self._maps:
+                mapped.madvise(mmap.MADV_DONTNEED)
+
+
 def _read_scored(path: Path) -> pa.Table:
-    return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()  # zero-copy: pages load on use
+    return _ScoredFiles([path])[int(path.name.split(".")[0])]
 
 
 def rollup_path(out: Path) -> Path:
@@ -298,7 +321,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
     stages = {} if stages is None else stages
     t = time.perf_counter()
     paths = sorted((work / "scored").glob(f"*{SCORED_SUFFIX}"), key=lambda p: int(p.name.split(".")[0]))
-    tables = {int(p.name.split(".")[0]): _read_scored(p) for p in paths}
+    tables = _ScoredFiles(paths)
     keys = pa.concat_tables([tables[b].select(["score", "event_id", "bucket", "row"]) for b in tables])
     t = _lap(stages, "rank+write: read keys", t)
     pool = ThreadPoolExecutor(max_workers=WRITE_THREADS)   # Arrow kernels release the GIL
@@ -308,6 +331,9 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
         attributed = pool.submit(model.detector_.attributions, cp.top_feats)   # while the rows are ranked
         full_order = rank_order(keys["score"].combine_chunks(), keys["event_id"].combine_chunks())
         bucket, row = keys["bucket"].to_numpy(), keys["row"].to_numpy()
+        if counted is not None:
+            counted.result()  # the roll-up has read every file: their pages can go
+        tables.release()
         if fmt == "html" and top is None:
             top = HTML_DEFAULT_TOP
         order = full_order[:top] if top is not None else full_order
@@ -344,6 +370,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                         block_frames.append(result.to_pandas())
                     else:
                         writer.write(result)
+                    tables.release()  # the block's gathered pages are written out
 
             for start in range(0, len(order), WRITE_BLOCK):
                 pending.append(pool.submit(block_job, start))
@@ -354,8 +381,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                 report_html.write_html(ranked, tmp, **html_extra)
             writer.close()
         written = len(order)
-        if counted is not None:
-            counted.result()
+        tables.release()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     t = _lap(stages, f"rank+write: gather+explain+write {fmt}", t)
