@@ -42,7 +42,7 @@ from esxi_anomaly.report.rollup import StreamingRollup
 from esxi_anomaly.schema import Frames
 
 BUCKET_S = 3600
-WRITE_BLOCK = 250_000
+WRITE_BLOCK = 100_000
 WRITE_THREADS = 2              # output blocks prepared concurrently (2-core machines and up)
 HTML_DEFAULT_TOP = 2000
 CHECKPOINT_VERSION = 2            # 2: scored rows carry sentence inputs, not sentences
@@ -288,17 +288,29 @@ class _ScoredFiles(dict):
 
     def __init__(self, paths: list[Path]):
         super().__init__()
-        self._maps = []
+        self._maps: dict[int, mmap.mmap] = {}
         for path in paths:
+            bucket = int(path.name.split(".")[0])
             with open(path, "rb") as fh:
-                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            self._maps.append(mapped)
-            self[int(path.name.split(".")[0])] = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(mapped))).read_all()
+                self._maps[bucket] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            self[bucket] = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self._maps[bucket]))).read_all()
 
-    def release(self) -> None:
+    def release(self, bucket: int | None = None) -> None:
+        """Drop the pages of one file (all files when None) from the resident set."""
         if hasattr(mmap, "MADV_DONTNEED"):
-            for mapped in self._maps:
+            for mapped in self._maps.values() if bucket is None else [self._maps[bucket]]:
                 mapped.madvise(mmap.MADV_DONTNEED)
+
+    def take(self, bucket: int, rows: np.ndarray) -> pa.Table:
+        """Rows of one file, copied out of the mapping, whose pages are then released."""
+        out = self[bucket].take(pa.array(rows))
+        self.release(bucket)
+        return out
+
+    def add_each_to(self, rollup) -> None:
+        for bucket, table in self.items():
+            rollup.add(table)
+            self.release(bucket)
 
 
 def _read_scored(path: Path) -> pa.Table:
@@ -327,7 +339,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
     pool = ThreadPoolExecutor(max_workers=WRITE_THREADS)   # Arrow kernels release the GIL
     try:
         rollup = StreamingRollup() if rollup_out is not None else None
-        counted = pool.submit(lambda: [rollup.add(tables[b]) for b in tables]) if rollup is not None else None
+        counted = pool.submit(tables.add_each_to, rollup) if rollup is not None else None
         attributed = pool.submit(model.detector_.attributions, cp.top_feats)   # while the rows are ranked
         full_order = rank_order(keys["score"].combine_chunks(), keys["event_id"].combine_chunks())
         bucket, row = keys["bucket"].to_numpy(), keys["row"].to_numpy()
@@ -431,7 +443,8 @@ def _gather_stored(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndar
     stored = np.lexsort((row, bucket))
     bucket, row = bucket[stored], row[stored]
     cuts = np.flatnonzero(np.diff(bucket)) + 1
-    parts = [tables[int(b[0])].take(pa.array(r)) for b, r in zip(np.split(bucket, cuts), np.split(row, cuts)) if len(b)]
+    take = tables.take if isinstance(tables, _ScoredFiles) else lambda b, r: tables[b].take(pa.array(r))
+    parts = [take(int(b[0]), r) for b, r in zip(np.split(bucket, cuts), np.split(row, cuts)) if len(b)]
     table = pa.concat_tables(parts, promote_options="default") if parts else \
         next(iter(tables.values())).slice(0, 0)
     cols = ["score", "event_id"] + [c for c in table.column_names if c not in ("score", "event_id")]
