@@ -121,6 +121,9 @@ def score_partition(model, inventory: pd.DataFrame | None, work: str, partition:
         dns = schema.empty("dns_answers")
     else:
         dns = dns.sort_values(["ts", _SEQ], kind="stable", ignore_index=True).drop(columns=[_SLOT, _SEQ])
+    # Dask already runs one task per worker core: the forest scores on this task's thread only
+    # (scores do not depend on the thread count)
+    model.detector_.forest_.n_jobs = 1
     prepared, feats = model.features(Frames(conns, dns, inventory))
     rows = model.score_rows(prepared, feats)
     rows["bucket"], rows["row"] = partition, np.arange(len(rows))
