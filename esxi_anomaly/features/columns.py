@@ -104,28 +104,25 @@ class Coded:
     def isin(self, allowed) -> np.ndarray:
         return self.per_value(np.isin(self.values, np.asarray(list(allowed), dtype=object)))
 
-    def take(self, rows: np.ndarray) -> "Coded":
-        return Coded(self.codes[rows], self.values)
-
-    def to_series(self, index=None) -> pd.Series:
-        """All rows as an Arrow-backed "str" Series."""
-        return pd.Series(self.text(self.codes), index=index)
-
-
-class ConnColumns:
-    """The connection columns the features use, coded once per batch."""
+class _FrameColumns:
+    """A canonical frame's columns, each converted or coded on first use and kept."""
 
     def __init__(self, frame: pd.DataFrame):
         self.frame = frame
         self.n = len(frame)
 
     @classmethod
-    def of(cls, conns) -> "ConnColumns":
-        return conns if isinstance(conns, ConnColumns) else cls(conns)
+    def of(cls, frame):
+        """`frame` itself if it is already such a view, else a view of it."""
+        return frame if isinstance(frame, cls) else cls(frame)
 
     @cached_property
     def ts(self) -> np.ndarray:
         return self.frame["ts"].to_numpy(dtype="float64")
+
+
+class ConnColumns(_FrameColumns):
+    """The connection columns the features use, coded once per batch."""
 
     @cached_property
     def dst_port(self) -> np.ndarray:
@@ -140,20 +137,8 @@ class ConnColumns:
         return Coded.of(self.frame["dst_ip"])
 
 
-class DnsColumns:
+class DnsColumns(_FrameColumns):
     """The DNS answer columns the features use, coded once per batch."""
-
-    def __init__(self, frame: pd.DataFrame):
-        self.frame = frame
-        self.n = len(frame)
-
-    @classmethod
-    def of(cls, dns) -> "DnsColumns":
-        return dns if isinstance(dns, DnsColumns) else cls(dns)
-
-    @cached_property
-    def ts(self) -> np.ndarray:
-        return self.frame["ts"].to_numpy(dtype="float64")
 
     @cached_property
     def ttl(self) -> np.ndarray:
