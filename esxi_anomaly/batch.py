@@ -313,10 +313,6 @@ class _ScoredFiles(dict):
             self.release(bucket)
 
 
-def _read_scored(path: Path) -> pa.Table:
-    return _ScoredFiles([path])[int(path.name.split(".")[0])]
-
-
 def rollup_path(out: Path) -> Path:
     """Where `score --out X.<ext>` writes its entity roll-up: X.entities.csv (any output format)."""
     out = Path(out)

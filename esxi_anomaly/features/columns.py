@@ -104,6 +104,11 @@ class Coded:
     def isin(self, allowed) -> np.ndarray:
         return self.per_value(np.isin(self.values, np.asarray(list(allowed), dtype=object)))
 
+def _coded(column: str) -> cached_property:
+    """A view attribute: the frame's `column` as `Coded`, built on first use."""
+    return cached_property(lambda self: Coded.of(self.frame[column]))
+
+
 class _FrameColumns:
     """A canonical frame's columns, each converted or coded on first use and kept."""
 
@@ -128,13 +133,8 @@ class ConnColumns(_FrameColumns):
     def dst_port(self) -> np.ndarray:
         return self.frame["dst_port"].to_numpy(dtype="int64")
 
-    @cached_property
-    def src(self) -> Coded:
-        return Coded.of(self.frame["src_ip"])
-
-    @cached_property
-    def dst(self) -> Coded:
-        return Coded.of(self.frame["dst_ip"])
+    src = _coded("src_ip")
+    dst = _coded("dst_ip")
 
 
 class DnsColumns(_FrameColumns):
@@ -149,25 +149,11 @@ class DnsColumns(_FrameColumns):
         """Rows that carry an answer record (not a no-data / NXDOMAIN response placeholder)."""
         return self.frame["answer_index"].to_numpy() >= 0
 
-    @cached_property
-    def client(self) -> Coded:
-        return Coded.of(self.frame["client_ip"])
-
-    @cached_property
-    def query(self) -> Coded:
-        return Coded.of(self.frame["query"])
-
-    @cached_property
-    def rtype(self) -> Coded:
-        return Coded.of(self.frame["rtype"])
-
-    @cached_property
-    def answer(self) -> Coded:
-        return Coded.of(self.frame["answer"])
-
-    @cached_property
-    def rcode(self) -> Coded:
-        return Coded.of(self.frame["rcode"])
+    client = _coded("client_ip")
+    query = _coded("query")
+    rtype = _coded("rtype")
+    answer = _coded("answer")
+    rcode = _coded("rcode")
 
     def is_rtype(self, *rtypes: str) -> np.ndarray:
         return self.rtype.isin(rtypes)

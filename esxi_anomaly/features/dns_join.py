@@ -145,11 +145,6 @@ def _recent_answers(dns: DnsColumns, conn_client, dns_client, conn_ts, window, m
     return rep_conn, rep_rows.astype("int64"), rep_age
 
 
-def response_codes(dns) -> np.ndarray:
-    """An integer per DNS response (event_id, client, ts) for the long-form answer rows."""
-    return DnsColumns.of(dns).response
-
-
 def _asof(left: pd.DataFrame, right: pd.DataFrame, tolerance: float) -> pd.DataFrame:
     """Backward merge_asof on ts by integer key; `row` is -1 where nothing matched."""
     left = left.sort_values("ts", kind="stable")

@@ -53,10 +53,8 @@ def match_keys(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndar
     sorted_right = right[order]
     lo = np.searchsorted(sorted_right, left, side="left")
     hi = np.searchsorted(sorted_right, left, side="right")
-    counts = hi - lo
-    li = np.repeat(np.arange(len(left)), counts)
-    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    return li, order[np.repeat(lo, counts) + offsets]
+    li, at = _expand(np.arange(len(left)), lo, hi - lo)
+    return li, order[at]
 
 
 def _expand(items: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
