@@ -1,6 +1,6 @@
 """End-to-end throughput of `esxi-anomaly score`: Zeek logs in, ranked CSV out, against pyarrow's floor.
 
-    .venv/bin/python benchmarks/throughput.py [--connections 2000000] [--engine local|dask]
+    .venv/bin/python benchmarks/throughput.py [--connections 2000000] [--engine local|dask] [--workers N]
                                               [--scenario default] [--seed 1] [--keep] [--data DIR]
 
 1. Generate (not timed) with `esxi_anomaly.synth`: a history of `--history-days` days at
@@ -11,9 +11,11 @@
 2. Time the floor in this process: the bare `pyarrow.csv.read_csv` of every conn and dns log (all
    columns as text, threads on: `ingest_throughput.pyarrow_floor`), best of `--floor-repeat`.
 3. Time `esxi-anomaly score ... --out ranked.csv --stats-json ...` as a subprocess, the command a
-   user runs: wall time, CPU time and peak RSS of the process (its VmHWM, followed in /proc; with `--engine dask`
-   the largest single process, so also the sampled peak of the whole process tree when psutil is
-   installed), and the per-stage seconds `score` reports.
+   user runs: wall time; CPU time and peak RSS of the score process (its VmHWM, followed in /proc);
+   when psutil is installed, also its process tree (the local engine's workers, or Dask's),
+   sampled every 0.2 s: the workers' CPU time, the peak of the summed PSS (each shared page
+   counted once: what the tree holds) and of the summed RSS; and the per-stage seconds `score`
+   reports (sub-stages of `score` are the mean over the partitions scored in parallel).
 
 Prints a Markdown table and writes it to `benchmarks/results/throughput.md` (git-ignored; `--results`). The data
 goes to a temporary folder deleted at the end unless `--keep`; `--data DIR` generates into DIR and,
@@ -158,8 +160,10 @@ def _high_water(pid: int, stop: threading.Event, peak: list) -> None:
         stop.wait(0.05)
 
 
-def _tree_rss(pid: int, stop: threading.Event, peak: list) -> None:
-    """Sample the summed RSS of `pid` and its descendants every 0.2 s (psutil)."""
+def _tree_usage(pid: int, stop: threading.Event, usage: dict) -> None:
+    """Sample `pid` and its descendants (the local engine's worker processes) every 0.2 s (psutil):
+    the peak of their summed RSS, the peak of their summed PSS (shared pages divided among the
+    processes sharing them: what the tree really holds), and each process's last CPU time."""
     import psutil
 
     try:
@@ -167,16 +171,20 @@ def _tree_rss(pid: int, stop: threading.Event, peak: list) -> None:
     except psutil.NoSuchProcess:
         return
     while not stop.is_set():
-        total = 0
+        rss = pss = 0
         try:
             for p in [root, *root.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
-                except psutil.NoSuchProcess:
-                    pass
+                    info = p.memory_full_info()
+                    times = p.cpu_times()
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+                if p.pid != pid:
+                    usage["cpu"][p.pid] = times.user + times.system
         except psutil.NoSuchProcess:
             return
-        peak[0] = max(peak[0], total)
+        usage["rss"], usage["pss"] = max(usage["rss"], rss), max(usage["pss"], pss)
         stop.wait(0.2)
 
 
@@ -189,21 +197,22 @@ def score(data: Path, meta: dict, args) -> dict:
     model = (data / "model.txt").read_text().strip()
     cmd = _cli("score", "--model", model, "--conn", *meta["conn_logs"], "--dns", *meta["dns_logs"],
                "--inventory", str(data / "today" / "inventory.csv"), "--out", str(out / "ranked.csv"),
-               "--engine", args.engine, "--no-progress", "--stats-json", str(stats))
+               "--engine", args.engine, "--no-progress", "--stats-json", str(stats),
+               *(["--workers", str(args.workers)] if args.workers else []))
     print("$ " + " ".join(cmd), file=sys.stderr)
     log = open(out / "score.log", "w")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_before = before.ru_utime + before.ru_stime  # train and other earlier children
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    tree_peak, stop, sampler = [0], threading.Event(), None
+    tree, stop, sampler = {"rss": 0, "pss": 0, "cpu": {}}, threading.Event(), None
     hwm = [0]
     watcher = threading.Thread(target=_high_water, args=(proc.pid, stop, hwm), daemon=True)
     watcher.start()
     try:
         import psutil  # noqa: F401  (only if already installed)
 
-        sampler = threading.Thread(target=_tree_rss, args=(proc.pid, stop, tree_peak), daemon=True)
+        sampler = threading.Thread(target=_tree_usage, args=(proc.pid, stop, tree), daemon=True)
         sampler.start()
     except ImportError:
         pass
@@ -220,7 +229,9 @@ def score(data: Path, meta: dict, args) -> dict:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = usage.ru_utime + usage.ru_stime - cpu_before
     return {"wall_s": wall, "cpu_s": cpu, "max_rss_mb": hwm[0] / 2**20,
-            "tree_rss_mb": tree_peak[0] / 2**20 if sampler is not None else None,
+            "tree_rss_mb": tree["rss"] / 2**20 if sampler is not None else None,
+            "tree_pss_mb": tree["pss"] / 2**20 if sampler is not None else None,
+            "worker_cpu_s": sum(tree["cpu"].values()) if sampler is not None else None,
             "stats": json.loads(stats.read_text()), "csv_mb": (out / "ranked.csv").stat().st_size / 2**20}
 
 
@@ -240,20 +251,25 @@ def report(meta: dict, fl: dict, sc: dict, args, load_before: str, load_after: s
         f"x{meta['scale']:.2f}: {meta['connections']:,} connections, {meta['dns_responses']:,} DNS responses, "
         f"{meta['bytes'] / 2**20:,.0f} MB of Zeek TSV; model trained on {meta['history_connections']:,} connections "
         f"({args.history_days} days at x{args.history_scale:g}, `train --trials 0`).", "",
-        f"Command: `esxi-anomaly score --engine {args.engine} --conn <{len(meta['conn_logs'])} conn logs> "
+        f"Command: `esxi-anomaly score --engine {args.engine}{f' --workers {args.workers}' if args.workers else ''} --conn <{len(meta['conn_logs'])} conn logs> "
         f"--dns <{len(meta['dns_logs'])} dns logs> --inventory ... --out ranked.csv` "
         f"({sc['stats']['written']:,} rows, {sc['csv_mb']:,.0f} MB CSV, {sc['stats'].get('entities', 0):,} entities "
-        f"in the roll-up).", "",
+        f"in the roll-up; {sc['stats'].get('partitions', 0)} partitions of the sources scored in parallel).", "",
         "| measure | value |", "|---|---:|",
         f"| connections scored | {n:,} |",
         f"| wall time, end to end | {sc['wall_s']:.1f} s |",
         f"| connections / min | {n / sc['wall_s'] * 60:,.0f} |",
         f"| rows / s | {n / sc['wall_s']:,.0f} |",
-        f"| CPU time (all threads) | {sc['cpu_s']:.1f} s |",
+        f"| CPU time of the score process (all threads) | {sc['cpu_s']:.1f} s |",
         f"| peak RSS (VmHWM of the score process) | {sc['max_rss_mb']:,.0f} MB |",
     ]
     if sc["tree_rss_mb"] is not None:
-        lines.append(f"| peak RSS (process tree, sampled) | {sc['tree_rss_mb']:,.0f} MB |")
+        lines += [
+            f"| CPU time of its worker processes (sampled) | {sc['worker_cpu_s']:.1f} s |",
+            f"| peak memory of the process tree: summed PSS, sampled | {sc['tree_pss_mb']:,.0f} MB |",
+            f"| peak summed RSS of the process tree, sampled (shared pages counted per process) | "
+            f"{sc['tree_rss_mb']:,.0f} MB |",
+        ]
     lines += [
         f"| floor: pyarrow read_csv conn + dns | {floor_s:.2f} s ({fl['conn']['wall_s']:.2f} + "
         f"{fl['dns']['wall_s']:.2f}) |",
@@ -277,6 +293,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--connections", type=int, default=2_000_000, help="connections to score (default 2M)")
     p.add_argument("--engine", choices=["local", "dask"], default="local", help="passed to `score --engine`")
+    p.add_argument("--workers", type=int, help="passed to `score --workers` (default: score's, the usable cores)")
     p.add_argument("--scenario", default="default")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--history-days", type=int, default=2)

@@ -1,14 +1,20 @@
-"""Batch scoring at scale: bounded memory, time-ordered chunks with carried state, resumable.
+"""Batch scoring at scale: bounded memory, time-ordered chunks with carried state, resumable, on
+every core.
 
-1. **Spill**: inputs are streamed once (`ingest.iter_*`) into hourly Parquet buckets under a work
-   folder, so no input is ever held whole and later passes read in time order.
-2. **Score**: buckets are processed in time order, each split into chunks of at most `chunk_rows`
-   connections. A chunk sees the DNS answers of its look-back window; the running counts
-   (`StreamState`) and the candidates for per-row attribution are carried to the next chunk, so
-   the result equals a one-shot run. After each bucket, its scored rows and a checkpoint are
-   written atomically; `--resume` continues after the last completed bucket.
+1. **Spill**: inputs are streamed once (`ingest.iter_*`) into hourly buckets of Arrow IPC files
+   under a work folder, each row tagged with its source *slot* (`source_slot`), so no input is ever
+   held whole and later passes read in time order. The slots are then dealt into `workers`
+   partitions of about equal rows (`assign_partitions`).
+2. **Score**: each partition (in a worker process, `workers.WorkerPool`; in this process when
+   there is one) walks the buckets in time order, split into chunks of at most `chunk_rows`
+   connections. A chunk sees the DNS answers of its sources in its look-back window; the running
+   counts (`StreamState`) and the candidates for per-row attribution are carried to the next
+   chunk. Every feature is per source, so the result equals a one-shot run over everything. After
+   each bucket group, a partition writes its scored rows and its checkpoint atomically; `--resume`
+   continues each partition after its last completed group.
 3. **Rank and write**: scores alone are ranked globally, then rows are gathered in rank order,
-   block by block, into the output (written to a temp file and renamed at the end).
+   block by block (CSV blocks built by the workers), into the output (written to a temp file and
+   renamed at the end).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from esxi_anomaly import ingest, schema
+from esxi_anomaly.features.hashing import hash_column
 from esxi_anomaly.report import csv as report_csv, ecs as report_ecs, format_for_path, html as report_html
 from esxi_anomaly.detect import explain
 from esxi_anomaly.detect.explain import context_clauses
@@ -40,12 +47,16 @@ from esxi_anomaly.features.stream_state import StreamState
 from esxi_anomaly.report._atomic import atomic_path
 from esxi_anomaly.report.rollup import StreamingRollup
 from esxi_anomaly.schema import Frames
+from esxi_anomaly.workers import WorkerPool, default_workers, release_free_memory
 
 BUCKET_S = 3600
 WRITE_BLOCK = 100_000
 WRITE_THREADS = 2              # output blocks prepared concurrently (2-core machines and up)
 HTML_DEFAULT_TOP = 2000
-CHECKPOINT_VERSION = 2            # 2: scored rows carry sentence inputs, not sentences
+CHECKPOINT_VERSION = 3            # 2: scored rows carry sentence inputs; 3: one checkpoint per partition
+SLOT_BITS = 16
+N_SLOTS = 1 << SLOT_BITS
+_SLOT = "_slot"                   # spill-only column: the row's source slot
 SCORED_SUFFIX = ".scored.arrow"
 ROLLUP_SUFFIX = ".entities.csv"
 # what `explain.sentences` reads from a scored row; the sentence-only ones are not written out
@@ -62,6 +73,14 @@ def output_format(path: Path, fmt: str | None) -> str:
         return format_for_path(path)
     except ValueError:
         return "csv"
+
+
+def source_slot(ips) -> np.ndarray:
+    """Slot (0..N_SLOTS-1) of each source IP: the top bits of a stable 64-bit hash (the same in
+    every process and run, see `features.hashing`); a source's connections (`src_ip`) and DNS
+    answers (`client_ip`) get the same slot. A Series of strings is hashed per distinct value."""
+    values = ips if isinstance(ips, pd.Series) else np.asarray(ips, dtype=object)
+    return (hash_column(values) >> np.uint64(64 - SLOT_BITS)).astype("int32")
 
 
 # -- progress ------------------------------------------------------------------------------
@@ -97,36 +116,66 @@ class Progress:
 
 # -- pass 1: spill ------------------------------------------------------------------------
 
-def _spill(chunks: Iterator[pd.DataFrame], folder: Path, bucket_s: int) -> dict[int, int]:
-    """Write chunks into folder/<bucket>/part-N.parquet; returns rows per bucket."""
+def _spill(chunks: Iterator[pd.DataFrame], folder: Path, bucket_s: int, key: str) -> tuple[dict[int, int], np.ndarray]:
+    """Write chunks into folder/<bucket>/part-N.arrow (Arrow IPC: written and mapped back faster than
+    Parquet encodes), each row with its source `_slot`; returns rows per bucket and per slot."""
     folder.mkdir(parents=True, exist_ok=True)
     counts: dict[int, int] = {}
+    slots = np.zeros(N_SLOTS, dtype="int64")
     part = 0
     for chunk in chunks:
+        if not len(chunk):
+            continue
         bucket = np.floor(chunk["ts"].to_numpy(dtype="float64") / bucket_s)
         bucket = np.nan_to_num(bucket, nan=-1).astype("int64")  # rows without time go first
+        table = pa.Table.from_pandas(chunk, preserve_index=False)
+        slot = source_slot(chunk[key])
+        table = table.append_column(_SLOT, pa.array(slot))
+        slots += np.bincount(slot, minlength=N_SLOTS)
         for b in np.unique(bucket):
-            rows = chunk[bucket == b]
+            rows = table.filter(pa.array(bucket == b))
             target = folder / str(int(b))
             target.mkdir(exist_ok=True)
-            pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), target / f"part-{part}.parquet")
+            with pa.OSFile(str(target / f"part-{part}.arrow"), "wb") as sink, \
+                    pa.ipc.new_file(sink, rows.schema) as writer:
+                writer.write_table(rows)
             part += 1
-            counts[int(b)] = counts.get(int(b), 0) + len(rows)
-    return counts
+            counts[int(b)] = counts.get(int(b), 0) + rows.num_rows
+    return counts, slots
 
 
-def _read_bucket(folder: Path, b: int) -> pd.DataFrame | None:
+def assign_partitions(weight: np.ndarray, n: int) -> np.ndarray:
+    """Partition (0..n-1) of each source slot: the heaviest slot first to the lightest partition
+    (longest-processing-time first), so partitions get about equal rows whatever the skew of the
+    sources; unused slots go to partition 0. Fewer than `n` partitions when fewer slots are used."""
+    part_of = np.zeros(len(weight), dtype="int32")
+    used = np.flatnonzero(weight)
+    n = max(1, min(n, len(used)))
+    load = np.zeros(n)
+    for slot in used[np.argsort(-weight[used], kind="stable")]:  # one step per used slot, not per row
+        target = int(np.argmin(load))
+        part_of[slot] = target
+        load[target] += weight[slot]
+    return part_of
+
+
+def _read_bucket(folder: Path, b: int, part_of: np.ndarray, partition: int) -> pd.DataFrame | None:
+    """The rows of bucket `b` whose source slot belongs to `partition`, in spill order."""
     target = folder / str(b)
     if not target.is_dir():
         return None
-    parts = sorted(target.glob("part-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
-    return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default").to_pandas()
+    parts = sorted(target.glob("part-*.arrow"), key=lambda p: int(p.stem.split("-")[1]))
+    table = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in parts])
+    if part_of.max() > 0:
+        table = table.filter(pa.array(part_of[table[_SLOT].to_numpy()] == partition))
+    return table.drop_columns([_SLOT]).to_pandas() if table.num_rows else None
 
 
 # -- pass 2: score -------------------------------------------------------------------------
 
 @dataclass
 class Checkpoint:
+    """One partition's progress (or, merged, the run's): what a resumed run starts from."""
     version: int = CHECKPOINT_VERSION
     done_buckets: list[int] = field(default_factory=list)
     state: StreamState = field(default_factory=StreamState)
@@ -192,18 +241,42 @@ def _lap(stages: dict, name: str, t0: float) -> float:
     return now
 
 
-def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inventory: pd.DataFrame | None,
-                  chunk_rows: int, explain_top: int, cp: Checkpoint, progress: Progress, stages: dict,
-                  suppressions: pd.DataFrame | None = None) -> Checkpoint:
+def checkpoint_path(work: Path, partition: int) -> Path:
+    return work / f"checkpoint-{partition}.pkl"
+
+
+def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: bool,
+                    progress=None) -> tuple[Checkpoint, dict]:
+    """Score the connections of one partition of the sources, bucket group by bucket group in time
+    order, carrying the partition's `StreamState`; after each group, its scored rows and the
+    partition's checkpoint are written atomically. Runs in a worker process or in the parent
+    (`env`: model and inventory; `plan`: see `_plan`). Returns the final checkpoint, without its
+    state, and the seconds per stage."""
+    model, inventory = env["model"], env["inventory"]
+    bucket_s, chunk_rows, explain_top = plan["bucket_s"], plan["chunk_rows"], plan["explain_top"]
+    part_of, n_parts = plan["part_of"], plan["partitions"]
+    suppressions = plan["suppressions"]
+    progress = progress or (lambda n: None)
+    if n_parts > 1:  # one partition per core already: the forest scores on this process's thread only
+        model.detector_.forest_.n_jobs = 1
     conn_dir, dns_dir, out_dir = work / "conn", work / "dns", work / "scored"
     out_dir.mkdir(exist_ok=True)
+    saved = checkpoint_path(work, partition)
+    cp = pickle.loads(saved.read_bytes()) if resume and saved.exists() else Checkpoint()
+    progress(cp.scored)
+    stages: dict[str, float] = {}
     lookback = model.join_params().lookback_s
     dns_cache: dict[int, pd.DataFrame | None] = {}
-    for group in bucket_groups(counts, chunk_rows):
+    for group in plan["groups"]:
         if group[0] in cp.done_buckets:
             continue
-        t0 = t = time.perf_counter()
-        conns = pd.concat([_read_bucket(conn_dir, b) for b in group], ignore_index=True)
+        t = time.perf_counter()
+        frames = [_read_bucket(conn_dir, b, part_of, partition) for b in group]
+        frames = [f for f in frames if f is not None]
+        if not frames:
+            cp.done_buckets.extend(group)
+            continue
+        conns = pd.concat(frames, ignore_index=True)
         # stable sort by (ts, event_id), NaN times last: Arrow's multi-key sort, 3-4x pandas' here
         by = pa.table({"ts": conns["ts"].to_numpy(dtype="float64"), "event_id": pa.array(conns["event_id"].array)})
         order = pc.sort_indices(by, sort_keys=[("ts", "ascending"), ("event_id", "ascending")]).to_numpy()
@@ -217,7 +290,8 @@ def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inve
             # the first) to the next chunk's start, and sees its look-back window as well
             end = ts[bounds[i + 1][0]] if i + 1 < len(bounds) else (group[-1] + 1) * bucket_s
             counted_until = cp.state.dns_owned_until
-            dns = _dns_window(dns_dir, dns_cache, min(counted_until, start - lookback), end, bucket_s)
+            dns = _dns_window(dns_dir, dns_cache, min(counted_until, start - lookback), end, bucket_s,
+                              part_of, partition)
             chunk = Frames(conns.iloc[lo:hi].reset_index(drop=True), dns, inventory)
             t = _lap(stages, "score: read buckets", t)
             prepared, feats = model.features(chunk, cp.state)
@@ -226,30 +300,33 @@ def score_buckets(model, work: Path, bucket_s: int, counts: dict[int, int], inve
             components = model.detector_.components(feats)
             t = _lap(stages, "score: forest+rules", t)
             rows = apply_suppressions(model.score_rows(prepared, feats, components), suppressions)
-            rows["bucket"], rows["row"] = group[0], np.arange(lo, hi)
+            rows["bucket"], rows["row"] = group[0] * n_parts + partition, np.arange(lo, hi)
             t = _lap(stages, "score: rows", t)
             _merge_top(cp, rows, feats, explain_top)
             pieces.append(rows)
             cp.scored += hi - lo
-            progress.update(hi - lo)
+            progress(hi - lo)
             t = _lap(stages, "score: top merge", t)
         scored = pd.concat(pieces, ignore_index=True)
         cp.alerts += int(scored["alert"].sum())
-        write_scored(scored, out_dir / f"{group[0]}{SCORED_SUFFIX}")
+        write_scored(scored, out_dir / f"{group[0] * n_parts + partition}{SCORED_SUFFIX}")
         cp.done_buckets.extend(group)
-        with atomic_path(work / "checkpoint.pkl") as tmp:
+        with atomic_path(saved) as tmp:
             with open(tmp, "wb") as fh:
                 pickle.dump(cp, fh, protocol=pickle.HIGHEST_PROTOCOL)
         t = _lap(stages, "score: write scored+checkpoint", t)
-        stages["score"] = stages.get("score", 0.0) + time.perf_counter() - t0
         horizon = np.floor((ts[-1] - lookback) / bucket_s) - 1
         for old in [k for k in dns_cache if 0 <= k < horizon]:
             dns_cache.pop(old)
-    return cp
+        del conns, scored, pieces, prepared, feats, components, rows, chunk
+        release_free_memory()
+    cp.state = StreamState()  # the parent needs the counts and the top rows only
+    return cp, stages
 
 
-def _dns_window(dns_dir: Path, cache: dict, lo: float, hi: float, width: int) -> pd.DataFrame:
-    """DNS rows with lo <= ts < hi, read from the (cached) buckets that cover them."""
+def _dns_window(dns_dir: Path, cache: dict, lo: float, hi: float, width: int, part_of: np.ndarray,
+                partition: int) -> pd.DataFrame:
+    """The partition's DNS rows with lo <= ts < hi, read from the (cached) buckets that cover them."""
     first = np.floor(lo / width) if np.isfinite(lo) else -np.inf
     last = np.floor((hi - 1e-9) / width) if np.isfinite(hi) else np.inf
     existing = sorted(int(p.name) for p in dns_dir.iterdir() if p.is_dir()) if dns_dir.is_dir() else []
@@ -258,7 +335,7 @@ def _dns_window(dns_dir: Path, cache: dict, lo: float, hi: float, width: int) ->
         if b != -1 and not (first <= b <= last):  # bucket -1 holds answers without a time
             continue
         if b not in cache:
-            cache[b] = _read_bucket(dns_dir, b)
+            cache[b] = _read_bucket(dns_dir, b, part_of, partition)
         if cache[b] is not None:
             frames.append(cache[b])
     if not frames:
@@ -321,22 +398,23 @@ def rollup_path(out: Path) -> Path:
 
 def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: int | None,
                    explain_top: int, html_extra: dict, context: pd.DataFrame | None = None, *,
-                   rollup_out: Path | None = None, stages: dict | None = None) -> tuple[int, int]:
+                   rollup_out: Path | None = None, stages: dict | None = None,
+                   pool: WorkerPool | None = None) -> tuple[int, int]:
     """Rank every scored row, write the first `top` (all when None) to `out`; with `rollup_out`, also
     the per-entity roll-up of *all* scored rows (not only the `top`) as formula-safe CSV there.
-    Explanation sentences are built here, block by block, for the rows written only.
-    Both files are written atomically. Returns (rows written, entities in the roll-up)."""
+    Explanation sentences are built here, block by block, for the rows written only: by the
+    `pool`'s workers for CSV when there is one, else on threads. Both files are written
+    atomically. Returns (rows written, entities in the roll-up)."""
     stages = {} if stages is None else stages
     t = time.perf_counter()
-    paths = sorted((work / "scored").glob(f"*{SCORED_SUFFIX}"), key=lambda p: int(p.name.split(".")[0]))
-    tables = _ScoredFiles(paths)
+    tables = _ScoredFiles(_scored_paths(work))
     keys = pa.concat_tables([tables[b].select(["score", "event_id", "bucket", "row"]) for b in tables])
     t = _lap(stages, "rank+write: read keys", t)
-    pool = ThreadPoolExecutor(max_workers=WRITE_THREADS)   # Arrow kernels release the GIL
+    threads = ThreadPoolExecutor(max_workers=WRITE_THREADS)   # Arrow kernels release the GIL
     try:
         rollup = StreamingRollup() if rollup_out is not None else None
-        counted = pool.submit(tables.add_each_to, rollup) if rollup is not None else None
-        attributed = pool.submit(model.detector_.attributions, cp.top_feats)   # while the rows are ranked
+        counted = threads.submit(tables.add_each_to, rollup) if rollup is not None else None
+        attributed = threads.submit(model.detector_.attributions, cp.top_feats)   # while the rows are ranked
         full_order = rank_order(keys["score"].combine_chunks(), keys["event_id"].combine_chunks())
         bucket, row = keys["bucket"].to_numpy(), keys["row"].to_numpy()
         if counted is not None:
@@ -348,42 +426,35 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
         attribution = dict(zip(cp.top_rows["event_id"], attributed.result()))
         t = _lap(stages, "rank+write: rank + attributions", t)
 
-        def block_job(start: int):
-            """Block `start`: for CSV its bytes, else the ranked rows (Arrow), in rank order."""
-            idx = order[start:start + WRITE_BLOCK]
-            ranked, to_rank = _ranked_block(model, tables, bucket[idx], row[idx], start, explain_top, attribution,
-                                            context)
-            if fmt != "csv":
-                return ranked.take(pa.array(to_rank))
-            parts = report_csv.arrow_csv_parts(ranked, header=start == 0, order=to_rank)
-            if parts is None:   # a column type the Arrow encoder does not handle: pandas writes the block
-                buffer = io.BytesIO()
-                report_csv.write_frame_csv(ranked.take(pa.array(to_rank)).to_pandas(), buffer, header=start == 0)
-                parts = [buffer.getbuffer()]
-            return parts
-
         block_frames = []
         with atomic_path(out) as tmp:
             writer = _BlockWriter(tmp, fmt)
-            pending: deque = deque()
 
-            def write_done(keep: int) -> None:
-                """Write finished blocks, oldest first, until at most `keep` are in flight."""
-                while len(pending) > keep:
-                    result = pending.popleft().result()
-                    if fmt == "csv":
-                        for part in result:
-                            writer.fh.write(part)
-                    elif fmt == "html":
-                        block_frames.append(result.to_pandas())
-                    else:
-                        writer.write(result)
-                    tables.release()  # the block's gathered pages are written out
+            def write(result) -> None:
+                if fmt == "csv":
+                    for part in result:
+                        writer.fh.write(part)
+                elif fmt == "html":
+                    block_frames.append(result.to_pandas())
+                else:
+                    writer.write(result)
+                tables.release()  # the block's gathered pages are written out
 
-            for start in range(0, len(order), WRITE_BLOCK):
-                pending.append(pool.submit(block_job, start))
-                write_done(WRITE_THREADS - 1)
-            write_done(0)
+            starts = range(0, len(order), WRITE_BLOCK)
+            jobs = [(start, bucket[order[start:start + WRITE_BLOCK]], row[order[start:start + WRITE_BLOCK]])
+                    for start in starts]
+            if fmt == "csv" and pool is not None and len(jobs) > 1:
+                _write_blocks_on_workers(pool, work, jobs, explain_top, attribution, context, write)
+            else:
+                rank_env = {"model": model, "tables": tables, "explain_top": explain_top,
+                            "attribution": attribution, "context": context}
+                pending: deque = deque()
+                for job in jobs:
+                    pending.append(threads.submit(_block_output, rank_env, fmt, *job))
+                    while len(pending) > WRITE_THREADS - 1:   # oldest first, the rest in flight
+                        write(pending.popleft().result())
+                while pending:
+                    write(pending.popleft().result())
             if fmt == "html":
                 ranked = pd.concat(block_frames, ignore_index=True) if block_frames else pd.DataFrame()
                 report_html.write_html(ranked, tmp, **html_extra)
@@ -391,7 +462,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
         written = len(order)
         tables.release()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        threads.shutdown(wait=True, cancel_futures=True)
     t = _lap(stages, f"rank+write: gather+explain+write {fmt}", t)
     if rollup is None:
         return written, 0
@@ -407,6 +478,63 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
     report_csv.write_entity_rollup_csv(entities, rollup_out)
     _lap(stages, "rank+write: entity roll-up", t)
     return written, len(entities)
+
+
+def _scored_paths(work: Path) -> list[Path]:
+    return sorted((work / "scored").glob(f"*{SCORED_SUFFIX}"), key=lambda p: int(p.name.split(".")[0]))
+
+
+def _block_output(rank_env: dict, fmt: str, start: int, bucket: np.ndarray, row: np.ndarray):
+    """The output of rank positions start+1.. (rows (bucket[i], row[i])): for CSV its bytes (a list of
+    buffers), else the ranked rows (Arrow), in rank order."""
+    ranked, to_rank = _ranked_block(rank_env["model"], rank_env["tables"], bucket, row, start,
+                                    rank_env["explain_top"], rank_env["attribution"], rank_env["context"])
+    if fmt != "csv":
+        return ranked.take(pa.array(to_rank))
+    parts = report_csv.arrow_csv_parts(ranked, header=start == 0, order=to_rank)
+    if parts is None:   # a column type the Arrow encoder does not handle: pandas writes the block
+        buffer = io.BytesIO()
+        report_csv.write_frame_csv(ranked.take(pa.array(to_rank)).to_pandas(), buffer, header=start == 0)
+        parts = [buffer.getbuffer()]
+    return parts
+
+
+def _csv_block_job(env: dict, work: Path, start: int, bucket: np.ndarray, row: np.ndarray, progress=None) -> bytes:
+    """Worker side of `_write_blocks_on_workers`: one CSV block, as bytes."""
+    rank_env = env["rank"]
+    if rank_env.get("work") != work:   # this run's scored files, opened once per worker
+        rank_env.update(work=work, tables=_ScoredFiles(_scored_paths(work)))
+    parts = _block_output(rank_env, "csv", start, bucket, row)
+    rank_env["tables"].release()
+    return b"".join(parts)
+
+
+def _rank_setup_job(env: dict, explain_top: int, attribution: dict, context: pd.DataFrame | None,
+                    progress=None) -> None:
+    env["rank"] = {"model": env["model"], "explain_top": explain_top, "attribution": attribution, "context": context}
+
+
+def _write_blocks_on_workers(pool: WorkerPool, work: Path, jobs: list, explain_top: int, attribution: dict,
+                             context: pd.DataFrame | None, write) -> None:
+    """CSV blocks built by the workers, written here in rank order; at most two blocks per worker in
+    flight, so memory stays bounded."""
+    for worker in range(len(pool)):
+        pool.submit(worker, _rank_setup_job, explain_top, attribution, context)
+    list(pool.events())
+    done: dict[int, bytes] = {}
+    block_of: dict[int, int] = {}
+    next_submit = next_write = 0
+    while next_write < len(jobs):
+        while next_submit < len(jobs) and next_submit - next_write < 2 * len(pool):
+            block_of[pool.submit(next_submit % len(pool), _csv_block_job, work, *jobs[next_submit])] = next_submit
+            next_submit += 1
+        for _, job_id, data in pool.events():
+            done[block_of.pop(job_id)] = data
+            if next_write in done:
+                break
+        while next_write in done:
+            write([done.pop(next_write)])
+            next_write += 1
 
 
 def _ranked_block(model, tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray, start: int,
@@ -503,7 +631,7 @@ class RunSummary:
     alerts: int = 0
     quarantined: int = 0
     chunks_resumed: int = 0
-    partitions: int = 0          # Dask engine: partitions scored
+    partitions: int = 0          # partitions of the sources scored (local: one per worker; Dask: tasks)
     entities: int = 0            # rows of the entity roll-up CSV (0: not written)
     stages_s: dict = field(default_factory=dict)
 
@@ -513,59 +641,126 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         resume: bool = False, progress: bool = True, quarantine: ingest.Quarantine | None = None,
         summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
         bucket_s: int = BUCKET_S, suppressions: pd.DataFrame | None = None,
-        context: pd.DataFrame | None = None, rollup: bool = True) -> RunSummary:
+        context: pd.DataFrame | None = None, rollup: bool = True, workers: int = 1) -> RunSummary:
     """Score `conn_paths` against `dns_paths` into `out` (ranked rows); with `rollup`, the per-entity
-    roll-up of every scored connection goes to `rollup_path(out)` as well."""
+    roll-up of every scored connection goes to `rollup_path(out)` as well. `workers`: processes
+    scoring partitions of the sources (1: all in this process; `workers.default_workers()`: every
+    usable core); the output does not depend on it. A resumed run keeps its first run's partitions."""
     out = Path(out)
     fmt = output_format(out, fmt)
     work = Path(work) if work else out.with_name(out.name + ".work")
     quarantine = quarantine if quarantine is not None else ingest.Quarantine()
     run_summary = RunSummary()
     stages = run_summary.stages_s
-    cp = Checkpoint()
     spilled = work / "spill.json"
-    if resume and spilled.exists() and (work / "checkpoint.pkl").exists():
-        cp = pickle.loads((work / "checkpoint.pkl").read_bytes())
-        if cp.version != CHECKPOINT_VERSION:
-            raise ValueError(f"{work}: checkpoint from another version; rerun without --resume")
-        meta = json.loads(spilled.read_text())
-        run_summary.connections, run_summary.dns_records = meta["connections"], meta["dns_records"]
-        run_summary.chunks_resumed = len(cp.done_buckets)
-    else:
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
+    resuming = resume and spilled.exists()
+    # started first: the workers import and load the model while this process reads the inputs
+    pool = WorkerPool(workers, {"model": model, "inventory": inventory}) if workers > 1 else None
+    try:
+        if resuming:
+            meta = json.loads(spilled.read_text())
+            run_summary.connections, run_summary.dns_records = meta["connections"], meta["dns_records"]
+        else:
+            meta = _spill_inputs(conn_paths, dns_paths, work, bucket_s, chunk_rows, workers, quarantine, summary,
+                                 stages, run_summary)
+        plan = _plan(meta, work, chunk_rows, explain_top, suppressions)
+        if resuming:
+            run_summary.chunks_resumed = _check_checkpoints(work, plan["partitions"])
+        bar = Progress(run_summary.connections, "scoring", enabled=progress)
         t0 = time.perf_counter()
-        c_counts = _spill(ingest.iter_connections(conn_paths, quarantine, summary, chunk_rows), work / "conn", bucket_s)
-        stages["read+spill connections"] = time.perf_counter() - t0
+        parts = []
+        env = {"model": model, "inventory": inventory}
+        if pool is None or plan["partitions"] == 1:
+            parts.append(score_partition(env, plan, work, 0, resuming, bar.update))
+        else:
+            for k in range(plan["partitions"]):
+                pool.submit(k % len(pool), score_partition, plan, work, k, resuming)
+            parts = [value for _, _, value in pool.events(bar.update)]
+        bar.close()
+        stages["score"] = time.perf_counter() - t0
+        cp = Checkpoint()
+        for part_cp, part_stages in parts:   # sub-stages: mean seconds per partition
+            cp.alerts += part_cp.alerts
+            cp.scored += part_cp.scored
+            if part_cp.top_rows is not None:
+                _merge_top(cp, part_cp.top_rows, part_cp.top_feats, explain_top)
+            for name, seconds in part_stages.items():
+                stages[name] = stages.get(name, 0.0) + seconds / len(parts)
+        if cp.scored != run_summary.connections:
+            raise RuntimeError(f"scored {cp.scored} of {run_summary.connections} connections")
         t0 = time.perf_counter()
-        d_counts = _spill(ingest.iter_dns(dns_paths, quarantine, summary, chunk_rows), work / "dns", bucket_s)
-        stages["read+spill dns"] = time.perf_counter() - t0
-        run_summary.connections, run_summary.dns_records = sum(c_counts.values()), sum(d_counts.values())
-        if not run_summary.connections:
-            raise ingest.IngestError("no connection records were read from --conn")
-        meta = {"bucket_s": bucket_s, "connections": run_summary.connections, "dns_records": run_summary.dns_records,
-                "conn_buckets": {str(k): v for k, v in c_counts.items()}}
-        with atomic_path(spilled) as tmp:
-            Path(tmp).write_text(json.dumps(meta))
-    bar = Progress(run_summary.connections, "scoring", enabled=progress)
-    bar.update(cp.scored)
-    meta = json.loads(spilled.read_text())
-    counts = {int(k): v for k, v in meta["conn_buckets"].items()}
-    cp = score_buckets(model, work, int(meta["bucket_s"]), counts, inventory, chunk_rows, explain_top, cp, bar, stages,
-                       suppressions if suppressions is not None else pd.DataFrame())
-    bar.close()
-    t0 = time.perf_counter()
-    if html_extra:
-        html_extra = {**html_extra, "summary": {**html_extra.get("summary", {}), "connections": run_summary.connections}}
-    run_summary.written, run_summary.entities = rank_and_write(
-        model, work, cp, out, fmt, top, explain_top, html_extra or {}, context,
-        rollup_out=rollup_path(out) if rollup else None, stages=stages)
-    stages["rank+write"] = time.perf_counter() - t0
+        if html_extra:
+            html_extra = {**html_extra, "summary": {**html_extra.get("summary", {}),
+                                                    "connections": run_summary.connections}}
+        run_summary.written, run_summary.entities = rank_and_write(
+            model, work, cp, out, fmt, top, explain_top, html_extra or {}, context,
+            rollup_out=rollup_path(out) if rollup else None, stages=stages, pool=pool)
+        stages["rank+write"] = time.perf_counter() - t0
+    finally:
+        if pool is not None:
+            pool.close()
     run_summary.alerts = cp.alerts
     run_summary.quarantined = len(quarantine)
+    run_summary.partitions = plan["partitions"]
     shutil.rmtree(work, ignore_errors=True)
     return run_summary
+
+
+def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: int, partitions: int,
+                  quarantine, summary, stages: dict, run_summary: RunSummary) -> dict:
+    """Pass 1 into a fresh `work` folder; returns (and writes, last, as work/spill.json) its record:
+    rows per bucket and the partition of every source slot."""
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    c_counts, c_slots = _spill(ingest.iter_connections(conn_paths, quarantine, summary, chunk_rows), work / "conn",
+                               bucket_s, "src_ip")
+    stages["read+spill connections"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    d_counts, d_slots = _spill(ingest.iter_dns(dns_paths, quarantine, summary, chunk_rows), work / "dns",
+                               bucket_s, "client_ip")
+    stages["read+spill dns"] = time.perf_counter() - t0
+    run_summary.connections, run_summary.dns_records = sum(c_counts.values()), sum(d_counts.values())
+    if not run_summary.connections:
+        raise ingest.IngestError("no connection records were read from --conn")
+    # DNS rows only matter where their client has connections
+    part_of = assign_partitions(c_slots + np.where(c_slots > 0, d_slots, 0), partitions)
+    np.save(work / "partitions.npy", part_of)
+    meta = {"version": CHECKPOINT_VERSION, "bucket_s": bucket_s, "connections": run_summary.connections,
+            "dns_records": run_summary.dns_records, "partitions": int(part_of.max()) + 1,
+            "conn_buckets": {str(k): v for k, v in c_counts.items()}}
+    with atomic_path(work / "spill.json") as tmp:
+        Path(tmp).write_text(json.dumps(meta))
+    release_free_memory()   # this process only waits while the partitions are scored
+    return meta
+
+
+def _plan(meta: dict, work: Path, chunk_rows: int, explain_top: int, suppressions: pd.DataFrame | None) -> dict:
+    """What every partition's `score_partition` needs to know of the run."""
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{work}: work folder from another version; rerun without --resume")
+    counts = {int(k): v for k, v in meta["conn_buckets"].items()}
+    partitions = int(meta["partitions"])
+    # bucket groups of about chunk_rows connections in all, whatever the partitions: memory stays
+    # bounded by chunk_rows over all workers together
+    return {"bucket_s": int(meta["bucket_s"]), "chunk_rows": chunk_rows, "explain_top": explain_top,
+            "partitions": partitions, "part_of": np.load(work / "partitions.npy"),
+            "groups": bucket_groups(counts, chunk_rows),
+            "suppressions": suppressions if suppressions is not None else pd.DataFrame()}
+
+
+def _check_checkpoints(work: Path, partitions: int) -> int:
+    """Bucket groups already done over all partitions; refuses checkpoints of another version."""
+    done = 0
+    for k in range(partitions):
+        path = checkpoint_path(work, k)
+        if path.exists():
+            cp = pickle.loads(path.read_bytes())
+            if cp.version != CHECKPOINT_VERSION:
+                raise ValueError(f"{work}: checkpoint from another version; rerun without --resume")
+            done += len(cp.done_buckets)
+    return done
 
 
 def score_command(args, model, manifest, directory) -> int:
@@ -591,7 +786,8 @@ def score_command(args, model, manifest, directory) -> int:
         suppressions = FeedbackStore(Path(directory).parent.parent, Path(directory).parent.name).suppressions()
         result = run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top, chunk_rows=args.chunk_rows,
                      resume=args.resume, progress=not args.no_progress, quarantine=quarantine, summary=summary,
-                     html_extra=html_extra, suppressions=suppressions, context=context)
+                     html_extra=html_extra, suppressions=suppressions, context=context,
+                     workers=args.workers or default_workers())
     for line in summary.lines():
         log(line)
     log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.__dict__.items()

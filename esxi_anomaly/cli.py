@@ -264,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["local", "dask"], default="local")
     p.add_argument("--scheduler", help="Dask scheduler address (default: a LocalCluster)")
     p.add_argument("--top", type=int, help="write only the N best-ranked rows (the roll-up still covers all)")
-    p.add_argument("--chunk-rows", type=int, default=500_000)
+    p.add_argument("--chunk-rows", type=int, default=500_000,
+                   help="connections scored at once, over all workers (bounds memory)")
+    p.add_argument("--workers", type=int,
+                   help="local engine: processes scoring partitions of the sources (default: the usable cores; "
+                        "the output does not depend on it)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last chunk")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--stats-json", metavar="PATH",

@@ -35,21 +35,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esxi_anomaly import batch, ingest, schema
-from esxi_anomaly.features.hashing import hash_column
+from esxi_anomaly.batch import N_SLOTS, source_slot
 from esxi_anomaly.schema import Frames
 
-SLOT_BITS = 16
-N_SLOTS = 1 << SLOT_BITS
 PARTITION_ROWS = 500_000       # connections + DNS answer rows per task (bounds a worker's memory)
 ROW_GROUP_ROWS = 16_384        # small row groups: a slot-range read skips most of each spill file
 SPILL_CHUNK_ROWS = 500_000
 _SLOT, _SEQ = "_slot", "_seq"  # spill-only columns: source slot, global read order
-
-
-def source_slot(ips) -> np.ndarray:
-    """Slot (0..N_SLOTS-1) of each source IP: the top bits of a stable 64-bit hash (the same in
-    every process and run, see `features.hashing`)."""
-    return (hash_column(np.asarray(ips, dtype=object)) >> np.uint64(64 - SLOT_BITS)).astype("int32")
 
 
 # -- spill ----------------------------------------------------------------------------------
@@ -62,7 +54,7 @@ def _spill(chunks: Iterator[pd.DataFrame], folder: Path, key: str) -> np.ndarray
     for part, chunk in enumerate(chunks):
         if not len(chunk):
             continue
-        slot = source_slot(chunk[key].to_numpy(dtype=object))
+        slot = source_slot(chunk[key])
         order = np.argsort(slot, kind="stable")
         rows = chunk.iloc[order].reset_index(drop=True)
         rows[_SLOT] = slot[order]

@@ -51,7 +51,7 @@ def test_resume_after_interruption_gives_the_same_output(tmp_path, setting, monk
 
     out = tmp_path / "resumed.csv"
     calls = {"n": 0}
-    real = batch.score_buckets.__globals__["_merge_top"]
+    real = batch.score_partition.__globals__["_merge_top"]
 
     def interrupt(*a, **k):
         calls["n"] += 1
@@ -59,13 +59,13 @@ def test_resume_after_interruption_gives_the_same_output(tmp_path, setting, monk
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setitem(batch.score_buckets.__globals__, "_merge_top", interrupt)
+    monkeypatch.setitem(batch.score_partition.__globals__, "_merge_top", interrupt)
     with pytest.raises(KeyboardInterrupt):
         batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, **args)
     assert not out.exists()  # never a half-written output under the final name
-    cp = pd.read_pickle(tmp_path / "resumed.csv.work" / "checkpoint.pkl")
+    cp = pd.read_pickle(tmp_path / "resumed.csv.work" / "checkpoint-0.pkl")
     assert 0 < len(cp.done_buckets)
-    monkeypatch.setitem(batch.score_buckets.__globals__, "_merge_top", real)
+    monkeypatch.setitem(batch.score_partition.__globals__, "_merge_top", real)
     summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True, **args)
     assert summary.chunks_resumed == len(cp.done_buckets)
     pd.testing.assert_frame_equal(read(full), read(out))
@@ -138,3 +138,53 @@ def test_chunk_bounds_never_split_equal_times():
     ts = np.array([1, 1, 2, 2, 2, 3, 4, 4, 5], dtype=float)
     assert batch.chunk_bounds(ts, 2) == [(0, 2), (2, 5), (5, 8), (8, 9)]
     assert batch.chunk_bounds(ts, 100) == [(0, 9)]
+
+
+def test_worker_processes_give_the_same_output(tmp_path, setting, monkeypatch):
+    model, folder, frames = setting
+    monkeypatch.setattr(batch, "WRITE_BLOCK", 1000)   # several CSV blocks, built by the workers
+    args = dict(chunk_rows=800, bucket_s=1800, progress=False)
+    one = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, tmp_path / "one.csv",
+                    **args)
+    two = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, tmp_path / "two.csv",
+                    workers=2, **args)
+    assert (one.partitions, two.partitions) == (1, 2)
+    assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
+    assert (tmp_path / "one.entities.csv").read_bytes() == (tmp_path / "two.entities.csv").read_bytes()
+    assert (one.written, one.alerts, one.entities) == (two.written, two.alerts, two.entities)
+
+
+def test_partitions_balance_skewed_sources():
+    weight = np.zeros(batch.N_SLOTS, dtype="int64")
+    weight[[3, 70, 900, 4000, 65535]] = [100, 60, 50, 30, 20]
+    part_of = batch.assign_partitions(weight, 2)
+    loads = np.bincount(part_of, weights=weight)
+    assert sorted(loads) == [130, 130]                   # 100+30 and 60+50+20
+    assert batch.assign_partitions(weight, 8).max() == 4  # never more partitions than used slots
+    assert (batch.assign_partitions(weight, 1) == 0).all()
+
+
+def test_resume_with_workers_after_the_run_was_killed(tmp_path, setting, monkeypatch):
+    model, folder, frames = setting
+    args = dict(chunk_rows=700, bucket_s=1800, progress=True, workers=2)
+    batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, tmp_path / "full.csv", **args)
+    out = tmp_path / "resumed.csv"
+    real, calls = batch.Progress.update, {"n": 0}
+
+    def killed(self, n):   # the parent is stopped while the workers are scoring
+        calls["n"] += 1
+        if calls["n"] == 8:   # after some groups of each worker are checkpointed
+            raise KeyboardInterrupt("killed")
+        real(self, n)
+
+    monkeypatch.setattr(batch.Progress, "update", killed)
+    with pytest.raises(KeyboardInterrupt):
+        batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, **args)
+    assert not out.exists()
+    done = [pd.read_pickle(p).done_buckets for p in (tmp_path / "resumed.csv.work").glob("checkpoint-*.pkl")]
+    assert done and sum(map(len, done)) > 0
+    monkeypatch.setattr(batch.Progress, "update", real)
+    summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True,
+                        **args)
+    assert summary.chunks_resumed == sum(map(len, done)) and summary.partitions == 2
+    assert (tmp_path / "full.csv").read_bytes() == out.read_bytes()

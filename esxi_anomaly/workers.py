@@ -1,0 +1,159 @@
+"""Worker processes for the local engine: each keeps what it was started with (the model, the
+inventory) and runs the jobs sent to it, reporting progress and results back.
+
+Processes come from a *forkserver* (POSIX; *spawn* elsewhere): a clean server process imports the
+package once and forks each worker from it, so workers start in a fraction of a second, inherit no
+threads of the parent, and the parent may use threads freely. Start the pool early: workers import
+and unpickle while the parent reads its inputs.
+
+The pool starts its processes on a background thread (the forkserver's first start waits for its
+imports), so creating it costs the caller nothing.
+
+A job is a module-level function `fn(env, *args, progress=callable)`; `env` is the dict the pool was
+started with (per process, so a job may cache things in it for the next). A job that raises, or a
+worker that dies (killed, out of memory), stops the run with the worker's own error text.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import multiprocessing
+import os
+import queue
+import threading
+import traceback
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+
+_PRELOAD = ["esxi_anomaly.batch"]
+_POLL_S = 0.5
+
+
+class WorkerError(RuntimeError):
+    """A job failed in a worker process (the message holds its traceback), or a worker died."""
+
+
+def default_workers() -> int:
+    """The usable cores."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's `malloc_trim`, Arrow's pool): after a large
+    batch, the allocators keep it otherwise, and it would count against the run's resident memory."""
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _context():
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def _serve(index: int, env: dict, inbox, outbox) -> None:
+    """A worker's loop: run jobs until told to stop (None)."""
+    def progress(n: int) -> None:
+        outbox.put(("progress", index, None, n))
+
+    while True:
+        job = inbox.get()
+        if job is None:
+            return
+        job_id, fn, args = job
+        try:
+            outbox.put(("done", index, job_id, fn(env, *args, progress=progress)))
+        except BaseException:  # noqa: BLE001 - reported to the parent, which stops the run
+            outbox.put(("error", index, job_id, traceback.format_exc()))
+            return
+
+
+class WorkerPool:
+    """`n` worker processes, each started with `env`; close it (or use `with`) to stop them."""
+
+    def __init__(self, n: int, env: dict):
+        ctx = _context()
+        self.outbox = ctx.Queue()
+        self.inboxes = [ctx.Queue() for _ in range(n)]
+        self.processes = [ctx.Process(target=_serve, args=(i, env, self.inboxes[i], self.outbox), daemon=True,
+                                      name=f"esxi-anomaly-worker-{i}") for i in range(n)]
+        self._start_error: BaseException | None = None
+        self._starter = threading.Thread(target=self._start, name="esxi-anomaly-pool-start", daemon=True)
+        self._starter.start()
+        self.pending: set = set()
+        self._next_id = 0
+
+    def _start(self) -> None:
+        try:
+            for process in self.processes:
+                process.start()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the first `events`
+            self._start_error = exc
+
+    def _started(self) -> None:
+        self._starter.join()
+        if self._start_error is not None:
+            raise WorkerError(f"worker processes could not start: {self._start_error}") from self._start_error
+
+    def __len__(self) -> int:
+        return len(self.processes)
+
+    def __enter__(self) -> "WorkerPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def submit(self, worker: int, fn: Callable, *args) -> int:
+        """Queue `fn(env, *args)` on worker `worker`; returns the job id."""
+        job_id = self._next_id
+        self._next_id += 1
+        self.inboxes[worker].put((job_id, fn, args))
+        self.pending.add(job_id)
+        return job_id
+
+    def events(self, on_progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, int, Any]]:
+        """Yield (worker, job id, result) as jobs finish, until none is pending; progress reports go to
+        `on_progress` meanwhile. Raises `WorkerError` for a failed job or a dead worker."""
+        self._started()
+        while self.pending:
+            try:
+                kind, worker, job_id, value = self.outbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                dead = [p for p in self.processes if p.exitcode is not None]
+                if dead:
+                    raise WorkerError(f"worker process {dead[0].name} exited with code {dead[0].exitcode} "
+                                      "(killed, or out of memory?)") from None
+                continue
+            if kind == "progress":
+                if on_progress is not None:
+                    on_progress(value)
+            elif kind == "error":
+                raise WorkerError(f"a job failed in worker {worker}:\n{value}")
+            else:
+                self.pending.discard(job_id)
+                yield worker, job_id, value
+
+    def close(self) -> None:
+        """Stop the workers: politely when idle, else terminate them."""
+        self._starter.join()
+        for process, inbox in zip(self.processes, self.inboxes):
+            if process.is_alive() and not self.pending:
+                inbox.put(None)
+        for process in self.processes:
+            if process.pid is None:   # never started
+                continue
+            process.join(timeout=5 if not self.pending else 0)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        self.pending.clear()

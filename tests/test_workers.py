@@ -1,0 +1,49 @@
+"""The local engine's worker processes: results, progress, and a clear error for a failed job or a dead worker."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from esxi_anomaly.workers import WorkerError, WorkerPool, default_workers
+
+
+def add(env, a, b, progress=None):
+    progress(a)
+    env["calls"] = env.get("calls", 0) + 1   # a worker's env persists from job to job
+    return env["base"] + a + b, env["calls"]
+
+
+def fail(env, progress=None):
+    raise ValueError("bad record in partition 1")
+
+
+def die(env, progress=None):
+    os._exit(3)
+
+
+def test_jobs_run_on_their_worker_with_its_env_and_report_progress():
+    with WorkerPool(2, {"base": 100}) as pool:
+        jobs = {pool.submit(i % 2, add, i, 1): i for i in range(4)}
+        seen = []
+        results = {jobs[job]: value for _, job, value in pool.events(seen.append)}
+    assert results == {0: (101, 1), 1: (102, 1), 2: (103, 2), 3: (104, 2)}
+    assert sorted(seen) == [0, 1, 2, 3]
+
+
+def test_a_failing_job_stops_the_run_with_its_traceback():
+    with WorkerPool(2, {}) as pool:
+        pool.submit(1, fail)
+        with pytest.raises(WorkerError, match="bad record in partition 1"):
+            list(pool.events())
+
+
+def test_a_dead_worker_is_reported_not_waited_for():
+    with WorkerPool(1, {}) as pool:
+        pool.submit(0, die)
+        with pytest.raises(WorkerError, match="exited with code 3"):
+            list(pool.events())
+
+
+def test_default_workers_is_the_usable_cores():
+    assert default_workers() == len(os.sched_getaffinity(0))
