@@ -128,19 +128,22 @@ def _spill(chunks: Iterator[pd.DataFrame], folder: Path, bucket_s: int, key: str
             continue
         bucket = np.floor(chunk["ts"].to_numpy(dtype="float64") / bucket_s)
         bucket = np.nan_to_num(bucket, nan=-1).astype("int64")  # rows without time go first
-        table = pa.Table.from_pandas(chunk, preserve_index=False)
         slot = source_slot(chunk[key])
-        table = table.append_column(_SLOT, pa.array(slot))
         slots += np.bincount(slot, minlength=N_SLOTS)
-        for b in np.unique(bucket):
-            rows = table.filter(pa.array(bucket == b))
-            target = folder / str(int(b))
+        table = pa.Table.from_pandas(chunk, preserve_index=False).append_column(_SLOT, pa.array(slot))
+        if (np.diff(bucket) < 0).any():   # logs are mostly in time order: then slices need no copy
+            order = np.argsort(bucket, kind="stable")
+            bucket, table = bucket[order], table.take(pa.array(order))
+        cuts = np.flatnonzero(np.diff(bucket)) + 1
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(bucket)]):
+            b, rows = int(bucket[lo]), table.slice(lo, hi - lo)
+            target = folder / str(b)
             target.mkdir(exist_ok=True)
             with pa.OSFile(str(target / f"part-{part}.arrow"), "wb") as sink, \
                     pa.ipc.new_file(sink, rows.schema) as writer:
                 writer.write_table(rows)
             part += 1
-            counts[int(b)] = counts.get(int(b), 0) + rows.num_rows
+            counts[b] = counts.get(b, 0) + rows.num_rows
     return counts, slots
 
 
@@ -417,6 +420,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
         attributed = threads.submit(model.detector_.attributions, cp.top_feats)   # while the rows are ranked
         full_order = rank_order(keys["score"].combine_chunks(), keys["event_id"].combine_chunks())
         bucket, row = keys["bucket"].to_numpy(), keys["row"].to_numpy()
+        del keys
         if counted is not None:
             counted.result()  # the roll-up has read every file: their pages can go
         tables.release()
@@ -440,17 +444,20 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                     writer.write(result)
                 tables.release()  # the block's gathered pages are written out
 
+            def block(start: int) -> tuple:
+                """Block `start`'s arguments: its first rank - 1 and the (file, row) of each of its rows."""
+                idx = order[start:start + WRITE_BLOCK]
+                return start, bucket[idx], row[idx]
+
             starts = range(0, len(order), WRITE_BLOCK)
-            jobs = [(start, bucket[order[start:start + WRITE_BLOCK]], row[order[start:start + WRITE_BLOCK]])
-                    for start in starts]
-            if fmt == "csv" and pool is not None and len(jobs) > 1:
-                _write_blocks_on_workers(pool, work, jobs, explain_top, attribution, context, write)
+            if fmt == "csv" and pool is not None and len(starts) > 1:
+                _write_blocks_on_workers(pool, work, block, starts, explain_top, attribution, context, write)
             else:
                 rank_env = {"model": model, "tables": tables, "explain_top": explain_top,
                             "attribution": attribution, "context": context}
                 pending: deque = deque()
-                for job in jobs:
-                    pending.append(threads.submit(_block_output, rank_env, fmt, *job))
+                for start in starts:
+                    pending.append(threads.submit(_block_output, rank_env, fmt, *block(start)))
                     while len(pending) > WRITE_THREADS - 1:   # oldest first, the rest in flight
                         write(pending.popleft().result())
                 while pending:
@@ -514,19 +521,20 @@ def _rank_setup_job(env: dict, explain_top: int, attribution: dict, context: pd.
     env["rank"] = {"model": env["model"], "explain_top": explain_top, "attribution": attribution, "context": context}
 
 
-def _write_blocks_on_workers(pool: WorkerPool, work: Path, jobs: list, explain_top: int, attribution: dict,
-                             context: pd.DataFrame | None, write) -> None:
-    """CSV blocks built by the workers, written here in rank order; at most two blocks per worker in
-    flight, so memory stays bounded."""
+def _write_blocks_on_workers(pool: WorkerPool, work: Path, block, starts: range, explain_top: int,
+                             attribution: dict, context: pd.DataFrame | None, write) -> None:
+    """CSV blocks (`block(start)`: a block's arguments) built by the workers and written here in rank
+    order; at most two blocks per worker in flight, so memory stays bounded."""
     for worker in range(len(pool)):
         pool.submit(worker, _rank_setup_job, explain_top, attribution, context)
     list(pool.events())
     done: dict[int, bytes] = {}
     block_of: dict[int, int] = {}
     next_submit = next_write = 0
-    while next_write < len(jobs):
-        while next_submit < len(jobs) and next_submit - next_write < 2 * len(pool):
-            block_of[pool.submit(next_submit % len(pool), _csv_block_job, work, *jobs[next_submit])] = next_submit
+    while next_write < len(starts):
+        while next_submit < len(starts) and next_submit - next_write < 2 * len(pool):
+            block_of[pool.submit(next_submit % len(pool), _csv_block_job, work, *block(starts[next_submit]))] = \
+                next_submit
             next_submit += 1
         for _, job_id, data in pool.events():
             done[block_of.pop(job_id)] = data
