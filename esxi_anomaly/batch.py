@@ -116,9 +116,11 @@ class Progress:
 
 # -- pass 1: spill ------------------------------------------------------------------------
 
-def _spill(chunks: Iterator[pd.DataFrame], folder: Path, bucket_s: int, key: str) -> tuple[dict[int, int], np.ndarray]:
-    """Write chunks into folder/<bucket>/part-N.arrow (Arrow IPC: written and mapped back faster than
-    Parquet encodes), each row with its source `_slot`; returns rows per bucket and per slot."""
+def _spill(chunks: Iterator[pd.DataFrame], folder: Path, bucket_s: int, key: str,
+           file_index: int = 0) -> tuple[dict[int, int], np.ndarray]:
+    """Write the chunks of input file `file_index` into folder/<bucket>/part-<file_index>-<n>.arrow
+    (Arrow IPC: written and mapped back much faster than Parquet encodes), each row with its source
+    `_slot`; returns rows per bucket and per slot."""
     folder.mkdir(parents=True, exist_ok=True)
     counts: dict[int, int] = {}
     slots = np.zeros(N_SLOTS, dtype="int64")
@@ -139,12 +141,25 @@ def _spill(chunks: Iterator[pd.DataFrame], folder: Path, bucket_s: int, key: str
             b, rows = int(bucket[lo]), table.slice(lo, hi - lo)
             target = folder / str(b)
             target.mkdir(exist_ok=True)
-            with pa.OSFile(str(target / f"part-{part}.arrow"), "wb") as sink, \
+            with pa.OSFile(str(target / f"part-{file_index}-{part}.arrow"), "wb") as sink, \
                     pa.ipc.new_file(sink, rows.schema) as writer:
                 writer.write_table(rows)
             part += 1
             counts[b] = counts.get(b, 0) + rows.num_rows
     return counts, slots
+
+
+def _spill_file(env: dict, path: str, explicit: bool, frame: str, folder: Path, bucket_s: int, key: str,
+                file_index: int, chunk_rows: int, progress=None) -> dict:
+    """Pass 1 for one input file, in a worker or here: its bucket and slot counts, quarantine and
+    read summary, or the message of the `ingest.IngestError` that refused it."""
+    quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
+    try:
+        chunks = ingest.iter_file(path, frame, explicit, quarantine, summary, chunk_rows)
+        counts, slots = _spill(chunks, folder, bucket_s, key, file_index)
+    except ingest.IngestError as exc:
+        return {"error": str(exc)}
+    return {"counts": counts, "slots": slots, "quarantine": quarantine, "summary": summary}
 
 
 def assign_partitions(weight: np.ndarray, n: int) -> np.ndarray:
@@ -167,7 +182,7 @@ def _read_bucket(folder: Path, b: int, part_of: np.ndarray, partition: int) -> p
     target = folder / str(b)
     if not target.is_dir():
         return None
-    parts = sorted(target.glob("part-*.arrow"), key=lambda p: int(p.stem.split("-")[1]))
+    parts = sorted(target.glob("part-*.arrow"), key=lambda p: tuple(int(n) for n in p.stem.split("-")[1:]))
     table = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in parts])
     if part_of.max() > 0:
         table = table.filter(pa.array(part_of[table[_SLOT].to_numpy()] == partition))
@@ -670,7 +685,7 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
             run_summary.connections, run_summary.dns_records = meta["connections"], meta["dns_records"]
         else:
             meta = _spill_inputs(conn_paths, dns_paths, work, bucket_s, chunk_rows, workers, quarantine, summary,
-                                 stages, run_summary)
+                                 stages, run_summary, pool)
         plan = _plan(meta, work, chunk_rows, explain_top, suppressions)
         if resuming:
             run_summary.chunks_resumed = _check_checkpoints(work, plan["partitions"])
@@ -715,29 +730,42 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
 
 
 def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: int, partitions: int,
-                  quarantine, summary, stages: dict, run_summary: RunSummary) -> dict:
-    """Pass 1 into a fresh `work` folder; returns (and writes, last, as work/spill.json) its record:
-    rows per bucket and the partition of every source slot."""
+                  quarantine, summary, stages: dict, run_summary: RunSummary, pool: WorkerPool | None) -> dict:
+    """Pass 1 into a fresh `work` folder, one job per input file (spread over the workers); returns
+    (and writes, last, as work/spill.json) its record: rows per bucket and the partition of every
+    source slot."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     t0 = time.perf_counter()
-    c_counts, c_slots = _spill(ingest.iter_connections(conn_paths, quarantine, summary, chunk_rows), work / "conn",
-                               bucket_s, "src_ip")
-    stages["read+spill connections"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    d_counts, d_slots = _spill(ingest.iter_dns(dns_paths, quarantine, summary, chunk_rows), work / "dns",
-                               bucket_s, "client_ip")
-    stages["read+spill dns"] = time.perf_counter() - t0
-    run_summary.connections, run_summary.dns_records = sum(c_counts.values()), sum(d_counts.values())
+    files = [(path, explicit, "connections", work / "conn", "src_ip") for path, explicit in ingest.list_files(conn_paths)]
+    files += [(path, explicit, "dns_answers", work / "dns", "client_ip") for path, explicit in ingest.list_files(dns_paths)]
+    jobs = [(path, explicit, frame, folder, bucket_s, key, index, chunk_rows)
+            for index, (path, explicit, frame, folder, key) in enumerate(files)]
+    results = pool.map(_spill_file, jobs) if pool is not None else [_spill_file({}, *job) for job in jobs]
+    stages["read+spill"] = time.perf_counter() - t0
+    counts = {"connections": {}, "dns_answers": {}}
+    slots = {"connections": np.zeros(N_SLOTS, dtype="int64"), "dns_answers": np.zeros(N_SLOTS, dtype="int64")}
+    for (_path, _explicit, frame, *_), result in zip(files, results):   # in file order, as one reader would
+        if "error" in result:
+            raise ingest.IngestError(result["error"])
+        for b, n in result["counts"].items():
+            counts[frame][b] = counts[frame].get(b, 0) + n
+        slots[frame] += result["slots"]
+        quarantine.extend(result["quarantine"])
+        if summary is not None:
+            summary.files.extend(result["summary"].files)
+    run_summary.connections = sum(counts["connections"].values())
+    run_summary.dns_records = sum(counts["dns_answers"].values())
     if not run_summary.connections:
         raise ingest.IngestError("no connection records were read from --conn")
     # DNS rows only matter where their client has connections
+    c_slots, d_slots = slots["connections"], slots["dns_answers"]
     part_of = assign_partitions(c_slots + np.where(c_slots > 0, d_slots, 0), partitions)
     np.save(work / "partitions.npy", part_of)
     meta = {"version": CHECKPOINT_VERSION, "bucket_s": bucket_s, "connections": run_summary.connections,
             "dns_records": run_summary.dns_records, "partitions": int(part_of.max()) + 1,
-            "conn_buckets": {str(k): v for k, v in c_counts.items()}}
+            "conn_buckets": {str(k): v for k, v in counts["connections"].items()}}
     with atomic_path(work / "spill.json") as tmp:
         Path(tmp).write_text(json.dumps(meta))
     release_free_memory()   # this process only waits while the partitions are scored

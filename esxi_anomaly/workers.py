@@ -143,6 +143,23 @@ class WorkerPool:
                 self.pending.discard(job_id)
                 yield worker, job_id, value
 
+    def map(self, fn: Callable, jobs: list[tuple], on_progress: Callable[[int], None] | None = None) -> list:
+        """`fn(env, *args)` for each args tuple of `jobs`, each job going to the next free worker;
+        results in the order of `jobs`."""
+        results: dict[int, Any] = {}
+        index_of: dict[int, int] = {}
+        todo = iter(enumerate(jobs))
+        for worker in range(len(self)):
+            for i, args in todo:
+                index_of[self.submit(worker, fn, *args)] = i
+                break
+        for worker, job_id, value in self.events(on_progress):
+            results[index_of.pop(job_id)] = value
+            for i, args in todo:
+                index_of[self.submit(worker, fn, *args)] = i
+                break
+        return [results[i] for i in range(len(jobs))]
+
     def close(self) -> None:
         """Stop the workers: politely when idle, else terminate them."""
         self._starter.join()

@@ -188,3 +188,31 @@ def test_resume_with_workers_after_the_run_was_killed(tmp_path, setting, monkeyp
                         **args)
     assert summary.chunks_resumed == sum(map(len, done)) and summary.partitions == 2
     assert (tmp_path / "full.csv").read_bytes() == out.read_bytes()
+
+
+def test_workers_read_files_in_parallel_keeping_quarantine_and_errors(tmp_path, setting):
+    from esxi_anomaly import ingest
+
+    model, folder, frames = setting
+    lines = (folder / "conn.log").read_text().splitlines(keepends=True)
+    header = [line for line in lines if line.startswith("#")]
+    rows = [line for line in lines if not line.startswith("#")]
+    half = len(rows) // 2
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "conn.a.log").write_text("".join(header + rows[:half] + ["not\ta\tvalid\trow\n"]))
+    (logs / "conn.b.log").write_text("".join(header + ["\x00\x01garbage\n"] + rows[half:]))
+    got = {}
+    for workers in (1, 2):
+        quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
+        out = tmp_path / f"w{workers}.csv"
+        result = batch.run(model, [logs], [folder / "dns.log"], frames.inventory, out, progress=False,
+                           quarantine=quarantine, summary=summary, workers=workers)
+        got[workers] = (out.read_bytes(), quarantine.to_frame(), [(f.path, f.kept, f.quarantined) for f in summary.files])
+        assert result.connections == len(rows) and result.quarantined == 2
+    assert got[1][0] == got[2][0]
+    pd.testing.assert_frame_equal(got[1][1], got[2][1])
+    assert got[1][2] == got[2][2] and [q for _, _, q in got[2][2][:2]] == [1, 1]
+    with pytest.raises(ingest.IngestError, match="dns.log.*not"):   # an explicit file of the wrong kind
+        batch.run(model, [folder / "dns.log"], [folder / "dns.log"], frames.inventory, tmp_path / "x.csv",
+                  progress=False, workers=2)

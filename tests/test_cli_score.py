@@ -48,7 +48,7 @@ def test_score_writes_rollup_next_to_any_output_and_stats_json(tmp_path, small_d
     assert summary["entities"] == len(rows) and summary["written"] == 10
     assert summary["connections"] == sum(int(r["connections"]) for r in rows)
     assert summary["engine"] == "local" and summary["format"] == "parquet"
-    assert {"read+spill connections", "read+spill dns", "score", "score: features", "score: forest+rules", "score: rows",
+    assert {"read+spill", "score", "score: features", "score: forest+rules", "score: rows",
             "rank+write", "rank+write: entity roll-up"} <= set(summary["stages_s"])
     assert all(v >= 0 for v in summary["stages_s"].values())
 

@@ -47,3 +47,8 @@ def test_a_dead_worker_is_reported_not_waited_for():
 
 def test_default_workers_is_the_usable_cores():
     assert default_workers() == len(os.sched_getaffinity(0))
+
+
+def test_map_returns_results_in_job_order_whatever_worker_ran_them():
+    with WorkerPool(2, {"base": 0}) as pool:
+        assert [value for value, _calls in pool.map(add, [(i, 10) for i in range(7)])] == [i + 10 for i in range(7)]

@@ -27,7 +27,7 @@ from esxi_anomaly.ingest.base import (
 
 __all__ = [
     "IngestError", "Quarantine", "ReadSummary", "SourceFormat", "detect_format", "expand_paths",
-    "formats", "iter_frames", "iter_connections", "iter_dns", "read_connections", "read_dns",
+    "formats", "iter_frames", "iter_file", "list_files", "iter_connections", "iter_dns", "read_connections", "read_dns",
     "read_inventory", "read_context",
 ]
 
@@ -76,26 +76,38 @@ def iter_frames(
     """
     quarantine = quarantine if quarantine is not None else Quarantine()
     summary = summary if summary is not None else ReadSummary()
+    for path, explicit in list_files(paths):
+        yield from iter_file(path, frame, explicit, quarantine, summary, chunk_rows)
+
+
+def list_files(paths) -> list[tuple[str, bool]]:
+    """(file, named explicitly?) for every file in `paths` (files, globs, folders), in read order."""
     explicit = _explicit_files(paths)
-    for path in expand_paths(paths):
-        try:
-            fmt = detect_format(path, frame)
-        except IngestError:
-            if path in explicit:
-                raise IngestError(_mismatch_message(path, frame)) from None
+    return [(path, path in explicit) for path in expand_paths(paths)]
+
+
+def iter_file(path: str, frame: str, explicit: bool, quarantine: Quarantine, summary: ReadSummary,
+              chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """Chunks of one file of `list_files`: nothing when it holds another kind of records and was not
+    named explicitly (else that is an `IngestError`)."""
+    try:
+        fmt = detect_format(path, frame)
+    except IngestError:
+        if explicit:
+            raise IngestError(_mismatch_message(path, frame)) from None
+        return
+    stats = FileStats(path, fmt.name)
+    summary.files.append(stats)
+    before = quarantine.counts.get(path, 0)
+    for chunk in fmt.read(path, quarantine, chunk_rows):
+        if not len(chunk):
             continue
-        stats = FileStats(path, fmt.name)
-        summary.files.append(stats)
-        before = quarantine.counts.get(path, 0)
-        for chunk in fmt.read(path, quarantine, chunk_rows):
-            if not len(chunk):
-                continue
-            stats.kept += len(chunk)
-            if "ts" in chunk.columns:
-                stats.ts_min = float(np.fmin(stats.ts_min, chunk["ts"].min()))
-                stats.ts_max = float(np.fmax(stats.ts_max, chunk["ts"].max()))
-            yield chunk
-        stats.quarantined = quarantine.counts.get(path, 0) - before
+        stats.kept += len(chunk)
+        if "ts" in chunk.columns:
+            stats.ts_min = float(np.fmin(stats.ts_min, chunk["ts"].min()))
+            stats.ts_max = float(np.fmax(stats.ts_max, chunk["ts"].max()))
+        yield chunk
+    stats.quarantined = quarantine.counts.get(path, 0) - before
 
 
 def _explicit_files(paths) -> set[str]:

@@ -56,6 +56,12 @@ class Quarantine:
     def __len__(self) -> int:
         return sum(self.counts.values())
 
+    def extend(self, other: "Quarantine") -> None:
+        """Add the records and counts of `other` (a read done elsewhere, e.g. in a worker process)."""
+        for path, n in other.counts.items():
+            self.counts[path] = self.counts.get(path, 0) + n
+        self.records.extend(other.records[:max(0, self.max_records - len(self.records))])
+
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame(
             [(r.path, r.line, r.reason, r.raw) for r in self.records],
