@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from esxi_anomaly.features import transforms as T
-from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns
+from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns, expand
 from esxi_anomaly.features.dns_join import DnsJoin
 from esxi_anomaly.features.hashing import combine as _hash
 from esxi_anomaly.features.stream_state import StreamState, distinct_running_count
@@ -53,15 +53,8 @@ def match_keys(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndar
     sorted_right = right[order]
     lo = np.searchsorted(sorted_right, left, side="left")
     hi = np.searchsorted(sorted_right, left, side="right")
-    li, at = _expand(np.arange(len(left)), lo, hi - lo)
+    li, at = expand(np.arange(len(left)), lo, hi - lo)
     return li, order[at]
-
-
-def _expand(items: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Repeat each item `counts` times, with positions starts..starts+counts-1 alongside."""
-    rep = np.repeat(items, counts)
-    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    return rep, np.repeat(starts, counts) + offsets
 
 
 PORT_SPAN = 65_537  # ports 0..65535, and one slot for anything outside
@@ -101,7 +94,7 @@ def _dense_a_hits(value: np.ndarray, port: np.ndarray, table: _ATable):
     n_hits = np.bincount(hit_combo, minlength=len(combos))
     first = np.cumsum(n_hits) - n_hits
     items = np.flatnonzero(n_hits[inverse] > 0)
-    item, at = _expand(items, first[inverse[items]], n_hits[inverse[items]])
+    item, at = expand(items, first[inverse[items]], n_hits[inverse[items]])
     return item, T.A_PORT_CODES[hit_t[at]]
 
 
