@@ -77,28 +77,42 @@ def join(conns, dns, params: JoinParams = JoinParams()) -> DnsJoin:
 
 def latest_at(event_key: np.ndarray, event_ts: np.ndarray, query_key: np.ndarray, query_ts: np.ndarray) -> np.ndarray:
     """For each query, the index of the latest event with its key at or before its time (of equal
-    times the last given), -1 if none: a backward `merge_asof` by key, as one integer search.
+    times the last given), -1 if none: a backward `merge_asof` by key, on integer arrays.
 
-    Keys are non-negative integers (codes). Items given in time order, the usual case, need only a
-    stable sort by key."""
+    Keys are non-negative integers (codes)."""
     out = np.full(len(query_key), -1, dtype=np.int64)
     if not len(event_key) or not len(query_key):
         return out
-    # (key, time) as one int64 per item, key rank * span + time rank: exact for any float times
     event_code, query_code, n_keys = _ranks(event_key, query_key)
+    if n_keys < 65_535 and (event_ts[1:] >= event_ts[:-1]).all() and (query_ts[1:] >= query_ts[:-1]).all():
+        return _latest_in_time_order(event_code, event_ts, query_code, query_ts)
+    # (key, time) as one int64 per item, key rank * span + time rank: exact for any float times
     times = sorted_unique(event_ts)
     span = len(times) + 1
     event_at = event_code * span + np.searchsorted(times, event_ts) + 1
     query_at = query_code * span + np.searchsorted(times, query_ts, side="right")  # 0: before every event
-    order = _key_time_order(event_code, event_ts, event_at, n_keys)
+    order = np.argsort(event_at, kind="stable")  # stable: of equal times the last given comes last
     sorted_at = event_at[order]
-    # searched in (key, time) order too: neighbouring searches then touch neighbouring memory
-    at = _key_time_order(query_code, query_ts, query_at, n_keys)
-    pos = np.empty(len(query_at), dtype=np.int64)
-    pos[at] = np.searchsorted(sorted_at, query_at[at], side="right") - 1
+    pos = np.searchsorted(sorted_at, query_at, side="right") - 1
     hit = pos >= 0
     hit[hit] = sorted_at[pos[hit]] // span == query_code[hit]  # the key's own event, not an earlier key's
     out[hit] = order[pos[hit]]
+    return out
+
+
+def _latest_in_time_order(event_code, event_ts, query_code, query_ts) -> np.ndarray:
+    """`latest_at` for events and queries each in time order (the usual case) and codes < 65535:
+    one merge by time, a radix sort by code, and a running maximum of the event index per code."""
+    m = len(event_code)
+    by_time = np.argsort(np.concatenate([event_ts, query_ts]), kind="stable")  # two runs: a linear merge;
+    code = np.concatenate([event_code, query_code])[by_time]                    # events first at equal times
+    by_code = by_time[np.argsort(code.astype(np.uint16), kind="stable")]  # (code, time)
+    is_event = by_code < m
+    # the running maximum of code * (m + 1) + event index + 1 restarts at each code's base value
+    base = np.concatenate([event_code, query_code])[by_code] * (m + 1)
+    running = np.maximum.accumulate(np.where(is_event, base + by_code + 1, base))
+    out = np.empty(len(query_code), dtype=np.int64)
+    out[by_code[~is_event] - m] = (running - base - 1)[~is_event]
     return out
 
 
@@ -114,13 +128,6 @@ def _ranks(event_key: np.ndarray, query_key: np.ndarray) -> tuple[np.ndarray, np
         return table[event_key], table[query_key], n_keys
     at = np.minimum(np.searchsorted(keys, query_key), n_keys - 1)
     return np.searchsorted(keys, event_key), np.where(keys[at] == query_key, at, n_keys), n_keys
-
-
-def _key_time_order(code: np.ndarray, ts: np.ndarray, at: np.ndarray, n_keys: int) -> np.ndarray:
-    """A stable order by `at` (= code, then time): for items in time order a radix sort by code."""
-    if n_keys < 65_535 and (ts[1:] >= ts[:-1]).all():
-        return np.argsort(code.astype(np.uint16), kind="stable")
-    return np.argsort(at, kind="stable")
 
 
 def _ip_link(conns: ConnColumns, dns: DnsColumns, conn_client, dns_client, window) -> np.ndarray:
