@@ -157,6 +157,7 @@ class ConnColumns(_FrameColumns):
 
     src = _coded("src_ip")
     dst = _coded("dst_ip")
+    proto = _coded("proto")
 
 
 class DnsColumns(_FrameColumns):

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from esxi_anomaly.features import transforms as T
-from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns, expand
+from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns, distinct, expand
 from esxi_anomaly.features.dns_join import DnsJoin
 from esxi_anomaly.features.hashing import combine as _hash
 from esxi_anomaly.features.stream_state import StreamState, distinct_running_count
@@ -115,8 +115,8 @@ def _port_hits(pc, pa, dst_port, dns: DnsColumns, table: _ATable):
     if len(other):
         rows = pa[other]
         value_key = dns.rtype.codes[rows] * max(len(dns.answer.values), 1) + dns.answer.codes[rows]
-        inverse, combos = pd.factorize(value_key)
-        first_row = rows[np.unique(inverse, return_index=True)[1]]
+        inverse, first = distinct(value_key)
+        first_row = rows[first]
         derived = T.derive_ports(dns.rtype.strings(first_row), dns.answer.strings(first_row))
         if len(derived):
             key_d = derived["row"].to_numpy(dtype="int64") * PORT_SPAN + derived["port"].to_numpy(dtype="int64")
@@ -274,8 +274,8 @@ def relationship_features(conns, dns, j: DnsJoin,
         upc, upa = pc[unl], pa[unl]
         if len(upc):
             value_key = dns.rtype.codes[upa] * max(len(dns.answer.values), 1) + dns.answer.codes[upa]
-            inverse, combos = pd.factorize(value_key)
-            first_row = upa[np.unique(inverse, return_index=True)[1]]
+            inverse, first = distinct(value_key)
+            first_row = upa[first]
             derived = T.derive_ips(dns.rtype.strings(first_row), dns.answer.strings(first_row))
             if len(derived):
                 ip_keys = Coded.of(derived["ip"]).keys
@@ -304,4 +304,4 @@ def relationship_features(conns, dns, j: DnsJoin,
         "consistency": np.maximum(consistency, keyed),
         "answer_row": ev_answer_row,
     })
-    return pd.DataFrame(feats)[RELATIONSHIP_FEATURES], evidence
+    return pd.DataFrame({name: feats[name] for name in RELATIONSHIP_FEATURES}), evidence
