@@ -51,10 +51,10 @@ def dns_side_features(conns, dns, j: DnsJoin, name, state: StreamState | None = 
     conns, dns = ConnColumns.of(conns), DnsColumns.of(dns)
     name = name if isinstance(name, Coded) else Coded.of(pd.Series(name, dtype=object).fillna("").to_numpy(dtype=object))
     values = np.asarray(["" if not isinstance(v, str) else v for v in name.values], dtype=object)
-    out = pd.DataFrame({
+    out = {
         "query_len": name.per_value(np.array([len(v) for v in values], dtype="float64")),
         "query_entropy": name.per_value(_entropy(values)),
-    })
+    }
     conn_ts = conns.ts
     owned = dns.ts >= state.dns_owned_until if state is not None else np.ones(dns.n, dtype=bool)
     # distinct answers this client has received for the name so far (per client, so that sources
@@ -90,7 +90,7 @@ def dns_side_features(conns, dns, j: DnsJoin, name, state: StreamState | None = 
     if state is not None:
         state.add_counts("client_nx", rc, nx)
         state.add_counts("client_responses", rc, np.ones(len(rc)))
-    return out[DNS_SIDE_FEATURES]
+    return pd.DataFrame({feature: out[feature] for feature in DNS_SIDE_FEATURES})
 
 
 def _prior(state: StreamState | None, name: str, keys: np.ndarray) -> np.ndarray:
