@@ -153,17 +153,19 @@ def _recent_answers(dns: DnsColumns, conn_client, dns_client, conn_ts, window, p
     first = np.empty(int(resp_codes.max()) + 1, dtype=np.int64)
     first[resp_codes[::-1]] = np.arange(dns.n)[::-1]
     order = np.lexsort((dns.ts[first], dns_client[first]))
-    resp_client, resp_ts = dns_client[first[order]], dns.ts[first[order]]
+    resp_client = dns_client[first[order]]
     at = np.empty(len(order), dtype=np.int64)
     at[order] = np.arange(len(order))
     rows = np.argsort(at[resp_codes], kind="stable")  # stable: rows of a response keep their order
-    resp_end = np.cumsum(np.bincount(resp_codes, minlength=len(order))[order])
-    resp_start = resp_end - np.bincount(resp_codes, minlength=len(order))[order]
+    resp_size = np.bincount(resp_codes, minlength=len(order))[order]
+    resp_end = np.cumsum(resp_size)
+    resp_start = resp_end - resp_size
     client_first = np.maximum.accumulate(np.where(np.r_[True, resp_client[1:] != resp_client[:-1]],
                                                   np.arange(len(order)), 0))
-    last = latest_at(resp_client, resp_ts, conn_client, conn_ts)
-    linked = np.flatnonzero(last >= 0)
-    last = last[linked]
+    # looked up in response-number order (time order when the DNS rows are), then placed
+    latest = latest_at(dns_client[first], dns.ts[first], conn_client, conn_ts)
+    linked = np.flatnonzero(latest >= 0)
+    last = at[latest[linked]]
     oldest = np.maximum(last - (params.recent_responses - 1), client_first[last])
     conn_idx, pos = expand(linked, resp_start[oldest], resp_end[last] - resp_start[oldest])
     row_ts = dns.ts[rows]
