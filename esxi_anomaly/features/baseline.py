@@ -101,7 +101,7 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
         # rows repeat (entity, destination, port, name, hour) heavily: look each combination up once
         codes, first = distinct(_h(ent, role, dst, port, domain, hour))
         keyed = self._keyed_features(ent[first], role[first], dst[first], port[first], domain[first], hour[first])
-        out = pd.DataFrame({name: values[codes] for name, values in keyed.items()}, index=X.index)
+        out = {name: values[codes] for name, values in keyed.items()}
         stats = _log_stats(X, ent)
         ent_codes, ents = pd.factorize(stats["e"].to_numpy())
         med = self.entity_median_.reindex(ents)
@@ -110,7 +110,7 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
             centre = med[col].fillna(self.global_median_[col]).to_numpy()[ent_codes]
             scale = mad[col].fillna(self.global_mad_[col]).to_numpy()[ent_codes]
             out[name] = np.clip((stats[col].to_numpy() - centre) / (1.4826 * scale), -50, 50)
-        return out[BASELINE_FEATURES]
+        return pd.DataFrame({name: out[name] for name in BASELINE_FEATURES}, index=X.index)
 
     def _keyed_features(self, ent, role, dst, port, domain, hour) -> dict[str, np.ndarray]:
         """Every feature that depends only on (entity, role, destination, port, domain, hour)."""
@@ -172,7 +172,12 @@ def _log_stats(X: pd.DataFrame, ent: np.ndarray) -> pd.DataFrame:
 
 
 def _hour(ts: np.ndarray) -> np.ndarray:
-    return ((np.asarray(ts, dtype="float64") // 3600) % 24).astype("int64")
+    """Hour of day, exactly `(ts // 3600) % 24`; a division and a correction for the quotients that
+    round up to the next integer cost less than float floor division."""
+    ts = np.asarray(ts, dtype="float64")
+    hours = np.floor(ts / 3600)
+    hours -= hours * 3600 > ts
+    return (hours % 24).astype("int64")
 
 
 def _check(X: pd.DataFrame) -> None:

@@ -22,10 +22,32 @@ from esxi_anomaly.features.hashing import combine
 
 def distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row the code of its key, and per distinct key the first row holding it."""
-    codes, uniques = pd.factorize(keys)
+    codes, uniques = pd.factorize(keys, use_na_sentinel=False)
     first = np.empty(len(uniques), dtype=np.int64)
     first[codes[::-1]] = np.arange(len(codes))[::-1]
     return codes, first
+
+
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """The distinct values, sorted (`np.unique` without its much slower hashing path)."""
+    s = np.sort(values)
+    return s[np.r_[True, s[1:] != s[:-1]]] if len(s) else s
+
+
+def expand(items: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Repeat each item `counts` times, with positions starts..starts+counts-1 alongside."""
+    rep = np.repeat(items, counts)
+    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rep, np.repeat(starts, counts) + offsets
+
+
+def shared_codes(a: "Coded", b: "Coded") -> tuple[np.ndarray, np.ndarray]:
+    """The codes of two columns renumbered into one numbering, so equal values get equal codes:
+    `a`'s codes as they are, `b`'s values matched to `a`'s once per distinct value."""
+    at = pd.Index(a.values).get_indexer(b.values) if len(a.values) else np.full(len(b.values), -1)
+    new = at < 0
+    at[new] = len(a.values) + np.arange(int(new.sum()))
+    return a.codes, at.astype(np.int64)[b.codes]
 
 
 class Coded:
@@ -135,6 +157,7 @@ class ConnColumns(_FrameColumns):
 
     src = _coded("src_ip")
     dst = _coded("dst_ip")
+    proto = _coded("proto")
 
 
 class DnsColumns(_FrameColumns):
@@ -164,8 +187,12 @@ class DnsColumns(_FrameColumns):
         (event_id, client, ts): Zeek gives every transaction on one socket the same uid."""
         if self.n == 0:
             return np.zeros(0, dtype=np.int64)
-        event = pd.factorize(self.frame["event_id"], use_na_sentinel=False)[0].astype(np.int64)
-        key = combine(event, self.client.codes, self.ts.view(np.uint64))  # batch-local numbering
+        event, first = distinct(self.frame["event_id"])
+        event = event.astype(np.int64)
+        ts_bits = self.ts.view(np.uint64)
+        if (self.client.codes[first][event] == self.client.codes).all() and (ts_bits[first][event] == ts_bits).all():
+            return event  # each event id is one response (the usual case): the same numbering
+        key = combine(event, self.client.codes, ts_bits)  # batch-local numbering
         return pd.factorize(key)[0].astype(np.int64)
 
     @cached_property

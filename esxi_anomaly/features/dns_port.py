@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from esxi_anomaly.features import transforms as T
-from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns
+from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns, distinct, expand
 from esxi_anomaly.features.dns_join import DnsJoin
 from esxi_anomaly.features.hashing import combine as _hash
 from esxi_anomaly.features.stream_state import StreamState, distinct_running_count
@@ -53,15 +53,8 @@ def match_keys(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndar
     sorted_right = right[order]
     lo = np.searchsorted(sorted_right, left, side="left")
     hi = np.searchsorted(sorted_right, left, side="right")
-    li, at = _expand(np.arange(len(left)), lo, hi - lo)
+    li, at = expand(np.arange(len(left)), lo, hi - lo)
     return li, order[at]
-
-
-def _expand(items: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Repeat each item `counts` times, with positions starts..starts+counts-1 alongside."""
-    rep = np.repeat(items, counts)
-    offsets = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    return rep, np.repeat(starts, counts) + offsets
 
 
 PORT_SPAN = 65_537  # ports 0..65535, and one slot for anything outside
@@ -101,7 +94,7 @@ def _dense_a_hits(value: np.ndarray, port: np.ndarray, table: _ATable):
     n_hits = np.bincount(hit_combo, minlength=len(combos))
     first = np.cumsum(n_hits) - n_hits
     items = np.flatnonzero(n_hits[inverse] > 0)
-    item, at = _expand(items, first[inverse[items]], n_hits[inverse[items]])
+    item, at = expand(items, first[inverse[items]], n_hits[inverse[items]])
     return item, T.A_PORT_CODES[hit_t[at]]
 
 
@@ -122,8 +115,8 @@ def _port_hits(pc, pa, dst_port, dns: DnsColumns, table: _ATable):
     if len(other):
         rows = pa[other]
         value_key = dns.rtype.codes[rows] * max(len(dns.answer.values), 1) + dns.answer.codes[rows]
-        inverse, combos = pd.factorize(value_key)
-        first_row = rows[np.unique(inverse, return_index=True)[1]]
+        inverse, first = distinct(value_key)
+        first_row = rows[first]
         derived = T.derive_ports(dns.rtype.strings(first_row), dns.answer.strings(first_row))
         if len(derived):
             key_d = derived["row"].to_numpy(dtype="int64") * PORT_SPAN + derived["port"].to_numpy(dtype="int64")
@@ -281,8 +274,8 @@ def relationship_features(conns, dns, j: DnsJoin,
         upc, upa = pc[unl], pa[unl]
         if len(upc):
             value_key = dns.rtype.codes[upa] * max(len(dns.answer.values), 1) + dns.answer.codes[upa]
-            inverse, combos = pd.factorize(value_key)
-            first_row = upa[np.unique(inverse, return_index=True)[1]]
+            inverse, first = distinct(value_key)
+            first_row = upa[first]
             derived = T.derive_ips(dns.rtype.strings(first_row), dns.answer.strings(first_row))
             if len(derived):
                 ip_keys = Coded.of(derived["ip"]).keys
@@ -311,4 +304,4 @@ def relationship_features(conns, dns, j: DnsJoin,
         "consistency": np.maximum(consistency, keyed),
         "answer_row": ev_answer_row,
     })
-    return pd.DataFrame(feats)[RELATIONSHIP_FEATURES], evidence
+    return pd.DataFrame({name: feats[name] for name in RELATIONSHIP_FEATURES}), evidence

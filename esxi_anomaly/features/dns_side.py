@@ -2,15 +2,16 @@
 
 Every count is per client, so sources can be scored independently of each other.
 
-All counts are causal (what was known at the connection's time), computed with `merge_asof`.
+All counts are causal (what was known at the connection's time), looked up as of the connection's
+time with `dns_join.latest_at`.
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns
-from esxi_anomaly.features.dns_join import DnsJoin
+from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns, shared_codes
+from esxi_anomaly.features.dns_join import DnsJoin, latest_at
 from esxi_anomaly.features.hashing import combine
 from esxi_anomaly.features.stream_state import StreamState, distinct_running_count
 
@@ -29,19 +30,16 @@ def _entropy(names: np.ndarray) -> np.ndarray:
     return values
 
 
-def _running_by_key(event_ts, event_key, event_values: list, query_ts, query_key, fallbacks: list) -> list[np.ndarray]:
-    """For each of `event_values`: the value of the latest event with the same key at or before each
-    query time (the matching `fallbacks` array where there is none)."""
-    left = pd.DataFrame({"ts": query_ts, "key": query_key, "pos": np.arange(len(query_ts))}).sort_values("ts", kind="stable")
-    right = pd.DataFrame({"ts": event_ts, "key": event_key, **{f"v{i}": v for i, v in enumerate(event_values)}})
-    merged = pd.merge_asof(left, right.sort_values("ts", kind="stable"), on="ts", by="key", direction="backward")
-    pos = merged["pos"].to_numpy()
-    found = merged["v0"].notna().to_numpy()
+def _latest_value(event_code, event_ts, values: list, query_code, query_ts, fallbacks: list) -> list[np.ndarray]:
+    """For each of `values` (one per event): the value of the latest event with the query's code at or
+    before its time, else the matching `fallbacks` value."""
+    latest = latest_at(event_code, event_ts, query_code, query_ts)
+    found = latest >= 0
     out = []
-    for i, fallback in enumerate(fallbacks):
-        values = np.asarray(fallback, dtype="float64").copy()
-        values[pos[found]] = merged[f"v{i}"].to_numpy()[found]
-        out.append(values)
+    for value, fallback in zip(values, fallbacks):
+        result = np.asarray(fallback, dtype="float64").copy()
+        result[found] = np.asarray(value, dtype="float64")[latest[found]]
+        out.append(result)
     return out
 
 
@@ -53,10 +51,10 @@ def dns_side_features(conns, dns, j: DnsJoin, name, state: StreamState | None = 
     conns, dns = ConnColumns.of(conns), DnsColumns.of(dns)
     name = name if isinstance(name, Coded) else Coded.of(pd.Series(name, dtype=object).fillna("").to_numpy(dtype=object))
     values = np.asarray(["" if not isinstance(v, str) else v for v in name.values], dtype=object)
-    out = pd.DataFrame({
+    out = {
         "query_len": name.per_value(np.array([len(v) for v in values], dtype="float64")),
         "query_entropy": name.per_value(_entropy(values)),
-    })
+    }
     conn_ts = conns.ts
     owned = dns.ts >= state.dns_owned_until if state is not None else np.ones(dns.n, dtype=bool)
     # distinct answers this client has received for the name so far (per client, so that sources
@@ -67,11 +65,18 @@ def dns_side_features(conns, dns, j: DnsJoin, name, state: StreamState | None = 
     dq = combine(dns.client.keys[data], dns.query.keys[data])
     before = _prior(state, "name_answers", name_key)  # read before this batch updates the state
     churn = distinct_running_count(dq, dns.answer.keys[data], dns.ts[data], state, "name_answers").astype("float64")
-    churn_now, = _running_by_key(dns.ts[data], dq, [churn], conn_ts, name_key, [before])
+    # the same (client, name) keys as dense codes, for the as-of lookup
+    conn_client, dns_client = shared_codes(conns.src, dns.client)
+    dns_query, conn_name = shared_codes(dns.query, name)
+    n_names = max(len(dns.query.values), int(conn_name.max(initial=-1)) + 1)
+    churn_now, = _latest_value(dns_client[data] * n_names + dns_query[data], dns.ts[data], [churn],
+                               conn_client * n_names + conn_name, conn_ts, [before])
     out["name_answer_churn"] = np.where(name.per_value(values != ""), churn_now, 0.0)
     # share of the client's responses so far that were NXDOMAIN
     owned_rows = np.flatnonzero(owned)
-    first = np.sort(owned_rows[np.unique(dns.response[owned_rows], return_index=True)[1]])  # a row per response
+    first_of = np.full(int(dns.response.max(initial=-1)) + 1, -1)
+    first_of[dns.response[owned_rows][::-1]] = owned_rows[::-1]
+    first = np.sort(first_of[first_of >= 0])  # a row per response, its first
     resp_ts = dns.ts[first]
     order = np.argsort(resp_ts, kind="stable")
     first, resp_ts = first[order], resp_ts[order]
@@ -79,13 +84,13 @@ def dns_side_features(conns, dns, j: DnsJoin, name, state: StreamState | None = 
     nx = (dns.rcode.codes[first] == dns.rcode.code_of("NXDOMAIN")).astype("float64")
     nx_run = pd.Series(nx).groupby(rc).cumsum().to_numpy() + _prior(state, "client_nx", rc)
     total_run = pd.Series(np.ones(len(rc))).groupby(rc).cumsum().to_numpy() + _prior(state, "client_responses", rc)
-    nx_now, total_now = _running_by_key(resp_ts, rc, [nx_run, total_run], conn_ts, src_key,
-                                        [_prior(state, "client_nx", src_key), _prior(state, "client_responses", src_key)])
+    nx_now, total_now = _latest_value(dns_client[first], resp_ts, [nx_run, total_run], conn_client, conn_ts,
+                                      [_prior(state, "client_nx", src_key), _prior(state, "client_responses", src_key)])
     out["client_nxdomain_rate"] = np.where(total_now > 0, nx_now / np.maximum(total_now, 1), 0.0)
     if state is not None:
         state.add_counts("client_nx", rc, nx)
         state.add_counts("client_responses", rc, np.ones(len(rc)))
-    return out[DNS_SIDE_FEATURES]
+    return pd.DataFrame({feature: out[feature] for feature in DNS_SIDE_FEATURES})
 
 
 def _prior(state: StreamState | None, name: str, keys: np.ndarray) -> np.ndarray:

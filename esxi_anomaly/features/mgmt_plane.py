@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
-from esxi_anomaly.features.columns import Coded, distinct
+from esxi_anomaly.features.columns import Coded, ConnColumns, distinct
 from esxi_anomaly.features.hashing import combine
 
 MGMT_FEATURES = ["mgmt_source", "mgmt_expected", "mgmt_unexpected_egress"]
@@ -70,23 +70,27 @@ class ManagementPlane(BaseEstimator):
         self.peer_class_ = peer_classes(inventory)
         return self
 
-    def transform(self, conns: pd.DataFrame, entities: pd.DataFrame) -> pd.DataFrame:
+    def transform(self, conns: pd.DataFrame, entities: pd.DataFrame, columns: ConnColumns | None = None) -> pd.DataFrame:
+        """`columns`: the coded view of `conns` if the caller has one (`pipeline.prepare` does)."""
         n = len(conns)
         source = Coded.of(entities["src_kind"]).isin(MGMT_KINDS)
         expected = np.zeros(n, dtype=bool)
         idx = np.flatnonzero(source)
         if len(idx):
-            # judge each distinct (destination, proto, port, process) once
-            dst, proto, proc = (Coded.of(conns[c]) for c in ("dst_ip", "proto", "process"))
+            # judge each distinct (destination, proto, port, process) once; only management
+            # sources' processes are coded
+            columns = columns if columns is not None else ConnColumns(conns)
+            dst, proto = columns.dst, columns.proto
+            proc = Coded.of(conns["process"].take(idx))
             port = conns["dst_port"].to_numpy(dtype="int64")[idx]
-            combo, first = distinct(combine(dst.codes[idx], proto.codes[idx], proc.codes[idx], port))
+            combo, first = distinct(combine(dst.codes[idx], proto.codes[idx], proc.codes, port))
             rows = idx[first]
             sub = pd.DataFrame({
                 "i": np.arange(len(rows)),
                 "peer_class": pd.Series(dst.strings(rows)).map(self.peer_class_).fillna("other").to_numpy(dtype=object),
                 "proto": np.char.lower(proto.strings(rows).astype(str)).astype(object),
                 "port": port[first],
-                "proc": proc.strings(rows).astype(str).astype(object),
+                "proc": proc.strings(first).astype(str).astype(object),
             })
             m = sub.merge(self.allowlist_, on=["peer_class", "proto"])
             ok = (m["port"] >= m["port_from"]) & (m["port"] <= m["port_to"]) & (

@@ -34,6 +34,7 @@ class Prepared:
     entities: pd.DataFrame
     baseline_input: pd.DataFrame
     dns_side: pd.DataFrame
+    columns: ConnColumns | None = None  # the coded connection columns, reused by `extract`
 
 
 def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | None,
@@ -60,13 +61,13 @@ def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | No
         "entity": cc.src.per_value(hash_column(table["src_name"].to_numpy(dtype=object))),
         "role": cc.src.per_value(hash_column(table["src_role"].to_numpy(dtype=object))),
         "dst_ip": cc.dst.keys, "dst_port": cc.dst_port,
-        "proto": conns["proto"].to_numpy(), "domain": name.per_value(hash_column(domain)),
+        "proto": cc.proto.values[cc.proto.codes], "domain": name.per_value(hash_column(domain)),
         "ts": cc.ts, "bytes_out": conns["bytes_out"].to_numpy(),
         "duration": conns["duration"].to_numpy(),
         "conn_rate": trailing_count(cc.src.keys, cc.ts, RATE_WINDOW_S, state, "conn_rate"),
     })
     side = dns_side_features(cc, dc, j, name, state)
-    return Prepared(conns, rel, evidence, ent, base_in, side)
+    return Prepared(conns, rel, evidence, ent, base_in, side, cc)
 
 
 def extract(prepared: Prepared, baseline: EntityBaseline, mgmt: ManagementPlane) -> pd.DataFrame:
@@ -76,7 +77,7 @@ def extract(prepared: Prepared, baseline: EntityBaseline, mgmt: ManagementPlane)
         prepared.relationship,
         prepared.dns_side,
         baseline.transform(prepared.baseline_input),
-        mgmt.transform(prepared.conns, prepared.entities),
+        mgmt.transform(prepared.conns, prepared.entities, prepared.columns),
         pd.DataFrame({
             "dst_port_log": np.log1p(np.maximum(port, 0)),
             "dst_port_ephemeral": (port >= 49_152).astype("float64"),

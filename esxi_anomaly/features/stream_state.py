@@ -82,8 +82,13 @@ def trailing_count(key: np.ndarray, ts: np.ndarray, window_s: float, state: Stre
     all_key, all_ts = np.concatenate([prev_key, key]), np.concatenate([prev_ts, ts])
     out = np.zeros(n, dtype="int64")
     if len(all_key):
-        order = np.lexsort((all_ts, all_key))  # stable: earlier batches, then given order
-        k, t = all_key[order], all_ts[order]
+        # items grouped by key, each group in time order (ties: earlier batches, then given order)
+        codes, keys = pd.factorize(all_key)
+        if len(keys) < 65_535 and (all_ts[1:] >= all_ts[:-1]).all():
+            order = np.argsort(codes.astype(np.uint16), kind="stable")  # radix sort
+        else:
+            order = np.lexsort((all_ts, codes))
+        k, t = codes[order], all_ts[order]
         group = np.cumsum(np.r_[True, k[1:] != k[:-1]]) - 1
         window_ms = int(np.ceil(window_s * 1000))
         ms = np.floor(t * 1000).astype(np.int64)  # absolute milliseconds: the same in every batch

@@ -127,3 +127,18 @@ def test_join_on_real_zeek_matches_independent_count(samples, folder, reader):
     dns_uids = {d["uid"] for d in dns_rows}
     assert len(_independent_links(conn_rows, dns_rows) - dns_uids) == expected
     assert int((dns_join.join(conns, dns).ip_answer_row >= 0).sum()) == expected
+
+
+@pytest.mark.parametrize("key_range", [5, 10**12])
+@pytest.mark.parametrize("in_time_order", [True, False])
+def test_latest_at_is_a_backward_asof_by_key(key_range, in_time_order):
+    rng = np.random.default_rng(key_range + in_time_order)
+    keys = rng.choice(rng.integers(0, key_range, 7), 400)
+    ts = rng.integers(0, 50, 400).astype(float)  # many equal times: the last given wins
+    query_key, query_ts = rng.choice(np.r_[keys[:5], key_range + 1], 300), rng.integers(-5, 60, 300).astype(float)
+    if in_time_order:
+        ts, query_ts = np.sort(ts), np.sort(query_ts)
+    got = dns_join.latest_at(keys, ts, query_key, query_ts)
+    expected = [max((i for i in range(len(keys)) if keys[i] == k and ts[i] <= t),
+                    key=lambda i: (ts[i], i), default=-1) for k, t in zip(query_key, query_ts)]
+    assert got.tolist() == expected
