@@ -11,9 +11,10 @@ half of the days (not timed). Timed, on all connections and DNS answers:
                   `pipeline.extract` (baseline and management-plane features): the work each batch
                   of the local engine does between reading and the ensemble.
   cut by source   not feature work, timed apart: the connections and DNS answers cut into P
-                  partitions by the Dask engine's `source_slot` (P slot ranges with about equal
-                  connection counts), each partition's frames taken in time order. The engines do
-                  this when they spill their input, before any feature work.
+                  partitions as the local engine cuts them (`batch.source_slot`, slots dealt by
+                  `batch.assign_partitions` into P partitions of about equal rows), each
+                  partition's frames taken in time order. The engines do this when they spill
+                  their input, before any feature work.
   by source, P    P persistent worker processes, each already holding its own partition's frames
                   (as a worker that has read its spill files), start together on a barrier and run
                   the same `prepare` + `extract` on them. Wall = from the first worker's start to the
@@ -39,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly.dask_engine import source_slot
+from esxi_anomaly.batch import N_SLOTS, assign_partitions, source_slot
 from esxi_anomaly.features import pipeline
 from esxi_anomaly.features.baseline import EntityBaseline
 from esxi_anomaly.features.mgmt_plane import ManagementPlane
@@ -66,12 +67,12 @@ def time_one_process(repeat: int) -> tuple[float, float, pd.DataFrame]:
 
 def cut_by_source(processes: int) -> list[tuple[np.ndarray, pd.DataFrame, pd.DataFrame]]:
     """Per partition: its connection rows (positions in the whole frame) and its connection and DNS
-    frames. Partitions are contiguous `source_slot` ranges with about equal connection counts."""
+    frames, cut as the local engine cuts them (`batch.assign_partitions`)."""
     conns, dns = _JOB["conns"], _JOB["dns"]
-    conn_slot = source_slot(conns["src_ip"].to_numpy(dtype=object))
-    dns_slot = source_slot(dns["client_ip"].to_numpy(dtype=object))
-    edges = np.quantile(conn_slot, np.linspace(0, 1, processes + 1)[1:-1]).astype(np.int64) if processes > 1 else []
-    conn_part, dns_part = np.searchsorted(edges, conn_slot, side="right"), np.searchsorted(edges, dns_slot, side="right")
+    conn_slot, dns_slot = source_slot(conns["src_ip"]), source_slot(dns["client_ip"])
+    part_of = assign_partitions(np.bincount(conn_slot, minlength=N_SLOTS), np.bincount(dns_slot, minlength=N_SLOTS),
+                                processes)
+    conn_part, dns_part = part_of[conn_slot], part_of[dns_slot]
     parts = []
     for p in range(processes):
         rows = np.flatnonzero(conn_part == p)

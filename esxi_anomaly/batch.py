@@ -162,10 +162,13 @@ def _spill_file(env: dict, path: str, explicit: bool, frame: str, folder: Path, 
     return {"counts": counts, "slots": slots, "quarantine": quarantine, "summary": summary}
 
 
-def assign_partitions(weight: np.ndarray, n: int) -> np.ndarray:
-    """Partition (0..n-1) of each source slot: the heaviest slot first to the lightest partition
-    (longest-processing-time first), so partitions get about equal rows whatever the skew of the
-    sources; unused slots go to partition 0. Fewer than `n` partitions when fewer slots are used."""
+def assign_partitions(conn_counts: np.ndarray, dns_counts: np.ndarray, n: int) -> np.ndarray:
+    """Partition (0..n-1) of each source slot, from the rows per slot: the heaviest slot first to the
+    lightest partition (longest-processing-time first), so partitions get about equal rows whatever
+    the skew of the sources; unused slots go to partition 0. A slot weighs its connections plus its
+    DNS answers when it has connections (answers to a source without connections cost nothing).
+    Fewer than `n` partitions when fewer slots are used."""
+    weight = conn_counts + np.where(conn_counts > 0, dns_counts, 0)
     part_of = np.zeros(len(weight), dtype="int32")
     used = np.flatnonzero(weight)
     n = max(1, min(n, len(used)))
@@ -759,9 +762,7 @@ def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: 
     run_summary.dns_records = sum(counts["dns_answers"].values())
     if not run_summary.connections:
         raise ingest.IngestError("no connection records were read from --conn")
-    # DNS rows only matter where their client has connections
-    c_slots, d_slots = slots["connections"], slots["dns_answers"]
-    part_of = assign_partitions(c_slots + np.where(c_slots > 0, d_slots, 0), partitions)
+    part_of = assign_partitions(slots["connections"], slots["dns_answers"], partitions)
     np.save(work / "partitions.npy", part_of)
     meta = {"version": CHECKPOINT_VERSION, "bucket_s": bucket_s, "connections": run_summary.connections,
             "dns_records": run_summary.dns_records, "partitions": int(part_of.max()) + 1,

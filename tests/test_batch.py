@@ -157,11 +157,15 @@ def test_worker_processes_give_the_same_output(tmp_path, setting, monkeypatch):
 def test_partitions_balance_skewed_sources():
     weight = np.zeros(batch.N_SLOTS, dtype="int64")
     weight[[3, 70, 900, 4000, 65535]] = [100, 60, 50, 30, 20]
-    part_of = batch.assign_partitions(weight, 2)
-    loads = np.bincount(part_of, weights=weight)
-    assert sorted(loads) == [130, 130]                   # 100+30 and 60+50+20
-    assert batch.assign_partitions(weight, 8).max() == 4  # never more partitions than used slots
-    assert (batch.assign_partitions(weight, 1) == 0).all()
+    balanced = batch.assign_partitions(weight, np.zeros_like(weight), 2)
+    assert sorted(np.bincount(balanced, weights=weight)) == [130, 130]   # 100+30 and 60+50+20
+    dns = np.zeros_like(weight)
+    dns[[3, 5]] = [1000, 1000]   # answers to a source without connections weigh nothing
+    part_of = batch.assign_partitions(weight, dns, 2)
+    loads = np.bincount(part_of, weights=weight + np.where(weight > 0, dns, 0))
+    assert sorted(loads) == [160, 1100]                   # the heavy source alone, the rest together
+    assert batch.assign_partitions(weight, dns, 8).max() == 4  # never more partitions than used slots
+    assert (batch.assign_partitions(weight, dns, 1) == 0).all()
 
 
 def test_resume_with_workers_after_the_run_was_killed(tmp_path, setting, monkeypatch):
