@@ -321,7 +321,7 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
             components = model.detector_.components(feats)
             t = _lap(stages, "score: forest+rules", t)
             rows = apply_suppressions(model.score_rows(prepared, feats, components), suppressions)
-            rows["bucket"], rows["row"] = group[0] * n_parts + partition, np.arange(lo, hi)
+            rows["bucket"] = group[0] * n_parts + partition
             t = _lap(stages, "score: rows", t)
             _merge_top(cp, rows, feats, explain_top)
             pieces.append(rows)
@@ -369,8 +369,11 @@ def _dns_window(dns_dir: Path, cache: dict, lo: float, hi: float, width: int, pa
 # -- pass 3: rank and write -----------------------------------------------------------------
 
 def write_scored(rows: pd.DataFrame, path: Path) -> None:
-    """Scored rows of one bucket group (or Dask partition), as an Arrow IPC file written atomically.
-    `row` must be the position in the file: ranking then takes rows from a memory map directly."""
+    """Scored rows of one bucket group (or Dask partition), as an Arrow IPC file written atomically,
+    in rank order with `row` = position in the file: ranking then takes each output block's rows
+    from the memory map as one slice per file."""
+    rows = rows.take(rank_order(rows["score"].to_numpy(), rows["event_id"].array)).reset_index(drop=True)
+    rows["row"] = np.arange(len(rows))
     table = pa.Table.from_pandas(rows, preserve_index=False)
     with atomic_path(path) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -400,7 +403,10 @@ class _ScoredFiles(dict):
                 mapped.madvise(mmap.MADV_DONTNEED)
 
     def take(self, bucket: int, rows: np.ndarray) -> pa.Table:
-        """Rows of one file, copied out of the mapping, whose pages are then released."""
+        """Rows of one file (`rows` ascending): a slice of the mapping when they are consecutive (files
+        stored in rank order give those), else copied out of it, its pages then released."""
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+            return self[bucket].slice(int(rows[0]), len(rows))
         out = self[bucket].take(pa.array(rows))
         self.release(bucket)
         return out

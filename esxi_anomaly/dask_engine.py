@@ -118,7 +118,7 @@ def score_partition(model, inventory: pd.DataFrame | None, work: str, partition:
     model.detector_.forest_.n_jobs = 1
     prepared, feats = model.features(Frames(conns, dns, inventory))
     rows = model.score_rows(prepared, feats)
-    rows["bucket"], rows["row"] = partition, np.arange(len(rows))
+    rows["bucket"] = partition
     top = batch.Checkpoint()
     batch._merge_top(top, rows, feats, explain_top)
     out_dir = work / "scored"
