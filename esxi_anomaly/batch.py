@@ -47,7 +47,7 @@ from esxi_anomaly.features.stream_state import StreamState
 from esxi_anomaly.report._atomic import atomic_path
 from esxi_anomaly.report.rollup import StreamingRollup
 from esxi_anomaly.schema import Frames
-from esxi_anomaly.workers import WorkerPool, default_workers, release_free_memory
+from esxi_anomaly.workers import WorkerPool, release_free_memory
 
 BUCKET_S = 3600
 WRITE_BLOCK = 100_000
@@ -673,11 +673,14 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         resume: bool = False, progress: bool = True, quarantine: ingest.Quarantine | None = None,
         summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
         bucket_s: int = BUCKET_S, suppressions: pd.DataFrame | None = None,
-        context: pd.DataFrame | None = None, rollup: bool = True, workers: int = 1) -> RunSummary:
+        context: pd.DataFrame | None = None, rollup: bool = True, workers: int = 1,
+        pool: WorkerPool | None = None) -> RunSummary:
     """Score `conn_paths` against `dns_paths` into `out` (ranked rows); with `rollup`, the per-entity
     roll-up of every scored connection goes to `rollup_path(out)` as well. `workers`: processes
-    scoring partitions of the sources (1: all in this process; `workers.default_workers()`: every
-    usable core); the output does not depend on it. A resumed run keeps its first run's partitions."""
+    reading the inputs and scoring partitions of the sources (1: all in this process;
+    `workers.default_workers()`: every usable core), or a started `pool` of them (the caller closes
+    it); the output does not depend on either. A resumed run keeps its first run's partitions.
+    Worker processes import the caller's main script: call from under `if __name__ == "__main__":`."""
     out = Path(out)
     fmt = output_format(out, fmt)
     work = Path(work) if work else out.with_name(out.name + ".work")
@@ -686,9 +689,13 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
     stages = run_summary.stages_s
     spilled = work / "spill.json"
     resuming = resume and spilled.exists()
-    # started first: the workers import and load the model while this process reads the inputs
-    pool = WorkerPool(workers, {"model": model, "inventory": inventory}) if workers > 1 else None
+    own_pool = pool is None and workers > 1
+    if own_pool:
+        pool = WorkerPool(workers)
+    workers = len(pool) if pool is not None else 1
     try:
+        if pool is not None:
+            pool.broadcast(_setup_worker, model, inventory)
         if resuming:
             meta = json.loads(spilled.read_text())
             run_summary.connections, run_summary.dns_records = meta["connections"], meta["dns_records"]
@@ -729,13 +736,17 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
             rollup_out=rollup_path(out) if rollup else None, stages=stages, pool=pool)
         stages["rank+write"] = time.perf_counter() - t0
     finally:
-        if pool is not None:
+        if own_pool:
             pool.close()
     run_summary.alerts = cp.alerts
     run_summary.quarantined = len(quarantine)
     run_summary.partitions = plan["partitions"]
     shutil.rmtree(work, ignore_errors=True)
     return run_summary
+
+
+def _setup_worker(env: dict, model, inventory: pd.DataFrame | None, progress=None) -> None:
+    env.update(model=model, inventory=inventory)
 
 
 def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: int, partitions: int,
@@ -806,8 +817,9 @@ def _check_checkpoints(work: Path, partitions: int) -> int:
     return done
 
 
-def score_command(args, model, manifest, directory) -> int:
-    """`esxi-anomaly score`: the local engine streams; `--engine dask` partitions by entity."""
+def score_command(args, model, manifest, directory, pool: WorkerPool | None = None) -> int:
+    """`esxi-anomaly score`: the local engine streams (on `pool`'s workers when given); `--engine dask`
+    partitions by entity."""
     from esxi_anomaly.cli import finish_quarantine, log
 
     out = Path(args.out)
@@ -829,8 +841,7 @@ def score_command(args, model, manifest, directory) -> int:
         suppressions = FeedbackStore(Path(directory).parent.parent, Path(directory).parent.name).suppressions()
         result = run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top, chunk_rows=args.chunk_rows,
                      resume=args.resume, progress=not args.no_progress, quarantine=quarantine, summary=summary,
-                     html_extra=html_extra, suppressions=suppressions, context=context,
-                     workers=args.workers or default_workers())
+                     html_extra=html_extra, suppressions=suppressions, context=context, pool=pool)
     for line in summary.lines():
         log(line)
     log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.__dict__.items()

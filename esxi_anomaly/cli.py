@@ -124,10 +124,19 @@ def _load_for_scoring(args):
 
 
 def cmd_score(args) -> int:
-    from esxi_anomaly import batch
+    from esxi_anomaly.workers import WorkerPool, default_workers
 
-    model, manifest, directory = _load_for_scoring(args)
-    return batch.score_command(args, model, manifest, directory)
+    # the local engine's workers start first: they import while this process loads the model
+    workers = args.workers or default_workers()
+    pool = WorkerPool(workers) if args.engine == "local" and workers > 1 else None
+    try:
+        from esxi_anomaly import batch
+
+        model, manifest, directory = _load_for_scoring(args)
+        return batch.score_command(args, model, manifest, directory, pool)
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def cmd_evaluate(args) -> int:

@@ -1,17 +1,18 @@
-"""Worker processes for the local engine: each keeps what it was started with (the model, the
-inventory) and runs the jobs sent to it, reporting progress and results back.
+"""Worker processes for the local engine: each keeps a per-process `env` (the model and inventory,
+given once by a `broadcast` job) and runs the jobs sent to it, reporting progress and results back.
 
 Processes come from a *forkserver* (POSIX; *spawn* elsewhere): a clean server process imports the
-package once and forks each worker from it, so workers start in a fraction of a second, inherit no
-threads of the parent, and the parent may use threads freely. Start the pool early: workers import
-and unpickle while the parent reads its inputs.
+package once and forks each worker from it, so workers inherit no threads of the parent, and the
+parent may use threads freely. Like any spawned process, a worker imports the parent's main module:
+a script that starts workers needs `if __name__ == "__main__":`.
 
 The pool starts its processes on a background thread (the forkserver's first start waits for its
-imports), so creating it costs the caller nothing.
+imports), so creating it costs the caller nothing: start it first, and the workers import while
+the caller loads its model and reads its inputs.
 
-A job is a module-level function `fn(env, *args, progress=callable)`; `env` is the dict the pool was
-started with (per process, so a job may cache things in it for the next). A job that raises, or a
-worker that dies (killed, out of memory), stops the run with the worker's own error text.
+A job is a module-level function `fn(env, *args, progress=callable)`; `env` is the worker's own dict
+(a job may leave things in it for the next). A job that raises, or a worker that dies (killed, out of
+memory), stops the run with the worker's own error text.
 """
 from __future__ import annotations
 
@@ -78,13 +79,13 @@ def _serve(index: int, env: dict, inbox, outbox) -> None:
 
 
 class WorkerPool:
-    """`n` worker processes, each started with `env`; close it (or use `with`) to stop them."""
+    """`n` worker processes, each with its own copy of `env`; close it (or use `with`) to stop them."""
 
-    def __init__(self, n: int, env: dict):
+    def __init__(self, n: int, env: dict | None = None):
         ctx = _context()
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(n)]
-        self.processes = [ctx.Process(target=_serve, args=(i, env, self.inboxes[i], self.outbox), daemon=True,
+        self.processes = [ctx.Process(target=_serve, args=(i, dict(env or {}), self.inboxes[i], self.outbox), daemon=True,
                                       name=f"esxi-anomaly-worker-{i}") for i in range(n)]
         self._start_error: BaseException | None = None
         self._starter = threading.Thread(target=self._start, name="esxi-anomaly-pool-start", daemon=True)
@@ -131,8 +132,9 @@ class WorkerPool:
             except queue.Empty:
                 dead = [p for p in self.processes if p.exitcode is not None]
                 if dead:
-                    raise WorkerError(f"worker process {dead[0].name} exited with code {dead[0].exitcode} "
-                                      "(killed, or out of memory?)") from None
+                    raise WorkerError(f"worker process {dead[0].name} exited with code {dead[0].exitcode} before "
+                                      "finishing its job: killed, out of memory, or it could not start (a script "
+                                      "that starts workers needs `if __name__ == '__main__':`)") from None
                 continue
             if kind == "progress":
                 if on_progress is not None:
@@ -143,12 +145,19 @@ class WorkerPool:
                 self.pending.discard(job_id)
                 yield worker, job_id, value
 
-    def map(self, fn: Callable, jobs: list[tuple], on_progress: Callable[[int], None] | None = None) -> list:
-        """`fn(env, *args)` for each args tuple of `jobs`, each job going to the next free worker;
-        results in the order of `jobs`."""
+    def broadcast(self, fn: Callable, *args) -> list:
+        """`fn(env, *args)` once on every worker (e.g. to give each the model), waiting for all."""
+        return self.map(fn, [args] * len(self), pin=True)
+
+    def map(self, fn: Callable, jobs: list[tuple], on_progress: Callable[[int], None] | None = None,
+            pin: bool = False) -> list:
+        """`fn(env, *args)` for each args tuple of `jobs`, each job going to the next free worker
+        (with `pin`, job i to worker i); results in the order of `jobs`."""
         results: dict[int, Any] = {}
         index_of: dict[int, int] = {}
-        todo = iter(enumerate(jobs))
+        if pin:
+            index_of = {self.submit(i, fn, *args): i for i, args in enumerate(jobs)}
+        todo = iter(enumerate(jobs) if not pin else [])
         for worker in range(len(self)):
             for i, args in todo:
                 index_of[self.submit(worker, fn, *args)] = i
