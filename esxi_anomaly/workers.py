@@ -91,6 +91,7 @@ class WorkerPool:
         self._starter = threading.Thread(target=self._start, name="esxi-anomaly-pool-start", daemon=True)
         self._starter.start()
         self.pending: set = set()
+        self._quiet: set = set()     # broadcast jobs: their results are not reported
         self._next_id = 0
 
     def _start(self) -> None:
@@ -143,21 +144,23 @@ class WorkerPool:
                 raise WorkerError(f"a job failed in worker {worker}:\n{value}")
             else:
                 self.pending.discard(job_id)
+                if job_id in self._quiet:
+                    self._quiet.discard(job_id)
+                    continue
                 yield worker, job_id, value
 
-    def broadcast(self, fn: Callable, *args) -> list:
-        """`fn(env, *args)` once on every worker (e.g. to give each the model), waiting for all."""
-        return self.map(fn, [args] * len(self), pin=True)
+    def broadcast(self, fn: Callable, *args) -> None:
+        """Queue `fn(env, *args)` once on every worker (e.g. to give each the model), ahead of the jobs
+        submitted after it; not waited for: its failure surfaces in the next `events`."""
+        for worker in range(len(self)):
+            self._quiet.add(self.submit(worker, fn, *args))
 
-    def map(self, fn: Callable, jobs: list[tuple], on_progress: Callable[[int], None] | None = None,
-            pin: bool = False) -> list:
-        """`fn(env, *args)` for each args tuple of `jobs`, each job going to the next free worker
-        (with `pin`, job i to worker i); results in the order of `jobs`."""
+    def map(self, fn: Callable, jobs: list[tuple], on_progress: Callable[[int], None] | None = None) -> list:
+        """`fn(env, *args)` for each args tuple of `jobs`, each job going to the next free worker;
+        results in the order of `jobs`."""
         results: dict[int, Any] = {}
         index_of: dict[int, int] = {}
-        if pin:
-            index_of = {self.submit(i, fn, *args): i for i, args in enumerate(jobs)}
-        todo = iter(enumerate(jobs) if not pin else [])
+        todo = iter(enumerate(jobs))
         for worker in range(len(self)):
             for i, args in todo:
                 index_of[self.submit(worker, fn, *args)] = i

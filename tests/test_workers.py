@@ -52,3 +52,16 @@ def test_default_workers_is_the_usable_cores():
 def test_map_returns_results_in_job_order_whatever_worker_ran_them():
     with WorkerPool(2, {"base": 0}) as pool:
         assert [value for value, _calls in pool.map(add, [(i, 10) for i in range(7)])] == [i + 10 for i in range(7)]
+
+
+def set_base(env, base, progress=None):
+    env["base"] = base
+
+
+def test_broadcast_reaches_every_worker_before_later_jobs_and_reports_nothing():
+    with WorkerPool(2) as pool:
+        pool.broadcast(set_base, 1000)
+        assert sorted(value for value, _calls in pool.map(add, [(i, 0) for i in range(4)])) == [1000, 1001, 1002, 1003]
+        pool.broadcast(fail)
+        with pytest.raises(WorkerError, match="bad record"):
+            list(pool.events())
