@@ -204,6 +204,7 @@ class Checkpoint:
     top_feats: pd.DataFrame | None = None
     alerts: int = 0
     scored: int = 0
+    files: dict[str, int] = field(default_factory=dict)   # scored file name -> rows, checked on resume
 
 
 def chunk_bounds(ts: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
@@ -330,7 +331,9 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
             t = _lap(stages, "score: top merge", t)
         scored = pd.concat(pieces, ignore_index=True)
         cp.alerts += int(scored["alert"].sum())
-        write_scored(scored, out_dir / f"{group[0] * n_parts + partition}{SCORED_SUFFIX}")
+        name = f"{group[0] * n_parts + partition}{SCORED_SUFFIX}"
+        write_scored(scored, out_dir / name)
+        cp.files[name] = len(scored)
         cp.done_buckets.extend(group)
         with atomic_path(saved) as tmp:
             with open(tmp, "wb") as fh:
@@ -370,12 +373,12 @@ def _dns_window(dns_dir: Path, cache: dict, lo: float, hi: float, width: int, pa
 
 def write_scored(rows: pd.DataFrame, path: Path) -> None:
     """Scored rows of one bucket group (or Dask partition), as an Arrow IPC file written atomically,
-    in rank order with `row` = position in the file: ranking then takes each output block's rows
-    from the memory map as one slice per file."""
+    in rank order with `row` = position in the file: an output block then takes one run of
+    consecutive rows from each file (sequential reads of the memory map, each page once)."""
     rows = rows.take(rank_order(rows["score"].to_numpy(), rows["event_id"].array)).reset_index(drop=True)
     rows["row"] = np.arange(len(rows))
     table = pa.Table.from_pandas(rows, preserve_index=False)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=False) as tmp:   # a resumed run checks it (`_check_checkpoints`)
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
 
@@ -403,10 +406,9 @@ class _ScoredFiles(dict):
                 mapped.madvise(mmap.MADV_DONTNEED)
 
     def take(self, bucket: int, rows: np.ndarray) -> pa.Table:
-        """Rows of one file (`rows` ascending): a slice of the mapping when they are consecutive (files
-        stored in rank order give those), else copied out of it, its pages then released."""
-        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
-            return self[bucket].slice(int(rows[0]), len(rows))
+        """Rows of one file, copied out of the mapping, whose pages are then released. (Not a zero-copy
+        slice even when the rows are consecutive: some kernels touch a sliced string column's whole
+        buffer, faulting in the whole file.)"""
         out = self[bucket].take(pa.array(rows))
         self.release(bucket)
         return out
@@ -535,9 +537,10 @@ def _csv_block_job(env: dict, work: Path, start: int, bucket: np.ndarray, row: n
     rank_env = env["rank"]
     if rank_env.get("work") != work:   # this run's scored files, opened once per worker
         rank_env.update(work=work, tables=_ScoredFiles(_scored_paths(work)))
-    parts = _block_output(rank_env, "csv", start, bucket, row)
+    data = b"".join(_block_output(rank_env, "csv", start, bucket, row))
     rank_env["tables"].release()
-    return b"".join(parts)
+    release_free_memory()
+    return data
 
 
 def _rank_setup_job(env: dict, explain_top: int, attribution: dict, context: pd.DataFrame | None,
@@ -804,8 +807,18 @@ def _plan(meta: dict, work: Path, chunk_rows: int, explain_top: int, suppression
             "suppressions": suppressions if suppressions is not None else pd.DataFrame()}
 
 
+def _scored_rows(path: Path) -> int:
+    """Rows of a scored file, -1 when it is missing or not a whole Arrow IPC file."""
+    try:
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_file(source).read_all().num_rows
+    except (OSError, pa.ArrowInvalid):
+        return -1
+
+
 def _check_checkpoints(work: Path, partitions: int) -> int:
-    """Bucket groups already done over all partitions; refuses checkpoints of another version."""
+    """Bucket groups already done over all partitions; refuses checkpoints of another version, or whose
+    scored files are not whole."""
     done = 0
     for k in range(partitions):
         path = checkpoint_path(work, k)
@@ -813,6 +826,10 @@ def _check_checkpoints(work: Path, partitions: int) -> int:
             cp = pickle.loads(path.read_bytes())
             if cp.version != CHECKPOINT_VERSION:
                 raise ValueError(f"{work}: checkpoint from another version; rerun without --resume")
+            for name, rows in cp.files.items():
+                if _scored_rows(work / "scored" / name) != rows:
+                    raise ValueError(f"{work}: scored file {name} is missing or damaged (a machine crash?); "
+                                     "rerun without --resume")
             done += len(cp.done_buckets)
     return done
 

@@ -220,3 +220,25 @@ def test_workers_read_files_in_parallel_keeping_quarantine_and_errors(tmp_path, 
     with pytest.raises(ingest.IngestError, match="dns.log.*not"):   # an explicit file of the wrong kind
         batch.run(model, [folder / "dns.log"], [folder / "dns.log"], frames.inventory, tmp_path / "x.csv",
                   progress=False, workers=2)
+
+
+def test_resume_refuses_a_damaged_scored_file(tmp_path, setting, monkeypatch):
+    model, folder, frames = setting
+    args = dict(chunk_rows=900, bucket_s=1800, progress=False)
+    out = tmp_path / "damaged.csv"
+    calls, real = {"n": 0}, batch.score_partition.__globals__["_merge_top"]
+
+    def interrupt(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setitem(batch.score_partition.__globals__, "_merge_top", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, **args)
+    monkeypatch.setitem(batch.score_partition.__globals__, "_merge_top", real)
+    scored = sorted((tmp_path / "damaged.csv.work" / "scored").iterdir())
+    scored[0].write_bytes(scored[0].read_bytes()[:100])   # what a machine crash can leave
+    with pytest.raises(ValueError, match="damaged"):
+        batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True, **args)
