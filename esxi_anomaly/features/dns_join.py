@@ -136,7 +136,9 @@ def _ip_link(conns: ConnColumns, dns: DnsColumns, conn_client, dns_client, windo
     n_ips = max(len(conns.dst.values), int(answer_ip.max(initial=-1)) + 1)
     latest = latest_at(dns_client[rows] * n_ips + answer_ip[rows], dns.ts[rows],
                        conn_client * n_ips + conn_ip, conns.ts)
-    row = np.where(latest >= 0, rows[latest], -1)
+    row = np.full(len(latest), -1, dtype=np.int64)
+    hit = latest >= 0
+    row[hit] = rows[latest[hit]]   # (no A/AAAA rows at all: nothing is hit)
     found = np.flatnonzero(row >= 0)
     too_old = conns.ts[found] - dns.ts[row[found]] > window[row[found]]
     row[found[too_old]] = -1

@@ -65,6 +65,13 @@ def test_empty_inputs():
     assert len(j.ip_answer_row) == 0
 
 
+def test_answers_without_any_address_record_link_nothing():
+    conns, dns = frames()
+    dns = dns.assign(rtype="TXT", answer="v=spf1 -all")   # a partition whose window holds no A/AAAA
+    j = dns_join.join(conns, dns)
+    assert (j.ip_answer_row == -1).all() and len(j.pairs_conn) > 0   # still candidates for derivations
+
+
 # --- real captures -----------------------------------------------------------------------
 
 def _independent_tsv(path):
