@@ -336,7 +336,9 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
         write_scored(scored, out_dir / name)
         cp.files[name] = len(scored)
         cp.done_buckets.extend(group)
-        with atomic_path(saved) as tmp:
+        # not flushed to disk (each flush also forced out the scored file's 100+ MB): a killed run
+        # resumes from the page cache; after a machine crash `_check_checkpoints` refuses what is lost
+        with atomic_path(saved, durable=False) as tmp:
             with open(tmp, "wb") as fh:
                 pickle.dump(cp, fh, protocol=pickle.HIGHEST_PROTOCOL)
         t = _lap(stages, "score: write scored+checkpoint", t)
@@ -825,7 +827,11 @@ def _check_checkpoints(work: Path, partitions: int) -> int:
     for k in range(partitions):
         path = checkpoint_path(work, k)
         if path.exists():
-            cp = pickle.loads(path.read_bytes())
+            try:
+                cp = pickle.loads(path.read_bytes())
+            except Exception as exc:   # truncated or garbled by a crash
+                raise ValueError(f"{work}: checkpoint {path.name} is damaged ({exc.__class__.__name__}); "
+                                 "rerun without --resume") from None
             if cp.version != CHECKPOINT_VERSION:
                 raise ValueError(f"{work}: checkpoint from another version; rerun without --resume")
             for name, rows in cp.files.items():

@@ -242,3 +242,7 @@ def test_resume_refuses_a_damaged_scored_file(tmp_path, setting, monkeypatch):
     scored[0].write_bytes(scored[0].read_bytes()[:100])   # what a machine crash can leave
     with pytest.raises(ValueError, match="damaged"):
         batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True, **args)
+    checkpoint = tmp_path / "damaged.csv.work" / "checkpoint-0.pkl"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:50])
+    with pytest.raises(ValueError, match="checkpoint-0.pkl is damaged"):
+        batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True, **args)
