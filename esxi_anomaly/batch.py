@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import mmap
+import os
 import pickle
 import shutil
 import sys
@@ -464,10 +465,17 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
         with atomic_path(out) as tmp:
             writer = _BlockWriter(tmp, fmt)
 
+            flushing: list = []
+
             def write(result) -> None:
                 if fmt == "csv":
                     for part in result:
                         writer.fh.write(part)
+                    # the final flush to disk (atomic_path) then finds little left: written
+                    # blocks go out on a thread while the next ones are built
+                    if not flushing or flushing[-1].done():
+                        writer.fh.flush()
+                        flushing.append(threads.submit(os.fdatasync, writer.fh.fileno()))
                 elif fmt == "html":
                     block_frames.append(result.to_pandas())
                 else:
@@ -492,6 +500,8 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                         write(pending.popleft().result())
                 while pending:
                     write(pending.popleft().result())
+            for flush in flushing:
+                flush.result()
             if fmt == "html":
                 ranked = pd.concat(block_frames, ignore_index=True) if block_frames else pd.DataFrame()
                 report_html.write_html(ranked, tmp, **html_extra)
