@@ -777,7 +777,8 @@ def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: 
     t0 = time.perf_counter()
     files = [(path, explicit, "connections", work / "conn", "src_ip") for path, explicit in ingest.list_files(conn_paths)]
     files += [(path, explicit, "dns_answers", work / "dns", "client_ip") for path, explicit in ingest.list_files(dns_paths)]
-    jobs = [(path, explicit, frame, folder, bucket_s, key, index, chunk_rows)
+    read_rows = max(10_000, chunk_rows // partitions)   # files are read side by side: chunk_rows in all
+    jobs = [(path, explicit, frame, folder, bucket_s, key, index, read_rows)
             for index, (path, explicit, frame, folder, key) in enumerate(files)]
     results = pool.map(_spill_file, jobs) if pool is not None else [_spill_file({}, *job) for job in jobs]
     stages["read+spill"] = time.perf_counter() - t0
