@@ -43,15 +43,9 @@ def test_chunked_stream_equals_one_shot(tmp_path, setting, monkeypatch):
     assert not (tmp_path / "streamed.csv.work").exists()
 
 
-def test_resume_after_interruption_gives_the_same_output(tmp_path, setting, monkeypatch):
-    model, folder, frames = setting
-    args = dict(chunk_rows=900, bucket_s=1800, progress=False)
-    full = tmp_path / "full.csv"
-    batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, full, **args)
-
-    out = tmp_path / "resumed.csv"
-    calls = {"n": 0}
-    real = batch.score_partition.__globals__["_merge_top"]
+def killed_run(monkeypatch, model, folder, frames, out, **args) -> None:
+    """Run `batch.run` and kill it (KeyboardInterrupt) at its 5th chunk, as an interrupted job."""
+    calls, real = {"n": 0}, batch.score_partition.__globals__["_merge_top"]
 
     def interrupt(*a, **k):
         calls["n"] += 1
@@ -62,10 +56,20 @@ def test_resume_after_interruption_gives_the_same_output(tmp_path, setting, monk
     monkeypatch.setitem(batch.score_partition.__globals__, "_merge_top", interrupt)
     with pytest.raises(KeyboardInterrupt):
         batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, **args)
+    monkeypatch.setitem(batch.score_partition.__globals__, "_merge_top", real)
+
+
+def test_resume_after_interruption_gives_the_same_output(tmp_path, setting, monkeypatch):
+    model, folder, frames = setting
+    args = dict(chunk_rows=900, bucket_s=1800, progress=False)
+    full = tmp_path / "full.csv"
+    batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, full, **args)
+
+    out = tmp_path / "resumed.csv"
+    killed_run(monkeypatch, model, folder, frames, out, **args)
     assert not out.exists()  # never a half-written output under the final name
     cp = pd.read_pickle(tmp_path / "resumed.csv.work" / "checkpoint-0.pkl")
     assert 0 < len(cp.done_buckets)
-    monkeypatch.setitem(batch.score_partition.__globals__, "_merge_top", real)
     summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True, **args)
     assert summary.chunks_resumed == len(cp.done_buckets)
     pd.testing.assert_frame_equal(read(full), read(out))
@@ -226,18 +230,7 @@ def test_resume_refuses_a_damaged_scored_file(tmp_path, setting, monkeypatch):
     model, folder, frames = setting
     args = dict(chunk_rows=900, bucket_s=1800, progress=False)
     out = tmp_path / "damaged.csv"
-    calls, real = {"n": 0}, batch.score_partition.__globals__["_merge_top"]
-
-    def interrupt(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("killed")
-        return real(*a, **k)
-
-    monkeypatch.setitem(batch.score_partition.__globals__, "_merge_top", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, **args)
-    monkeypatch.setitem(batch.score_partition.__globals__, "_merge_top", real)
+    killed_run(monkeypatch, model, folder, frames, out, **args)
     scored = sorted((tmp_path / "damaged.csv.work" / "scored").iterdir())
     scored[0].write_bytes(scored[0].read_bytes()[:100])   # what a machine crash can leave
     with pytest.raises(ValueError, match="damaged"):
