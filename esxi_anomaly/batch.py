@@ -181,15 +181,16 @@ def assign_partitions(conn_counts: np.ndarray, dns_counts: np.ndarray, n: int) -
     return part_of
 
 
-def _read_bucket(folder: Path, b: int, part_of: np.ndarray, partition: int) -> pa.Table | None:
-    """The rows of bucket `b` whose source slot belongs to `partition`, in spill order."""
+def _read_bucket(folder: Path, b: int, part_of: np.ndarray | None, partition: int) -> pa.Table | None:
+    """The rows of bucket `b` whose source slot belongs to `partition` (all rows when `part_of` is
+    None: a single partition), in spill order."""
     target = folder / str(b)
     if not target.is_dir():
         return None
     parts = sorted(target.glob("part-*.arrow"), key=lambda p: tuple(int(n) for n in p.stem.split("-")[1:]))
     table = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in parts],
                              promote_options="default")
-    if part_of.max() > 0:
+    if part_of is not None:
         table = table.filter(pa.array(part_of[table[_SLOT].to_numpy()] == partition))
     return table.drop_columns([_SLOT]) if table.num_rows else None
 
@@ -278,7 +279,8 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
     state, and the seconds per stage."""
     model, inventory = env["model"], env["inventory"]
     bucket_s, chunk_rows, explain_top = plan["bucket_s"], plan["chunk_rows"], plan["explain_top"]
-    part_of, n_parts = plan["part_of"], plan["partitions"]
+    n_parts = plan["partitions"]
+    part_of = plan["part_of"] if n_parts > 1 else None
     suppressions = plan["suppressions"]
     progress = progress or (lambda n: None)
     if n_parts > 1:  # one partition per core already: the forest scores on this process's thread only
@@ -352,7 +354,7 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
     return cp, stages
 
 
-def _dns_window(dns_dir: Path, cache: dict, lo: float, hi: float, width: int, part_of: np.ndarray,
+def _dns_window(dns_dir: Path, cache: dict, lo: float, hi: float, width: int, part_of: np.ndarray | None,
                 partition: int) -> pd.DataFrame:
     """The partition's DNS rows with lo <= ts < hi, read from the (cached) buckets that cover them."""
     first = np.floor(lo / width) if np.isfinite(lo) else -np.inf
@@ -566,9 +568,7 @@ def _write_blocks_on_workers(pool: WorkerPool, work: Path, block, starts: range,
                              attribution: dict, context: pd.DataFrame | None, write) -> None:
     """CSV blocks (`block(start)`: a block's arguments) built by the workers and written here in rank
     order; at most two blocks per worker in flight, so memory stays bounded."""
-    for worker in range(len(pool)):
-        pool.submit(worker, _rank_setup_job, explain_top, attribution, context)
-    list(pool.events())
+    pool.broadcast(_rank_setup_job, explain_top, attribution, context)
     done: dict[int, bytes] = {}
     block_of: dict[int, int] = {}
     next_submit = next_write = 0
@@ -724,10 +724,8 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
             run_summary.chunks_resumed = _check_checkpoints(work, plan["partitions"])
         bar = Progress(run_summary.connections, "scoring", enabled=progress)
         t0 = time.perf_counter()
-        parts = []
-        env = {"model": model, "inventory": inventory}
         if pool is None or plan["partitions"] == 1:
-            parts.append(score_partition(env, plan, work, 0, resuming, bar.update))
+            parts = [score_partition({"model": model, "inventory": inventory}, plan, work, 0, resuming, bar.update)]
         else:
             for k in range(plan["partitions"]):
                 pool.submit(k % len(pool), score_partition, plan, work, k, resuming)
