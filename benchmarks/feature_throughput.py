@@ -45,6 +45,7 @@ from esxi_anomaly.features import pipeline
 from esxi_anomaly.features.baseline import EntityBaseline
 from esxi_anomaly.features.mgmt_plane import ManagementPlane
 from esxi_anomaly.synth import generate
+from esxi_anomaly.workers import tune_allocator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _JOB: dict = {}  # inherited by forked workers: the frames and fitted pieces, never pickled
@@ -127,6 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--processes", type=int, nargs="*", default=[2], help="process counts for the by-source mode")
     args = ap.parse_args(argv)
+    tune_allocator()  # as the engine's processes do (the forked workers inherit it)
 
     t = time.perf_counter()
     ds = generate(days=args.days, seed=args.seed, scenario="large", scale=args.scale, attack_days=1)

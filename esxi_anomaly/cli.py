@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from esxi_anomaly.bundle import BundleError
+    from esxi_anomaly.workers import tune_allocator
+
+    tune_allocator()
 
     try:
         return args.func(args)
