@@ -180,7 +180,8 @@ def take_rows(prepared: pipeline.Prepared, idx: np.ndarray) -> pipeline.Prepared
         conns=prepared.conns.iloc[idx].reset_index(drop=True),
         relationship=prepared.relationship.iloc[idx].reset_index(drop=True),
         evidence=prepared.evidence.iloc[idx].reset_index(drop=True),
-        entities=prepared.entities.iloc[idx].reset_index(drop=True),
+        entity_table=prepared.entity_table,
+        entity_codes=prepared.entity_codes[idx],
         baseline_input=prepared.baseline_input.iloc[idx].reset_index(drop=True),
         dns_side=prepared.dns_side.iloc[idx].reset_index(drop=True),
     )

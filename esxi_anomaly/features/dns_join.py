@@ -52,6 +52,8 @@ class DnsJoin:
     pairs_conn: np.ndarray      # int64 connection index
     pairs_answer: np.ndarray    # int64 row of dns
     pairs_age: np.ndarray       # float64 seconds from the answer to the connection
+    latest_response: np.ndarray | None = None  # int64 per connection: `dns.response` code of the
+    # client's latest response at or before it (any age), -1 if none
 
 
 def answer_window(ttl: np.ndarray, params: JoinParams) -> np.ndarray:
@@ -66,13 +68,13 @@ def join(conns, dns, params: JoinParams = JoinParams()) -> DnsJoin:
     n = conns.n
     if n == 0 or dns.n == 0:
         empty = np.empty(0, dtype="int64")
-        return DnsJoin(np.full(n, -1, dtype="int64"), empty, empty, np.empty(0))
+        return DnsJoin(np.full(n, -1, dtype="int64"), empty, empty, np.empty(0), np.full(n, -1, dtype="int64"))
 
     conn_client, dns_client = shared_codes(conns.src, dns.client)
     window = answer_window(dns.ttl, params)
     ip_row = _ip_link(conns, dns, conn_client, dns_client, window)
-    pc, pa, age = _recent_answers(dns, conn_client, dns_client, conns.ts, window, params)
-    return DnsJoin(ip_row, pc, pa, age)
+    pc, pa, age, latest = _recent_answers(dns, conn_client, dns_client, conns.ts, window, params)
+    return DnsJoin(ip_row, pc, pa, age, latest)
 
 
 def latest_at(event_key: np.ndarray, event_ts: np.ndarray, query_key: np.ndarray, query_ts: np.ndarray) -> np.ndarray:
@@ -147,7 +149,7 @@ def _ip_link(conns: ConnColumns, dns: DnsColumns, conn_client, dns_client, windo
 
 def _recent_answers(dns: DnsColumns, conn_client, dns_client, conn_ts, window, params):
     """Candidate pairs, sorted by (connection, answer row): all answer rows of the client's last K
-    responses, each row within its window."""
+    responses, each row within its window; and per connection its client's latest response."""
     # responses (all rows of one share client and time) in (client, ts) order, ties in response
     # order, and the rows grouped by response in that order: a client's last K responses before a
     # connection are then one contiguous range of rows
@@ -180,4 +182,4 @@ def _recent_answers(dns: DnsColumns, conn_client, dns_client, conn_ts, window, p
     if len(key) and not (key[1:] > key[:-1]).all():
         sort = np.argsort(key, kind="stable")  # runs: nearly linear
         conn_idx, answer_row, age = conn_idx[sort], answer_row[sort], age[sort]
-    return conn_idx, answer_row, age
+    return conn_idx, answer_row, age, latest

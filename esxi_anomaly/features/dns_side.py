@@ -72,25 +72,42 @@ def dns_side_features(conns, dns, j: DnsJoin, name, state: StreamState | None = 
     churn_now, = _latest_value(dns_client[data] * n_names + dns_query[data], dns.ts[data], [churn],
                                conn_client * n_names + conn_name, conn_ts, [before])
     out["name_answer_churn"] = np.where(name.per_value(values != ""), churn_now, 0.0)
-    # share of the client's responses so far that were NXDOMAIN
+    # share of the client's responses so far that were NXDOMAIN, as of the client's latest response
+    # (the join's); responses before `owned` belong to earlier batches, whose counts `state` holds
     owned_rows = np.flatnonzero(owned)
     first_of = np.full(int(dns.response.max(initial=-1)) + 1, -1)
     first_of[dns.response[owned_rows][::-1]] = owned_rows[::-1]
-    first = np.sort(first_of[first_of >= 0])  # a row per response, its first
-    resp_ts = dns.ts[first]
-    order = np.argsort(resp_ts, kind="stable")
-    first, resp_ts = first[order], resp_ts[order]
+    first = np.sort(first_of[first_of >= 0])  # a row per owned response, its first, in response order
+    order = np.argsort(dns.ts[first], kind="stable")
+    first = first[order]
     rc = dns.client.keys[first]
     nx = (dns.rcode.codes[first] == dns.rcode.code_of("NXDOMAIN")).astype("float64")
-    nx_run = pd.Series(nx).groupby(rc).cumsum().to_numpy() + _prior(state, "client_nx", rc)
-    total_run = pd.Series(np.ones(len(rc))).groupby(rc).cumsum().to_numpy() + _prior(state, "client_responses", rc)
-    nx_now, total_now = _latest_value(dns_client[first], resp_ts, [nx_run, total_run], conn_client, conn_ts,
-                                      [_prior(state, "client_nx", src_key), _prior(state, "client_responses", src_key)])
+    nx_run = np.zeros(len(first_of))
+    total_run = np.zeros(len(first_of))
+    nx_run[dns.response[first]] = pd.Series(nx).groupby(rc).cumsum().to_numpy() + _prior(state, "client_nx", rc)
+    total_run[dns.response[first]] = pd.Series(np.ones(len(rc))).groupby(rc).cumsum().to_numpy() \
+        + _prior(state, "client_responses", rc)
+    latest = j.latest_response if j.latest_response is not None else _latest_response(conns, dns)
+    # an un-owned latest response means no owned one either (owned = at or after a time)
+    found = np.flatnonzero(latest >= 0)
+    found = found[first_of[latest[found]] >= 0]
+    nx_now = np.array(_prior(state, "client_nx", src_key), dtype="float64")
+    total_now = np.array(_prior(state, "client_responses", src_key), dtype="float64")
+    nx_now[found], total_now[found] = nx_run[latest[found]], total_run[latest[found]]
     out["client_nxdomain_rate"] = np.where(total_now > 0, nx_now / np.maximum(total_now, 1), 0.0)
     if state is not None:
         state.add_counts("client_nx", rc, nx)
         state.add_counts("client_responses", rc, np.ones(len(rc)))
     return pd.DataFrame({feature: out[feature] for feature in DNS_SIDE_FEATURES})
+
+
+def _latest_response(conns: ConnColumns, dns: DnsColumns) -> np.ndarray:
+    """Per connection, the `dns.response` code of its client's latest response at or before it, -1 if
+    none (what `dns_join.join` gives as `latest_response`)."""
+    conn_client, dns_client = shared_codes(conns.src, dns.client)
+    first = np.full(int(dns.response.max(initial=-1)) + 1, -1)
+    first[dns.response[::-1]] = np.arange(dns.n)[::-1]
+    return latest_at(dns_client[first], dns.ts[first], conn_client, conns.ts)
 
 
 def _prior(state: StreamState | None, name: str, keys: np.ndarray) -> np.ndarray:

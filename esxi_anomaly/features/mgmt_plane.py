@@ -70,10 +70,13 @@ class ManagementPlane(BaseEstimator):
         self.peer_class_ = peer_classes(inventory)
         return self
 
-    def transform(self, conns: pd.DataFrame, entities: pd.DataFrame, columns: ConnColumns | None = None) -> pd.DataFrame:
-        """`columns`: the coded view of `conns` if the caller has one (`pipeline.prepare` does)."""
+    def transform(self, conns: pd.DataFrame, entities: pd.DataFrame | Coded,
+                  columns: ConnColumns | None = None) -> pd.DataFrame:
+        """`entities`: the entity columns per connection, or just their `src_kind` coded; `columns`: the
+        coded view of `conns` if the caller has one (`pipeline.prepare` does)."""
         n = len(conns)
-        source = Coded.of(entities["src_kind"]).isin(MGMT_KINDS)
+        kinds = entities if isinstance(entities, Coded) else Coded.of(entities["src_kind"])
+        source = kinds.isin(MGMT_KINDS)
         expected = np.zeros(n, dtype=bool)
         idx = np.flatnonzero(source)
         if len(idx):

@@ -6,6 +6,7 @@ features a model was fitted on are exactly the ones it scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -26,15 +27,29 @@ FEATURES = dns_port.RELATIONSHIP_FEATURES + DNS_SIDE_FEATURES + BASELINE_FEATURE
 
 @dataclass
 class Prepared:
-    """Everything about a batch that does not depend on a fitted baseline."""
+    """Everything about a batch that does not depend on a fitted baseline.
+
+    Sources are kept as `entity_table` (one row per distinct source, `entities.ENTITY_COLUMNS`) and
+    each connection's row in it (`entity_codes`); `entities` gives them per connection."""
 
     conns: pd.DataFrame
     relationship: pd.DataFrame
     evidence: pd.DataFrame
-    entities: pd.DataFrame
+    entity_table: pd.DataFrame
+    entity_codes: np.ndarray
     baseline_input: pd.DataFrame
     dns_side: pd.DataFrame
     columns: ConnColumns | None = None  # the coded connection columns, reused by `extract`
+
+    @cached_property
+    def entities(self) -> pd.DataFrame:
+        """The entity columns per connection, in connection order."""
+        return self.entity_table.take(self.entity_codes).reset_index(drop=True)
+
+    @property
+    def entity_kinds(self) -> Coded:
+        """Each connection's source kind, coded."""
+        return Coded(self.entity_codes, self.entity_table["src_kind"].to_numpy(dtype=object))
 
 
 def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | None,
@@ -55,19 +70,18 @@ def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | No
     names = np.append(queries.values, "")
     name = Coded(np.where(link >= 0, link, np.where(behind >= 0, behind, len(names) - 1)), names)
     table = entity_table(cc.src.values, inventory)
-    ent = table.take(cc.src.codes).reset_index(drop=True)
     domain = np.where(names != "", registered_domain(names).to_numpy(dtype=object), "")
     base_in = pd.DataFrame({
         "entity": cc.src.per_value(hash_column(table["src_name"].to_numpy(dtype=object))),
         "role": cc.src.per_value(hash_column(table["src_role"].to_numpy(dtype=object))),
         "dst_ip": cc.dst.keys, "dst_port": cc.dst_port,
-        "proto": cc.proto.values[cc.proto.codes], "domain": name.per_value(hash_column(domain)),
+        "proto": conns["proto"].array, "domain": name.per_value(hash_column(domain)),
         "ts": cc.ts, "bytes_out": conns["bytes_out"].to_numpy(),
         "duration": conns["duration"].to_numpy(),
         "conn_rate": trailing_count(cc.src.keys, cc.ts, RATE_WINDOW_S, state, "conn_rate"),
     })
     side = dns_side_features(cc, dc, j, name, state)
-    return Prepared(conns, rel, evidence, ent, base_in, side, cc)
+    return Prepared(conns, rel, evidence, table, cc.src.codes, base_in, side, cc)
 
 
 def extract(prepared: Prepared, baseline: EntityBaseline, mgmt: ManagementPlane) -> pd.DataFrame:
@@ -77,7 +91,7 @@ def extract(prepared: Prepared, baseline: EntityBaseline, mgmt: ManagementPlane)
         prepared.relationship,
         prepared.dns_side,
         baseline.transform(prepared.baseline_input),
-        mgmt.transform(prepared.conns, prepared.entities, prepared.columns),
+        mgmt.transform(prepared.conns, prepared.entity_kinds, prepared.columns),
         pd.DataFrame({
             "dst_port_log": np.log1p(np.maximum(port, 0)),
             "dst_port_ephemeral": (port >= 49_152).astype("float64"),
