@@ -58,7 +58,7 @@ def match_keys(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 PORT_SPAN = 65_537  # ports 0..65535, and one slot for anything outside
-COMBO_CHUNK = 200_000  # bounds the (candidates x transforms) comparison matrix to ~70 MB
+COMBO_CHUNK = 200_000  # bounds the (combinations x transforms) comparison matrix to ~70 MB
 ANNOUNCED_CODES = T.transform_codes(ANNOUNCED_TRANSFORMS)
 _TRANSFORM_TEXT = Coded(np.zeros(0, dtype=np.int64), T.TRANSFORM_IDS)  # decodes transform codes to ids
 
@@ -76,45 +76,26 @@ class _ATable:
         ports = T.a_record_ports(self.octets)
         ports[~self.valid] = -1
         self.ports = ports
-        self._filter = None
-
-    @property
-    def port_filter(self) -> tuple[np.ndarray, int]:
-        """A one-hash Bloom filter of every (value, derived port) key: packed bits and the shift
-        that turns a mixed key into a bit number. ~32 bits per key: ~3% false positives."""
-        if self._filter is None:
-            value, _ = np.nonzero(self.ports >= 0)
-            keys = value.astype(np.uint64) * np.uint64(PORT_SPAN) + self.ports[self.ports >= 0].astype(np.uint64)
-            bits = int(np.clip(np.ceil(np.log2(max(32 * len(keys), 1))), 16, 28))
-            shift = np.uint64(64 - bits)
-            mask = np.zeros(1 << bits, dtype=bool)
-            with np.errstate(over="ignore"):
-                mask[(keys * _MIX) >> shift] = True
-            self._filter = (np.packbits(mask, bitorder="little"), shift)
-        return self._filter
-
-
-_MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
 def _dense_a_hits(value: np.ndarray, port: np.ndarray, table: _ATable):
     """For items (answer value code, port): the items where an A transform gives the port, and which.
-    Almost no item hits: a Bloom filter of the (value, derived port) keys passes the few candidates,
-    and only they are compared with the derivations."""
-    slot = _port_slot(port)
-    bits, shift = table.port_filter
-    with np.errstate(over="ignore"):
-        h = ((value.astype(np.uint64) * np.uint64(PORT_SPAN) + slot.astype(np.uint64)) * _MIX) >> shift
-    cand = np.flatnonzero((bits[h >> np.uint64(3)] >> (h & np.uint64(7)).astype(np.uint8)) & 1)
-    items, codes = [], []
-    for start in range(0, len(cand), COMBO_CHUNK):   # bounds the comparison matrix
-        c = cand[start:start + COMBO_CHUNK]
-        k, t = np.nonzero(table.ports[value[c]] == slot[c, None])   # sorted by (item, transform)
-        items.append(c[k])
-        codes.append(T.A_PORT_CODES[t])
-    if not items:
-        return np.zeros(0, dtype=np.int64), T.A_PORT_CODES[:0]
-    return np.concatenate(items), np.concatenate(codes)
+    Distinct (value, port) combinations are compared once; items repeat them heavily."""
+    key = value * PORT_SPAN + _port_slot(port)
+    inverse, combos = pd.factorize(key)
+    combo_value, combo_port = combos // PORT_SPAN, combos % PORT_SPAN
+    hit_combo, hit_t = [], []
+    for start in range(0, len(combos), COMBO_CHUNK):
+        sel = slice(start, start + COMBO_CHUNK)
+        k, t = np.nonzero(table.ports[combo_value[sel]] == combo_port[sel, None])
+        hit_combo.append(k + start)
+        hit_t.append(t)
+    hit_combo, hit_t = np.concatenate(hit_combo), np.concatenate(hit_t)  # sorted by (combo, transform)
+    n_hits = np.bincount(hit_combo, minlength=len(combos))
+    first = np.cumsum(n_hits) - n_hits
+    items = np.flatnonzero(n_hits[inverse] > 0)
+    item, at = expand(items, first[inverse[items]], n_hits[inverse[items]])
+    return item, T.A_PORT_CODES[hit_t[at]]
 
 
 def _port_hits(pc, pa, dst_port, dns: DnsColumns, table: _ATable):
