@@ -76,18 +76,32 @@ class _ATable:
         ports = T.a_record_ports(self.octets)
         ports[~self.valid] = -1
         self.ports = ports
+        self._ips = None
+
+    @property
+    def ips(self) -> np.ndarray:
+        """Per distinct value, its A-record IP derivations (I1, I4, I5) as int64, -1 where none: invalid
+        answers, and results equal to the answer itself (never offered as derivations)."""
+        if self._ips is None:
+            ips = T.a_record_ips(self.octets).astype(np.int64)
+            ips[ips == T._octets_to_int(self.octets)[:, None]] = -1
+            ips[~self.valid] = -1
+            self._ips = ips
+        return self._ips
 
 
-def _dense_a_hits(value: np.ndarray, port: np.ndarray, table: _ATable):
-    """For items (answer value code, port): the items where an A transform gives the port, and which.
-    Distinct (value, port) combinations are compared once; items repeat them heavily."""
-    key = value * PORT_SPAN + _port_slot(port)
+def _dense_hits(value: np.ndarray, target: np.ndarray, derived: np.ndarray, span: int, codes: np.ndarray):
+    """For items (answer value code, target in 0..span-1): the items where a column of `derived[value]`
+    (one row per distinct answer value, -1 = nothing derived) equals the target, and that column's
+    transform code, sorted by (item, column). Distinct (value, target) combinations are compared
+    once; items repeat them heavily."""
+    key = value * span + target
     inverse, combos = pd.factorize(key)
-    combo_value, combo_port = combos // PORT_SPAN, combos % PORT_SPAN
+    combo_value, combo_target = combos // span, combos % span
     hit_combo, hit_t = [], []
     for start in range(0, len(combos), COMBO_CHUNK):
         sel = slice(start, start + COMBO_CHUNK)
-        k, t = np.nonzero(table.ports[combo_value[sel]] == combo_port[sel, None])
+        k, t = np.nonzero(derived[combo_value[sel]] == combo_target[sel, None])
         hit_combo.append(k + start)
         hit_t.append(t)
     hit_combo, hit_t = np.concatenate(hit_combo), np.concatenate(hit_t)  # sorted by (combo, transform)
@@ -95,7 +109,12 @@ def _dense_a_hits(value: np.ndarray, port: np.ndarray, table: _ATable):
     first = np.cumsum(n_hits) - n_hits
     items = np.flatnonzero(n_hits[inverse] > 0)
     item, at = expand(items, first[inverse[items]], n_hits[inverse[items]])
-    return item, T.A_PORT_CODES[hit_t[at]]
+    return item, codes[hit_t[at]]
+
+
+def _dense_a_hits(value: np.ndarray, port: np.ndarray, table: _ATable):
+    """For items (answer value code, port): the items where an A transform gives the port, and which."""
+    return _dense_hits(value, _port_slot(port), table.ports, PORT_SPAN, T.A_PORT_CODES)
 
 
 def _port_hits(pc, pa, dst_port, dns: DnsColumns, table: _ATable):
@@ -127,6 +146,32 @@ def _port_hits(pc, pa, dst_port, dns: DnsColumns, table: _ATable):
     if not out_c:
         return np.zeros(0, dtype="int64"), np.zeros(0, dtype="int64"), np.zeros(0, dtype=np.int16)
     return np.concatenate(out_c), np.concatenate(out_r), np.concatenate(out_t)
+
+
+def _ip_hits(pc: np.ndarray, pa: np.ndarray, conns: ConnColumns, dns: DnsColumns, table: _ATable):
+    """Every (pair, transform code) where an IP transform of the answer equals the connection's dst_ip,
+    sorted by (pair, transform). A records are compared as integers against `_ATable.ips`; other
+    record types go through `derive_ips`, once per distinct (record type, answer) value."""
+    dst_int, dst_valid = T.ipv4_to_int(conns.dst.values)   # per distinct destination
+    is_a = dns.rtype.codes[pa] == dns.rtype.code_of("A")
+    a_items = np.flatnonzero(is_a & dst_valid[conns.dst.codes[pc]])
+    item, code = _dense_hits(dns.answer.codes[pa[a_items]], dst_int.astype(np.int64)[conns.dst.codes[pc[a_items]]],
+                             table.ips, 1 << 32, T._A_IP_CODES)
+    items, codes = [a_items[item]], [code.astype(np.int16)]
+    other = np.flatnonzero(~is_a)
+    if len(other):
+        rows = pa[other]
+        value_key = dns.rtype.codes[rows] * max(len(dns.answer.values), 1) + dns.answer.codes[rows]
+        inverse, first = distinct(value_key)
+        derived = T.derive_ips(dns.rtype.strings(rows[first]), dns.answer.strings(rows[first]))
+        if len(derived):
+            li, ri = match_keys(_hash(inverse.astype("int64"), conns.dst.keys[pc[other]]),
+                                _hash(derived["row"].to_numpy(dtype="int64"), Coded.of(derived["ip"]).keys))
+            items.append(other[li])
+            codes.append(derived["transform"].array.codes[ri].astype(np.int16))
+    items, codes = np.concatenate(items), np.concatenate(codes)
+    order = np.argsort(items, kind="stable")   # an item's hits all come from one side, in order
+    return items[order], codes[order]
 
 
 def _response_any(dns: DnsColumns, flag: np.ndarray) -> np.ndarray:
@@ -273,25 +318,17 @@ def relationship_features(conns, dns, j: DnsJoin,
         unl = ~linked[pc]
         upc, upa = pc[unl], pa[unl]
         if len(upc):
-            value_key = dns.rtype.codes[upa] * max(len(dns.answer.values), 1) + dns.answer.codes[upa]
-            inverse, first = distinct(value_key)
-            first_row = upa[first]
-            derived = T.derive_ips(dns.rtype.strings(first_row), dns.answer.strings(first_row))
-            if len(derived):
-                ip_keys = Coded.of(derived["ip"]).keys
-                li, ri = match_keys(_hash(inverse.astype("int64"), conns.dst.keys[upc]),
-                                    _hash(derived["row"].to_numpy(dtype="int64"), ip_keys))
-                if len(li):
-                    hc = upc[li]
-                    hit_transform = derived["transform"].array.codes[ri].astype(np.int16)
-                    hit_row = upa[li]
-                    ip_derived[hc] = 1.0
-                    # a derived IPv4 coincides with probability ~2^-32 per test
-                    tests = np.bincount(upc, minlength=n)[hc] * 32
-                    ip_sig[hc] = -np.log10(np.clip(tests / 2.0**32, 1e-300, 1))
-                    take = (ev_transform[hc] < 0) | (ip_sig[hc] > sig[hc])
-                    ev_transform[hc[take]] = hit_transform[take]
-                    ev_answer_row[hc[take]] = hit_row[take]
+            li, hit_transform = _ip_hits(upc, upa, conns, dns, table)
+            if len(li):
+                hc = upc[li]
+                hit_row = upa[li]
+                ip_derived[hc] = 1.0
+                # a derived IPv4 coincides with probability ~2^-32 per test
+                tests = np.bincount(upc, minlength=n)[hc] * 32
+                ip_sig[hc] = -np.log10(np.clip(tests / 2.0**32, 1e-300, 1))
+                take = (ev_transform[hc] < 0) | (ip_sig[hc] > sig[hc])
+                ev_transform[hc[take]] = hit_transform[take]
+                ev_answer_row[hc[take]] = hit_row[take]
     feats["ip_derived"] = ip_derived
     feats["ip_significance"] = ip_sig
 
