@@ -110,7 +110,7 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
             centre = med[col].fillna(self.global_median_[col]).to_numpy()[ent_codes]
             scale = mad[col].fillna(self.global_mad_[col]).to_numpy()[ent_codes]
             out[name] = np.clip((stats[col].to_numpy() - centre) / (1.4826 * scale), -50, 50)
-        return pd.DataFrame({name: out[name] for name in BASELINE_FEATURES}, index=X.index)
+        return pd.DataFrame({name: out[name] for name in BASELINE_FEATURES}, index=X.index, copy=False)
 
     def _keyed_features(self, ent, role, dst, port, domain, hour) -> dict[str, np.ndarray]:
         """Every feature that depends only on (entity, role, destination, port, domain, hour)."""

@@ -341,4 +341,5 @@ def relationship_features(conns, dns, j: DnsJoin,
         "consistency": np.maximum(consistency, keyed),
         "answer_row": ev_answer_row,
     })
-    return pd.DataFrame({name: feats[name] for name in RELATIONSHIP_FEATURES}), evidence
+    # copy=False: one block per column, no consolidation copy (`pipeline.extract` copies each column once)
+    return pd.DataFrame({name: feats[name] for name in RELATIONSHIP_FEATURES}, copy=False), evidence

@@ -98,7 +98,7 @@ def dns_side_features(conns, dns, j: DnsJoin, name, state: StreamState | None = 
     if state is not None:
         state.add_counts("client_nx", rc, nx)
         state.add_counts("client_responses", rc, np.ones(len(rc)))
-    return pd.DataFrame({feature: out[feature] for feature in DNS_SIDE_FEATURES})
+    return pd.DataFrame({feature: out[feature] for feature in DNS_SIDE_FEATURES}, copy=False)
 
 
 def _latest_response(conns: ConnColumns, dns: DnsColumns) -> np.ndarray:

@@ -105,4 +105,4 @@ class ManagementPlane(BaseEstimator):
             "mgmt_source": source.astype("float64"),
             "mgmt_expected": expected.astype("float64"),
             "mgmt_unexpected_egress": (source & ~expected).astype("float64"),
-        })
+        }, copy=False)

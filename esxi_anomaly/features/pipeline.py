@@ -79,7 +79,7 @@ def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | No
         "ts": cc.ts, "bytes_out": conns["bytes_out"].to_numpy(),
         "duration": conns["duration"].to_numpy(),
         "conn_rate": trailing_count(cc.src.keys, cc.ts, RATE_WINDOW_S, state, "conn_rate"),
-    })
+    }, copy=False)
     side = dns_side_features(cc, dc, j, name, state)
     return Prepared(conns, rel, evidence, table, cc.src.codes, base_in, side, cc)
 
@@ -95,7 +95,7 @@ def extract(prepared: Prepared, baseline: EntityBaseline, mgmt: ManagementPlane)
         pd.DataFrame({
             "dst_port_log": np.log1p(np.maximum(port, 0)),
             "dst_port_ephemeral": (port >= 49_152).astype("float64"),
-        }),
+        }, copy=False),
     ]
     # one float64 block filled column by column: no concatenation or consolidation copies
     X = np.empty((len(port), len(FEATURES)), dtype="float64", order="F")
