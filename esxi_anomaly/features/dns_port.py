@@ -182,6 +182,7 @@ def _response_any(dns: DnsColumns, flag: np.ndarray) -> np.ndarray:
 def _checksum_rows(dns: DnsColumns, table: "_ATable") -> np.ndarray:
     """Valid A rows that are P10 checksum records of their response."""
     a_rows = np.flatnonzero(dns.has_data & dns.is_rtype("A") & table.valid[dns.answer.codes])
+    a_rows = a_rows[np.bincount(dns.response[a_rows])[dns.response[a_rows]] >= 3]  # P10 needs 3 or more
     out = np.zeros(dns.n, dtype=bool)
     out[a_rows] = T.a_checksum_rows(table.octets[dns.answer.codes[a_rows]], dns.response[a_rows])
     return out
