@@ -627,10 +627,11 @@ _MX = r"^\s*(?P<port>\d{1,5})\s+\S+\s*$"
 _PRINTABLE = re.compile(rb"^[\x20-\x7e\t\r\n]+$")
 
 
-def _text_series(texts: pa.Array, rows: np.ndarray) -> pd.Series:
-    s = pd.Series(pc.replace_substring_regex(pc.fill_null(texts, ""), _ZEEK_TXT_PREFIX, "").to_pandas(), dtype="str")
-    s.index = rows
-    return s
+def _texts(texts: pa.Array, rows: np.ndarray) -> tuple[list, list]:
+    """(rows, texts) as Python lists, Zeek's "TXT <len> " prefix removed. The text rules run once per
+    distinct answer value, with `re` directly: few texts per batch, where pandas' per-call set-up
+    cost ~1000x more than the matching."""
+    return list(rows), pc.replace_substring_regex(pc.fill_null(texts, ""), _ZEEK_TXT_PREFIX, "").to_pylist()
 
 
 @functools.lru_cache(maxsize=None)
@@ -638,17 +639,16 @@ def _regex(pattern: str) -> re.Pattern:
     return re.compile(pattern)
 
 
-def _extract(series: pd.Series, pattern: str, group: str) -> pd.Series:
-    """All matches of ``group``, indexed by the series' index (one entry per match), as
-    `Series.str.extractall` finds them. Texts here are distinct answer values, so `re` directly:
-    pandas' per-call set-up cost ~1000x more than the few texts a batch holds."""
+def _matches(rows: list, texts: list, pattern: str, group: str) -> tuple[list, list]:
+    """Every match of ``group`` in each text, with its row (one entry per match, as
+    `Series.str.extractall` finds them)."""
     finditer = _regex(pattern).finditer
-    rows, found = [], []
-    for row, text in zip(series.index, series.to_numpy(dtype=object)):
+    found_rows, found = [], []
+    for row, text in zip(rows, texts):
         for match in finditer(text):
-            rows.append(row)
+            found_rows.append(row)
             found.append(match.group(group))
-    return pd.Series(found, index=np.asarray(rows, dtype=np.int64), dtype=object)
+    return found_rows, found
 
 
 def _decode_token(token: str, kind: str) -> str | None:
@@ -663,40 +663,45 @@ def _decode_token(token: str, kind: str) -> str | None:
     return raw.decode("ascii") if len(raw) >= 4 and _PRINTABLE.match(raw) else None
 
 
-def _decoded_texts(series: pd.Series, kind: str) -> pd.Series:
-    """Printable decodings of base64 or hex tokens in each text (index = owning row); one loop per distinct token."""
-    tokens = _extract(series, _HEX_TOKEN if kind == "hex" else _B64_TOKEN, "tok")
-    if len(tokens) == 0:
-        return pd.Series([], dtype="str")
-    uniques = pd.unique(tokens.to_numpy())
-    decoded = {t: _decode_token(t, kind) for t in uniques}  # text is low volume; distinct tokens only
-    out = tokens.map(decoded).dropna()
-    return out.astype("str")
+def _decoded_texts(rows: list, texts: list, kind: str) -> tuple[list, list]:
+    """Printable decodings of base64 or hex tokens in each text, with the owning row; one decoding per
+    distinct token."""
+    token_rows, tokens = _matches(rows, texts, _HEX_TOKEN if kind == "hex" else _B64_TOKEN, "tok")
+    decoded = {t: _decode_token(t, kind) for t in set(tokens)}
+    kept = [(row, decoded[t]) for row, t in zip(token_rows, tokens) if decoded[t] is not None]
+    return [row for row, _ in kept], [text for _, text in kept]
 
 
-def _ports_from_text(series: pd.Series) -> pd.DataFrame:
-    found = [_extract(series, pattern, "port") for pattern in TEXT_PORT_PATTERNS.values()]
-    found = [f for f in found if len(f)]
-    if not found:
-        return pd.DataFrame({"row": np.empty(0, np.int64), "port": np.empty(0, np.int64)})
-    allp = pd.concat(found)
-    out = pd.DataFrame({"row": allp.index.to_numpy(dtype=np.int64), "port": allp.astype(np.int64).to_numpy()})
-    return out[(out["port"] >= 1) & (out["port"] <= 65535)].drop_duplicates()
+def _first_seen(pairs) -> list:
+    """The distinct pairs, in order of first appearance (`drop_duplicates`)."""
+    return list(dict.fromkeys(pairs))
+
+
+def _ports_from_text(rows: list, texts: list) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, ports) found by the TEXT_PORT_PATTERNS, in pattern then row order, ports in 1..65535,
+    each (row, port) once."""
+    pairs = []
+    for pattern in TEXT_PORT_PATTERNS.values():
+        found_rows, found = _matches(rows, texts, pattern, "port")
+        pairs += [(row, int(port)) for row, port in zip(found_rows, found) if 1 <= int(port) <= 65535]
+    pairs = _first_seen(pairs)
+    return np.asarray([r for r, _ in pairs], dtype=np.int64), np.asarray([p for _, p in pairs], dtype=np.int64)
 
 
 def _text_port_frames(texts: pa.Array, rows: np.ndarray) -> list[pd.DataFrame]:
-    series = _text_series(texts, rows)
+    rows, texts = _texts(texts, rows)
     frames = []
-    for tid, source in (("P12_txt", series), ("P12_txt_b64", _decoded_texts(series, "b64")), ("P12_txt_hex", _decoded_texts(series, "hex"))):
-        found = _ports_from_text(source)
-        frames.append(_port_frame(found["row"].to_numpy(), np.full(len(found), _TRANSFORM_IDS.index(tid)), found["port"].to_numpy()))
+    for tid, (r, t) in (("P12_txt", (rows, texts)), ("P12_txt_b64", _decoded_texts(rows, texts, "b64")),
+                        ("P12_txt_hex", _decoded_texts(rows, texts, "hex"))):
+        found_rows, ports = _ports_from_text(r, t)
+        frames.append(_port_frame(found_rows, np.full(len(ports), _TRANSFORM_IDS.index(tid)), ports))
     return frames
 
 
 def _field_port_frame(texts: pa.Array, rows: np.ndarray, pattern: str, tid: str) -> pd.DataFrame:
-    series = _text_series(texts, rows)
+    rows, texts = _texts(texts, rows)
     search = _regex(pattern).search   # the first match per text, as `Series.str.extract`
-    matches = [(row, search(text)) for row, text in zip(series.index, series.to_numpy(dtype=object))]
+    matches = [(row, search(text)) for row, text in zip(rows, texts)]
     found = [(row, int(m.group("port"))) for row, m in matches if m is not None]
     at = np.asarray([row for row, _ in found], dtype=np.int64)
     ports = np.asarray([port for _, port in found], dtype=np.int64)
@@ -704,18 +709,17 @@ def _field_port_frame(texts: pa.Array, rows: np.ndarray, pattern: str, tid: str)
     return _port_frame(at[keep], np.full(keep.sum(), _TRANSFORM_IDS.index(tid)), ports[keep])
 
 
-def _ips_from_text(series: pd.Series) -> pd.DataFrame:
-    v4 = _extract(series, _TEXT_IPV4, "ip")
-    v6 = _extract(series, _TEXT_IPV6, "ip")
-    frames = []
-    if len(v4):
-        frames.append(pd.DataFrame({"row": v4.index.to_numpy(np.int64), "ip": v4.to_numpy(dtype=object)}))
-    if len(v6):
-        groups, ok = parse_ipv6(pd.Series(v6.to_numpy(), dtype="str"))
-        frames.append(pd.DataFrame({"row": v6.index.to_numpy(np.int64)[ok], "ip": _format_ipv6(groups[ok])}))
-    if not frames:
-        return pd.DataFrame({"row": np.empty(0, np.int64), "ip": np.empty(0, object)})
-    return pd.concat(frames, ignore_index=True).drop_duplicates()
+def _ips_from_text(rows: list, texts: list) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, IPs) of the IPv4 then IPv6 literals in each text (IPv6 in RFC 5952 form), each
+    (row, ip) once."""
+    v4_rows, v4 = _matches(rows, texts, _TEXT_IPV4, "ip")
+    v6_rows, v6 = _matches(rows, texts, _TEXT_IPV6, "ip")
+    pairs = list(zip(v4_rows, v4))
+    if v6:
+        groups, ok = parse_ipv6(pd.Series(v6, dtype="str"))
+        pairs += list(zip(np.asarray(v6_rows, dtype=np.int64)[ok].tolist(), _format_ipv6(groups[ok]).tolist()))
+    pairs = _first_seen(pairs)
+    return np.asarray([r for r, _ in pairs], dtype=np.int64), np.asarray([ip for _, ip in pairs], dtype=object)
 
 
 def _format_ipv6(groups: np.ndarray) -> np.ndarray:
@@ -864,10 +868,11 @@ def derive_ips(rtype, answer) -> pd.DataFrame:
                 _ip_frame(rows[valid], np.full(valid.sum(), _TRANSFORM_IDS.index("I8_aaaa_v4")), _octets_to_arrow(_aaaa_embedded_octets(groups[valid])))
             )
         elif rt in ("TXT", "CNAME"):
-            series = _text_series(sub, rows)
-            for tid, source in (("I7_txt", series), ("I7_txt_b64", _decoded_texts(series, "b64")), ("I7_txt_hex", _decoded_texts(series, "hex"))):
-                found = _ips_from_text(source)
-                frames.append(_ip_frame(found["row"].to_numpy(), np.full(len(found), _TRANSFORM_IDS.index(tid)), found["ip"].to_numpy()))
+            text_rows, texts = _texts(sub, rows)
+            for tid, (r, t) in (("I7_txt", (text_rows, texts)), ("I7_txt_b64", _decoded_texts(text_rows, texts, "b64")),
+                                ("I7_txt_hex", _decoded_texts(text_rows, texts, "hex"))):
+                found_rows, ips = _ips_from_text(r, t)
+                frames.append(_ip_frame(found_rows, np.full(len(ips), _TRANSFORM_IDS.index(tid)), ips))
     return _finish(frames, _ip_frame(np.empty(0), np.empty(0), np.empty(0, dtype=object)))
 
 
