@@ -349,7 +349,7 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
         for old in [k for k in dns_cache if 0 <= k < horizon]:
             dns_cache.pop(old)
         del conns, scored, pieces, prepared, feats, components, rows, chunk
-        release_free_memory(heap=False)
+        release_free_memory()
     cp.state = StreamState()  # the parent needs the counts and the top rows only
     return cp, stages
 

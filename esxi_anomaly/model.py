@@ -33,7 +33,7 @@ RANKED_COLUMNS = [
 class DnsCalcDetector(BaseEstimator):
     def __init__(self, min_window_s: float = 300.0, grace_s: float = 60.0, recent_responses: int = 4,
                  baseline_alpha: float = 5.0, baseline_split: float = 0.67, forest_weight: float = 0.6,
-                 forest_floor: float = 0.9, n_estimators: int = 200, max_samples: int = 256,
+                 forest_floor: float = 0.9, n_estimators: int = 100, max_samples: int = 256,
                  threshold_quantile: float = 0.999, rule_overrides: dict | None = None,
                  mgmt_allow: tuple = (), max_forest_rows: int = 400_000, max_window_s: float = 3600.0,
                  random_state=0):

@@ -19,7 +19,7 @@ TIE_BREAK = 0.01
 
 class EnsembleDetector(BaseEstimator):
     def __init__(self, forest_weight: float = 0.6, forest_floor: float = 0.9, rules: list | None = None,
-                 n_estimators: int = 200, max_samples: int = 256, max_features: float = 1.0,
+                 n_estimators: int = 100, max_samples: int = 256, max_features: float = 1.0,
                  threshold_quantile: float = 0.999, random_state=0, n_jobs=None):
         self.forest_weight = forest_weight
         self.forest_floor = forest_floor

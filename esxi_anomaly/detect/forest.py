@@ -202,7 +202,7 @@ class CalibratedForest(BaseEstimator):
     `n_jobs`: threads for scoring (None: the usable cores, at most 4; -1: all; small inputs use
     fewer) and sklearn's `n_jobs` for fitting. Scores do not depend on it."""
 
-    def __init__(self, n_estimators: int = 200, max_samples: int | str = 256, max_features: float = 1.0,
+    def __init__(self, n_estimators: int = 100, max_samples: int | str = 256, max_features: float = 1.0,
                  random_state=None, n_jobs=None):
         self.n_estimators = n_estimators
         self.max_samples = max_samples
