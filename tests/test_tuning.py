@@ -11,7 +11,7 @@ from esxi_anomaly.tuning import SPACE, best_trial, starting_point, tune
 def test_starting_point_is_the_configuration_inside_the_space():
     assert starting_point(train.TrainConfig()) == {
         "min_window_s": 300.0, "baseline_alpha": 5.0, "forest_weight": 0.6, "forest_floor": 0.9,
-        "n_estimators": 200, "max_samples": 256}
+        "n_estimators": 100, "max_samples": 256}
     # configured values replace the defaults; values the space cannot suggest are left to the sampler
     cfg = train.TrainConfig(model={"min_window_s": 600.0, "n_estimators": 120, "forest_weight": 0.3,
                                    "baseline_alpha": 40.0})

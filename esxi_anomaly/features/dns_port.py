@@ -95,6 +95,8 @@ def _dense_hits(value: np.ndarray, target: np.ndarray, derived: np.ndarray, span
     (one row per distinct answer value, -1 = nothing derived) equals the target, and that column's
     transform code, sorted by (item, column). Distinct (value, target) combinations are compared
     once; items repeat them heavily."""
+    if not len(value):
+        return np.zeros(0, dtype=np.int64), codes[:0]
     key = value * span + target
     inverse, combos = pd.factorize(key)
     combo_value, combo_target = combos // span, combos % span

@@ -130,3 +130,15 @@ def test_answer_checksum_on_raw_and_nymaim_decoded_records():
                                    ("c3", 301, "10.0.0.5", "2.2.2.4", 443)])
     f, _ = features(conns, dns)
     assert f["answer_checksum"].tolist() == [1, 1, 0]
+
+
+def test_no_a_record_candidates_for_unlinked_connections():
+    """Connections not linked by IP whose candidate answers hold no A record (only a CNAME): the IP
+    derivation tests have nothing to compare and give nothing (regression: an empty comparison
+    raised on real Zeek logs)."""
+    conns, dns = make([("d1", 99, "10.0.0.5", "www.example.com", "cdn.example.net")],
+                      [("c1", 100, "10.0.0.5", "198.51.100.7", 443)])
+    dns = dns.assign(rtype="CNAME")
+    feats, evidence = features(conns, dns)
+    assert feats["ip_derived"].tolist() == [0.0] and feats["dst_is_answer"].tolist() == [0.0]
+    assert evidence["transform"].tolist() == [""]
