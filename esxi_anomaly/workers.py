@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import multiprocessing
 import os
 import queue
@@ -43,12 +44,13 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-# glibc mallopt parameters
+# glibc `mallopt` parameters, and what `tune_allocator` sets them to
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-HEAP_ARRAYS_UP_TO = 256 << 20
-KEEP_FREE_HEAP = 512 << 20
+HEAP_ARRAYS_UP_TO = 256 << 20   # arrays up to this size come from the heap (glibc: 128 KB, rising to 32 MB)
+KEEP_FREE_HEAP = 512 << 20      # free heap above this goes back to the OS at once
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -58,21 +60,21 @@ def _libc():
 
 def tune_allocator() -> None:
     """Serve numpy's large temporaries from the reused heap instead of fresh `mmap`s. By default glibc
-    maps every array above a few MB anew and unmaps it on free, so the kernel zero-fills its pages again
-    at first touch: that was ~15% of feature extraction's CPU time (`sys`), gone with this. Free heap
-    above `KEEP_FREE_HEAP` still goes back to the OS, and `release_free_memory` returns the rest."""
+    maps every large array anew and unmaps it on free, so the kernel zero-fills its pages again at first
+    touch: ~15% of feature extraction's CPU time (`sys`), gone with this. `release_free_memory` still
+    returns the free heap between batches."""
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):   # glibc only
         libc.mallopt(_M_MMAP_THRESHOLD, HEAP_ARRAYS_UP_TO)
         libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREE_HEAP)
 
 
-def release_free_memory(heap: bool = True) -> None:
+def release_free_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's `malloc_trim`, Arrow's pool): after a large
     batch, the allocators keep it otherwise, and it would count against the run's resident memory."""
     pa.default_memory_pool().release_unused()
     libc = _libc()
-    if heap and libc is not None and hasattr(libc, "malloc_trim"):   # glibc only
+    if libc is not None and hasattr(libc, "malloc_trim"):   # glibc only
         libc.malloc_trim(0)
 
 
@@ -87,6 +89,7 @@ def _context():
 def _serve(index: int, env: dict, inbox, outbox) -> None:
     """A worker's loop: run jobs until told to stop (None)."""
     tune_allocator()
+
     def progress(n: int) -> None:
         outbox.put(("progress", index, None, n))
 
