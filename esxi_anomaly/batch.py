@@ -380,12 +380,10 @@ def _dns_window(dns_dir: Path, cache: dict, lo: float, hi: float, width: int, pa
 
 def write_scored(rows: pd.DataFrame, path: Path) -> None:
     """Scored rows of one bucket group (or Dask partition), as an Arrow IPC file written atomically,
-    by score descending with `row` = position in the file: an output block (a range of ranks, so of
-    scores) then takes one run of consecutive rows from each file (sequential reads of the memory
-    map, each page once). Ties stay in batch order: the global ranking orders them by event_id, and
-    sorting strings here cost 3x the numeric sort."""
+    in rank order with `row` = position in the file: an output block then takes one run of
+    consecutive rows from each file (sequential reads of the memory map, each page once)."""
     table = pa.Table.from_pandas(rows.drop(columns=["row"], errors="ignore"), preserve_index=False)
-    table = table.take(pa.array(np.argsort(-rows["score"].to_numpy(dtype="float64"), kind="stable")))
+    table = table.take(pa.array(rank_order(rows["score"].to_numpy(), rows["event_id"].array)))  # Arrow: 50x pandas here
     table = table.append_column("row", pa.array(np.arange(len(rows))))
     with atomic_path(path, durable=False) as tmp:   # a resumed run checks it (`_check_checkpoints`)
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
