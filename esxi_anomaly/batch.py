@@ -52,6 +52,7 @@ from esxi_anomaly.workers import WorkerPool, release_free_memory
 
 BUCKET_S = 3600
 WRITE_BLOCK = 100_000
+KEEP_HEAP_BELOW = 640 << 20  # a scoring process keeps its freed heap between batches up to this size
 WRITE_THREADS = 2              # output blocks prepared concurrently (2-core machines and up)
 HTML_DEFAULT_TOP = 2000
 CHECKPOINT_VERSION = 3            # 2: scored rows carry sentence inputs; 3: one checkpoint per partition
@@ -349,7 +350,8 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
         for old in [k for k in dns_cache if 0 <= k < horizon]:
             dns_cache.pop(old)
         del conns, scored, pieces, prepared, feats, components, rows, chunk
-        release_free_memory()
+        release_free_memory(above=KEEP_HEAP_BELOW)
+    release_free_memory()
     cp.state = StreamState()  # the parent needs the counts and the top rows only
     return cp, stages
 

@@ -69,10 +69,23 @@ def tune_allocator() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREE_HEAP)
 
 
-def release_free_memory() -> None:
+def resident_bytes() -> int:
+    """This process's resident memory (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def release_free_memory(above: int = 0) -> None:
     """Hand freed heap memory back to the OS (glibc's `malloc_trim`, Arrow's pool): after a large
-    batch, the allocators keep it otherwise, and it would count against the run's resident memory."""
+    batch, the allocators keep it otherwise, and it would count against the run's resident memory.
+    `above`: keep the heap while the process holds less than this many bytes (the next batch reuses
+    it without the kernel zero-filling its pages again)."""
     pa.default_memory_pool().release_unused()
+    if above and resident_bytes() < above:
+        return
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):   # glibc only
         libc.malloc_trim(0)
