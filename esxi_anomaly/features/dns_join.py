@@ -52,8 +52,8 @@ class DnsJoin:
     pairs_conn: np.ndarray      # int64 connection index
     pairs_answer: np.ndarray    # int64 row of dns
     pairs_age: np.ndarray       # float64 seconds from the answer to the connection
-    latest_response: np.ndarray | None = None  # int64 per connection: `dns.response` code of the
-    # client's latest response at or before it (any age), -1 if none
+    latest_response: np.ndarray  # int64 per connection: `dns.response` code of the client's latest
+    # response at or before it (any age), -1 if none
 
 
 def answer_window(ttl: np.ndarray, params: JoinParams) -> np.ndarray:

@@ -119,6 +119,13 @@ def _dense_a_hits(value: np.ndarray, port: np.ndarray, table: _ATable):
     return _dense_hits(value, _port_slot(port), table.ports, PORT_SPAN, T.A_PORT_CODES)
 
 
+def _distinct_values(dns: DnsColumns, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the code of its (record type, answer) value, and per value the first row holding it:
+    the long-form derivations run once per value."""
+    codes, first = distinct(dns.rtype.codes[rows] * max(len(dns.answer.values), 1) + dns.answer.codes[rows])
+    return codes, rows[first]
+
+
 def _port_hits(pc, pa, dst_port, dns: DnsColumns, table: _ATable):
     """Every (connection, answer row, transform code) where the transform of the answer equals
     dst_port, in pair order then transform order.
@@ -135,9 +142,7 @@ def _port_hits(pc, pa, dst_port, dns: DnsColumns, table: _ATable):
     other = np.flatnonzero(~is_a)
     if len(other):
         rows = pa[other]
-        value_key = dns.rtype.codes[rows] * max(len(dns.answer.values), 1) + dns.answer.codes[rows]
-        inverse, first = distinct(value_key)
-        first_row = rows[first]
+        inverse, first_row = _distinct_values(dns, rows)
         derived = T.derive_ports(dns.rtype.strings(first_row), dns.answer.strings(first_row))
         if len(derived):
             key_d = derived["row"].to_numpy(dtype="int64") * PORT_SPAN + derived["port"].to_numpy(dtype="int64")
@@ -162,10 +167,8 @@ def _ip_hits(pc: np.ndarray, pa: np.ndarray, conns: ConnColumns, dns: DnsColumns
     items, codes = [a_items[item]], [code.astype(np.int16)]
     other = np.flatnonzero(~is_a)
     if len(other):
-        rows = pa[other]
-        value_key = dns.rtype.codes[rows] * max(len(dns.answer.values), 1) + dns.answer.codes[rows]
-        inverse, first = distinct(value_key)
-        derived = T.derive_ips(dns.rtype.strings(rows[first]), dns.answer.strings(rows[first]))
+        inverse, first_row = _distinct_values(dns, pa[other])
+        derived = T.derive_ips(dns.rtype.strings(first_row), dns.answer.strings(first_row))
         if len(derived):
             li, ri = match_keys(_hash(inverse.astype("int64"), conns.dst.keys[pc[other]]),
                                 _hash(derived["row"].to_numpy(dtype="int64"), Coded.of(derived["ip"]).keys))

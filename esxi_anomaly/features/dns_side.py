@@ -92,7 +92,7 @@ def dns_side_features(conns, dns, j: DnsJoin, name, state: StreamState | None = 
     nx_run[dns.response[first]] = pd.Series(nx).groupby(rc).cumsum().to_numpy() + _prior(state, "client_nx", rc)
     total_run[dns.response[first]] = pd.Series(np.ones(len(rc))).groupby(rc).cumsum().to_numpy() \
         + _prior(state, "client_responses", rc)
-    latest = j.latest_response if j.latest_response is not None else _latest_response(conns, dns)
+    latest = j.latest_response
     # an un-owned latest response means no owned one either (owned = at or after a time)
     found = np.flatnonzero(latest >= 0)
     found = found[first_of[latest[found]] >= 0]
@@ -104,15 +104,6 @@ def dns_side_features(conns, dns, j: DnsJoin, name, state: StreamState | None = 
         state.add_counts("client_nx", rc, nx)
         state.add_counts("client_responses", rc, np.ones(len(rc)))
     return pd.DataFrame({feature: out[feature] for feature in DNS_SIDE_FEATURES}, copy=False)
-
-
-def _latest_response(conns: ConnColumns, dns: DnsColumns) -> np.ndarray:
-    """Per connection, the `dns.response` code of its client's latest response at or before it, -1 if
-    none (what `dns_join.join` gives as `latest_response`)."""
-    conn_client, dns_client = shared_codes(conns.src, dns.client)
-    first = np.full(int(dns.response.max(initial=-1)) + 1, -1)
-    first[dns.response[::-1]] = np.arange(dns.n)[::-1]
-    return latest_at(dns_client[first], dns.ts[first], conn_client, conns.ts)
 
 
 def _prior(state: StreamState | None, name: str, keys: np.ndarray) -> np.ndarray:
