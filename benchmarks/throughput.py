@@ -163,7 +163,8 @@ def _high_water(pid: int, stop: threading.Event, peak: list) -> None:
 def _tree_usage(pid: int, stop: threading.Event, usage: dict) -> None:
     """Sample `pid` and its descendants (the local engine's worker processes) every 0.2 s (psutil):
     the peak of their summed RSS, the peak of their summed PSS (shared pages divided among the
-    processes sharing them: what the tree really holds), and each process's last CPU time."""
+    processes sharing them: what the tree really holds), and each process's last CPU time; for the
+    PSS peak, also when it came (seconds after `usage["t0"]`) and the score process's own share."""
     import psutil
 
     try:
@@ -171,7 +172,7 @@ def _tree_usage(pid: int, stop: threading.Event, usage: dict) -> None:
     except psutil.NoSuchProcess:
         return
     while not stop.is_set():
-        rss = pss = 0
+        rss = pss = own_pss = 0
         try:
             for p in [root, *root.children(recursive=True)]:
                 try:
@@ -182,9 +183,13 @@ def _tree_usage(pid: int, stop: threading.Event, usage: dict) -> None:
                 rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
                 if p.pid != pid:
                     usage["cpu"][p.pid] = times.user + times.system
+                else:
+                    own_pss = getattr(info, "pss", info.rss)
         except psutil.NoSuchProcess:
             return
-        usage["rss"], usage["pss"] = max(usage["rss"], rss), max(usage["pss"], pss)
+        usage["rss"] = max(usage["rss"], rss)
+        if pss > usage["pss"]:
+            usage.update(pss=pss, pss_at_s=time.perf_counter() - usage["t0"], pss_own=own_pss)
         stop.wait(0.2)
 
 
@@ -205,7 +210,7 @@ def score(data: Path, meta: dict, args) -> dict:
     cpu_before = before.ru_utime + before.ru_stime  # train and other earlier children
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    tree, stop, sampler = {"rss": 0, "pss": 0, "cpu": {}}, threading.Event(), None
+    tree, stop, sampler = {"rss": 0, "pss": 0, "cpu": {}, "t0": t0}, threading.Event(), None
     hwm = [0]
     watcher = threading.Thread(target=_high_water, args=(proc.pid, stop, hwm), daemon=True)
     watcher.start()
@@ -231,6 +236,7 @@ def score(data: Path, meta: dict, args) -> dict:
     return {"wall_s": wall, "cpu_s": cpu, "max_rss_mb": hwm[0] / 2**20,
             "tree_rss_mb": tree["rss"] / 2**20 if sampler is not None else None,
             "tree_pss_mb": tree["pss"] / 2**20 if sampler is not None else None,
+            "tree_pss_at_s": tree.get("pss_at_s"), "tree_pss_own_mb": tree.get("pss_own", 0) / 2**20,
             "worker_cpu_s": sum(tree["cpu"].values()) if sampler is not None else None,
             "stats": json.loads(stats.read_text()), "csv_mb": (out / "ranked.csv").stat().st_size / 2**20}
 
@@ -267,6 +273,8 @@ def report(meta: dict, fl: dict, sc: dict, args, load_before: str, load_after: s
         lines += [
             f"| CPU time of its worker processes (sampled) | {sc['worker_cpu_s']:.1f} s |",
             f"| peak memory of the process tree: summed PSS, sampled | {sc['tree_pss_mb']:,.0f} MB |",
+            f"| &nbsp;&nbsp;when: seconds after start; the score process's own part | "
+            f"{sc['tree_pss_at_s'] or 0:.0f} s; {sc['tree_pss_own_mb']:,.0f} MB |",
             f"| peak summed RSS of the process tree, sampled (shared pages counted per process) | "
             f"{sc['tree_rss_mb']:,.0f} MB |",
         ]
