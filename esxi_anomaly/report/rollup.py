@@ -67,6 +67,24 @@ def entity_rollup(ranked: pd.DataFrame, threshold: float | None = None) -> pd.Da
     return rollup[columns].reset_index(drop=True)
 
 
+def _row_groups(codes: list[np.ndarray], sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(group per row, first row of each group) of the distinct tuples of the code columns (codes[k]
+    in range(sizes[k])); groups are numbered in the order they first appear."""
+    n = len(codes[0])
+    if np.prod([float(max(s, 1)) for s in sizes]) < 2.0 ** 62:   # one mixed-radix key, one factorisation
+        key = np.zeros(n, dtype="int64")
+        for column, size in zip(codes, sizes):
+            key = key * max(size, 1) + column
+        group = pd.factorize(key)[0]
+    else:
+        group = np.zeros(n, dtype="int64")
+        for column, size in zip(codes, sizes):
+            group = pd.factorize(group * max(size, 1) + column)[0]
+    # groups are numbered by first appearance: the running maximum first reaches g where g starts
+    first = np.searchsorted(np.maximum.accumulate(group), np.arange(group.max() + 1 if n else 0))
+    return group, first
+
+
 class StreamingRollup:
     """`entity_rollup` over scored rows that arrive as Arrow tables, one bucket group at a time.
 
@@ -110,13 +128,8 @@ class StreamingRollup:
         if not n:
             self._codes.append(np.zeros(0, dtype="int32"))
             return
-        combined = np.zeros(n, dtype="int64")
-        parts = []
-        for k in self.keys:
-            codes = self._encode(table[k], self._values[k])
-            parts.append(codes)
-            combined, _ = pd.factorize(combined * len(self._values[k]) + codes)
-        first = np.unique(combined, return_index=True)[1]      # one row per local entity, in code order
+        parts = [self._encode(table[k], self._values[k]) for k in self.keys]
+        combined, first = _row_groups(parts, [len(self._values[k]) for k in self.keys])
         tuples = zip(*(p[first].tolist() for p in parts))
         to_global = np.array([self._entities.setdefault(t, len(self._entities)) for t in tuples], dtype="int64")
         entity = to_global[combined].astype("int32")
@@ -137,9 +150,12 @@ class StreamingRollup:
         self._first[ids] = np.fmin(self._first[ids], lo.to_numpy())
         self._last[ids] = np.fmax(self._last[ids], hi.to_numpy())
         for column, seen in self._distinct.items():
-            values = pc.fill_null(table[column].cast(pa.string()), "")
-            pairs = pd.DataFrame({"e": entity, "v": values.to_numpy(zero_copy_only=False)}).drop_duplicates()
-            seen.update(pairs[pairs["v"] != ""].itertuples(index=False, name=None))
+            # distinct (entity, value) pairs on integer codes; only those pairs' values become str
+            encoded = pc.dictionary_encode(pc.fill_null(table[column].cast(pa.string()), "").combine_chunks())
+            values = encoded.dictionary.to_pylist()
+            pairs = np.unique(entity.astype("int64") * len(values) + encoded.indices.to_numpy(zero_copy_only=False))
+            seen.update((int(e), values[v]) for e, v in zip(pairs // len(values), pairs % len(values))
+                        if values[v] != "")
 
     def finish(self, order: np.ndarray, rows_at) -> pd.DataFrame:
         """The roll-up: `order` ranks all rows added (best first); `rows_at(indices)` returns those
