@@ -454,11 +454,12 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
         counted = threads.submit(tables.add_each_to, rollup) if rollup is not None else None
         attributed = threads.submit(model.detector_.attributions, cp.top_feats)   # while the rows are ranked
         full_order = rank_order(keys["score"].combine_chunks(), keys["event_id"].combine_chunks())
-        bucket, row = keys["bucket"].to_numpy(), keys["row"].to_numpy()
+        bucket, row = (keys[c].to_numpy().astype(np.int32) for c in ("bucket", "row"))   # held to the end
         del keys
         if counted is not None:
             counted.result()  # the roll-up has read every file: their pages can go
         tables.release()
+        release_free_memory()   # the sort's temporaries: this process holds the order alone from here
         if fmt == "html" and top is None:
             top = HTML_DEFAULT_TOP
         order = full_order[:top] if top is not None else full_order
