@@ -454,7 +454,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
         counted = threads.submit(tables.add_each_to, rollup) if rollup is not None else None
         attributed = threads.submit(model.detector_.attributions, cp.top_feats)   # while the rows are ranked
         full_order = rank_order(keys["score"].combine_chunks(), keys["event_id"].combine_chunks())
-        bucket, row = (keys[c].to_numpy().astype(np.int32) for c in ("bucket", "row"))   # held to the end
+        bucket, row = (_narrow(keys[c].to_numpy()) for c in ("bucket", "row"))   # held to the end
         del keys
         if counted is not None:
             counted.result()  # the roll-up has read every file: their pages can go
@@ -530,6 +530,11 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
     report_csv.write_entity_rollup_csv(entities, rollup_out)
     _lap(stages, "rank+write: entity roll-up", t)
     return written, len(entities)
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """Non-negative integers as int32 when they fit: half the memory of the per-rank arrays."""
+    return values.astype(np.int32) if not len(values) or values.max() < 2**31 else values
 
 
 def _scored_paths(work: Path) -> list[Path]:
