@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from esxi_anomaly.features import transforms as T
+from esxi_anomaly.features.hashing import row_groups
 
 
 KEYED = {"P9_xor": "XOR", "P9_add": "+"}
@@ -101,12 +102,9 @@ def _per_distinct(values: np.ndarray, fmt) -> pa.Array:
 
 def _distinct_rows(*columns: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(code per row, first row of each code) of the distinct tuples of the columns."""
-    combined = np.zeros(len(columns[0]), dtype=np.int64)
-    for column in columns:
-        encoded = pc.dictionary_encode(column, null_encoding="encode")
-        combined, _ = pd.factorize(combined * max(len(encoded.dictionary), 1)
-                                   + encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64))
-    return combined, np.unique(combined, return_index=True)[1]
+    encoded = [pc.dictionary_encode(column, null_encoding="encode") for column in columns]
+    return row_groups([e.indices.to_numpy(zero_copy_only=False).astype(np.int64) for e in encoded],
+                      [len(e.dictionary) for e in encoded])
 
 
 # -- derivations ------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Stable 64-bit keys for tuples of columns, cheap enough for hot paths.
+"""Stable 64-bit keys for tuples of columns, cheap enough for hot paths (and `row_groups`: group
+numbers for tuples of integer codes).
 
 Each column is factorised and only its distinct values are hashed (`pandas.util.hash_array`, stable
 across processes and runs), then columns are mixed with 64-bit arithmetic. Keys are stable across
@@ -34,3 +35,21 @@ def combine(*columns) -> np.ndarray:
             key = (key * _MIX) ^ hash_column(col)
             key ^= key >> np.uint64(29)
     return key
+
+
+def row_groups(codes: list[np.ndarray], sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(group per row, first row of each group) of the distinct tuples of the code columns (codes[k]
+    in range(sizes[k])); groups are numbered in the order they first appear."""
+    n = len(codes[0])
+    if np.prod([float(max(s, 1)) for s in sizes]) < 2.0 ** 62:   # one mixed-radix key, one factorisation
+        key = np.zeros(n, dtype="int64")
+        for column, size in zip(codes, sizes):
+            key = key * max(size, 1) + column
+        group = pd.factorize(key)[0]
+    else:
+        group = np.zeros(n, dtype="int64")
+        for column, size in zip(codes, sizes):
+            group = pd.factorize(group * max(size, 1) + column)[0]
+    # groups are numbered by first appearance: the running maximum first reaches g where g starts
+    first = np.searchsorted(np.maximum.accumulate(group), np.arange(group.max() + 1 if n else 0))
+    return group, first

@@ -10,6 +10,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from esxi_anomaly.features.hashing import row_groups
+
 ENTITY_KEYS = ("src_ip", "src_name", "src_kind", "esxi_host")
 
 ROLLUP_COLUMNS = ["src_ip", "src_name", "src_kind", "esxi_host", "max_score", "connections", "alerts",
@@ -67,24 +69,6 @@ def entity_rollup(ranked: pd.DataFrame, threshold: float | None = None) -> pd.Da
     return rollup[columns].reset_index(drop=True)
 
 
-def _row_groups(codes: list[np.ndarray], sizes: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """(group per row, first row of each group) of the distinct tuples of the code columns (codes[k]
-    in range(sizes[k])); groups are numbered in the order they first appear."""
-    n = len(codes[0])
-    if np.prod([float(max(s, 1)) for s in sizes]) < 2.0 ** 62:   # one mixed-radix key, one factorisation
-        key = np.zeros(n, dtype="int64")
-        for column, size in zip(codes, sizes):
-            key = key * max(size, 1) + column
-        group = pd.factorize(key)[0]
-    else:
-        group = np.zeros(n, dtype="int64")
-        for column, size in zip(codes, sizes):
-            group = pd.factorize(group * max(size, 1) + column)[0]
-    # groups are numbered by first appearance: the running maximum first reaches g where g starts
-    first = np.searchsorted(np.maximum.accumulate(group), np.arange(group.max() + 1 if n else 0))
-    return group, first
-
-
 class StreamingRollup:
     """`entity_rollup` over scored rows that arrive as Arrow tables, one bucket group at a time.
 
@@ -129,7 +113,7 @@ class StreamingRollup:
             self._codes.append(np.zeros(0, dtype="int32"))
             return
         parts = [self._encode(table[k], self._values[k]) for k in self.keys]
-        combined, first = _row_groups(parts, [len(self._values[k]) for k in self.keys])
+        combined, first = row_groups(parts, [len(self._values[k]) for k in self.keys])
         tuples = zip(*(p[first].tolist() for p in parts))
         to_global = np.array([self._entities.setdefault(t, len(self._entities)) for t in tuples], dtype="int64")
         entity = to_global[combined].astype("int32")

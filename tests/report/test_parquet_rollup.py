@@ -105,15 +105,3 @@ def test_streaming_rollup_keeps_entities_apart_and_breaks_ties_by_rank(ranked):
     assert got["transforms"].tolist() == ["apt12_a*b+c", "xor_key", "", ""]
     assert got["families"].tolist() == ["apt12", "mgmt_c2", "benign", "benign"]
 
-
-@pytest.mark.parametrize("sizes", [[3, 2], [2**40, 2**40]])   # one mixed-radix key / pairwise factorisation
-def test_row_groups_number_tuples_by_first_appearance(sizes):
-    import numpy as np
-
-    from esxi_anomaly.report.rollup import _row_groups
-
-    a = np.array([2, 0, 2, 1, 0, 2])
-    b = np.array([1, 1, 1, 0, 1, 0])
-    group, first = _row_groups([a, b], sizes)
-    assert group.tolist() == [0, 1, 0, 2, 1, 3]
-    assert first.tolist() == [0, 1, 3, 5]
