@@ -136,9 +136,9 @@ class StreamingRollup:
         for column, seen in self._distinct.items():
             # distinct (entity, value) pairs on integer codes; only those pairs' values become str
             encoded = pc.dictionary_encode(pc.fill_null(table[column].cast(pa.string()), "").combine_chunks())
-            values = encoded.dictionary.to_pylist()
-            pairs = np.unique(entity.astype("int64") * len(values) + encoded.indices.to_numpy(zero_copy_only=False))
-            seen.update((int(e), values[v]) for e, v in zip(pairs // len(values), pairs % len(values))
+            values, codes = encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False)
+            first = row_groups([entity, codes], [size, len(values)])[1]
+            seen.update((e, values[v]) for e, v in zip(entity[first].tolist(), codes[first].tolist())
                         if values[v] != "")
 
     def finish(self, order: np.ndarray, rows_at) -> pd.DataFrame:

@@ -104,4 +104,3 @@ def test_streaming_rollup_keeps_entities_apart_and_breaks_ties_by_rank(ranked):
     assert got["src_name"].isna().tolist() == [False, True, False, False]
     assert got["transforms"].tolist() == ["apt12_a*b+c", "xor_key", "", ""]
     assert got["families"].tolist() == ["apt12", "mgmt_c2", "benign", "benign"]
-
