@@ -43,7 +43,9 @@ import numpy as np
 import pandas as pd
 
 from esxi_anomaly import schema
-from esxi_anomaly.ingest.base import IngestError, Quarantine, SourceFormat, open_binary, stable_event_id
+from esxi_anomaly.ingest.base import (
+    SNIFF_BYTES, IngestError, Quarantine, SourceFormat, open_binary, stable_event_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +81,26 @@ def clear_template_cache() -> None:
 
 
 def sniff(head: bytes) -> bool:
-    """An IPFIX v10 header with a plausible length whose first set header fits the message."""
+    """An IPFIX v10 header whose sets tile the first message exactly.
+
+    Walking the sets matters: text that starts with NUL + newline (a log padded by a crash) reads
+    as version 10, and only the set lengths tell it apart. A first message cut short by the end
+    of the file is accepted when at least its first set is whole.
+    """
     if len(head) < 20:
         return False
     version, length, _export, _seq, _odid = _HEADER.unpack_from(head)
     if version != 10 or length < 20:
         return False
-    set_id, set_length = _SET.unpack_from(head, 16)
-    return (set_id in (2, 3) or set_id >= 256) and 4 <= set_length <= length - 16
+    end, pos = min(length, len(head)), 16
+    while pos + 4 <= end:
+        set_id, set_length = _SET.unpack_from(head, pos)
+        if not (set_id in (2, 3) or set_id >= 256) or set_length < 4 or pos + set_length > length:
+            return False
+        if pos + set_length > end:
+            break   # cut by the end of the file
+        pos += set_length
+    return pos == length or (length > len(head) and pos > 16)
 
 
 # --- message walking ------------------------------------------------------------------------
@@ -393,7 +407,7 @@ def _scan_folder_templates(path: str) -> None:
                 continue
             _SCANNED_FILES.add(key)
             with open_binary(other) as fh:
-                if not sniff(fh.read(64)):
+                if not sniff(fh.read(SNIFF_BYTES)):   # whole first message: sniff walks its sets
                     continue
         except (OSError, EOFError, IngestError, lzma.LZMAError, zipfile.BadZipFile, zlib.error):
             continue

@@ -90,10 +90,8 @@ def _json_kind(head: bytes) -> str | None:
         lines = lines[:-1]   # the last line of a full head is probably cut
     for raw in lines[:50]:
         raw = raw.strip()
-        if not raw:
-            continue
         if not raw.startswith(b"{"):
-            return None
+            continue   # blank, or junk (NUL padding after a crash) that the reader quarantines
         try:
             obj = json.loads(raw)
         except ValueError:

@@ -9,6 +9,9 @@ import pandas as pd
 from esxi_anomaly import schema
 from esxi_anomaly.ingest import IngestError
 
+# A file starting with one of these is opened as that container, whatever follows.
+CONTAINER_MAGIC = (b"PK\x03\x04", b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+
 
 def read_lines(lines: list[str], read_all, kind: str) -> pd.DataFrame:
     """Write `lines` to a temporary file and read it with `read_all(path)`; a file the format

@@ -152,3 +152,66 @@ def test_gzip_reads_exactly_like_python_gzip(tmp_path, name, packed, size):
         except (OSError, EOFError):
             pass
     assert "".join(lines).encode() == _BODY[: len("".join(lines).encode())]
+
+
+# --- detection survives junk ------------------------------------------------------------------
+
+from collections import Counter   # noqa: E402
+import os   # noqa: E402
+
+from hypothesis import HealthCheck, given, settings, strategies as st   # noqa: E402
+
+from esxi_anomaly.ingest import read_context   # noqa: E402
+from tests.conftest import ROOT, SAMPLES   # noqa: E402
+from tests.ingest._lines import CONTAINER_MAGIC   # noqa: E402
+
+_READ = {"connections": read_connections, "dns_answers": read_dns, "context": read_context,
+         "inventory": read_inventory}
+_FIX = ROOT / "tests" / "fixtures"
+# (format, frame kind, file, leading header lines junk may not precede)
+_LINE_FORMATS = [
+    ("zeek_conn_tsv", "connections", _FIX / "zeek" / "conn.log", 8),
+    ("zeek_dns_tsv", "dns_answers", _FIX / "zeek" / "dns.log", 8),
+    ("zeek_conn_json", "connections", _FIX / "zeek" / "conn.json", 0),
+    ("zeek_dns_json", "dns_answers", _FIX / "zeek" / "dns.json", 0),
+    ("nsx_dfw", "connections", _FIX / "nsx" / "nsxt_raw_dfwpktlogs.log", 0),
+    ("nsx_dfw", "connections", _FIX / "nsx" / "forwarded_syslog.log", 0),
+    ("esxcli_connections", "connections", _FIX / "esxcli" / "snapshots.txt", 0),
+    ("dnsmasq", "dns_answers", _FIX / "dns_servers" / "dnsmasq_verbatim.log", 0),
+    ("unbound", "dns_answers", _FIX / "dns_servers" / "unbound_verbatim.log", 0),
+    ("bind_query", "dns_answers", _FIX / "dns_servers" / "bind_query_verbatim.log", 0),
+    ("esxi_syslog", "context", _FIX / "esxi_syslog" / "esxi8_ondisk_verbatim.log", 0),
+    ("inventory_csv", "inventory", _FIX / "inventory" / "inventory.csv", 1),
+    ("powercli_csv", "inventory", _FIX / "inventory_exports" / "powercli_get_vm.csv", 2),
+    ("infoblox_nios", "dns_answers", SAMPLES / "infoblox-nios-elastic-integrations" / "test-dns.log", 0),
+    ("sysmon_network", "connections", SAMPLES / "sysmon-otrf-security-datasets" / "derived"
+     / "cmd_bitsadmin_download_psh_script_2020-10-2302365189.sysmon-eid3-eid22.jsonl", 0),
+]
+_JUNK_LINE = st.one_of(
+    st.integers(1, 4096).map(lambda n: b"\x00" * n),                   # a crash's NUL padding
+    st.binary(min_size=1, max_size=120),
+    st.text(max_size=120).map(lambda t: t.encode("utf-8", "surrogatepass")),
+).map(lambda b: b.replace(b"\n", b" ").replace(b"\r", b" ")).filter(lambda b: not b.startswith(CONTAINER_MAGIC))
+
+
+def _records(df):
+    """The rows as a multiset, without the ids that non-Zeek readers derive from line numbers."""
+    return Counter(map(tuple, df.drop(columns=["event_id"], errors="ignore").astype(str).to_numpy().tolist()))
+
+
+@pytest.mark.parametrize("name,frame,path,header", _LINE_FORMATS, ids=lambda v: getattr(v, "name", v))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_junk_lines_neither_hide_the_format_nor_lose_records(tmp_path, name, frame, path, header, data):
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is absent")
+    lines = path.read_bytes().splitlines()
+    for junk in data.draw(st.lists(_JUNK_LINE, min_size=1, max_size=4)):
+        lines.insert(data.draw(st.integers(header, len(lines))), junk)
+    junky = tmp_path / "junky"
+    junky.write_bytes(b"\n".join(lines) + b"\n")
+    os.utime(junky, (path.stat().st_atime, path.stat().st_mtime))   # year inference reads the mtime
+    assert detect_format(str(junky), frame).name == name
+    quarantine = Quarantine()
+    got = _records(_READ[frame](str(junky), quarantine))
+    assert not _records(_READ[frame](str(path))) - got          # every valid record kept

@@ -120,6 +120,11 @@ def test_sniff(samples):
     assert not vds_ipfix.sniff(b"\x00\x0a\x00\x05" + b"\x00" * 30)  # length below a header
     assert not vds_ipfix.sniff(b"2018-07-03T19:44:09.749Z b6507827 INET match PASS")
     assert not vds_ipfix.sniff(b"")
+    # NUL + newline reads as version 10; the set lengths show it is text (a crash-padded JSON log)
+    assert not vds_ipfix.sniff(b'\x00\n{"ts":1700000000.1,"uid":"CJ1aaaaaaaaaaaaaa","id.orig_h":"10.0.0.11"}\n')
+    message = (samples / FOLDER / DATA[2]).read_bytes()   # two data sets
+    assert vds_ipfix.sniff(message[:-10])          # a message cut inside its last set
+    assert not vds_ipfix.sniff(message[:18])       # nothing but a header
 
 
 def _read_blob(blob: bytes):
