@@ -8,7 +8,7 @@ import tempfile
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from esxi_anomaly import schema
@@ -176,3 +176,96 @@ def test_mutated_lines_never_raise(line, position, insert):
         nsx_dfw.sniff(mutated.encode("utf-8", "surrogatepass"))
     except IngestError:
         pass
+
+
+# --- the column-wise fast path decides exactly as the per-line path ------------------------
+
+from contextlib import nullcontext   # noqa: E402
+from unittest import mock   # noqa: E402
+
+
+def _read_both(path, chunk_rows):
+    """(frame, quarantine records, lines the fast path took) read as shipped, then per line only."""
+    results = []
+    for fast in (True, False):
+        taken = []
+        original = nsx_dfw._Block._fast
+
+        def spy(self, lines):
+            rows, positions = original(self, lines)
+            taken.append(len(positions))
+            return rows, positions
+
+        patch = mock.patch.object(nsx_dfw._Block, "_fast", spy if fast else
+                                  lambda self, lines: (nsx_dfw._no_rows(), np.zeros(0, np.int64)))
+        with patch:
+            df, quarantine = read(path, chunk_rows)
+        results.append((df, [(r.line, r.reason, r.raw) for r in quarantine.records], sum(taken)))
+    return results
+
+
+def _ts(data):
+    t = data.draw(st.integers(946684800, 2051222400))
+    text = pd.Timestamp(t, unit="s").strftime("%Y-%m-%d") + data.draw(st.sampled_from("TTTt")) \
+        + pd.Timestamp(t, unit="s").strftime("%H:%M:%S")
+    text = data.draw(st.sampled_from([text, text.replace("-01T", "-31T"), text[:11] + "24" + text[13:]]))
+    digits = data.draw(st.integers(0, 9))
+    frac = "." + "".join(data.draw(st.lists(st.sampled_from("0123456789"), min_size=digits, max_size=digits)))
+    return text + (frac if digits else "") + data.draw(st.sampled_from(["Z", "Z", "z", "+05:30", "-0800", ""]))
+
+
+def _address(data):
+    ip = data.draw(st.sampled_from(["10.0.0.1", "10.0.0.2", "192.168.4.3", "010.0.0.1", "10.0.0.256",
+                                    "fe80:0:0:0:68c2:8472:2364:9be", "ff02::1:2", "::1", "1:2"]))
+    port = data.draw(st.sampled_from(["", "/80", "/49627", "/65535", "/65536", "/99999"]))
+    return ip + port
+
+
+def _dfw_line(data):
+    term = data.draw(st.booleans())
+    body = " ".join(filter(None, [
+        data.draw(st.sampled_from(["", _ts(data)])),
+        data.draw(st.sampled_from(["", "b6507827", "8519", "<1 55f1af2f487544e9:b0e059132ad7753d>"])),
+        data.draw(st.sampled_from(["INET", "INET6"])),
+        "TERM" if term else data.draw(st.sampled_from(["match", "reason-match"])),
+        "" if term else data.draw(st.sampled_from(["", "PASS", "PASS", "DROP", "REJECT"])),
+        data.draw(st.sampled_from(["mainrs/1024", "25577", "domain-c##/1101"])),
+        data.draw(st.sampled_from(["IN", "OUT"])),
+        "" if term else data.draw(st.sampled_from(["", "52"])),
+        data.draw(st.sampled_from(["TCP", "UDP", "ICMP", "PROTO 2", "PROTO 99", "IPV6-ICMP"])),
+        data.draw(st.sampled_from(["FIN", "RST"])) if term else "",
+        f"{_address(data)}->{_address(data)}",
+        data.draw(st.sampled_from(["", "S", "22/14 7684/1070", "5/7 300/900 x", "1/2 40/80"])),
+    ]))
+    envelopes = ["", f"<14>1 {_ts(data)} esx01.lab dfwpktlogs 123 - - ", f"<14>1 {_ts(data)} - NSX - - - ",
+                 f"<14>1 - esx02.lab dfwpktlogs - - - ", f"{_ts(data)} No(13) FIREWALL-PKTLOG[1069031]: ",
+                 f"<166>{_ts(data)} esx01.lab dfwpktlogs: ", f"{_ts(data)} esx03.lab dfwpktlogs[77]: ",
+                 '<14>1 2015-03-10T03:22:24.500Z esx02.lab NSX - - [nsx@6876 comp="nsx-edge"] ',
+                 "Mar 10 03:22:24 esx04.lab dfwpktlogs: ", "\ufeff"]
+    line = data.draw(st.sampled_from(envelopes)) + body
+    if data.draw(st.integers(0, 9)) == 0:   # now and then a damaged line
+        position = data.draw(st.integers(0, len(line)))
+        line = line[:position] + data.draw(st.text(max_size=3)) + line[position + 1:]
+    return line.replace("\n", " ").replace("\r", " ")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fast_path_equals_the_per_line_path(tmp_path, data):
+    lines = [_dfw_line(data) for _ in range(data.draw(st.integers(1, 40)))]
+    path = tmp_path / "dfw.log"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
+    chunk_rows = data.draw(st.sampled_from([3, 1000]))
+    (fast, fast_bad, taken), (slow, slow_bad, _) = _read_both(path, chunk_rows)
+    pd.testing.assert_frame_equal(fast, slow)
+    assert fast_bad == slow_bad
+    event(f"fast path took {'some' if taken else 'no'} lines")
+
+
+def test_fast_path_takes_the_common_shapes(fixtures):
+    for name, expected in (("nsxt_raw_dfwpktlogs.log", 7), ("esxi8_dfwpktlogs.log", 2), ("term_session.log", 5),
+                           ("forwarded_syslog.log", 3)):   # not: hostd, SD element, junk, a bad address
+        (fast, fast_bad, taken), (slow, slow_bad, _) = _read_both(fixtures / "nsx" / name, 1000)
+        pd.testing.assert_frame_equal(fast, slow)
+        assert fast_bad == slow_bad
+        assert taken == expected, name
