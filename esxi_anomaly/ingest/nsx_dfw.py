@@ -187,6 +187,7 @@ def read(path: str, quarantine: Quarantine, chunk_rows: int) -> Iterator[pd.Data
 
 
 _BLOCK_LINES = 250_000
+_FAST_PIECE = 50_000
 _ROW_COLUMNS = ["line", "ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto", "host", "dir", "reason",
                 "action", "pkts_in", "pkts_out", "bytes_in", "bytes_out"]
 _ROW_DTYPES = {"line": np.int64, "ts": np.float64, "src_port": np.int64, "dst_port": np.int64, "pkts_in": np.float64,
@@ -266,6 +267,10 @@ class _Block:
 
     def _fast(self, lines: list[str]) -> tuple[dict, np.ndarray]:
         """Rows of the lines the fast regex takes apart with plain values, and their positions."""
+        if len(lines) > _FAST_PIECE:   # the regex's tuples hold a Python string per field: go piecewise
+            pieces = [(self._fast(lines[i:i + _FAST_PIECE]), i) for i in range(0, len(lines), _FAST_PIECE)]
+            return ({name: np.concatenate([rows[name] for (rows, _), _ in pieces]) for name in pieces[0][0][0]},
+                    np.concatenate([taken + start for (_, taken), start in pieces]))
         found = _FAST_LINES.findall("\n".join(lines))   # one match per line when every line fits
         if len(found) == len(lines):
             taken = np.arange(len(lines))
@@ -290,8 +295,9 @@ class _Block:
         counts = _term_counts(extra, col["reason"] == "TERM")
         codes, protos = pd.factorize(col["proto"])
         proto = np.array([self._proto(p) for p in protos], dtype=object)[codes]
+        host, direction, reason, action = (_shared(values) for values in (host, col["dir"], col["reason"], col["action"]))
         rows = {"ts": ts, "src_ip": src_ip, "src_port": src_port, "dst_ip": dst_ip, "dst_port": dst_port,
-                "proto": proto, "host": host, "dir": col["dir"], "reason": col["reason"], "action": col["action"],
+                "proto": proto, "host": host, "dir": direction, "reason": reason, "action": action,
                 "pkts_in": counts[:, 0], "pkts_out": counts[:, 1], "bytes_in": counts[:, 2], "bytes_out": counts[:, 3]}
         return {name: values[ok] for name, values in rows.items()}, taken[ok]
 
@@ -352,6 +358,12 @@ class _Block:
             return _no_rows(with_line=True)
         return {name: np.array(values, dtype=_ROW_DTYPES.get(name, object))
                 for name, values in zip(_ROW_COLUMNS, zip(*out))}
+
+
+def _shared(values: np.ndarray) -> np.ndarray:
+    """The same values, one string object per distinct value (a block holds few hosts or actions)."""
+    codes, uniques = pd.factorize(values)
+    return np.asarray(uniques, dtype=object)[codes]
 
 
 def _no_rows(with_line: bool = False) -> dict:

@@ -256,7 +256,8 @@ def test_fast_path_equals_the_per_line_path(tmp_path, data):
     path = tmp_path / "dfw.log"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
     chunk_rows = data.draw(st.sampled_from([3, 1000]))
-    (fast, fast_bad, taken), (slow, slow_bad, _) = _read_both(path, chunk_rows)
+    with mock.patch.object(nsx_dfw, "_FAST_PIECE", data.draw(st.sampled_from([2, 50_000]))):
+        (fast, fast_bad, taken), (slow, slow_bad, _) = _read_both(path, chunk_rows)
     pd.testing.assert_frame_equal(fast, slow)
     assert fast_bad == slow_bad
     event(f"fast path took {'some' if taken else 'no'} lines")
