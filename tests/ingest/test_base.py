@@ -207,6 +207,8 @@ def test_junk_lines_neither_hide_the_format_nor_lose_records(tmp_path, name, fra
         pytest.skip(f"{path} is absent")
     lines = path.read_bytes().splitlines()
     for junk in data.draw(st.lists(_JUNK_LINE, min_size=1, max_size=4)):
+        if path.suffix == ".csv":
+            junk = junk.replace(b'"', b"'")   # an open quote legally joins the lines after it
         lines.insert(data.draw(st.integers(header, len(lines))), junk)
     junky = tmp_path / "junky"
     junky.write_bytes(b"\n".join(lines) + b"\n")
