@@ -25,8 +25,10 @@ browser:
 	      || echo "chromium could not be installed; browser tests will skip (fail under CI)"; \
 	  else echo "chromium missing and not installable here; browser tests will skip (fail under CI)"; fi; }
 
+# Property tests run derandomised (Hypothesis's "ci" profile): make test gives the same result
+# on every machine. Plain `pytest` explores new random examples.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --hypothesis-profile=ci
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest_throughput.py
