@@ -91,12 +91,7 @@ def parse_body(body: str) -> dict | None:
         return None
     src_ip, src_port = _split_address(m.group("src"))
     dst_ip, dst_port = _split_address(m.group("dst"))
-    proto = m.group("proto")
-    if proto.startswith("PROTO "):
-        number = int(proto[6:])
-        proto = _PROTO_NUMBERS.get(number, str(number))
-    else:
-        proto = _PROTO_NAMES.get(proto.lower(), proto.lower())
+    proto = _proto_name(m.group("proto"))
     counts = None
     if m.group("reason") == "TERM" and m.group("extra"):
         c = _TERM_COUNTS.match(m.group("extra"))
@@ -107,6 +102,14 @@ def parse_body(body: str) -> dict | None:
         "dir": m.group("dir"), "proto": proto, "src_ip": src_ip, "src_port": src_port,
         "dst_ip": dst_ip, "dst_port": dst_port, "counts": counts,
     }
+
+
+def _proto_name(text: str) -> str:
+    """`PROTO 6` -> tcp, `IPV6-ICMP` -> icmp, `TCP` -> tcp."""
+    if text.startswith("PROTO "):
+        number = int(text[6:])
+        return _PROTO_NUMBERS.get(number, str(number))
+    return _PROTO_NAMES.get(text.lower(), text.lower())
 
 
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -244,7 +247,6 @@ class _Block:
         self.path, self.default_year, self.event_prefix = path, default_year, event_prefix
         self.skipped = 0
         self._addresses: dict[str, str | None] = {}
-        self._protos: dict[str, str] = {}
 
     def rows(self, numbers: list[int], lines: list[str], line_records: list, quarantine: Quarantine):
         bad: list[tuple[int, str, str]] = [(r.line, r.reason, r.raw) for r in line_records]
@@ -294,7 +296,7 @@ class _Block:
         ok &= pc.less_equal(pc.utf8_length(extra), _MAX_EXTRA).to_numpy(zero_copy_only=False)
         counts = _term_counts(extra, col["reason"] == "TERM")
         codes, protos = pd.factorize(col["proto"])
-        proto = np.array([self._proto(p) for p in protos], dtype=object)[codes]
+        proto = np.array([_proto_name(p) for p in protos], dtype=object)[codes]
         host, direction, reason, action = (_shared(values) for values in (host, col["dir"], col["reason"], col["action"]))
         rows = {"ts": ts, "src_ip": src_ip, "src_port": src_port, "dst_ip": dst_ip, "dst_port": dst_port,
                 "proto": proto, "host": host, "dir": direction, "reason": reason, "action": action,
@@ -309,27 +311,13 @@ class _Block:
             self._addresses.clear()
         for i, ip in enumerate(uniques):
             if ip not in self._addresses:
-                if _CANONICAL_V4.match(ip):
-                    self._addresses[ip] = ip
-                else:
-                    try:
-                        self._addresses[ip] = ipaddress.ip_address(ip).compressed
-                    except ValueError:
-                        self._addresses[ip] = None
+                try:
+                    self._addresses[ip] = _split_address(ip)[0]
+                except _BadRecord:
+                    self._addresses[ip] = None
             out[i] = self._addresses[ip]
         ok = np.array([v is not None for v in out], dtype=bool)
         return out[codes], ok[codes]
-
-    def _proto(self, text: str) -> str:
-        proto = self._protos.get(text)
-        if proto is None:
-            if text.startswith("PROTO "):
-                number = int(text[6:])
-                proto = _PROTO_NUMBERS.get(number, str(number))
-            else:
-                proto = _PROTO_NAMES.get(text.lower(), text.lower())
-            self._protos[text] = proto
-        return proto
 
     # -- the per-line path --------------------------------------------------------------------
 

@@ -1,17 +1,23 @@
-"""The shared ingest API (paths, registry, folder splitting, decompression, summaries) on Zeek files."""
+"""The shared ingest API (paths, registry, folder splitting, decompression, summaries) on Zeek files,
+and format detection that survives junk lines in every line format."""
 from __future__ import annotations
 
 import bz2
 import gzip
 import lzma
+import os
 import shutil
+from collections import Counter
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from esxi_anomaly.ingest import (
-    IngestError, Quarantine, ReadSummary, detect_format, expand_paths, formats, read_connections, read_dns,
-    read_inventory,
+    IngestError, Quarantine, ReadSummary, detect_format, expand_paths, formats, read_connections, read_context,
+    read_dns, read_inventory,
 )
+from tests.conftest import ROOT, SAMPLES
+from tests.ingest._lines import CONTAINER_MAGIC
 
 
 @pytest.fixture()
@@ -155,15 +161,6 @@ def test_gzip_reads_exactly_like_python_gzip(tmp_path, name, packed, size):
 
 
 # --- detection survives junk ------------------------------------------------------------------
-
-from collections import Counter   # noqa: E402
-import os   # noqa: E402
-
-from hypothesis import HealthCheck, given, settings, strategies as st   # noqa: E402
-
-from esxi_anomaly.ingest import read_context   # noqa: E402
-from tests.conftest import ROOT, SAMPLES   # noqa: E402
-from tests.ingest._lines import CONTAINER_MAGIC   # noqa: E402
 
 _READ = {"connections": read_connections, "dns_answers": read_dns, "context": read_context,
          "inventory": read_inventory}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -179,9 +180,6 @@ def test_mutated_lines_never_raise(line, position, insert):
 
 
 # --- the column-wise fast path decides exactly as the per-line path ------------------------
-
-from contextlib import nullcontext   # noqa: E402
-from unittest import mock   # noqa: E402
 
 
 def _read_both(path, chunk_rows):
