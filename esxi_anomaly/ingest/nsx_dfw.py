@@ -218,8 +218,7 @@ _FAST = (
     r"(?P<dip>[0-9A-Fa-f:.]{2,64})(?:/(?P<dport>[0-9]{1,5}))?"
     r"(?: (?P<extra>[ -~]*))?$"
 )
-_FAST_LINE = re.compile(_FAST)
-_FAST_LINES = re.compile(_FAST, re.M)
+_FAST_LINES = re.compile(_FAST, re.M)   # per line or over a whole block: lines hold no newline
 _FAST_TS = (r"^(?P<y>[0-9]{4})-(?P<mo>[0-9]{2})-(?P<d>[0-9]{2})T(?P<h>[0-9]{2}):(?P<mi>[0-9]{2}):(?P<s>[0-9]{2})"
             r"(?:\.(?P<frac>[0-9]{1,9}))?(?P<zone>Z|z|[+-][0-9]{2}:?[0-9]{2})?$")
 _FAST_COUNTS = r"^(?P<a>[0-9]{1,19})/(?P<b>[0-9]{1,19}) (?P<c>[0-9]{1,19})/(?P<d>[0-9]{1,19})(?: |$)"
@@ -277,12 +276,12 @@ class _Block:
         if len(found) == len(lines):
             taken = np.arange(len(lines))
         else:
-            matches = [_FAST_LINE.match(line) for line in lines]
+            matches = [_FAST_LINES.match(line) for line in lines]
             taken = np.array([i for i, m in enumerate(matches) if m], dtype=np.int64)
             found = [m.groups("") for m in matches if m]   # "" for an absent group, as findall gives
         if not len(taken):
             return _no_rows(), taken
-        col = dict(zip(_FAST_LINE.groupindex, np.array(found, dtype=object).T))
+        col = dict(zip(_FAST_LINES.groupindex, np.array(found, dtype=object).T))
         # time: the body's own, else the envelope's ("-" = none)
         ets = np.where(col["ets1"] != "", col["ets1"], np.where(col["ets2"] != "", col["ets2"], col["ets3"]))
         ts, ok = _epoch_seconds(np.where(col["bts"] != "", col["bts"], ets))

@@ -97,7 +97,7 @@ def dns_records(dns: pd.DataFrame) -> pd.DataFrame:
         answer[txt] = ["TXT %d %s" % (len(a), a) for a in answer[txt]]
     srv = (d["rtype"] == "SRV").to_numpy()
     if srv.any():   # Zeek logs an SRV record's target only: priority, weight and port are lost
-        answer[srv] = [a.split()[-1] if a.split() else a for a in answer[srv]]
+        answer[srv] = [(a.split() or [a])[-1] for a in answer[srv]]
     elem = answer.str.replace(",", "\\x2c", regex=False).to_numpy(dtype=object)
     ttl_txt = np.asarray(pc.fill_null(fixed6(d["ttl"].to_numpy()), "-").to_pylist(), dtype=object)
     sep = np.full(len(d), ",", dtype=object)
