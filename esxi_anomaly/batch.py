@@ -862,7 +862,8 @@ def _check_checkpoints(work: Path, partitions: int) -> int:
 def score_command(args, model, manifest, directory, pool: WorkerPool | None = None) -> int:
     """`esxi-anomaly score`: the local engine streams (on `pool`'s workers when given); `--engine dask`
     partitions by entity."""
-    from esxi_anomaly.cli import finish_quarantine, log
+    from esxi_anomaly.cli import finish_quarantine
+    from esxi_anomaly.console import log
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

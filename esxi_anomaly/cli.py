@@ -12,7 +12,8 @@ import pandas as pd
 from esxi_anomaly import ingest
 from esxi_anomaly.schema import Frames
 
-EXIT_OK, EXIT_ERROR, EXIT_QUARANTINE = 0, 2, 3
+from esxi_anomaly.console import (EXIT_BUSY, EXIT_ERROR, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED,  # noqa: F401
+                                  EXIT_OK, EXIT_QUARANTINE, EXIT_USAGE, log, printable)
 
 
 class Stages:
@@ -29,10 +30,6 @@ class Stages:
         if not self.quiet:
             print(f"[{name}] {self.times[name]:.1f} s", file=sys.stderr)
         return out
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr)
 
 
 # -- inputs --------------------------------------------------------------------------------
