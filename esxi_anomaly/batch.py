@@ -18,16 +18,23 @@ every core.
 """
 from __future__ import annotations
 
+import dataclasses
+import glob
+import hashlib
 import io
 import json
 import mmap
 import os
 import pickle
+import re
 import shutil
+import socket
 import sys
 import time
+import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -44,18 +51,25 @@ from esxi_anomaly.report import csv as report_csv, ecs as report_ecs, format_for
 from esxi_anomaly.detect import explain
 from esxi_anomaly.detect.explain import context_clauses
 from esxi_anomaly.feedback import FeedbackStore, apply_suppressions
-from esxi_anomaly.features.stream_state import StreamState
+from esxi_anomaly.console import EXIT_BUSY, EXIT_INPUT, log
+from esxi_anomaly.features.stream_state import StreamState, read_frame, write_frame
 from esxi_anomaly.report._atomic import atomic_path
 from esxi_anomaly.report.rollup import StreamingRollup
 from esxi_anomaly.schema import Frames
-from esxi_anomaly.workers import WorkerPool, release_free_memory
+from esxi_anomaly.workers import WorkerError, WorkerPool, release_free_memory
+
+try:
+    import fcntl
+except ImportError:   # not POSIX: the lock falls back to its owner's pid
+    fcntl = None
 
 BUCKET_S = 3600
 WRITE_BLOCK = 100_000
 KEEP_HEAP_BELOW = 640 << 20  # a scoring process keeps its freed heap between batches up to this size
 WRITE_THREADS = 2              # output blocks prepared concurrently (2-core machines and up)
 HTML_DEFAULT_TOP = 2000
-CHECKPOINT_VERSION = 3            # 2: scored rows carry sentence inputs; 3: one checkpoint per partition
+CHECKPOINT_VERSION = 4            # 2: scored rows carry sentence inputs; 3: one checkpoint per partition;
+                                  # 4: checkpoints as plain files (no pickles), run fingerprint
 SLOT_BITS = 16
 N_SLOTS = 1 << SLOT_BITS
 _SLOT = "_slot"                   # spill-only column: the row's source slot
@@ -83,6 +97,285 @@ def source_slot(ips) -> np.ndarray:
     answers (`client_ip`) get the same slot. A Series of strings is hashed per distinct value."""
     values = ips if isinstance(ips, pd.Series) else np.asarray(ips, dtype=object)
     return (hash_column(values) >> np.uint64(64 - SLOT_BITS)).astype("int32")
+
+
+# -- the output: one run at a time, checked before anything is read, nothing left behind ----------
+
+class OutputBusy(RuntimeError):
+    """Another run is writing the same output (it holds `<out>.lock`)."""
+    exit_code = EXIT_BUSY
+
+
+class OutputError(ValueError):
+    """The output path cannot be used (a folder, an input file, not writable)."""
+    exit_code = EXIT_INPUT
+
+
+class ResumeRefused(ValueError):
+    """`--resume` found a work folder made by another run (other inputs, model or options)."""
+    exit_code = EXIT_INPUT
+
+
+def lock_path(out: Path) -> Path:
+    return Path(out).with_name(Path(out).name + ".lock")
+
+
+def quarantine_path(out: Path) -> Path:
+    return Path(out).with_name(Path(out).name + ".quarantine.jsonl")
+
+
+def work_path(out: Path) -> Path:
+    return Path(out).with_name(Path(out).name + ".work")
+
+
+_HELD: dict[str, list] = {}   # lock files this process holds: path -> [fd, depth] (re-entrant)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
+
+
+def _read_owner(fd: int) -> dict:
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}")
+        return owner if isinstance(owner, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe_owner(owner: dict) -> str:
+    if not owner:
+        return "owner unknown"
+    return f"pid {owner.get('pid', '?')} on {owner.get('host', '?')}, started {owner.get('started', '?')}"
+
+
+def _acquire_lock(path: Path, out: Path) -> int:
+    """Create or take `path` and hold it (flock, released by the kernel when the holder dies, even by
+    SIGKILL); the file names its owner. Raises `OutputBusy` when another live run holds it."""
+    host = socket.gethostname()
+    for _attempt in range(20):
+        try:
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            try:
+                fd, created = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:   # its owner just finished
+                continue
+        owner = _read_owner(fd)
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise OutputBusy(f"{out} is being written by another run ({_describe_owner(owner)}); "
+                                     f"wait for it to end, or write to another --out") from None
+                except OSError:   # no flock on this filesystem: trust the owner's pid instead
+                    if owner.get("host") == host and _pid_alive(int(owner.get("pid", 0))):
+                        raise OutputBusy(f"{out} is being written by another run ({_describe_owner(owner)})") from None
+            try:   # the file we hold must still be the one at `path` (its owner may have removed it)
+                here = os.stat(path)
+                same = (here.st_ino, here.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev)
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if not same:
+            os.close(fd)
+            continue
+        if not created:
+            log(f"{out}: taking over the stale lock {path.name} ({_describe_owner(owner)}: that run is gone)")
+        record = json.dumps({"pid": os.getpid(), "host": host,
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        return fd
+    raise OutputBusy(f"{out}: could not lock {path} (other runs keep taking it)")
+
+
+@contextmanager
+def hold_output(out: Path):
+    """Hold `<out>.lock` while inside: a second run to the same output refuses at once (`OutputBusy`),
+    a lock left by a run that is gone is taken over. Re-entrant within a process."""
+    path = lock_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    _HELD[key] = [_acquire_lock(path, Path(out)), 1]
+    try:
+        yield
+    finally:
+        fd = _HELD.pop(key)[0]
+        path.unlink(missing_ok=True)   # before releasing it: a waiting run then finds no file, or a new one
+        os.close(fd)
+
+
+def _input_files(*path_lists) -> list[Path]:
+    files = []
+    for paths in path_lists:
+        if paths:
+            paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths
+            files += [Path(p) for p in ingest.expand_paths([str(p) for p in paths])]
+    return files
+
+
+def check_output_paths(out: Path, inputs: list[Path], rollup: bool = True) -> None:
+    """Refuse, before any input is read, an output that cannot be written or would destroy an
+    input: `out`, its roll-up, quarantine, lock and work paths must not be folders (the work path:
+    not a file), nor any input file (same resolved path or inode), and their folder must be writable."""
+    out = Path(out)
+    targets = [out, quarantine_path(out), lock_path(out)] + ([rollup_path(out)] if rollup else [])
+    seen = set()
+    for p in inputs:
+        try:
+            st = p.stat()
+            seen.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    resolved = {p.resolve() for p in inputs}
+    for target in targets:
+        if target.is_dir():
+            raise OutputError(f"{target} is a folder: --out needs a file name")
+        if target.resolve() in resolved or (target.exists() and (target.stat().st_dev, target.stat().st_ino) in seen):
+            raise OutputError(f"{target} is one of the input files: writing it would destroy it; choose another --out")
+    if work_path(out).exists() and not work_path(out).is_dir():
+        raise OutputError(f"{work_path(out)} is a file: it is where the run keeps its work folder; move it away")
+    folder = out.parent if str(out.parent) else Path(".")
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder} is not a folder: cannot write {out.name} in it")
+    if folder.exists() and not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{folder}: not writable: cannot write {out.name} there")
+
+
+_STAGING = re.compile(r"\.[0-9a-f]{32}\.tmp$")
+
+
+def _remove_stale_temps(out: Path, work: Path) -> None:
+    """Temp files a killed run of this output left (`atomic_path` staging: `.<name>.<hex>.tmp`);
+    only called while holding the output's lock, so none of them is being written."""
+    out = Path(out)
+    for name in (out.name, rollup_path(out).name, quarantine_path(out).name):
+        for path in out.parent.glob(f".{glob.escape(name)}.*.tmp"):
+            if _STAGING.search(path.name):
+                path.unlink(missing_ok=True)
+    for folder in (work, work / "scored"):
+        if folder.is_dir():
+            for path in folder.glob(".*.tmp"):
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+
+
+def _resumable(exc: BaseException, work: Path) -> bool:
+    """Is the work folder worth keeping after `exc`: an interruption, a killed worker, or a refused
+    --resume, once the inputs are spilled (a failure during the spill leaves nothing to continue)."""
+    if isinstance(exc, ResumeRefused):
+        return True
+    if not (work / "spill.json").exists():
+        return False
+    return isinstance(exc, (KeyboardInterrupt, SystemExit, WorkerError)) or not isinstance(exc, Exception)
+
+
+# -- the run's fingerprint: what --resume must find unchanged -------------------------------------
+
+def _file_stats(paths, own: Path | None = None) -> list:
+    """[resolved path, size, mtime_ns] of each input file, leaving out the run's own files (`own`:
+    the output; an input folder may hold it, its lock and its work folder)."""
+    out = []
+    mine = () if own is None else (str(Path(own).resolve()),)
+    for path, _explicit in ingest.list_files(paths) if paths else []:
+        if mine and str(Path(path).resolve()).startswith(mine):
+            continue
+        st = os.stat(path)
+        out.append([str(Path(path).resolve()), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _frame_digest(frame: pd.DataFrame | None) -> str:
+    if frame is None or not len(frame):
+        return ""
+    digest = hashlib.sha256(json.dumps([list(map(str, frame.columns)), list(map(str, frame.dtypes))]).encode())
+    if len(frame):
+        digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_fingerprint(model_id: str, conn_paths, dns_paths, inventory, context, suppressions, options: dict,
+                    out: Path | None = None) -> dict:
+    """What the output depends on, by option name: the model's identity, each input file's path,
+    size and mtime, the content of the inventory, context and suppressions, the output options."""
+    return {"--model": model_id, "--conn": _file_stats(conn_paths, out), "--dns": _file_stats(dns_paths, out),
+            "--inventory": _frame_digest(inventory), "--context": _frame_digest(context),
+            "suppressions (benign verdicts)": _frame_digest(suppressions), **options}
+
+
+def _fingerprint_changes(old: dict, new: dict) -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, list) and isinstance(b, list):
+            before, after = {f[0]: f[1:] for f in a}, {f[0]: f[1:] for f in b}
+            detail = [f"{p} added" for p in after if p not in before]
+            detail += [f"{p} removed" for p in before if p not in after]
+            detail += [f"{p} modified (size {before[p][0]} -> {after[p][0]})" for p in after
+                       if p in before and before[p] != after[p]]
+            changes.append(f"{key} changed: {', '.join(detail) or 'file order'}")
+        elif key == "--model" or key.startswith(("--inventory", "--context", "supp")):
+            changes.append(f"{key} changed")
+        else:
+            changes.append(f"{key} changed: {a!r} -> {b!r}")
+    return changes
+
+
+def _check_fingerprint(work: Path, fingerprint: dict) -> None:
+    try:
+        old = json.loads((work / "fingerprint.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ResumeRefused(f"{work}: no readable record of the interrupted run's inputs; rerun without --resume") \
+            from None
+    changes = _fingerprint_changes(old, fingerprint)
+    if changes:
+        raise ResumeRefused(f"cannot resume {work}: " + "; ".join(changes) + "; rerun without --resume")
+
+
+# -- what the spill read, kept for a resumed run ---------------------------------------------
+
+def _save_reads(path: Path, quarantine: ingest.Quarantine, files: list) -> None:
+    """The quarantine and read summary of the spill, as JSON: a resumed run reports them as the
+    interrupted one would have."""
+    record = {"counts": quarantine.counts,
+              "records": [[r.path, r.line, r.reason, r.raw] for r in quarantine.records],
+              "file_problems": sorted(map(list, getattr(quarantine, "file_problems", ()))),
+              "files": [dataclasses.asdict(f) for f in files]}
+    with atomic_path(path, durable=False) as tmp:
+        Path(tmp).write_text(json.dumps(record), encoding="utf-8")
+
+
+def _restore_reads(path: Path, quarantine: ingest.Quarantine, summary: ingest.ReadSummary | None) -> None:
+    from esxi_anomaly.ingest.base import QuarantineRecord
+
+    record = json.loads(path.read_text(encoding="utf-8"))
+    spilled = ingest.Quarantine()
+    spilled.counts = {str(k): int(v) for k, v in record["counts"].items()}
+    spilled.records = [QuarantineRecord(str(p), int(n), str(reason), str(raw)) for p, n, reason, raw in record["records"]]
+    if hasattr(spilled, "file_problems"):
+        spilled.file_problems = {tuple(x) for x in record.get("file_problems", [])}
+    quarantine.extend(spilled)
+    if summary is not None:
+        summary.files.extend(ingest.FileStats(**f) for f in record["files"])
 
 
 # -- progress ------------------------------------------------------------------------------
@@ -210,6 +503,36 @@ class Checkpoint:
     scored: int = 0
     files: dict[str, int] = field(default_factory=dict)   # scored file name -> rows, checked on resume
 
+    def to_files(self, folder: Path) -> None:
+        """Write into `folder` (created): JSON for the scalars, Arrow IPC for the top rows, and the
+        state's own files (`StreamState.to_files`). Nothing of it is a pickle."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("top_rows", "top_feats"):
+            if getattr(self, name) is not None:
+                write_frame(getattr(self, name), folder / f"{name}.arrow")
+        self.state.to_files(folder / "state")
+        meta = {"version": self.version, "done_buckets": [int(b) for b in self.done_buckets],
+                "alerts": int(self.alerts), "scored": int(self.scored),
+                "files": {str(k): int(v) for k, v in self.files.items()},
+                "top": self.top_rows is not None}
+        (folder / "checkpoint.json").write_text(json.dumps(meta), encoding="utf-8")   # last: the folder is whole
+
+    @classmethod
+    def from_files(cls, folder: Path, scalars_only: bool = False) -> "Checkpoint":
+        """What `to_files` wrote (`scalars_only`: without the top rows and the state)."""
+        folder = Path(folder)
+        meta = json.loads((folder / "checkpoint.json").read_text(encoding="utf-8"))
+        cp = cls(version=int(meta["version"]), done_buckets=[int(b) for b in meta["done_buckets"]],
+                 alerts=int(meta["alerts"]), scored=int(meta["scored"]),
+                 files={str(k): int(v) for k, v in meta["files"].items()})
+        if cp.version != CHECKPOINT_VERSION or scalars_only:
+            return cp
+        if meta["top"]:
+            cp.top_rows, cp.top_feats = read_frame(folder / "top_rows.arrow"), read_frame(folder / "top_feats.arrow")
+        cp.state = StreamState.from_files(folder / "state")
+        return cp
+
 
 def chunk_bounds(ts: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
     """Index ranges of at most ~chunk_rows rows of sorted `ts`, never splitting equal times."""
@@ -268,7 +591,42 @@ def _lap(stages: dict, name: str, t0: float) -> float:
 
 
 def checkpoint_path(work: Path, partition: int) -> Path:
-    return work / f"checkpoint-{partition}.pkl"
+    """The partition's checkpoint record: names the folder holding its latest checkpoint."""
+    return work / f"checkpoint-{partition}.json"
+
+
+def save_checkpoint(cp: Checkpoint, work: Path, partition: int) -> None:
+    """Write `cp` into a new folder, then point `checkpoint_path` at it (an atomic rename): a run
+    killed at any moment leaves the previous checkpoint or this one, whole. Not flushed to disk (each
+    flush also forced out the scored file's 100+ MB): a killed run resumes from the page cache; after
+    a machine crash `_check_checkpoints` refuses what is lost."""
+    name = f"checkpoint-{partition}.{uuid.uuid4().hex}"
+    cp.to_files(work / name)
+    with atomic_path(checkpoint_path(work, partition), durable=False) as tmp:
+        Path(tmp).write_text(json.dumps({"folder": name}), encoding="utf-8")
+    _drop_old_checkpoints(work, partition, keep=name)
+
+
+def _drop_old_checkpoints(work: Path, partition: int, keep: str | None) -> None:
+    for old in work.glob(f"checkpoint-{partition}.*"):
+        if old.is_dir() and old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(work: Path, partition: int, scalars_only: bool = False) -> Checkpoint | None:
+    """The partition's last checkpoint (None when it has none). Plain data only: JSON, Arrow IPC and
+    numpy arrays without pickles, so a file planted in the work folder runs no code."""
+    record = checkpoint_path(work, partition)
+    if not record.exists():
+        return None
+    try:
+        name = json.loads(record.read_text(encoding="utf-8"))["folder"]
+        if not re.fullmatch(rf"checkpoint-{partition}\.[0-9a-f]{{32}}", str(name)):
+            raise ValueError(f"unexpected folder name {name!r}")
+        return Checkpoint.from_files(work / name, scalars_only)
+    except Exception as exc:   # truncated or garbled by a crash, or not ours
+        raise ValueError(f"{work}: checkpoint {record.name} is damaged ({exc.__class__.__name__}: {exc}); "
+                         "rerun without --resume") from None
 
 
 def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: bool,
@@ -284,19 +642,25 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
     part_of = plan["part_of"] if n_parts > 1 else None
     suppressions = plan["suppressions"]
     progress = progress or (lambda n: None)
-    if n_parts > 1:  # one partition per core already: the forest scores on this process's thread only
+    if n_parts > 1 and env.get("worker"):  # one partition per core already: the forest scores on this thread only
         model.detector_.forest_.n_jobs = 1
     conn_dir, dns_dir, out_dir = work / "conn", work / "dns", work / "scored"
     out_dir.mkdir(exist_ok=True)
-    saved = checkpoint_path(work, partition)
-    cp = pickle.loads(saved.read_bytes()) if resume and saved.exists() else Checkpoint()
+    cp = (load_checkpoint(work, partition) if resume else None) or Checkpoint()
+    # scored files of this partition its checkpoint does not list were written after it (a run
+    # killed in between): they are scored again, perhaps cut otherwise, so they must go
+    for path in out_dir.glob(f"*{SCORED_SUFFIX}"):
+        if int(path.name.split(".")[0]) % n_parts == partition and path.name not in cp.files:
+            path.unlink()
     progress(cp.scored)
     stages: dict[str, float] = {}
     lookback = model.join_params().lookback_s
     dns_cache: dict[int, pd.DataFrame | None] = {}
-    for group in plan["groups"]:
-        if group[0] in cp.done_buckets:
-            continue
+    # the buckets after the last one done, grouped by this run's chunk_rows: the state carried is
+    # that of a time, not of a grouping, so a resumed run may cut its groups otherwise
+    last = max(cp.done_buckets) if cp.done_buckets else None
+    todo = {b: n for b, n in plan["conn_buckets"].items() if last is None or b > last}
+    for group in bucket_groups(todo, chunk_rows):
         t = time.perf_counter()
         frames = [_read_bucket(conn_dir, b, part_of, partition) for b in group]
         frames = [f for f in frames if f is not None]
@@ -340,11 +704,7 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
         write_scored(scored, out_dir / name)
         cp.files[name] = len(scored)
         cp.done_buckets.extend(group)
-        # not flushed to disk (each flush also forced out the scored file's 100+ MB): a killed run
-        # resumes from the page cache; after a machine crash `_check_checkpoints` refuses what is lost
-        with atomic_path(saved, durable=False) as tmp:
-            with open(tmp, "wb") as fh:
-                pickle.dump(cp, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        save_checkpoint(cp, work, partition)
         t = _lap(stages, "score: write scored+checkpoint", t)
         horizon = np.floor((ts[-1] - lookback) / bucket_s) - 1
         for old in [k for k in dns_cache if 0 <= k < horizon]:
@@ -437,16 +797,21 @@ def rollup_path(out: Path) -> Path:
 def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: int | None,
                    explain_top: int, html_extra: dict, context: pd.DataFrame | None = None, *,
                    rollup_out: Path | None = None, stages: dict | None = None,
-                   pool: WorkerPool | None = None) -> tuple[int, int]:
+                   pool: WorkerPool | None = None, expect_rows: int | None = None) -> tuple[int, int]:
     """Rank every scored row, write the first `top` (all when None) to `out`; with `rollup_out`, also
     the per-entity roll-up of *all* scored rows (not only the `top`) as formula-safe CSV there.
     Explanation sentences are built here, block by block, for the rows written only: by the
     `pool`'s workers for CSV when there is one, else on threads. Both files are written
-    atomically. Returns (rows written, entities in the roll-up)."""
+    atomically, the output last, and only when it holds every row it should (`expect_rows`: the
+    rows scored; the rows of the output blocks are counted). Returns (rows written, entities in the
+    roll-up)."""
     stages = {} if stages is None else stages
     t = time.perf_counter()
     tables = _ScoredFiles(_scored_paths(work))
     keys = pa.concat_tables([tables[b].select(["score", "event_id", "bucket", "row"]) for b in tables])
+    if expect_rows is not None and keys.num_rows != expect_rows:
+        raise RuntimeError(f"{work}: the scored files hold {keys.num_rows:,} rows, not the {expect_rows:,} "
+                           "connections scored; nothing was written")
     t = _lap(stages, "rank+write: read keys", t)
     threads = ThreadPoolExecutor(max_workers=WRITE_THREADS)   # Arrow kernels release the GIL
     try:
@@ -472,10 +837,11 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
 
             flushing: list = []
 
-            def write(result) -> None:
+            def write(output) -> None:
+                result, rows = output
+                writer.rows += rows
                 if fmt == "csv":
-                    for part in result:
-                        writer.fh.write(part)
+                    writer.write_parts(result)
                     # the final flush to disk (atomic_path) then finds little left: written
                     # blocks go out on a thread while the next ones are built
                     if not flushing or flushing[-1].done():
@@ -511,13 +877,26 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                 ranked = pd.concat(block_frames, ignore_index=True) if block_frames else pd.DataFrame()
                 report_html.write_html(ranked, tmp, **html_extra)
             writer.close()
-        written = len(order)
-        tables.release()
+            if writer.rows != len(order):
+                raise RuntimeError(f"{out}: {writer.rows:,} rows were written of {len(order):,}; "
+                                   "the output was not replaced")
+            written = len(order)
+            tables.release()
+            t = _lap(stages, f"rank+write: gather+explain+write {fmt}", t)
+            entities = _write_rollup(model, tables, rollup, full_order, bucket, row, context, rollup_out)
+            if rollup is not None:
+                _lap(stages, "rank+write: entity roll-up", t)
     finally:
         threads.shutdown(wait=True, cancel_futures=True)
-    t = _lap(stages, f"rank+write: gather+explain+write {fmt}", t)
+    return written, entities
+
+
+def _write_rollup(model, tables, rollup, full_order: np.ndarray, bucket: np.ndarray, row: np.ndarray,
+                  context: pd.DataFrame | None, rollup_out: Path | None) -> int:
+    """Write the entity roll-up of every scored row (before the output is moved into place: a run
+    that fails here leaves the old output whole); returns its rows (0: none asked for)."""
     if rollup is None:
-        return written, 0
+        return 0
 
     def rows_at(idx: np.ndarray) -> pd.DataFrame:
         rows = _gather(tables, bucket[idx], row[idx]).to_pandas()
@@ -528,8 +907,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
 
     entities = rollup.finish(full_order, rows_at)
     report_csv.write_entity_rollup_csv(entities, rollup_out)
-    _lap(stages, "rank+write: entity roll-up", t)
-    return written, len(entities)
+    return len(entities)
 
 
 def _narrow(values: np.ndarray) -> np.ndarray:
@@ -547,13 +925,13 @@ def _block_output(rank_env: dict, fmt: str, start: int, bucket: np.ndarray, row:
     ranked, to_rank = _ranked_block(rank_env["model"], rank_env["tables"], bucket, row, start,
                                     rank_env["explain_top"], rank_env["attribution"], rank_env["context"])
     if fmt != "csv":
-        return ranked.take(pa.array(to_rank))
+        return ranked.take(pa.array(to_rank)), ranked.num_rows
     parts = report_csv.arrow_csv_parts(ranked, header=start == 0, order=to_rank)
     if parts is None:   # a column type the Arrow encoder does not handle: pandas writes the block
         buffer = io.BytesIO()
         report_csv.write_frame_csv(ranked.take(pa.array(to_rank)).to_pandas(), buffer, header=start == 0)
         parts = [buffer.getbuffer()]
-    return parts
+    return parts, ranked.num_rows
 
 
 def _csv_block_job(env: dict, work: Path, start: int, bucket: np.ndarray, row: np.ndarray, progress=None) -> bytes:
@@ -561,10 +939,11 @@ def _csv_block_job(env: dict, work: Path, start: int, bucket: np.ndarray, row: n
     rank_env = env["rank"]
     if rank_env.get("work") != work:   # this run's scored files, opened once per worker
         rank_env.update(work=work, tables=_ScoredFiles(_scored_paths(work)))
-    data = b"".join(_block_output(rank_env, "csv", start, bucket, row))
+    parts, rows = _block_output(rank_env, "csv", start, bucket, row)
+    data = b"".join(parts)
     rank_env["tables"].release()
     release_free_memory()
-    return data
+    return data, rows
 
 
 def _rank_setup_job(env: dict, explain_top: int, attribution: dict, context: pd.DataFrame | None,
@@ -590,7 +969,8 @@ def _write_blocks_on_workers(pool: WorkerPool, work: Path, block, starts: range,
             if next_write in done:
                 break
         while next_write in done:
-            write([done.pop(next_write)])
+            data, rows = done.pop(next_write)
+            write(([data], rows))
             next_write += 1
 
 
@@ -646,6 +1026,7 @@ class _BlockWriter:
     def __init__(self, path: Path, fmt: str):
         self.path, self.fmt = path, fmt
         self.first = True
+        self.rows = 0            # rows of the blocks written (counted by the caller)
         self.parquet = None
         self.fh = open(path, "wb") if fmt == "csv" else open(path, "w", encoding="utf-8", newline="") \
             if fmt == "jsonl" else None
@@ -670,6 +1051,11 @@ class _BlockWriter:
                 self.parquet = pq.ParquetWriter(self.path, table.schema)
             self.parquet.write_table(table.cast(self.parquet.schema))
         self.first = False
+
+    def write_parts(self, parts) -> None:
+        """Append encoded CSV bytes (a block's buffers)."""
+        for part in parts:
+            self.fh.write(part)
 
     def close(self) -> None:
         if self.fh is not None:
@@ -699,21 +1085,55 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
         bucket_s: int = BUCKET_S, suppressions: pd.DataFrame | None = None,
         context: pd.DataFrame | None = None, rollup: bool = True, workers: int = 1,
-        pool: WorkerPool | None = None) -> RunSummary:
+        pool: WorkerPool | None = None, model_id: str | None = None) -> RunSummary:
     """Score `conn_paths` against `dns_paths` into `out` (ranked rows); with `rollup`, the per-entity
     roll-up of every scored connection goes to `rollup_path(out)` as well. `workers`: processes
     reading the inputs and scoring partitions of the sources (1: all in this process;
     `workers.default_workers()`: every usable core), or a started `pool` of them (the caller closes
-    it); the output does not depend on either. A resumed run keeps its first run's partitions.
+    it); the output does not depend on either. A resumed run keeps its first run's partitions,
+    whatever its workers or chunk_rows, and refuses a work folder of other inputs, model
+    (`model_id`: the bundle's identity; else a digest of `model`) or options.
+
+    The output is locked for the run (`hold_output`) and checked before any input is read; a
+    failed run removes its work folder, unless it can be resumed (interrupted, a worker killed).
     Worker processes import the caller's main script: call from under `if __name__ == "__main__":`."""
     out = Path(out)
     fmt = output_format(out, fmt)
-    work = Path(work) if work else out.with_name(out.name + ".work")
+    work = Path(work) if work else work_path(out)
     quarantine = quarantine if quarantine is not None else ingest.Quarantine()
+    with hold_output(out):
+        check_output_paths(out, _input_files(conn_paths, dns_paths), rollup)
+        _remove_stale_temps(out, work)
+        try:
+            result = _run(model, conn_paths, dns_paths, inventory, out, fmt, top, chunk_rows, explain_top, work,
+                          resume, progress, quarantine, summary, html_extra, bucket_s, suppressions, context,
+                          rollup, workers, pool, model_id)
+        except BaseException as exc:
+            if _resumable(exc, work):
+                if not isinstance(exc, ResumeRefused):
+                    log(f"the run stopped; its work folder {work} is kept: rerun with --resume to continue")
+            else:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _run(model, conn_paths, dns_paths, inventory, out: Path, fmt: str, top, chunk_rows: int, explain_top: int,
+         work: Path, resume: bool, progress: bool, quarantine, summary, html_extra, bucket_s: int, suppressions,
+         context, rollup: bool, workers: int, pool: WorkerPool | None, model_id: str | None) -> RunSummary:
     run_summary = RunSummary()
     stages = run_summary.stages_s
     spilled = work / "spill.json"
     resuming = resume and spilled.exists()
+    if resume and not resuming:
+        log(f"nothing to resume in {work}: scoring from the start")
+    model_id = model_id or hashlib.sha256(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)).hexdigest()
+    fingerprint = run_fingerprint(model_id, conn_paths, dns_paths, inventory, context, suppressions,
+                                  {"--top": top, "--format": fmt, "explain_top": explain_top, "bucket_s": bucket_s,
+                                   "roll-up": rollup}, out)
+    if resuming:
+        _check_fingerprint(work, fingerprint)
     own_pool = pool is None and workers > 1
     if own_pool:
         pool = WorkerPool(workers)
@@ -724,17 +1144,19 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         if resuming:
             meta = json.loads(spilled.read_text())
             run_summary.connections, run_summary.dns_records = meta["connections"], meta["dns_records"]
+            _restore_reads(work / "reads.json", quarantine, summary)
         else:
             meta = _spill_inputs(conn_paths, dns_paths, work, bucket_s, chunk_rows, workers, quarantine, summary,
-                                 stages, run_summary, pool)
+                                 stages, run_summary, pool, fingerprint)
         plan = _plan(meta, work, chunk_rows, explain_top, suppressions)
         if resuming:
             run_summary.chunks_resumed = _check_checkpoints(work, plan["partitions"])
         bar = Progress(run_summary.connections, "scoring", enabled=progress)
         t0 = time.perf_counter()
-        if pool is None or plan["partitions"] == 1:
-            parts = [score_partition({"model": model, "inventory": inventory}, plan, work, 0, resuming, bar.update)]
-        else:
+        if pool is None or plan["partitions"] == 1:   # here, one partition after the other
+            env = {"model": model, "inventory": inventory}
+            parts = [score_partition(env, plan, work, k, resuming, bar.update) for k in range(plan["partitions"])]
+        else:   # a partition's scoring does not depend on the process: any number of workers will do
             for k in range(plan["partitions"]):
                 pool.submit(k % len(pool), score_partition, plan, work, k, resuming)
             parts = [value for _, _, value in pool.events(bar.update)]
@@ -756,7 +1178,8 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
                                                     "connections": run_summary.connections}}
         run_summary.written, run_summary.entities = rank_and_write(
             model, work, cp, out, fmt, top, explain_top, html_extra or {}, context,
-            rollup_out=rollup_path(out) if rollup else None, stages=stages, pool=pool)
+            rollup_out=rollup_path(out) if rollup else None, stages=stages, pool=pool,
+            expect_rows=run_summary.connections)
         stages["rank+write"] = time.perf_counter() - t0
     finally:
         if own_pool:
@@ -764,22 +1187,23 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
     run_summary.alerts = cp.alerts
     run_summary.quarantined = len(quarantine)
     run_summary.partitions = plan["partitions"]
-    shutil.rmtree(work, ignore_errors=True)
     return run_summary
 
 
 def _setup_worker(env: dict, model, inventory: pd.DataFrame | None, progress=None) -> None:
-    env.update(model=model, inventory=inventory)
+    env.update(model=model, inventory=inventory, worker=True)
 
 
 def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: int, partitions: int,
-                  quarantine, summary, stages: dict, run_summary: RunSummary, pool: WorkerPool | None) -> dict:
+                  quarantine, summary, stages: dict, run_summary: RunSummary, pool: WorkerPool | None,
+                  fingerprint: dict) -> dict:
     """Pass 1 into a fresh `work` folder, one job per input file (spread over the workers); returns
     (and writes, last, as work/spill.json) its record: rows per bucket and the partition of every
-    source slot."""
+    source slot. The run's fingerprint, quarantine and read summary are kept beside it for --resume."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    (work / "fingerprint.json").write_text(json.dumps(fingerprint), encoding="utf-8")
     t0 = time.perf_counter()
     files = [(path, explicit, "connections", work / "conn", "src_ip") for path, explicit in ingest.list_files(conn_paths)]
     files += [(path, explicit, "dns_answers", work / "dns", "client_ip") for path, explicit in ingest.list_files(dns_paths)]
@@ -790,21 +1214,25 @@ def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: 
     stages["read+spill"] = time.perf_counter() - t0
     counts = {"connections": {}, "dns_answers": {}}
     slots = {"connections": np.zeros(N_SLOTS, dtype="int64"), "dns_answers": np.zeros(N_SLOTS, dtype="int64")}
+    spill_quarantine, spill_files = ingest.Quarantine(), []
     for (_path, _explicit, frame, *_), result in zip(files, results):   # in file order, as one reader would
         if "error" in result:
             raise ingest.IngestError(result["error"])
         for b, n in result["counts"].items():
             counts[frame][b] = counts[frame].get(b, 0) + n
         slots[frame] += result["slots"]
-        quarantine.extend(result["quarantine"])
-        if summary is not None:
-            summary.files.extend(result["summary"].files)
+        spill_quarantine.extend(result["quarantine"])
+        spill_files.extend(result["summary"].files)
+    quarantine.extend(spill_quarantine)
+    if summary is not None:
+        summary.files.extend(spill_files)
     run_summary.connections = sum(counts["connections"].values())
     run_summary.dns_records = sum(counts["dns_answers"].values())
     if not run_summary.connections:
         raise ingest.IngestError("no connection records were read from --conn")
     part_of = assign_partitions(slots["connections"], slots["dns_answers"], partitions)
-    np.save(work / "partitions.npy", part_of)
+    np.save(work / "partitions.npy", part_of, allow_pickle=False)
+    _save_reads(work / "reads.json", spill_quarantine, spill_files)
     meta = {"version": CHECKPOINT_VERSION, "bucket_s": bucket_s, "connections": run_summary.connections,
             "dns_records": run_summary.dns_records, "partitions": int(part_of.max()) + 1,
             "conn_buckets": {str(k): v for k, v in counts["connections"].items()}}
@@ -818,13 +1246,12 @@ def _plan(meta: dict, work: Path, chunk_rows: int, explain_top: int, suppression
     """What every partition's `score_partition` needs to know of the run."""
     if meta.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{work}: work folder from another version; rerun without --resume")
-    counts = {int(k): v for k, v in meta["conn_buckets"].items()}
-    partitions = int(meta["partitions"])
-    # bucket groups of about chunk_rows connections in all, whatever the partitions: memory stays
-    # bounded by chunk_rows over all workers together
+    # bucket groups (`score_partition`) of about chunk_rows connections in all, whatever the
+    # partitions: memory stays bounded by chunk_rows over all workers together
     return {"bucket_s": int(meta["bucket_s"]), "chunk_rows": chunk_rows, "explain_top": explain_top,
-            "partitions": partitions, "part_of": np.load(work / "partitions.npy"),
-            "groups": bucket_groups(counts, chunk_rows),
+            "partitions": int(meta["partitions"]),
+            "part_of": np.load(work / "partitions.npy", allow_pickle=False),
+            "conn_buckets": {int(k): v for k, v in meta["conn_buckets"].items()},
             "suppressions": suppressions if suppressions is not None else pd.DataFrame()}
 
 
@@ -842,58 +1269,58 @@ def _check_checkpoints(work: Path, partitions: int) -> int:
     scored files are not whole."""
     done = 0
     for k in range(partitions):
-        path = checkpoint_path(work, k)
-        if path.exists():
-            try:
-                cp = pickle.loads(path.read_bytes())
-            except Exception as exc:   # truncated or garbled by a crash
-                raise ValueError(f"{work}: checkpoint {path.name} is damaged ({exc.__class__.__name__}); "
-                                 "rerun without --resume") from None
-            if cp.version != CHECKPOINT_VERSION:
-                raise ValueError(f"{work}: checkpoint from another version; rerun without --resume")
-            for name, rows in cp.files.items():
-                if _scored_rows(work / "scored" / name) != rows:
-                    raise ValueError(f"{work}: scored file {name} is missing or damaged (a machine crash?); "
-                                     "rerun without --resume")
-            done += len(cp.done_buckets)
+        cp = load_checkpoint(work, k, scalars_only=True)
+        if cp is None:
+            continue
+        if cp.version != CHECKPOINT_VERSION:
+            raise ValueError(f"{work}: checkpoint from another version; rerun without --resume")
+        for name, rows in cp.files.items():
+            if _scored_rows(work / "scored" / name) != rows:
+                raise ValueError(f"{work}: scored file {name} is missing or damaged (a machine crash?); "
+                                 "rerun without --resume")
+        done += len(cp.done_buckets)
     return done
 
 
 def score_command(args, model, manifest, directory, pool: WorkerPool | None = None) -> int:
     """`esxi-anomaly score`: the local engine streams (on `pool`'s workers when given); `--engine dask`
-    partitions by entity."""
+    partitions by entity. The output is checked, then locked, before any input is read."""
     from esxi_anomaly.cli import finish_quarantine
-    from esxi_anomaly.console import log
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
-    inventory = ingest.read_inventory(args.inventory, quarantine, summary) if args.inventory else None
-    context = ingest.read_context(args.context, quarantine, summary) if args.context else None
     fmt = output_format(out, args.format)
-    html_extra = {"summary": {"model": str(directory), "env": manifest.get("env", ""),
-                              "threshold": manifest.get("threshold")}} if fmt == "html" else {}
-    if args.engine == "dask":
-        from esxi_anomaly.dask_engine import run as dask_run
+    check_output_paths(out, _input_files(args.conn, args.dns, args.inventory, args.context))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with hold_output(out):
+        quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
+        inventory = ingest.read_inventory(args.inventory, quarantine, summary) if args.inventory else None
+        context = ingest.read_context(args.context, quarantine, summary) if args.context else None
+        html_extra = {"summary": {"model": str(directory), "env": manifest.get("env", ""),
+                                  "threshold": manifest.get("threshold")}} if fmt == "html" else {}
+        if args.engine == "dask":
+            from esxi_anomaly.dask_engine import run as dask_run
 
-        result = dask_run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top,
-                          scheduler=args.scheduler, quarantine=quarantine, summary=summary, html_extra=html_extra,
-                          context=context)
-    else:
-        # benign analyst verdicts of this environment (next to its bundles) become suppressions
-        suppressions = FeedbackStore(Path(directory).parent.parent, Path(directory).parent.name).suppressions()
-        result = run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top, chunk_rows=args.chunk_rows,
-                     resume=args.resume, progress=not args.no_progress, quarantine=quarantine, summary=summary,
-                     html_extra=html_extra, suppressions=suppressions, context=context, pool=pool)
-    for line in summary.lines():
-        log(line)
-    log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.__dict__.items()
-                    if k != "stages_s"} | {"stages_s": {k: round(v, 2) for k, v in result.stages_s.items()}}))
-    log(f"wrote {result.written} rows to {out} ({fmt})")
-    log(f"wrote {result.entities} entities to {rollup_path(out)} (entity roll-up of all scored connections, csv)")
-    if getattr(args, "stats_json", None):
-        stats = {**result.__dict__, "engine": args.engine, "out": str(out), "format": fmt,
-                 "rollup": str(rollup_path(out))}
-        with atomic_path(args.stats_json) as tmp:
-            Path(tmp).write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
-    return finish_quarantine(quarantine, out, args.strict)
+            result = dask_run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top,
+                              scheduler=args.scheduler, quarantine=quarantine, summary=summary,
+                              html_extra=html_extra, context=context)
+        else:
+            # benign analyst verdicts of this environment (next to its bundles) become suppressions
+            suppressions = FeedbackStore(Path(directory).parent.parent, Path(directory).parent.name).suppressions()
+            # the bundle's identity: its manifest lists the sha256 of every file of it
+            model_id = hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()
+            result = run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top,
+                         chunk_rows=args.chunk_rows, resume=args.resume, progress=not args.no_progress,
+                         quarantine=quarantine, summary=summary, html_extra=html_extra, suppressions=suppressions,
+                         context=context, pool=pool, model_id=model_id)
+        for line in summary.lines():
+            log(line)
+        log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.__dict__.items()
+                        if k != "stages_s"} | {"stages_s": {k: round(v, 2) for k, v in result.stages_s.items()}}))
+        log(f"wrote {result.written} rows to {out} ({fmt})")
+        log(f"wrote {result.entities} entities to {rollup_path(out)} (entity roll-up of all scored connections, csv)")
+        if getattr(args, "stats_json", None):
+            stats = {**result.__dict__, "engine": args.engine, "out": str(out), "format": fmt,
+                     "rollup": str(rollup_path(out))}
+            with atomic_path(args.stats_json) as tmp:
+                Path(tmp).write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+        return finish_quarantine(quarantine, out, args.strict)

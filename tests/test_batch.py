@@ -68,7 +68,7 @@ def test_resume_after_interruption_gives_the_same_output(tmp_path, setting, monk
     out = tmp_path / "resumed.csv"
     killed_run(monkeypatch, model, folder, frames, out, **args)
     assert not out.exists()  # never a half-written output under the final name
-    cp = pd.read_pickle(tmp_path / "resumed.csv.work" / "checkpoint-0.pkl")
+    cp = batch.load_checkpoint(tmp_path / "resumed.csv.work", 0)
     assert 0 < len(cp.done_buckets)
     summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True, **args)
     assert summary.chunks_resumed == len(cp.done_buckets)
@@ -189,7 +189,7 @@ def test_resume_with_workers_after_the_run_was_killed(tmp_path, setting, monkeyp
     with pytest.raises(KeyboardInterrupt):
         batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, **args)
     assert not out.exists()
-    done = [pd.read_pickle(p).done_buckets for p in (tmp_path / "resumed.csv.work").glob("checkpoint-*.pkl")]
+    done = [cp.done_buckets for cp in (batch.load_checkpoint(tmp_path / "resumed.csv.work", k) for k in (0, 1)) if cp]
     assert done and sum(map(len, done)) > 0
     monkeypatch.setattr(batch.Progress, "update", real)
     summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True,
@@ -235,7 +235,9 @@ def test_resume_refuses_a_damaged_scored_file(tmp_path, setting, monkeypatch):
     scored[0].write_bytes(scored[0].read_bytes()[:100])   # what a machine crash can leave
     with pytest.raises(ValueError, match="damaged"):
         batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True, **args)
-    checkpoint = tmp_path / "damaged.csv.work" / "checkpoint-0.pkl"
-    checkpoint.write_bytes(checkpoint.read_bytes()[:50])
-    with pytest.raises(ValueError, match="checkpoint-0.pkl is damaged"):
+    assert not (tmp_path / "damaged.csv.work").exists()   # refused and useless: removed
+    killed_run(monkeypatch, model, folder, frames, out, **args)
+    checkpoint = tmp_path / "damaged.csv.work" / "checkpoint-0.json"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:10])
+    with pytest.raises(ValueError, match="checkpoint-0.json is damaged"):
         batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True, **args)

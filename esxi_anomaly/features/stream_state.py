@@ -12,10 +12,13 @@ margin) were owned, and counted, by an earlier batch.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from esxi_anomaly.features.hashing import combine
 
@@ -37,6 +40,51 @@ class StreamState:
         delta = pd.Series(amounts, dtype="float64").groupby(groups).sum()
         table = self.counts.get(name)
         self.counts[name] = delta if table is None else table.add(delta, fill_value=0.0)
+
+    # a resumed run reads its state back from plain files: numpy arrays without pickles, Arrow
+    # tables and JSON, so a file planted in the work folder is data, never code
+    def to_files(self, folder: Path) -> None:
+        """Write the state into `folder` (created); `from_files` reads it back equal."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"dns_owned_until": self.dns_owned_until, "seen": list(self.seen), "counts": [], "recent": list(self.recent)}
+        for i, keys in enumerate(self.seen.values()):
+            np.save(folder / f"seen-{i}.npy", np.asarray(keys), allow_pickle=False)
+        for i, (name, table) in enumerate(self.counts.items()):
+            meta["counts"].append([name, table.name])
+            write_frame(table.to_frame(name="value"), folder / f"counts-{i}.arrow")
+        for i, (keys, ts) in enumerate(self.recent.values()):
+            np.save(folder / f"recent-{i}-keys.npy", np.asarray(keys), allow_pickle=False)
+            np.save(folder / f"recent-{i}-ts.npy", np.asarray(ts), allow_pickle=False)
+        (folder / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+
+    @classmethod
+    def from_files(cls, folder: Path) -> "StreamState":
+        folder = Path(folder)
+        meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        state = cls(dns_owned_until=float(meta["dns_owned_until"]))
+        for i, name in enumerate(meta["seen"]):
+            state.seen[name] = np.load(folder / f"seen-{i}.npy", allow_pickle=False)
+        for i, (name, series_name) in enumerate(meta["counts"]):
+            state.counts[name] = read_frame(folder / f"counts-{i}.arrow")["value"].rename(series_name)
+        for i, name in enumerate(meta["recent"]):
+            state.recent[name] = (np.load(folder / f"recent-{i}-keys.npy", allow_pickle=False),
+                                  np.load(folder / f"recent-{i}-ts.npy", allow_pickle=False))
+        return state
+
+
+def write_frame(frame: pd.DataFrame, path: Path) -> None:
+    """A DataFrame (index, dtypes) as an Arrow IPC file."""
+    table = pa.Table.from_pandas(frame, preserve_index=True)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_frame(path: Path) -> pd.DataFrame:
+    """What `write_frame` wrote (Arrow IPC: read as data, never unpickled)."""
+    with pa.OSFile(str(path), "rb") as source:   # read into memory: nothing refers to the file after
+        table = pa.ipc.open_file(source).read_all()
+    return table.to_pandas()
 
 
 def _member(sorted_keys: np.ndarray | None, keys: np.ndarray) -> np.ndarray:
