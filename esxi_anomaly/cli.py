@@ -86,7 +86,8 @@ def cmd_train(args) -> int:
     stages = Stages()
     frames, quarantine, _ = read_inputs(args, stages)
     cfg = _config(args)
-    model, metrics, tuning = stages.run("fit", train.train_environment, frames, cfg)
+    model, metrics, tuning = stages.run("fit", train.train_environment, frames, cfg,
+                                        allow_odd_history=args.allow_odd_history)
     path = stages.run("write bundle", train.write_model, model, cfg, args.models_dir, metrics, tuning)
     log(f"bundle written: {path}")
     print(path)
@@ -102,9 +103,10 @@ def cmd_refit(args) -> int:
     cfg = train.TrainConfig(**{k: v for k, v in manifest["config"].items() if k in train.TrainConfig.__dataclass_fields__})
     if args.retune:
         cfg.trials = args.trials or cfg.trials or 20
-        model, metrics, tuning = stages.run("fit", train.train_environment, frames, cfg)
+        model, metrics, tuning = stages.run("fit", train.train_environment, frames, cfg,
+                                            allow_odd_history=args.allow_odd_history)
     else:
-        model = stages.run("refit", train.refit_model, model, frames)
+        model = stages.run("refit", train.refit_model, model, frames, allow_odd_history=args.allow_odd_history)
         metrics, tuning = manifest.get("metrics", {}), manifest.get("tuning", {})
     path = train.write_model(model, cfg, args.models_dir, metrics, tuning)
     print(path)
@@ -189,23 +191,47 @@ def cmd_inspect(args) -> int:
 
 def cmd_label(args) -> int:
     from esxi_anomaly import feedback
+    from esxi_anomaly.report.csv import restore_formulas
 
     store = feedback.FeedbackStore(args.models_dir, args.env)
     if args.import_csv:
         n = store.import_csv(args.import_csv)
         log(f"imported {n} verdicts into {store.path}")
-    else:
-        if not args.event_id or not args.verdict:
-            raise SystemExit("label: give --event-id and --verdict, or --import-csv")
-        context = {}
-        if args.scores:  # the event's source, name and port make a benign verdict a suppression
-            scored = _read_table(args.scores)
-            match = scored[scored["event_id"].astype("str") == args.event_id]
-            if not len(match):
-                raise ValueError(f"{args.scores}: no event {args.event_id}")
-            context = match.iloc[0][[c for c in ("src_ip", "query", "dst_port") if c in match.columns]].to_dict()
-        store.add(args.event_id, args.verdict, args.note or "", context)
+        added = store.read().tail(n)
+        cannot = int(((added["verdict"] == "benign") & (added["src_ip"] == "")).sum())
+        if cannot:
+            log(f"warning: {cannot} benign verdicts have no src_ip/query/dst_port: they suppress nothing")
+        return EXIT_OK
+    if not args.event_id or not args.verdict:
+        log("esxi-anomaly label: error: give --event-id and --verdict, or --import-csv")
+        return EXIT_USAGE
+    if not args.scores:
+        if args.verdict == "benign":  # stored without its context it would suppress nothing, silently
+            raise ValueError("a benign verdict needs --scores (the scored file the event comes from): "
+                             "its source, name and port are what scoring suppresses")
+        log(f"warning: {args.event_id} not checked against a scored file (no --scores): an unknown id "
+            "labels nothing")
+        store.add(args.event_id, args.verdict, args.note or "")
         log(f"{args.event_id}: {args.verdict} stored in {store.path}")
+        return EXIT_OK
+    if args.scores.endswith((".parquet", ".jsonl")):
+        scored = _read_table(args.scores)
+    else:  # every column as text, as written (a name such as "1e5" must not become a number)
+        scored = pd.read_csv(args.scores, dtype="str", keep_default_na=False,
+                             usecols=lambda c: c in ("event_id",) + feedback.CONTEXT)
+    if "event_id" not in scored.columns:
+        raise ValueError(f"{args.scores}: no event_id column; is it a scored file?")
+    # the CSV writer quoted cells that start a formula: compare and store them as they were
+    match = scored[restore_formulas(scored["event_id"].astype("str")) == args.event_id]
+    if not len(match):
+        raise ValueError(f"{args.scores}: no event {args.event_id}")
+    row = match.iloc[:1]
+    context = {c: restore_formulas(row[c].astype("str")).iloc[0] for c in feedback.CONTEXT if c in row.columns}
+    if args.verdict == "benign" and len(context) < len(feedback.CONTEXT):
+        raise ValueError(f"{args.scores}: no src_ip, query and dst_port columns (JSON lines output has "
+                         "none): a benign verdict needs them to suppress anything; use the CSV or Parquet output")
+    store.add(args.event_id, args.verdict, args.note or "", context)
+    log(f"{args.event_id}: {args.verdict} stored in {store.path}")
     return EXIT_OK
 
 
@@ -216,6 +242,16 @@ def cmd_demo(args) -> int:
 
 
 # -- parser --------------------------------------------------------------------------------
+
+def _env_name(value: str) -> str:
+    """argparse `type=` of every --env: it becomes a folder under --models-dir, so no path tricks."""
+    from esxi_anomaly.feedback import check_env_name
+
+    try:
+        return check_env_name(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 
 def _inputs(p, required=True):
     p.add_argument("--conn", nargs="+", required=required, help="connection logs: files, globs or folders")
@@ -246,19 +282,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func in (("train", cmd_train), ("refit", cmd_refit)):
         p = sub.add_parser(name, help=f"{name} an environment's model on its history")
-        p.add_argument("--env", required=True)
+        p.add_argument("--env", required=True, type=_env_name)
         _inputs(p)
         p.add_argument("--models-dir", default="models")
         p.add_argument("--config", help="training config TOML (training/<env>.toml)")
-        p.add_argument("--trials", type=int, help="Optuna trials (0 = no tuning)")
+        p.add_argument("--trials", type=int,
+                       help="Optuna trials in total (0 = no tuning): the environment's study for the same data, "
+                            "config and search space is resumed and only the trials it lacks are run")
         p.add_argument("--seed", type=int)
+        p.add_argument("--allow-odd-history", action="store_true",
+                       help="train even on times before 2000, more than a day ahead, or spanning over 400 days "
+                            "(refused otherwise: usually a broken clock or time unit); warns instead")
         if name == "refit":
             p.add_argument("--retune", action="store_true", help="re-run tuning instead of keeping tuned parameters")
         p.set_defaults(func=func)
 
     p = sub.add_parser("score", help="score connections with a fitted model")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--env")
+    g.add_argument("--env", type=_env_name)
     g.add_argument("--model", help="a bundle folder")
     p.add_argument("--models-dir", default="models")
     _inputs(p)
@@ -290,14 +331,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("label", help="store an analyst verdict for a scored event")
-    p.add_argument("--env", required=True)
+    p = sub.add_parser(
+        "label", help="store an analyst verdict for a scored event",
+        description="Store an analyst verdict. A benign verdict suppresses later rows with the same source, "
+                    "name and port, so it needs --scores (the scored CSV or Parquet file the event comes "
+                    "from) and is refused without it; with --scores an event id not in that file is refused. "
+                    "A malicious verdict without --scores is stored unchecked (with a warning). --import-csv "
+                    "stores all its rows or, when any row is invalid, none.")
+    p.add_argument("--env", required=True, type=_env_name)
     p.add_argument("--models-dir", default="models")
     p.add_argument("--event-id")
     p.add_argument("--verdict", choices=["benign", "malicious"])
     p.add_argument("--note")
-    p.add_argument("--import-csv", help="CSV with event_id,verdict[,note,src_ip,query,dst_port]")
-    p.add_argument("--scores", help="the scored CSV/Parquet the event comes from (enables suppression)")
+    p.add_argument("--import-csv", help="CSV with event_id,verdict[,note,src_ip,query,dst_port]; all rows or none "
+                                        "are stored; benign rows without src_ip/query/dst_port suppress nothing")
+    p.add_argument("--scores", help="the scored CSV/Parquet the event comes from: required for a benign verdict "
+                                    "(its source, name and port are what is suppressed); unknown ids are refused")
     p.set_defaults(func=cmd_label)
     return parser
 

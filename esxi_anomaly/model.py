@@ -23,6 +23,50 @@ from esxi_anomaly.features.stream_state import StreamState
 from esxi_anomaly.features.mgmt_plane import ManagementPlane
 from esxi_anomaly.schema import Frames
 
+EARLIEST_PLAUSIBLE_TS = 946_684_800.0  # 2000-01-01 UTC
+MAX_HISTORY_DAYS = 400.0
+FUTURE_SLACK_S = 86_400.0              # clocks a little ahead are normal; a day ahead is not
+
+
+def _utc_text(ts: float) -> str:
+    """A POSIX time as UTC text; times pandas cannot represent as seconds since 1970."""
+    try:
+        return pd.Timestamp(ts, unit="s").strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, ValueError):
+        return f"{ts:.0f} s after 1970"
+
+
+def history_findings(ts: np.ndarray, now: float | None = None) -> tuple[list[str], list[str]]:
+    """What is wrong with a training history's timestamps: (odd, thin). `odd` (times before 2000,
+    more than a day in the future, a span over MAX_HISTORY_DAYS) points at broken clocks or units
+    and is refused by training unless allowed; `thin` (a span under a day) is only warned about."""
+    import time
+
+    ts = np.asarray(ts, dtype="float64")
+    ts = ts[np.isfinite(ts)]
+    if not len(ts):
+        return [], []
+    now = time.time() if now is None else now
+    lo, hi = float(ts.min()), float(ts.max())
+    span = (hi - lo) / 86_400.0
+    odd, thin = [], []
+    if lo < EARLIEST_PLAUSIBLE_TS:
+        odd.append(f"{int((ts < EARLIEST_PLAUSIBLE_TS).sum()):,} connections before 2000-01-01 "
+                   f"(earliest {_utc_text(lo)} UTC)")
+    if hi > now + FUTURE_SLACK_S:
+        odd.append(f"{int((ts > now + FUTURE_SLACK_S).sum()):,} connections more than a day in the future "
+                   f"(latest {_utc_text(hi)} UTC, now {_utc_text(now)} UTC)")
+    if span > MAX_HISTORY_DAYS:
+        odd.append(f"the history spans {span:,.1f} days ({_utc_text(lo)} .. {_utc_text(hi)} UTC), "
+                   f"more than {MAX_HISTORY_DAYS:.0f}")
+    if span < 1.0:
+        length = f"{span * 24:.1f} hours" if span * 24 >= 1 else f"{span * 24 * 60:.1f} minutes"
+        thin.append(f"the history spans only {length} ({_utc_text(lo)} .. {_utc_text(hi)} UTC), "
+                    "under a day: the per-entity baselines have seen too little, so most normal traffic "
+                    "will look new; train on a few days at least")
+    return odd, thin
+
+
 RANKED_COLUMNS = [
     "rank", "score", "event_id", "ts", "src_ip", "src_port", "src_name", "src_kind", "esxi_host", "dst_ip",
     "dst_port", "proto", "process", "query", "answer", "rtype", "dns_delay", "transform", "rules",
@@ -94,6 +138,7 @@ class DnsCalcDetector(BaseEstimator):
         self.baseline_ = full_baseline
         self.history_days_ = self.baseline_.history_days_
         self.training_window_ = (float(ts.min()), float(ts.max())) if len(ts) else (0.0, 0.0)
+        self.history_warnings_ = [w for part in history_findings(ts) for w in part]  # for the model card
         self.feature_names_ = list(pipeline.FEATURES)
         return self
 
@@ -103,6 +148,7 @@ class DnsCalcDetector(BaseEstimator):
         self.baseline_ = EntityBaseline(alpha=self.baseline_alpha).fit(prepared.baseline_input)
         self.mgmt_ = ManagementPlane(extra_allow=tuple(self.mgmt_allow)).fit(X.inventory)
         self.history_days_ = self.baseline_.history_days_
+        self.history_warnings_ = [w for part in history_findings(prepared.conns["ts"].to_numpy()) for w in part]
         return self
 
     # -- scoring ---------------------------------------------------------------------------

@@ -19,8 +19,10 @@ import numpy as np
 import pandas as pd
 
 from esxi_anomaly import bundle as B, schema
+from esxi_anomaly.console import log
+from esxi_anomaly.feedback import check_env_name
 from esxi_anomaly.features import transforms as T
-from esxi_anomaly.model import DnsCalcDetector
+from esxi_anomaly.model import DnsCalcDetector, history_findings
 from esxi_anomaly.schema import Frames
 
 MODEL_PARAMS = set(DnsCalcDetector().get_params())
@@ -77,6 +79,9 @@ def model_card(model: DnsCalcDetector, config: TrainConfig, metrics: dict) -> st
         f"- config hash: {config.digest()}", "", "## Metrics", "",
     ]
     lines += [f"- {k}: {v}" for k, v in metrics.items()] or ["- (none measured)"]
+    warnings = getattr(model, "history_warnings_", [])
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
     if metrics.get("unlabelled_above_median_attack"):
         lines += ["", f"{metrics['unlabelled_above_median_attack']} connections of the held-out history "
                   f"({metrics.get('unlabelled_sources_above_median_attack', 0)} sources), neither injected nor "
@@ -89,6 +94,7 @@ def model_card(model: DnsCalcDetector, config: TrainConfig, metrics: dict) -> st
 
 def write_model(model: DnsCalcDetector, config: TrainConfig, models_dir: str | Path,
                 metrics: dict | None = None, tuning: dict | None = None) -> Path:
+    check_env_name(config.env)  # it names the bundle's folder
     metrics = metrics or {}
     manifest = {
         "env": config.env,
@@ -101,6 +107,7 @@ def write_model(model: DnsCalcDetector, config: TrainConfig, models_dir: str | P
         "threshold": model.threshold_,
         "metrics": metrics,
         "tuning": tuning or {},
+        "warnings": list(getattr(model, "history_warnings_", [])),
     }
     target = B.new_bundle_dir(models_dir, config.env)
     return B.save_bundle(target, {"model": model, "model_card.md": model_card(model, config, metrics)}, manifest)
@@ -179,10 +186,28 @@ def feedback_labels(config: TrainConfig) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def train_environment(frames: Frames, config: TrainConfig,
-                      validation: bool = True) -> tuple[DnsCalcDetector, dict, dict]:
-    """Tune (when `config.trials`), validate on the held-out slice (unless `validation` is False:
-    it costs one more fit and does not change the model), then fit on all history."""
+def check_history(frames: Frames, allow_odd: bool = False) -> list[str]:
+    """Refuse a history whose times point at a broken clock or unit (before 2000, more than a day
+    ahead, over 400 days long) unless `allow_odd`; warn on stderr about those and about a history
+    under a day long. The warnings (also in the model card) are returned."""
+    odd, thin = history_findings(frames.connections["ts"].to_numpy())
+    if odd and not allow_odd:
+        raise ValueError(
+            "implausible training history: " + "; ".join(odd) + ". Likely cause: a log with a wrong clock or "
+            "time unit (a device whose clock was never set, milliseconds read as seconds) or files of unrelated "
+            "periods mixed in; `esxi-anomaly inspect` shows each file's time range. Remove them, or give "
+            "--allow-odd-history (API: allow_odd_history=True) to train on it anyway")
+    for warning in odd + thin:
+        log(f"warning: {warning}")
+    return odd + thin
+
+
+def train_environment(frames: Frames, config: TrainConfig, validation: bool = True,
+                      allow_odd_history: bool = False) -> tuple[DnsCalcDetector, dict, dict]:
+    """Check the history's times (`check_history`), tune (when `config.trials`), validate on the
+    held-out slice (unless `validation` is False: it costs one more fit and does not change the
+    model), then fit on all history."""
+    check_history(frames, allow_odd_history)
     tuning: dict = {}
     if config.trials > 0:
         from esxi_anomaly.tuning import tune
@@ -194,8 +219,9 @@ def train_environment(frames: Frames, config: TrainConfig,
     return model, metrics, tuning
 
 
-def refit_model(model: DnsCalcDetector, frames: Frames) -> DnsCalcDetector:
+def refit_model(model: DnsCalcDetector, frames: Frames, allow_odd_history: bool = False) -> DnsCalcDetector:
     """Rolling refit: new baselines and forest on recent history, tuned parameters kept."""
     from sklearn.base import clone
 
+    check_history(frames, allow_odd_history)
     return clone(model).fit(frames)

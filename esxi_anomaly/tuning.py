@@ -5,9 +5,17 @@ configured attack families (plus analyst verdicts when present). Preparation (DN
 relationship features) depends only on the join window, so it is computed once per window setting
 and shared by all trials that use it. Studies persist in SQLite under `training/` by default; any
 SQLAlchemy URL works, so several machines can tune one study.
+
+A study is named by the environment and a fingerprint of everything its objective depends on (the
+data, the labels, the fixed parameters, the search space), never by the number of trials:
+`trials` is the study's total, so calling `tune` again resumes it and runs only the trials it lacks,
+and the sampler is seeded with `seed` plus the trials already stored, so a resumed study does not
+draw again the parameters of its first run.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import sys
 import time
@@ -84,8 +92,33 @@ def storage_url(config) -> str:
     return f"sqlite:///{(DEFAULT_STORAGE_DIR / 'optuna.db').as_posix()}"
 
 
+def study_name(frames: Frames, config, labels: pd.DataFrame) -> str:
+    """`<env>-<fingerprint>`: the same data, labels, objective settings and search space give the same
+    study, whatever `trials`. Tuned parameters set in the config only choose the first trial, and
+    `trials`, storage and the feedback path's location do not change the objective: all left out."""
+    from esxi_anomaly.features import transforms as T
+
+    digest = hashlib.sha256()
+    for table in (frames.connections, frames.dns_answers, frames.inventory, labels):
+        if table is not None:
+            digest.update(",".join(map(str, table.columns)).encode())
+            digest.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
+    settings = {"seed": config.seed, "holdout_fraction": config.holdout_fraction,
+                "inject_families": config.inject_families, "rules": config.rules, "mgmt_allow": config.mgmt_allow,
+                "model": {k: v for k, v in config.model.items() if k not in SPACE}, "space": SPACE,
+                "trial_forest_rows": TRIAL_FOREST_ROWS, "validation_negatives": MAX_VALIDATION_NEGATIVES,
+                "transforms": T.TRANSFORM_LIBRARY_VERSION}
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return f"{config.env}-{digest.hexdigest()[:16]}"
+
+
+def completed(study: optuna.Study) -> int:
+    return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+
+
 def tune(frames: Frames, config) -> tuple[dict, dict]:
-    """Best parameters and a summary (trials, best AP, study name and storage)."""
+    """Best parameters and a summary (trials, trials run now, best AP, study name and storage).
+    `config.trials` is the study's total of completed trials: only the missing ones are run."""
     from esxi_anomaly.synth import inject_attacks
     from esxi_anomaly.train import feedback_labels, inventory_or_empty, split_holdout
 
@@ -124,11 +157,17 @@ def tune(frames: Frames, config) -> tuple[dict, dict]:
         return float(average_precision_score(y, scores, sample_weight=weight)) if y.any() else 0.0
 
     optuna.logging.set_verbosity(logging.WARNING)
-    name = f"{config.env}-{config.digest()}"
+    name = study_name(frames, config, labels)
     study = optuna.create_study(direction="maximize", study_name=name, storage=storage_url(config),
-                                sampler=optuna.samplers.TPESampler(seed=config.seed), load_if_exists=True)
+                                load_if_exists=True)
+    # a sampler seeded as in the first run would draw that run's parameters again
+    study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials))
     if not study.trials:
         study.enqueue_trial(starting_point(config))
+    missing = max(0, config.trials - completed(study))
+    if not missing:
+        print(f"tuning {config.env}: study {name} already has {completed(study)} trials "
+              f"(--trials {config.trials}); none run", file=sys.stderr)
     started, finished = time.perf_counter(), []
 
     def report(study, trial):  # one line per trial: tuning is the longest step a user waits on
@@ -136,13 +175,17 @@ def tune(frames: Frames, config) -> tuple[dict, dict]:
         value = f"AP={trial.value:.4f}" if trial.value is not None else trial.state.name
         done = [t.value for t in study.trials if t.value is not None]
         best = f", best so far {max(done):.4f}" if done else ""
-        print(f"tuning {config.env}: trial {len(finished)}/{config.trials} {value}{best} "
+        print(f"tuning {config.env}: trial {completed(study)}/{config.trials} {value}{best} "
               f"({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
-    study.optimize(objective, n_trials=config.trials, show_progress_bar=False, callbacks=[report])
+    # the total bound also holds when other machines add trials to the same study meanwhile
+    total = optuna.study.MaxTrialsCallback(config.trials, states=(optuna.trial.TrialState.COMPLETE,))
+    if missing:
+        study.optimize(objective, n_trials=missing, show_progress_bar=False, callbacks=[report, total])
     chosen = best_trial(study)
     best = dict(chosen.params)
-    summary = {"study": name, "storage": storage_url(config), "trials": len(study.trials),
+    summary = {"study": name, "storage": storage_url(config), "trials": completed(study),
+               "trials_run": len(finished),
                "best_average_precision": round(chosen.value, 4), "best_trial": chosen.number,
                "best_params": best}
     return best, summary

@@ -73,18 +73,31 @@ def test_benign_verdicts_become_suppressions(tmp_path):
         store.add("C3", "maybe")
 
 
-def test_tuning_persists_and_resumes_its_study(tmp_path, estate):
-    history, _ = estate
-    cfg = config(tmp_path)
-    cfg.trials = 2
-    cfg.study_storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+def test_tuning_resumes_its_study_to_the_total_and_never_repeats_parameters(tmp_path, estate):
+    """`trials` is the study's total: 2, then 4 resumes the same study with 2 new parameter sets (the
+    sampler is not re-seeded as in the first run), then 4 again runs nothing."""
+    import optuna
+
     from esxi_anomaly.tuning import tune
 
-    best, summary = tune(history, cfg)
-    assert summary["trials"] == 2 and set(best) >= {"forest_weight", "min_window_s"}
-    assert 0.0 <= summary["best_average_precision"] <= 1.0
-    _, again = tune(history, cfg)        # same study name and storage: continues, does not restart
-    assert again["trials"] == 4 and again["study"] == summary["study"]
+    history, _ = estate
+    cfg = config(tmp_path)
+    cfg.model["n_estimators"] = 50      # inside the space: the first trial draws nothing from the sampler
+    cfg.trials = 2
+    cfg.study_storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    best, first = tune(history, cfg)
+    assert first["trials"] == first["trials_run"] == 2 and set(best) >= {"forest_weight", "min_window_s"}
+    assert 0.0 <= first["best_average_precision"] <= 1.0
+    cfg.trials = 4
+    _, second = tune(history, cfg)
+    assert second["study"] == first["study"] and second["trials"] == 4 and second["trials_run"] == 2
+    trials = optuna.load_study(study_name=first["study"], storage=cfg.study_storage).trials
+    assert [t.number for t in trials] == [0, 1, 2, 3]
+    assert all(t.params not in [old.params for old in trials[:2]] for t in trials[2:])
+    assert trials[2].params != trials[3].params
+    _, third = tune(history, cfg)
+    assert third["study"] == first["study"] and third["trials"] == 4 and third["trials_run"] == 0
+    assert len(optuna.load_study(study_name=first["study"], storage=cfg.study_storage).trials) == 4
 
 
 def test_attacks_already_in_the_history_are_listed_and_known_labels_make_them_positives(tmp_path):
@@ -118,3 +131,69 @@ def test_attacks_already_in_the_history_are_listed_and_known_labels_make_them_po
     assert labelled["attacks"] == unlabelled["attacks"] + n_real
     assert labelled["average_precision"] >= 0.99
     assert labelled["unlabelled_above_median_attack"] == 0 and labelled["unlabelled_examples"] == []
+
+
+def _moved(frames: Frames, ts: float) -> Frames:
+    """`frames` with the newest connection moved to `ts` (a broken clock in one log)."""
+    c = frames.connections.copy()
+    c.loc[c["ts"].idxmax(), "ts"] = ts
+    return Frames(c, frames.dns_answers, frames.inventory)
+
+
+@pytest.mark.parametrize("year, found", [(2090, "1 connections more than a day in the future"),
+                                         (1995, "1 connections before 2000-01-01")])
+def test_training_refuses_an_implausible_history_unless_allowed(tmp_path, estate, capsys, year, found):
+    history, _ = estate
+    odd = _moved(history, pd.Timestamp(f"{year}-06-01", tz="UTC").timestamp())
+    cfg = config(tmp_path)
+    with pytest.raises(ValueError, match=rf"{found}.*more than 400.*--allow-odd-history") as refused:
+        train.train_environment(odd, cfg, validation=False)
+    assert f"{year}-06-01" in str(refused.value)
+    with pytest.raises(ValueError, match=found):
+        train.refit_model(train.fit_model(history, cfg), odd)
+    model, _, _ = train.train_environment(odd, cfg, validation=False, allow_odd_history=True)
+    assert f"warning: {found}" in capsys.readouterr().err
+    card = (train.write_model(model, cfg, tmp_path / "models") / "model_card.md").read_text()
+    warnings = card.split("## Warnings\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(warnings) == 2 and found in warnings[0] and "more than 400" in warnings[1]
+
+
+def test_training_on_minutes_of_history_warns_in_stderr_and_model_card(tmp_path, estate, capsys):
+    history, _ = estate
+    c = history.connections
+    short = c[c["ts"] < c["ts"].min() + 300]
+    frames = _moved(Frames(short, history.dns_answers[history.dns_answers["ts"] < short["ts"].max()],
+                           history.inventory), c["ts"].min() + 300)
+    cfg = config(tmp_path)
+    model, _, _ = train.train_environment(frames, cfg, validation=False)
+    err = capsys.readouterr().err
+    assert "warning: the history spans only 5.0 minutes" in err and "under a day" in err
+    bundle = train.write_model(model, cfg, tmp_path / "models")
+    card = (bundle / "model_card.md").read_text()
+    assert "## Warnings\n\n- the history spans only 5.0 minutes" in card
+    # a normal history has no warnings section
+    model, _, _ = train.train_environment(history, cfg, validation=False)
+    assert "## Warnings" not in train.model_card(model, cfg, {}) and model.history_warnings_ == []
+
+
+def test_train_command_refuses_a_log_with_a_broken_clock_unless_allowed(tmp_path, capsys):
+    import dataclasses
+
+    from esxi_anomaly.cli import main
+    from esxi_anomaly.console import EXIT_INPUT, EXIT_OK
+    from esxi_anomaly.synth import generate, write_zeek
+
+    ds = generate(days=2, seed=2, scenario="small", attack_days=0, scale=0.05)
+    c = ds.connections.copy()
+    c.loc[c["ts"].idxmax(), "ts"] = pd.Timestamp("2090-06-01", tz="UTC").timestamp()
+    write_zeek(dataclasses.replace(ds, connections=c), tmp_path / "lab")
+    argv = ["train", "--env", "lab", "--models-dir", str(tmp_path / "models"), "--trials", "0",
+            "--conn", str(tmp_path / "lab" / "conn.log"), "--dns", str(tmp_path / "lab" / "dns.log")]
+    assert main(argv) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "implausible training history" in err and "2090-06-01" in err and "--allow-odd-history" in err
+    assert not (tmp_path / "models").exists()
+    assert main(argv + ["--allow-odd-history"]) == EXIT_OK
+    assert "warning: 1 connections more than a day in the future" in capsys.readouterr().err
+    card = next((tmp_path / "models" / "lab").glob("*/model_card.md")).read_text()
+    assert "## Warnings" in card and "2090-06-01" in card

@@ -5,7 +5,7 @@ import optuna
 
 from esxi_anomaly import train
 from esxi_anomaly.schema import Frames
-from esxi_anomaly.tuning import SPACE, best_trial, starting_point, tune
+from esxi_anomaly.tuning import SPACE, best_trial, starting_point, study_name, tune
 
 
 def test_starting_point_is_the_configuration_inside_the_space():
@@ -39,3 +39,27 @@ def test_first_trial_of_a_new_study_is_the_starting_point(tmp_path):
     assert best == starting_point(cfg) == {"min_window_s": 300.0, "baseline_alpha": 5.0, "forest_weight": 0.45,
                                            "forest_floor": 0.9, "n_estimators": 50, "max_samples": 256}
     assert summary["best_average_precision"] > 0.5
+
+
+def test_study_name_follows_the_objective_not_the_trial_count():
+    """Same data, labels and objective settings: one study, whatever `trials`, storage, feedback path or
+    starting values; different data, labels or seed: another."""
+    import pandas as pd
+
+    from esxi_anomaly.synth import generate
+
+    ds = generate(days=1, seed=4, scenario="small", attack_days=0, scale=0.05)
+    frames = Frames(ds.connections, ds.dns_answers, ds.inventory)
+    labels = pd.DataFrame({"event_id": ["a"], "label": ["attack"], "family": ["x"]})
+    cfg = train.TrainConfig(env="lab", seed=1, trials=2)
+    name = study_name(frames, cfg, labels)
+    assert name.startswith("lab-")
+    same = train.TrainConfig(env="lab", seed=1, trials=40, study_storage="sqlite:///elsewhere.db",
+                             feedback_path="/x/feedback.csv", model={"forest_weight": 0.3})
+    assert study_name(frames, same, labels) == name
+    fewer = Frames(ds.connections.iloc[1:], ds.dns_answers, ds.inventory)
+    others = [study_name(fewer, cfg, labels), study_name(frames, cfg, labels.assign(label="benign")),
+              study_name(frames, train.TrainConfig(env="lab", seed=2), labels),
+              study_name(frames, train.TrainConfig(env="lab", seed=1, model={"grace_s": 30.0}), labels),
+              study_name(frames, train.TrainConfig(env="lab2", seed=1), labels)]
+    assert len(set(others + [name])) == 6

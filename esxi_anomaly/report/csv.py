@@ -52,6 +52,23 @@ def neutralise_formulas(frame: pd.DataFrame) -> pd.DataFrame:
     return safe
 
 
+def restore_formulas(values: pd.Series) -> pd.Series:
+    """Text read back from a CSV written here, as it was before `neutralise_formulas`: the quote
+    added before a formula trigger is removed. Non-text values are returned as they are. (A value
+    that itself began with a quote and a trigger cannot be told apart; it loses its quote too.)"""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        values = values.astype(object)
+    if not (pd.api.types.is_string_dtype(values) or pd.api.types.is_object_dtype(values)):
+        return values
+    try:
+        escaped = values.str.match("'" + _TRIGGER[1:]).fillna(False).astype(bool)  # non-strings: kept
+    except AttributeError:                                                     # no strings at all
+        return values
+    if not escaped.any():
+        return values
+    return values.where(~escaped, values.str.slice(1))
+
+
 # -- Arrow encoder ----------------------------------------------------------------------------
 
 _TEXT = pa.large_string()
