@@ -47,11 +47,22 @@ def read_inputs(args, stages: Stages) -> tuple[Frames, ingest.Quarantine, ingest
 
 
 def finish_quarantine(quarantine: ingest.Quarantine, out: Path, strict: bool) -> int:
-    if not len(quarantine):
-        return EXIT_OK
+    """Write `<out>.quarantine.jsonl` (atomically) and say what it holds; a clean run removes the file
+    an earlier run left, so it never describes another run."""
+    from esxi_anomaly.report._atomic import atomic_path
+
     path = out.with_name(out.name + ".quarantine.jsonl")
-    quarantine.write(str(path))
-    log(f"{len(quarantine)} records quarantined -> {path}")
+    if not len(quarantine):
+        path.unlink(missing_ok=True)
+        return EXIT_OK
+    with atomic_path(path) as tmp:
+        quarantine.write(str(tmp))
+    total, with_text = len(quarantine), len(quarantine.records)
+    if total > with_text:   # beyond `max_records` only counts were kept: the file says how many per file
+        log(f"{total:,} records quarantined ({with_text:,} with their text, {total - with_text:,} counted only) "
+            f"-> {path}")
+    else:
+        log(f"{total:,} records quarantined -> {path}")
     return EXIT_QUARANTINE if strict else EXIT_OK
 
 
