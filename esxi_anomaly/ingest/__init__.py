@@ -17,19 +17,28 @@ import pandas as pd
 from esxi_anomaly import schema
 from esxi_anomaly.ingest.base import (
     DEFAULT_CHUNK_ROWS,
+    EmptyInput,
     IngestError,
     Quarantine,
     SourceFormat,
+    UnreadableError,
     detect_format,
     expand_paths,
     formats,
+    stream_problem,
+    track_streams,
 )
+from esxi_anomaly.ingest._validate import validate_chunk
 
 __all__ = [
-    "IngestError", "Quarantine", "ReadSummary", "SourceFormat", "detect_format", "expand_paths",
+    "IngestError", "UnreadableError", "Quarantine", "ReadSummary", "SourceFormat", "detect_format", "expand_paths",
     "formats", "iter_frames", "iter_file", "list_files", "iter_connections", "iter_dns", "read_connections", "read_dns",
     "read_inventory", "read_context",
 ]
+
+
+# outcomes of one input file in a read
+READ, PARTLY_READ, UNREADABLE, OTHER_KIND = "read", "partly read", "unreadable", "other kind"
 
 
 @dataclass
@@ -40,11 +49,13 @@ class FileStats:
     quarantined: int = 0
     ts_min: float = float("nan")
     ts_max: float = float("nan")
+    outcome: str = READ      # read | partly read | unreadable | other kind
+    reason: str = ""         # why it was not read (wholly), or what else it holds
 
 
 @dataclass
 class ReadSummary:
-    """Per-file counts of one read: what was kept and what went to quarantine."""
+    """Per-file outcome of one read: what was kept, what went to quarantine, what was not read."""
 
     files: list[FileStats] = field(default_factory=list)
 
@@ -57,9 +68,29 @@ class ReadSummary:
         return sum(f.quarantined for f in self.files)
 
     def lines(self) -> list[str]:
-        return [
-            f"{f.path}: {f.format}, {f.kept} kept, {f.quarantined} quarantined" for f in self.files
-        ]
+        """One line per input file and outcome. A file met by two passes (a folder given to --conn
+        and --dns) is listed once per distinct outcome; "other kind" is left out where another pass
+        read the file."""
+        read_elsewhere = {f.path for f in self.files if f.outcome != OTHER_KIND}
+        out, seen = [], set()
+        for f in self.files:
+            key = (f.path, f.format, f.outcome, f.reason)
+            if key in seen or (f.outcome == OTHER_KIND and f.path in read_elsewhere):
+                continue
+            seen.add(key)
+            out.append(file_line(f))
+        return out
+
+
+def file_line(f: FileStats) -> str:
+    counts = f"{f.kept} kept, {f.quarantined} quarantined"
+    if f.outcome == UNREADABLE:
+        return f"{f.path}: unreadable ({f.reason})"
+    if f.outcome == OTHER_KIND:
+        return f"{f.path}: {f.format}, other kind ({f.reason})"
+    if f.outcome == PARTLY_READ:
+        return f"{f.path}: {f.format}, partly read ({f.reason}), {counts}"
+    return f"{f.path}: {f.format}, {counts}" + (f" ({f.reason})" if f.reason else "")
 
 
 def iter_frames(
@@ -88,26 +119,86 @@ def list_files(paths) -> list[tuple[str, bool]]:
 
 def iter_file(path: str, frame: str, explicit: bool, quarantine: Quarantine, summary: ReadSummary,
               chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
-    """Chunks of one file of `list_files`: nothing when it holds another kind of records and was not
-    named explicitly (else that is an `IngestError`)."""
+    """Chunks of one file of `list_files`, each record checked (`validate_chunk`); the file's
+    outcome goes to `summary` whatever happens.
+
+    A file named explicitly that cannot be used raises `IngestError`. In a folder, a file of
+    another frame kind is noted as "other kind"; one that cannot be read, or is of no known
+    format, is noted as unreadable and gets a quarantine record (line 0), as does one whose
+    compressed stream is cut short (partly read: every complete record before the cut is kept).
+    """
     try:
         fmt = detect_format(path, frame)
+    except EmptyInput:
+        summary.files.append(FileStats(path, "empty", reason="empty file"))
+        return
+    except UnreadableError as exc:
+        if explicit:
+            raise
+        _refuse(path, exc.reason, quarantine, summary)
+        return
     except IngestError:
         if explicit:
             raise IngestError(_mismatch_message(path, frame)) from None
+        other = _other_kind(path)
+        if other is not None:
+            summary.files.append(FileStats(path, other.name, outcome=OTHER_KIND,
+                                           reason=f"{other.frame}, not {frame}"))
+        else:
+            _refuse(path, "not a known format", quarantine, summary)
         return
     stats = FileStats(path, fmt.name)
     summary.files.append(stats)
     before = quarantine.counts.get(path, 0)
-    for chunk in fmt.read(path, quarantine, chunk_rows):
-        if not len(chunk):
-            continue
-        stats.kept += len(chunk)
-        if "ts" in chunk.columns:
-            stats.ts_min = float(np.fmin(stats.ts_min, chunk["ts"].min()))
-            stats.ts_max = float(np.fmax(stats.ts_max, chunk["ts"].max()))
-        yield chunk
-    stats.quarantined = quarantine.counts.get(path, 0) - before
+    reader = fmt.read(path, quarantine, chunk_rows)
+    opened: list = []
+    failure = ""
+    try:
+        while True:
+            with track_streams(opened):   # only while the reader runs: streams it opens are its file's
+                try:
+                    chunk = next(reader)
+                except StopIteration:
+                    break
+                except IngestError as exc:   # the reader gave up on the file
+                    if explicit:
+                        raise
+                    failure = exc.reason
+                    break
+            if not len(chunk):
+                continue
+            chunk = validate_chunk(chunk, frame, path, quarantine)
+            if not len(chunk):
+                continue
+            stats.kept += len(chunk)
+            if "ts" in chunk.columns:
+                stats.ts_min = float(np.fmin(stats.ts_min, chunk["ts"].min()))
+                stats.ts_max = float(np.fmax(stats.ts_max, chunk["ts"].max()))
+            yield chunk
+    finally:
+        reader.close()
+        records = stats.kept + quarantine.counts.get(path, 0) - before
+        broken = [s for s in opened if s.error is not None and s.path == path]
+        raw = b""
+        if broken and not failure:
+            failure, raw = stream_problem(broken[0], records), broken[0].dropped
+        if failure:
+            stats.outcome, stats.reason = (PARTLY_READ if records else UNREADABLE), failure
+            quarantine.add_file(path, failure, raw)
+        stats.quarantined = quarantine.counts.get(path, 0) - before
+
+
+def _refuse(path: str, reason: str, quarantine: Quarantine, summary: ReadSummary) -> None:
+    """A folder's file that cannot be read: in the summary and (once) in the quarantine."""
+    added = quarantine.add_file(path, reason)
+    summary.files.append(FileStats(path, "unknown", quarantined=int(added), outcome=UNREADABLE, reason=reason))
+
+
+def _other_kind(path: str) -> SourceFormat | None:
+    try:
+        return detect_format(path)
+    except IngestError:
+        return None
 
 
 def _explicit_files(paths) -> set[str]:

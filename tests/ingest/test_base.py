@@ -57,13 +57,21 @@ def test_expand_paths_files_globs_folders(zeek_dir):
 def test_folder_is_split_by_content(zeek_dir):
     q, s = Quarantine(), ReadSummary()
     conns = read_connections(zeek_dir, q, s)
-    assert len(conns) == 5 and [f.format for f in s.files] == ["zeek_conn_tsv"]
-    q2, s2 = Quarantine(), ReadSummary()
-    dns = read_dns(zeek_dir, q2, s2)
+    root = str(zeek_dir)
+    # every file is accounted for: the DNS logs are another pass's, the stray file is unreadable
+    assert len(conns) == 5 and [(f.path[len(root) + 1:], f.format, f.outcome, f.kept) for f in s.files] == [
+        ("README.txt", "unknown", "unreadable", 0), ("conn.log", "zeek_conn_tsv", "read", 5),
+        ("dns.log", "zeek_dns_tsv", "other kind", 0),
+        ("old/dns.00:00:00-01:00:00.log.gz", "zeek_dns_json", "other kind", 0)]
+    assert [(r.path, r.line, r.reason) for r in q.records] == [(f"{root}/README.txt", 0, "not a known format")]
+    dns = read_dns(zeek_dir, q, s)       # the same folder as --dns: the stray file is quarantined once
     # 9 rows from dns.log + 3 from the gzipped JSON log, merged and sorted by ts
     assert len(dns) == 12 and dns.ts.is_monotonic_increasing
-    assert sorted(f.format for f in s2.files) == ["zeek_dns_json", "zeek_dns_tsv"]
-    assert len(q) == len(q2) == 0
+    assert len(q) == 1 and len(q.records) == 1
+    assert s.lines() == [f"{root}/README.txt: unreadable (not a known format)",
+                         f"{root}/conn.log: zeek_conn_tsv, 5 kept, 0 quarantined",
+                         f"{root}/dns.log: zeek_dns_tsv, 9 kept, 0 quarantined",
+                         f"{root}/old/dns.00:00:00-01:00:00.log.gz: zeek_dns_json, 3 kept, 0 quarantined"]
 
 
 def test_read_summary_counts(fixtures, tmp_path):
@@ -107,11 +115,11 @@ def test_explicit_file_of_another_kind_is_an_error(fixtures):
         read_connections(str(fixtures / "zeek" / "dns.json"))
 
 
-def _drain(fh, size: int) -> tuple[bytes, str]:
+def _drain(fh, size: int, read=None) -> tuple[bytes, str]:
     out = b""
     try:
         while True:
-            block = fh.read(size)
+            block = (read or fh.read)(size)
             if not block:
                 return out, ""
             out += block
@@ -133,31 +141,25 @@ _BODY = b"".join(b"line %d of a log\n" % i for i in range(60_000))   # ~1 MB, > 
 ])
 @pytest.mark.parametrize("size", [1 << 16, 1 << 22])
 def test_gzip_reads_exactly_like_python_gzip(tmp_path, name, packed, size):
-    """open_binary decompresses gzip with Arrow, but data and errors are those of gzip.open."""
+    """open_binary decompresses gzip with Arrow, but the data are those of gzip.open; where gzip.open
+    raises (truncated, damaged) the stream ends after the last complete line instead, and says why."""
     import io
 
-    from esxi_anomaly.ingest.base import open_binary, open_text
+    from esxi_anomaly.ingest.base import open_binary, open_text, track_streams
 
     path = tmp_path / "x.gz"
     path.write_bytes(packed)
-    with gzip.open(path, "rb") as fh:
-        expected = _drain(fh, size)
-    with open_binary(str(path)) as fh:
+    with gzip.open(path, "rb") as fh:     # read1: every byte gzip decompresses before it raises
+        expected, error = _drain(fh, size, read=fh.read1)
+    if error:
+        expected = expected[: expected.rfind(b"\n") + 1]      # the cut line is not delivered
+    with track_streams() as opened, open_binary(str(path)) as fh:
         assert isinstance(fh, io.BufferedReader)
-        data, error = _drain(fh, size)
-    assert error == expected[1]
-    # a truncation loses at most the block being read when it broke, never more than Python's gzip
-    assert expected[0].startswith(data[: len(expected[0])]) and len(data) >= len(expected[0])
-    if not error:
-        assert data == expected[0]
+        data, raised = _drain(fh, size)
+    assert (data, raised) == (expected, "")
+    assert [f"{type(s.error).__name__}: {s.error}" if s.error else "" for s in opened] == [error]
     with open_text(str(path)) as text:      # line-wise readers (syslog, CSV) get the same lines
-        lines = []
-        try:
-            for line in text:
-                lines.append(line)
-        except (OSError, EOFError):
-            pass
-    assert "".join(lines).encode() == _BODY[: len("".join(lines).encode())]
+        assert "".join(text).encode() == expected
 
 
 # --- detection survives junk ------------------------------------------------------------------

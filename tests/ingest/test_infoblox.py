@@ -110,7 +110,7 @@ def test_gzip_and_empty_file(tmp_path):
     truncated.write_bytes(gzip.compress(((LINE_A + "\n") * 200).encode())[:-30])
     q = Quarantine()
     df = read_all(truncated, q)
-    assert 0 < len(df) < 200 and q.records[-1].reason.startswith("truncated or corrupt stream")
+    assert 0 < len(df) < 200 and len(q) == 0        # iter_file reports the cut (tests/ingest/test_accounting.py)
     empty = tmp_path / "e.log"
     empty.write_text("")
     assert len(read_all(empty)) == 0

@@ -302,20 +302,31 @@ def test_truncated_plain_file(fixtures, tmp_path):
     assert [(r.line, r.reason) for r in quarantine.records] == [(12, "2 fields, expected 21")]
 
 
-def test_truncated_gzip(fixtures, tmp_path):
-    lines = _lines(_conn_fixture(fixtures))
-    body = b"\n".join(lines[:HEADER_LINES] + lines[HEADER_LINES:HEADER_LINES + 4] * 2000) + b"\n"
+@pytest.mark.parametrize("chunk_rows", [500, 250_000])     # pieces of 64 kB, or the whole file in one
+@pytest.mark.parametrize("style", ["tsv", "json"])
+def test_truncated_gzip(fixtures, tmp_path, chunk_rows, style):
+    """Every record complete before the cut is kept, the cut one is not, the file says so once."""
+    import zlib
+
+    if style == "tsv":
+        lines = _lines(_conn_fixture(fixtures))
+        body = b"\n".join(lines[:HEADER_LINES] + lines[HEADER_LINES:HEADER_LINES + 4] * 2000) + b"\n"
+    else:
+        body = (fixtures / "zeek" / "conn.json").read_bytes().rstrip(b"\n").replace(b"\n\n", b"\n") + b"\n"
+        body = body * 2000
     packed = gzip.compress(body)
-    path = _write(tmp_path, "c.log.gz", packed[: len(packed) // 2])
-    quarantine = Quarantine()
-    conns = pd.concat(list(iter_connections(str(path), quarantine, chunk_rows=500)))
-    assert 1000 < len(conns) < 8000
-    # open_binary decompresses with Arrow but reports a truncation as Python's gzip does
-    assert quarantine.records[-1].reason == ("file unreadable from here on (EOFError: Compressed file ended "
-                                             "before the end-of-stream marker was reached)")
-    assert [r.line for r in quarantine.records] == sorted(r.line for r in quarantine.records)
-    # every line before the break is kept or quarantined (the cut line itself)
-    assert len(conns) + len(quarantine) - 1 >= quarantine.records[-1].line - HEADER_LINES - 2
+    cut = packed[: len(packed) // 2]
+    path = _write(tmp_path, "c.log.gz", cut)
+    present = zlib.decompressobj(wbits=31).decompress(cut)       # all a decompressor can get
+    complete = present[: present.rfind(b"\n") + 1]
+    expected = sum(1 for line in complete.split(b"\n") if line.strip() and not line.startswith(b"#"))
+    quarantine, summary = Quarantine(), ReadSummary()
+    conns = pd.concat(list(iter_connections(str(path), quarantine, summary, chunk_rows=chunk_rows)))
+    assert 1000 < len(conns) == expected
+    assert [(r.line, r.reason) for r in quarantine.records] == [(0, (
+        f"truncated gzip stream after {expected} records, the {len(present) - len(complete)} bytes of the "
+        "record it cut not read (EOFError: Compressed file ended before the end-of-stream marker was reached)"))]
+    assert [(f.outcome, f.kept, f.quarantined) for f in summary.files] == [("partly read", expected, 1)]
 
 
 def test_crlf_line_ends(fixtures, tmp_path):
@@ -431,8 +442,9 @@ def test_json_dns_wrong_vector_types(tmp_path):
 
 def test_empty_and_foreign_files_are_rejected_via_shared_api(tmp_path, fixtures):
     empty = _write(tmp_path, "empty.log", b"")
-    with pytest.raises(IngestError, match=r"empty\.log: not a known connections format \(tried: .*zeek_conn_tsv.*zeek_conn_json"):
-        read_connections(str(empty))
+    summary = ReadSummary()     # an empty file holds nothing to lose: read, 0 records
+    assert len(read_connections(str(empty), Quarantine(), summary)) == 0
+    assert summary.lines() == [f"{empty}: empty, 0 kept, 0 quarantined (empty file)"]
     text = _write(tmp_path, "notes.txt", b"hello\tworld\nthis is not zeek\n")
     with pytest.raises(IngestError, match=r"notes\.txt: not a known connections format \(tried: .*zeek_conn_tsv"):
         read_connections(str(text))
@@ -545,7 +557,10 @@ def test_random_and_mutated_lines_never_break_the_reader(fixtures, tmp_path, dat
     injected_lines = {HEADER_LINES + 1 + i for i, (_, ok) in enumerate(body) if not ok}
     valid_uids = {l.split(b"\t")[1].decode() for l, ok in body if ok}
     assert valid_uids <= set(conns.event_id)                    # every valid record kept
-    assert {r.line for r in quarantine.records} <= injected_lines  # only injected lines blamed
+    assert {r.line for r in quarantine.records if r.line} <= injected_lines  # only injected lines blamed
+    # rows refused after parsing (no line number) can only be injected ones: every valid one is kept
+    refused = [r.reason for r in quarantine.records if not r.line]
+    assert all(r.startswith(("time out of range", "src_ip is not", "dst_ip is not")) for r in refused)
     blank = sum(1 for l, ok in body if not ok and not l.strip(b" \t\r\x0b\x0c"))
     assert len(conns) + len(quarantine) + blank >= len(body)    # nothing vanished silently
     schema.validate(conns, "connections")
