@@ -60,7 +60,10 @@ def _unescape(values: pd.Series) -> pd.Series:
 
 class FeedbackStore:
     def __init__(self, models_dir: str | os.PathLike, env: str):
-        self.path = Path(models_dir) / check_env_name(env) / "feedback.csv"
+        # writing checks the name (`add_many`); reading does not: scoring opens the store next to any
+        # bundle given by folder (`--model ./b` has no environment folder), and a read creates nothing
+        self.env = env
+        self.path = Path(models_dir) / env / "feedback.csv"
 
     def read(self) -> pd.DataFrame:
         if not self.path.exists():
@@ -74,6 +77,7 @@ class FeedbackStore:
 
     def add_many(self, rows: list[dict]) -> int:
         """Validate every row, then store all of them or none."""
+        check_env_name(self.env)  # the store's folder is created under the models directory
         table = pd.DataFrame(list(rows)).reindex(columns=COLUMNS)
         table = table.where(table.notna(), "").astype(str)
         bad_verdict = ~table["verdict"].isin(VERDICTS)
@@ -143,7 +147,7 @@ class FeedbackStore:
         if not path or not Path(path).exists():
             return pd.DataFrame(columns=["event_id", "label", "family"])
         store = FeedbackStore.__new__(FeedbackStore)
-        store.path = Path(path)
+        store.env, store.path = None, Path(path)   # read only
         return store.labels()
 
 

@@ -72,11 +72,16 @@ def test_restore_formulas_undoes_the_writer(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["../../x", "..", ".hidden", "a/b", "a\\b", "", "x\n", "/abs", "é", "a" * 129])
-def test_environment_names_that_are_not_plain_folder_names_are_refused(tmp_path, name, capsys):
+def test_environment_names_that_are_not_plain_folder_names_are_refused(tmp_path_factory, name, capsys):
+    tmp_path = tmp_path_factory.mktemp("envs")
+    csv_file = tmp_path_factory.mktemp("import") / "v.csv"
+    csv_file.write_text("event_id,verdict\nE1,malicious\n")
     with pytest.raises(ValueError, match="environment name"):
         check_env_name(name)
     with pytest.raises(ValueError, match="environment name"):
-        FeedbackStore(tmp_path / "models", name)
+        FeedbackStore(tmp_path / "models", name).add("E1", "malicious")
+    with pytest.raises(ValueError, match="environment name"):
+        FeedbackStore(tmp_path / "models", name).import_csv(str(csv_file))
     with pytest.raises(ValueError, match="environment name"):
         train.write_model(None, train.TrainConfig(env=name), tmp_path / "models")
     for argv in (["label", "--env", name, "--models-dir", str(tmp_path / "models"), "--event-id", "E1",
@@ -94,6 +99,11 @@ def test_environment_names_that_are_not_plain_folder_names_are_refused(tmp_path,
 @pytest.mark.parametrize("name", ["prod", "lab-2", "eu_west.1", "A9", "-x"])
 def test_plain_environment_names_are_accepted(name):
     assert check_env_name(name) == name
+
+
+def test_the_store_next_to_a_bundle_outside_any_environment_folder_reads_as_empty(tmp_path):
+    """`score --model ./bundle`: the bundle's parent is no environment folder; nothing to suppress."""
+    assert len(FeedbackStore(tmp_path, "").suppressions()) == 0
 
 
 def test_benign_verdict_needs_the_scored_file_and_unknown_ids_are_refused(tmp_path, capsys):
