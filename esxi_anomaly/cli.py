@@ -173,30 +173,47 @@ def _when(ts: float) -> str:
 
 
 def cmd_inspect(args) -> int:
-    """Per file and per frame kind it holds: format, records, time range, quarantine reasons."""
+    """Per file and per frame kind it holds: format, outcome, records, time range, quarantine reasons.
+
+    Every file is reported, whatever happens to the others; EXIT_INPUT when some file is
+    unreadable or of no known format, else EXIT_OK."""
+    from esxi_anomaly.ingest import PARTLY_READ, READ, UNREADABLE, FileStats
     from esxi_anomaly.schema import FRAMES
 
     rc = EXIT_OK
     for path in ingest.expand_paths(args.paths):
-        found = False
+        found, problem = False, ""
         for frame in FRAMES:
+            quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
             try:
-                fmt = ingest.detect_format(path, frame)
-            except ingest.IngestError:
+                for _chunk in ingest.iter_file(path, frame, False, quarantine, summary):
+                    pass
+            except Exception as exc:  # a reader's bug: this file is reported, the next ones still read
+                summary.files.append(FileStats(path, "unknown", outcome=UNREADABLE,
+                                               reason=f"reader failed ({type(exc).__name__}: {exc})"))
+            st = summary.files[-1]
+            if st.outcome == UNREADABLE:
+                problem = problem or st.reason
+                if st.format == "unknown":
+                    continue
+            elif st.outcome not in (READ, PARTLY_READ):
                 continue
             found = True
-            quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
-            kept = sum(len(chunk) for chunk in ingest.iter_frames([path], frame, quarantine, summary))
-            st = summary.files[0]
+            if st.format == "empty":
+                print(printable(f"{path}: empty file"))
+                break
             span = f", {_when(st.ts_min)} .. {_when(st.ts_max)} UTC" if st.ts_min == st.ts_min else ""
-            print(f"{path}: {fmt.name} ({frame}), {kept} records, {len(quarantine)} quarantined{span}")
+            state = f", {st.outcome}: {st.reason}" if st.outcome != READ else ""
+            print(printable(f"{path}: {st.format} ({frame}), {st.kept} records, {len(quarantine)} quarantined"
+                            f"{span}{state}"))
             reasons = pd.Series([r.reason for r in quarantine.records], dtype="str").value_counts().head(3)
             for reason, n in reasons.items():
-                print(f"    {n} x {reason}")
+                print(printable(f"    {n} x {reason}"))
+            if st.outcome == UNREADABLE:
+                rc = EXIT_INPUT
         if not found:
-            print(ingest.IngestError(f"{path}: not a known format (tried: "
-                                     f"{', '.join(f.name for f in ingest.formats())})"))
-            rc = EXIT_ERROR
+            print(printable(f"{path}: unreadable ({problem or 'not a known format'})"))
+            rc = EXIT_INPUT
     return rc
 
 

@@ -410,7 +410,7 @@ def stream_problem(stream: "_Guarded", records: int | None = None) -> str:
     detail = f"{type(exc).__name__}: {exc}"
     if not stream.delivered:
         if isinstance(exc, EOFError):
-            return f"{stream.kind} stream cut in its header, no data ({detail})"
+            return f"truncated {stream.kind} stream, cut in its header or first block: no data ({detail})"
         return f"damaged {stream.kind} stream, no data ({detail})"
     what = "truncated" if isinstance(exc, EOFError) else "damaged"
     after = f" after {records} records" if records is not None else ""

@@ -83,7 +83,11 @@ def read(path: str, quarantine: Quarantine, chunk_rows: int) -> Iterator[pd.Data
     if len(data) > MAX_FILE_BYTES:
         raise IngestError(f"{path}: larger than {MAX_FILE_BYTES} bytes; not an inventory export")
     text = decode(data)
-    type_line, fields, delimiter, skip = _split_header(text)
+    try:
+        type_line, fields, delimiter, skip = _split_header(text)
+    except csv.Error as exc:   # e.g. a header field over csv.field_size_limit() (128 KiB)
+        reason = f"header line cannot be parsed as CSV ({exc})"
+        raise IngestError(f"{path}: {reason}", reason) from None
     columns = {_key(f): f for f in fields}
     ip_col, host_col = _pick(columns, IP_COLUMNS), _pick(columns, HOST_COLUMNS)
     folder_col, tag_col = _pick(columns, FOLDER_COLUMNS), _pick(columns, TAG_COLUMNS)
