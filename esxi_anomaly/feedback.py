@@ -88,6 +88,8 @@ class FeedbackStore:
                     if bad_verdict.iloc[first] else "event_id is empty")
             raise ValueError(f"row {first + 1}: {what} ({int(bad_verdict.sum())} bad verdicts, "
                              f"{int(no_id.sum())} empty event ids in {len(table)} rows); nothing stored")
+        if not len(table):
+            return 0
         now = datetime.now(timezone.utc).isoformat(timespec="seconds")
         table["labelled_at"] = table["labelled_at"].where(table["labelled_at"] != "", now)  # imports keep theirs
         with self._locked():
