@@ -102,7 +102,11 @@ def study_name(frames: Frames, config, labels: pd.DataFrame) -> str:
     for table in (frames.connections, frames.dns_answers, frames.inventory, labels):
         if table is not None:
             digest.update(",".join(map(str, table.columns)).encode())
-            digest.update(pd.util.hash_pandas_object(table, index=False).to_numpy().tobytes())
+            try:
+                hashed = pd.util.hash_pandas_object(table, index=False)
+            except TypeError:  # unhashable cells (lists, dicts): their text then
+                hashed = pd.util.hash_pandas_object(table.astype(str), index=False)
+            digest.update(hashed.to_numpy().tobytes())
     settings = {"seed": config.seed, "holdout_fraction": config.holdout_fraction,
                 "inject_families": config.inject_families, "rules": config.rules, "mgmt_allow": config.mgmt_allow,
                 "model": {k: v for k, v in config.model.items() if k not in SPACE}, "space": SPACE,
