@@ -143,17 +143,25 @@ def _connect(scheduler):
     return Client(cluster), cluster, True
 
 
-def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path, fmt: str | None = "csv",
-        top: int | None = None, scheduler=None, quarantine: ingest.Quarantine | None = None,
-        summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
-        partitions: int | None = None, explain_top: int = 200, work: Path | None = None,
-        partition_rows: int = PARTITION_ROWS, context: pd.DataFrame | None = None,
-        rollup: bool = True) -> batch.RunSummary:
+def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path, *args, rollup: bool = True,
+        **kwargs) -> batch.RunSummary:
     """Score like `batch.run`, with the per-partition work on a Dask cluster; same outputs.
 
     `scheduler`: a scheduler address (``tcp://host:8786``), a `distributed.Client`, or None for a
     LocalCluster started (and closed) here. `partitions`: number of tasks (default: by size).
-    `context`: ESXi events for the explanations; `rollup`: also write `batch.rollup_path(out)`."""
+    `context`: ESXi events for the explanations; `rollup`: also write `batch.rollup_path(out)`.
+    Like `batch.run`, the output is locked for the run and checked before any input is read."""
+    with batch.hold_output(Path(out)):   # one run per output: its work folder is the output's
+        batch.check_output_paths(Path(out), batch._input_files(conn_paths, dns_paths), rollup)
+        return _run(model, conn_paths, dns_paths, inventory, out, *args, rollup=rollup, **kwargs)
+
+
+def _run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path, fmt: str | None = "csv",
+         top: int | None = None, scheduler=None, quarantine: ingest.Quarantine | None = None,
+         summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
+         partitions: int | None = None, explain_top: int = 200, work: Path | None = None,
+         partition_rows: int = PARTITION_ROWS, context: pd.DataFrame | None = None,
+         rollup: bool = True) -> batch.RunSummary:
     out = Path(out)
     fmt = batch.output_format(out, fmt)
     work = (Path(work) if work else out.with_name(out.name + ".work")).resolve()
@@ -209,7 +217,7 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         t0 = time.perf_counter()
         result.written, result.entities = batch.rank_and_write(
             model, work, cp, out, fmt, top, explain_top, html_extra or {}, context,
-            rollup_out=batch.rollup_path(out) if rollup else None, stages=stages)
+            rollup_out=batch.rollup_path(out) if rollup else None, stages=stages, expect_rows=result.connections)
         stages["rank+write"] = time.perf_counter() - t0
         result.alerts = cp.alerts
         result.quarantined = len(quarantine)

@@ -158,3 +158,27 @@ def test_quarantine_message_matches_the_file_and_a_clean_run_removes_an_old_one(
     small.add("a.log", 1, "bad", "x")
     cli.finish_quarantine(small, out, strict=False)
     assert f"1 records quarantined -> {path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop, kept", [(RuntimeError("a bug"), False), (KeyboardInterrupt(), True)])
+def test_a_failed_run_removes_its_work_an_interrupted_one_keeps_it(tmp_path, small_day, monkeypatch, capsys,
+                                                                   stop, kept):
+    model, folder = small_day
+    out = tmp_path / "ranked.csv"
+    calls = {"n": 0}
+    real = batch.write_scored
+
+    def fail(*args):   # after some groups are scored and checkpointed
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise stop
+        real(*args)
+
+    monkeypatch.setattr(batch, "write_scored", fail)
+    with pytest.raises(type(stop)):
+        batch.run(model, [folder / "conn.log"], [folder / "dns.log"], None, out, chunk_rows=700, bucket_s=1800,
+                  progress=False)
+    assert not out.exists() and not (tmp_path / "ranked.csv.lock").exists()
+    assert (tmp_path / "ranked.csv.work").is_dir() == kept
+    assert ("rerun with --resume" in capsys.readouterr().err) == kept
+    assert not [p for p in tmp_path.rglob("*.tmp")]
