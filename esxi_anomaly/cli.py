@@ -288,8 +288,20 @@ def _inputs(p, required=True):
     p.add_argument("--strict", action="store_true", help="exit 3 when any record was quarantined")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("esxi-anomaly")
+    except PackageNotFoundError:   # run from a source tree that was never installed
+        from esxi_anomaly import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="esxi-anomaly", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"esxi-anomaly {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="generate -> train -> score -> report on the embedded default estate")
@@ -379,21 +391,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _one_line(text: object) -> str:
+    return "; ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _os_error(exc: OSError) -> str:
+    """`path: reason` (disk full, permission denied, is a directory, ...)."""
+    if exc.filename is None:
+        return _one_line(exc)
+    paths = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    return f"{paths}: {exc.strerror or exc}"
+
+
+def _failure(exc: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) of a command that raised `exc`. Unusable inputs, bundles, configs
+    and output paths are the user's to fix (EXIT_INPUT); anything else is a bug (EXIT_INTERNAL)."""
     from esxi_anomaly.bundle import BundleError
-    from esxi_anomaly.workers import tune_allocator
+    from esxi_anomaly.workers import WorkerError
 
-    tune_allocator()
+    if isinstance(exc, WorkerError) and exc.original is not None:
+        exc = exc.original   # the job's own exception, raised in a worker process
+    code = getattr(exc, "exit_code", None)
+    if code in (EXIT_INPUT, EXIT_QUARANTINE, EXIT_BUSY):   # an error class that names its own exit code
+        return code, _one_line(exc)
+    if isinstance(exc, OSError):
+        return EXIT_INPUT, _os_error(exc)
+    if isinstance(exc, (ingest.IngestError, BundleError, ValueError)):
+        return EXIT_INPUT, _one_line(exc)
+    lines = str(exc).splitlines()
+    return EXIT_INTERNAL, (f"{type(exc).__name__}: {lines[0] if lines else ''} -- this is a bug; rerun with "
+                           "ESXI_ANOMALY_DEBUG=1 for the traceback")
 
-    try:
-        return args.func(args)
-    except (ingest.IngestError, BundleError, ValueError, FileNotFoundError) as exc:
-        log(f"esxi-anomaly {args.command}: error: {exc}")
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        log("interrupted")
-        return 130
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code (README "Exit codes"). Errors end as one escaped line on stderr,
+    a traceback only with ESXI_ANOMALY_DEBUG=1; SIGINT/SIGTERM stop the workers, then exit 130/143."""
+    import os
+    import traceback
+
+    from esxi_anomaly.console import Interrupted, unwind_on_signals
+
+    args = None
+    with unwind_on_signals():
+        try:
+            args = build_parser().parse_args(argv)
+            from esxi_anomaly.workers import tune_allocator
+
+            tune_allocator()
+            return args.func(args)
+        except KeyboardInterrupt as exc:
+            log("interrupted" + (f" ({exc})" if isinstance(exc, Interrupted) else ""))
+            return exc.exit_code if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
+        except Exception as exc:  # noqa: BLE001 - every failure ends as one line and an exit code
+            if os.environ.get("ESXI_ANOMALY_DEBUG"):
+                log(traceback.format_exc().rstrip())
+            code, message = _failure(exc)
+            command = " ".join(["esxi-anomaly"] + ([args.command] if args is not None else []))
+            log(f"{command}: error: {message}")
+            return code
 
 
 if __name__ == "__main__":

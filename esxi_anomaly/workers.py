@@ -13,6 +13,12 @@ the caller loads its model and reads its inputs.
 A job is a module-level function `fn(env, *args, progress=callable)`; `env` is the worker's own dict
 (a job may leave things in it for the next). A job that raises, or a worker that dies (killed, out of
 memory), stops the run with the worker's own error text.
+
+Workers never outlive the run: `close` stops them even with jobs still queued (and drops what the
+queues still hold, which would otherwise keep the parent from exiting), and a worker exits by
+itself the moment the pool's owner dies, even by SIGKILL (it watches a pipe only the owner writes
+to). Workers ignore SIGINT: Ctrl-C in a terminal reaches the whole process group, and the parent,
+not each worker, decides how the run ends.
 """
 from __future__ import annotations
 
@@ -21,7 +27,10 @@ import ctypes.util
 import functools
 import multiprocessing
 import os
+import pickle
 import queue
+import signal
+import sys
 import threading
 import traceback
 from typing import Any, Callable, Iterator
@@ -30,10 +39,18 @@ import pyarrow as pa
 
 _PRELOAD = ["esxi_anomaly.batch"]
 _POLL_S = 0.5
+_PR_SET_NAME, _PR_SET_PDEATHSIG = 15, 1   # Linux prctl options
+WORKER_NAME = "esxi-worker-"     # a worker's process name (`comm`, at most 15 bytes): ps/top show it
 
 
 class WorkerError(RuntimeError):
-    """A job failed in a worker process (the message holds its traceback), or a worker died."""
+    """A job failed in a worker process (the message holds its traceback), or a worker died.
+    `original`: the job's exception itself when it could be sent back (else None), so the caller can
+    tell an unusable input from a bug."""
+
+    def __init__(self, message: str, original: BaseException | None = None):
+        super().__init__(message)
+        self.original = original
 
 
 def default_workers() -> int:
@@ -99,8 +116,45 @@ def _context():
     return ctx
 
 
-def _serve(index: int, env: dict, inbox, outbox) -> None:
+def _bind_to_parent(index: int, lifeline, forkserver: bool) -> None:
+    """Die with the pool's owner: `lifeline` is the read end of a pipe whose only write end the owner
+    holds, so it reads EOF the moment the owner is gone (killed, even by SIGKILL, and even while
+    nobody has reaped it yet); a watchdog thread then ends this worker. (The forkserver cannot be
+    relied on for this: it waits for its children before it exits.) On Linux the kernel also kills the
+    worker if its forkserver dies."""
+    libc = _libc()
+    if sys.platform.startswith("linux") and libc is not None and hasattr(libc, "prctl"):
+        libc.prctl(_PR_SET_NAME, f"{WORKER_NAME}{index}".encode()[:15], 0, 0, 0)
+        # the death signal follows the *thread* that forked us: only a (single-threaded) forkserver
+        # qualifies, not the owner's short-lived starter thread
+        if forkserver:
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def watch() -> None:
+        try:
+            lifeline.recv_bytes()   # the owner never writes: this returns only at EOF
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="esxi-anomaly-parent-watch", daemon=True).start()
+
+
+def _error(index: int, job_id, exc: BaseException):
+    """The message a failed job sends back: its traceback, and the exception if it survives pickling."""
+    try:
+        original = pickle.dumps(exc)
+        pickle.loads(original)
+    except Exception:  # noqa: BLE001 - not every exception pickles; the traceback text always does
+        original = None
+    return ("error", index, job_id, (traceback.format_exc(), original))
+
+
+def _serve(index: int, env: dict, inbox, outbox, lifeline=None, forkserver: bool = False) -> None:
     """A worker's loop: run jobs until told to stop (None)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if lifeline is not None:
+        _bind_to_parent(index, lifeline, forkserver)
     tune_allocator()
 
     def progress(n: int) -> None:
@@ -113,8 +167,8 @@ def _serve(index: int, env: dict, inbox, outbox) -> None:
         job_id, fn, args = job
         try:
             outbox.put(("done", index, job_id, fn(env, *args, progress=progress)))
-        except BaseException:  # noqa: BLE001 - reported to the parent, which stops the run
-            outbox.put(("error", index, job_id, traceback.format_exc()))
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, which stops the run
+            outbox.put(_error(index, job_id, exc))
             return
 
 
@@ -125,7 +179,11 @@ class WorkerPool:
         ctx = _context()
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(n)]
-        self.processes = [ctx.Process(target=_serve, args=(i, dict(env or {}), self.inboxes[i], self.outbox), daemon=True,
+        # workers hold the read end; only this process holds the write end: its death is their EOF
+        self._lifeline_r, self._lifeline_w = ctx.Pipe(duplex=False)
+        self.processes = [ctx.Process(target=_serve, args=(i, dict(env or {}), self.inboxes[i], self.outbox,
+                                                           self._lifeline_r, ctx.get_start_method() == "forkserver"),
+                                      daemon=True,
                                       name=f"esxi-anomaly-worker-{i}") for i in range(n)]
         self._start_error: BaseException | None = None
         self._starter = threading.Thread(target=self._start, name="esxi-anomaly-pool-start", daemon=True)
@@ -133,6 +191,7 @@ class WorkerPool:
         self.pending: set = set()
         self._quiet: set = set()     # broadcast jobs: their results are not reported
         self._next_id = 0
+        self._closed = False
 
     def _start(self) -> None:
         try:
@@ -181,7 +240,9 @@ class WorkerPool:
                 if on_progress is not None:
                     on_progress(value)
             elif kind == "error":
-                raise WorkerError(f"a job failed in worker {worker}:\n{value}")
+                text, original = value
+                raise WorkerError(f"a job failed in worker {worker}:\n{text}",
+                                  pickle.loads(original) if original is not None else None)
             else:
                 self.pending.discard(job_id)
                 if job_id in self._quiet:
@@ -213,16 +274,30 @@ class WorkerPool:
         return [results[i] for i in range(len(jobs))]
 
     def close(self) -> None:
-        """Stop the workers: politely when idle, else terminate them."""
+        """Stop the workers: politely when idle, else terminate them (and kill those that linger).
+        Whatever the queues still hold is dropped: a queue's feeder thread would otherwise wait
+        at exit, forever, to push a queued job (a model) into a pipe no worker reads any more."""
+        if self._closed:
+            return
+        self._closed = True
         self._starter.join()
+        idle = not self.pending
         for process, inbox in zip(self.processes, self.inboxes):
-            if process.is_alive() and not self.pending:
+            if idle and process.is_alive():
                 inbox.put(None)
         for process in self.processes:
             if process.pid is None:   # never started
                 continue
-            process.join(timeout=5 if not self.pending else 0)
+            process.join(timeout=5 if idle else 0)
             if process.is_alive():
                 process.terminate()
+                process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
                 process.join()
+        for q in (*self.inboxes, self.outbox):
+            q.cancel_join_thread()
+            q.close()
+        self._lifeline_r.close()
+        self._lifeline_w.close()
         self.pending.clear()

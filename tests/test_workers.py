@@ -65,3 +65,50 @@ def test_broadcast_reaches_every_worker_before_later_jobs_and_reports_nothing():
         pool.broadcast(fail)
         with pytest.raises(WorkerError, match="bad record"):
             list(pool.events())
+
+
+CLOSE_WITH_QUEUED_JOBS = """
+import sys, time
+from esxi_anomaly.workers import WorkerPool
+
+
+def slow(env, seconds, payload=None, progress=None):
+    time.sleep(seconds)
+
+
+if __name__ == "__main__":
+    pool = WorkerPool(2)
+    for worker in range(2):
+        pool.submit(worker, slow, 60)
+        pool.submit(worker, slow, 0, b"x" * (8 << 20))   # queued behind it: far more than a pipe holds
+    time.sleep(1)
+    t0 = time.monotonic()
+    pool.close()
+    print(round(time.monotonic() - t0, 1), [p.exitcode for p in pool.processes], flush=True)
+"""
+
+
+def test_close_with_jobs_still_queued_stops_the_workers_and_lets_the_process_exit(tmp_path):
+    # before: close() terminated the workers, then the interpreter waited forever at exit for the
+    # queues' feeder threads to push the queued jobs into pipes no worker read
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_cli_lifecycle import TAG, kill_tree, tree, wait_for
+
+    script = tmp_path / "close_queued.py"
+    script.write_text(CLOSE_WITH_QUEUED_JOBS)
+    tag = f"close-{os.getpid()}"
+    proc = subprocess.Popen([sys.executable, str(script)], env={**os.environ, TAG: tag}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        kill_tree(tag)
+        pytest.fail("the process did not exit after close()")
+    assert proc.returncode == 0, err
+    seconds, exitcodes = out.split(" ", 1)
+    assert float(seconds) < 5 and exitcodes.strip() == f"[{-signal.SIGTERM}, {-signal.SIGTERM}]"
+    assert wait_for(lambda: not tree(tag), 5)
