@@ -39,6 +39,9 @@ RESERVED_MANIFEST_KEYS = frozenset({"format_version", "created", "library_versio
 _BUNDLE_NAME = re.compile(r"^(\d{8}T\d{6}Z)(?:-(\d+))?$")
 _ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HASH_CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 64 << 20   # a manifest lists files and metrics: kilobytes; refuse absurd ones unread
+MAX_MANIFEST_DEPTH = 64         # nesting of JSON arrays/objects; ours is a handful of levels
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 
 
 class BundleError(Exception):
@@ -189,6 +192,15 @@ def newest_bundle(models_dir: str | os.PathLike, env: str) -> Path:
     return max(found)[2]
 
 
+def _json_depth(data: bytes) -> int:
+    """The deepest nesting of arrays/objects in JSON text, found without parsing it (a parser recurses
+    per level: 100,000 nested lists would end in RecursionError). Brackets inside strings do not count;
+    for invalid JSON the number is only an upper bound, and the parser rejects it anyway."""
+    codes = np.frombuffer(_JSON_STRING.sub(b'""', data), dtype=np.uint8)
+    step = np.isin(codes, (ord("["), ord("{"))).astype(np.int64) - np.isin(codes, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max(initial=0))
+
+
 def _read_manifest(directory: Path) -> dict:
     hint = _retrain_hint(directory)
     if not directory.is_dir():
@@ -196,9 +208,18 @@ def _read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise BundleError(f"{path} is missing, so {directory} is not a complete bundle; {hint}")
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path} has {size} bytes (at most {MAX_MANIFEST_BYTES} expected); the bundle is "
+                          f"damaged or not ours, {hint}")
+    data = path.read_bytes()
+    depth = _json_depth(data)
+    if depth > MAX_MANIFEST_DEPTH:
+        raise BundleError(f"{path} nests {depth} levels deep (at most {MAX_MANIFEST_DEPTH} expected); the bundle "
+                          f"is damaged or not ours, {hint}")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BundleError(f"{path} is not valid JSON ({exc}); the bundle is damaged, {hint}") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{path} is not a JSON object; the bundle is damaged, {hint}")

@@ -190,3 +190,24 @@ def test_newest_bundle_picks_latest_timestamp_and_suffix(tmp_path):
 def test_newest_bundle_without_any_bundle_says_how_to_train(tmp_path):
     with pytest.raises(BundleError, match=r"train one with `esxi-anomaly train --env staging"):
         newest_bundle(tmp_path, "staging")
+
+
+def test_deeply_nested_manifest_refused_with_a_message_not_a_recursion_error(saved):
+    # a parser recurses per level: before, json.loads ended in RecursionError (a traceback, exit 1)
+    (saved / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(BundleError, match=r"manifest\.json nests 100000 levels deep \(at most 64 expected\)"):
+        load_bundle(saved)
+
+
+def test_manifest_depth_ignores_brackets_inside_strings(saved):
+    manifest_path = saved / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["model_note"] = "[" * 1000 + '\\"{' * 100   # text, not structure
+    manifest_path.write_text(json.dumps(manifest))
+    assert verify_bundle(saved)["model_note"] == manifest["model_note"]
+
+
+def test_oversized_manifest_refused_unread(saved, monkeypatch):
+    monkeypatch.setattr(bundle, "MAX_MANIFEST_BYTES", 100)
+    with pytest.raises(BundleError, match=r"manifest\.json has \d+ bytes \(at most 100 expected\)"):
+        verify_bundle(saved)
