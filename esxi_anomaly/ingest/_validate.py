@@ -11,6 +11,8 @@ import ipaddress
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from esxi_anomaly.ingest.base import Quarantine
 
@@ -22,6 +24,7 @@ IP_COLUMNS = {"connections": ("src_ip", "dst_ip"), "dns_answers": ("client_ip", 
               "inventory": ("ip",)}
 ADDRESS_RTYPES = ("A", "AAAA")   # their answer is an address
 _IPV4 = r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4_LINE = f"^{_IPV4}$"
 _RAW_COLUMNS = ("event_id", "ts", "src_ip", "dst_ip", "client_ip", "resolver_ip", "query", "rtype", "answer",
                 "ip", "name", "host", "event")
 
@@ -29,13 +32,15 @@ _RAW_COLUMNS = ("event_id", "ts", "src_ip", "dst_ip", "client_ip", "resolver_ip"
 def validate_chunk(chunk: pd.DataFrame, frame: str, path: str, quarantine: Quarantine) -> pd.DataFrame:
     """`chunk` without its rows of out-of-range time or invalid address, which are quarantined."""
     n = len(chunk)
-    reason = np.full(n, None, dtype=object)
+    refused = np.zeros(n, bool)
+    found: list[tuple[np.ndarray, list[str]]] = []     # (rows, their reasons), the first reason wins
     if "ts" in chunk.columns:
         ts = chunk["ts"].to_numpy(dtype="float64", na_value=np.nan)
         out = ~((ts >= TS_MIN) & (ts < TS_MAX)) & ~np.isnan(ts)
         if out.any():
             idx = np.flatnonzero(out)
-            reason[idx] = [f"time out of range: {v:.6g} (accepted: 1970-01-01 to 2100-01-01)" for v in ts[idx]]
+            found.append((idx, [f"time out of range: {v:.6g} (accepted: 1970-01-01 to 2100-01-01)" for v in ts[idx]]))
+            refused[idx] = True
     checks = [(col, None) for col in IP_COLUMNS.get(frame, ()) if col in chunk.columns]
     if frame == "dns_answers" and "answer" in chunk.columns and "rtype" in chunk.columns:
         checks.append(("answer", chunk["rtype"].isin(ADDRESS_RTYPES).to_numpy()))
@@ -44,39 +49,43 @@ def validate_chunk(chunk: pd.DataFrame, frame: str, path: str, quarantine: Quara
         bad = _invalid_addresses(values)
         if bad is None:
             continue
-        mask = np.zeros(n, bool)
-        if rows is None:
-            mask[:] = bad
-        else:
-            mask[np.flatnonzero(rows)[bad]] = True
-        mask &= reason == None  # noqa: E711 (elementwise): the first reason of a row wins
-        idx = np.flatnonzero(mask)
+        idx = np.flatnonzero(bad) if rows is None else np.flatnonzero(rows)[bad]
+        idx = idx[~refused[idx]]
         if len(idx):
             texts = chunk[col].to_numpy(dtype=object)[idx]
-            reason[idx] = [f"{col} is not an IP address: {str(v)[:64]!r}" for v in texts]
-    refused = reason != None  # noqa: E711
-    if not refused.any():
+            found.append((idx, [f"{col} is not an IP address: {str(v)[:64]!r}" for v in texts]))
+            refused[idx] = True
+    if not found:
         return chunk
-    idx = np.flatnonzero(refused)
+    idx = np.concatenate([rows for rows, _ in found])
+    reasons = np.array([r for _, texts in found for r in texts], dtype=object)
+    order = np.argsort(idx, kind="stable")          # the quarantine in row order
+    idx, reasons = idx[order], reasons[order]
     room = max(0, quarantine.max_records - len(quarantine.records))
     cols = [c for c in _RAW_COLUMNS if c in chunk.columns]
     shown = chunk.iloc[idx[:room]][cols].astype(str)
     raws = list(shown.agg("\t".join, axis=1)) if len(shown) else []
-    quarantine.add_many(path, list(reason[idx]), raws + [""] * (len(idx) - len(raws)))
+    quarantine.add_many(path, list(reasons), raws + [""] * (len(idx) - len(raws)))
     return chunk[~refused].reset_index(drop=True)
 
 
 def _invalid_addresses(values: pd.Series) -> np.ndarray | None:
     """Mask of the values that are neither "" nor an IP address; None when all are fine. Each
-    distinct value is checked once: a regex over the distinct values, `ipaddress` for the rest."""
+    distinct value is checked once: a regex (Arrow) over the distinct values, `ipaddress` for those
+    it does not pass (IPv6, junk)."""
     if not len(values):
         return None
-    distinct = pd.Series(pd.unique(values), dtype="str")
-    plain = distinct.str.fullmatch(_IPV4).fillna(False).to_numpy(dtype=bool) | (distinct == "").to_numpy(dtype=bool)
-    wrong = [v for v in distinct[~plain].tolist() if not _is_address(v)]
+    try:
+        arr = pa.chunked_array(pa.array(values.array))
+    except (TypeError, pa.ArrowInvalid):
+        arr = pa.chunked_array([pa.array(values.to_numpy(dtype=object), pa.large_string(), from_pandas=True)])
+    distinct = pc.unique(arr)
+    plain = pc.or_(pc.match_substring_regex(distinct, _IPV4_LINE), pc.equal(distinct, ""))
+    others = pc.filter(distinct, pc.invert(plain)).to_pylist()
+    wrong = [v for v in others if not _is_address(v)]
     if not wrong:
         return None
-    return values.isin(wrong).to_numpy(dtype=bool)
+    return pc.is_in(arr, value_set=pa.array(wrong, distinct.type)).to_numpy()
 
 
 def _is_address(value) -> bool:
