@@ -284,7 +284,9 @@ def _resumable(exc: BaseException, work: Path) -> bool:
         return True
     if not (work / "spill.json").exists():
         return False
-    return isinstance(exc, (KeyboardInterrupt, SystemExit, WorkerError)) or not isinstance(exc, Exception)
+    if isinstance(exc, WorkerError):   # a worker that died (killed, out of memory), not a job that failed
+        return getattr(exc, "original", None) is None
+    return isinstance(exc, (KeyboardInterrupt, SystemExit)) or not isinstance(exc, Exception)
 
 
 # -- the run's fingerprint: what --resume must find unchanged -------------------------------------
@@ -293,9 +295,11 @@ def _file_stats(paths, own: Path | None = None) -> list:
     """[resolved path, size, mtime_ns] of each input file, leaving out the run's own files (`own`:
     the output; an input folder may hold it, its lock and its work folder)."""
     out = []
-    mine = () if own is None else (str(Path(own).resolve()),)
+    mine = set() if own is None else {str(p.resolve()) for p in (Path(own), rollup_path(own), lock_path(own),
+                                                                  quarantine_path(own))}
+    work = () if own is None else (str(work_path(own).resolve()) + os.sep,)
     for path, _explicit in ingest.list_files(paths) if paths else []:
-        if mine and str(Path(path).resolve()).startswith(mine):
+        if str(Path(path).resolve()) in mine or (work and str(Path(path).resolve()).startswith(work)):
             continue
         st = os.stat(path)
         out.append([str(Path(path).resolve()), st.st_size, st.st_mtime_ns])

@@ -105,13 +105,14 @@ def test_killed_runs_resume_to_the_same_bytes_and_leave_nothing(tmp_path, millio
     killed = [kill_tree_after(run, rng.uniform(0.25, 0.6) * took)]
     # 2, 3: resumed with other workers, killed again; 4: resumed to the end
     for workers, chunk in (("1", "500000"), ("2", "150000"), ("3", "500000")):
+        stale = lock.exists()   # left by a run killed with the lock held
         run = start(bundle, million, out, "--workers", workers, "--chunk-rows", chunk, "--resume")
         if workers != "3":
             killed.append(kill_tree_after(run, rng.uniform(0.15, 0.35) * took))
     _, err = run.communicate(timeout=300)
     assert run.returncode == EXIT_QUARANTINE, err
-    assert all(killed)   # every kill landed mid-run
-    assert "taking over the stale lock" in err
+    assert killed[0]   # (a resume may end before its kill time: the next one then starts afresh)
+    assert ("taking over the stale lock" in err) == stale
     got = {p.name: p.read_bytes() for p in out.parent.iterdir()}
     assert sorted(got) == sorted(expected)   # no .work, no .tmp, no .lock
     for name in expected:
