@@ -10,11 +10,17 @@ every core.
    connections. A chunk sees the DNS answers of its sources in its look-back window; the running
    counts (`StreamState`) and the candidates for per-row attribution are carried to the next
    chunk. Every feature is per source, so the result equals a one-shot run over everything. After
-   each bucket group, a partition writes its scored rows and its checkpoint atomically; `--resume`
-   continues each partition after its last completed group.
+   each bucket group, a partition writes its scored rows and its checkpoint (plain files: JSON,
+   Arrow, numpy; never a pickle) atomically; `--resume` continues each partition after its last
+   completed group, with any number of workers and any chunk_rows, once the run's fingerprint
+   (model, input files, options) matches the one the spill recorded.
 3. **Rank and write**: scores alone are ranked globally, then rows are gathered in rank order,
    block by block (CSV blocks built by the workers), into the output (written to a temp file and
-   renamed at the end).
+   renamed at the end, only when it holds every row).
+
+A run holds `<out>.lock` throughout (a second run to the same output exits at once, `OutputBusy`),
+checks its output paths before reading anything, and on failure removes its work folder and temp
+files, unless it was interrupted after the spill (then: rerun with --resume).
 """
 from __future__ import annotations
 
@@ -374,7 +380,8 @@ def _restore_reads(path: Path, quarantine: ingest.Quarantine, summary: ingest.Re
     record = json.loads(path.read_text(encoding="utf-8"))
     spilled = ingest.Quarantine()
     spilled.counts = {str(k): int(v) for k, v in record["counts"].items()}
-    spilled.records = [QuarantineRecord(str(p), int(n), str(reason), str(raw)) for p, n, reason, raw in record["records"]]
+    spilled.records = [QuarantineRecord(str(p), int(n), str(reason), str(raw))
+                       for p, n, reason, raw in record["records"]]
     if hasattr(spilled, "file_problems"):
         spilled.file_problems = {tuple(x) for x in record.get("file_problems", [])}
     quarantine.extend(spilled)

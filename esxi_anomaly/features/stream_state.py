@@ -47,7 +47,8 @@ class StreamState:
         """Write the state into `folder` (created); `from_files` reads it back equal."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"dns_owned_until": self.dns_owned_until, "seen": list(self.seen), "counts": [], "recent": list(self.recent)}
+        meta = {"dns_owned_until": self.dns_owned_until, "seen": list(self.seen), "counts": [],
+                "recent": list(self.recent)}
         for i, keys in enumerate(self.seen.values()):
             np.save(folder / f"seen-{i}.npy", np.asarray(keys), allow_pickle=False)
         for i, (name, table) in enumerate(self.counts.items()):
