@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,9 +70,21 @@ def finish_quarantine(quarantine: ingest.Quarantine, out: Path, strict: bool) ->
 
 # -- commands ------------------------------------------------------------------------------
 
+def _output_folder(path: Path) -> Path:
+    """Create the output folder `path` (and its parents); OSError naming it when that is impossible."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create the output folder: {exc.strerror}", str(path)) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "the output folder is not writable", str(path))
+    return path
+
+
 def cmd_generate(args) -> int:
     from esxi_anomaly.synth import generate, write_zeek
 
+    _output_folder(Path(args.out))   # before the minutes of generating
     ds = generate(days=args.days, seed=args.seed, scenario=args.scenario, attack_days=args.attack_days)
     write_zeek(ds, args.out, fmt=args.format, gzip=args.gzip)
     log(f"wrote {len(ds.connections)} connections, {ds.dns_answers['event_id'].nunique()} DNS responses, "
@@ -136,6 +150,10 @@ def _load_for_scoring(args):
 def cmd_score(args) -> int:
     from esxi_anomaly.workers import WorkerPool, default_workers
 
+    if args.engine == "dask":
+        from esxi_anomaly.dask_engine import require_distributed
+
+        require_distributed()
     # the local engine's workers start first: they import while this process loads the model
     workers = args.workers or default_workers()
     pool = WorkerPool(workers) if args.engine == "local" and workers > 1 else None
@@ -152,19 +170,32 @@ def cmd_score(args) -> int:
 def cmd_evaluate(args) -> int:
     from esxi_anomaly.evaluate import evaluate, read_labels
 
-    ranked = _read_table(args.scores)
+    ranked = _read_table(args.scores, ("event_id", "score"))
     print(json.dumps(evaluate(ranked, read_labels(args.labels)), indent=2))
     return EXIT_OK
 
 
-def _read_table(path: str) -> pd.DataFrame:
-    if path.endswith(".parquet"):
-        return pd.read_parquet(path)
-    if path.endswith(".jsonl"):
-        rows = pd.read_json(path, lines=True)
-        return pd.DataFrame({"event_id": rows["event"].map(lambda e: e["id"]),
-                             "score": rows["esxi_anomaly"].map(lambda e: e["score"])})
-    table = pd.read_csv(path, dtype={"event_id": "str"}, keep_default_na=False)
+def _read_table(path: str, required: tuple[str, ...] = ("event_id",)) -> pd.DataFrame:
+    """A scored file (CSV, Parquet or ECS JSON lines) as a table; ValueError naming the file when it is
+    not one (unreadable, or without the `required` columns)."""
+    try:
+        if path.endswith(".parquet"):
+            table = pd.read_parquet(path)
+        elif path.endswith(".jsonl"):
+            rows = pd.read_json(path, lines=True, dtype=False)
+            nested = {"event_id": ("event", "id"), "score": ("esxi_anomaly", "score")}
+            table = pd.DataFrame({col: rows[outer].str.get(inner) if outer in rows.columns else None
+                                  for col, (outer, inner) in nested.items()}, index=rows.index)
+            table = table.dropna(axis="columns", how="all")
+        else:
+            table = pd.read_csv(path, dtype={"event_id": "str"}, keep_default_na=False)
+    except OSError:
+        raise
+    except (ValueError, ImportError) as exc:   # empty, not CSV/Parquet/JSON, ...
+        raise ValueError(f"{path}: not a readable scored file ({_one_line(exc)})") from None
+    missing = [col for col in required if col not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: no {' or '.join(missing)} column; is it a file written by `esxi-anomaly score`?")
     return table
 
 

@@ -36,12 +36,27 @@ import pyarrow.parquet as pq
 
 from esxi_anomaly import batch, ingest, schema
 from esxi_anomaly.batch import N_SLOTS, source_slot
+from esxi_anomaly.console import EXIT_INPUT
 from esxi_anomaly.schema import Frames
 
 PARTITION_ROWS = 500_000       # connections + DNS answer rows per task (bounds a worker's memory)
 ROW_GROUP_ROWS = 16_384        # small row groups: a slot-range read skips most of each spill file
 SPILL_CHUNK_ROWS = 500_000
 _SLOT, _SEQ = "_slot", "_seq"  # spill-only columns: source slot, global read order
+
+
+class DaskMissing(ImportError):
+    """`distributed` is not installed: the message says which extra to install."""
+    exit_code = EXIT_INPUT
+
+
+def require_distributed() -> None:
+    """Fail at once, before any input is read, when the Dask extra is missing."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError as exc:
+        raise DaskMissing(f"--engine dask needs Dask's `distributed`, which is not installed ({exc}); install the "
+                          "extra with: pip install 'esxi-anomaly[dask]'") from None
 
 
 # -- spill ----------------------------------------------------------------------------------
@@ -162,6 +177,7 @@ def _run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path
          partitions: int | None = None, explain_top: int = 200, work: Path | None = None,
          partition_rows: int = PARTITION_ROWS, context: pd.DataFrame | None = None,
          rollup: bool = True) -> batch.RunSummary:
+    require_distributed()
     out = Path(out)
     fmt = batch.output_format(out, fmt)
     work = (Path(work) if work else out.with_name(out.name + ".work")).resolve()

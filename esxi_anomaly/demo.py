@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from esxi_anomaly import cli
+from esxi_anomaly.console import log, printable
 
 
 def _slice(ds, lo: float, hi: float):
@@ -29,13 +29,13 @@ def run(out: Path, seed: int = 7, days: int = 4) -> int:
     from esxi_anomaly.synth import generate, write_zeek
 
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
+    cli._output_folder(out)
     ds = generate(days=days, seed=seed, scenario="default", attack_days=1)
     history, today = out / "history", out / "today"
     write_zeek(_slice(ds, ds.start, ds.train_end), history)
     write_zeek(_slice(ds, ds.train_end, ds.end + 1), today)
-    print(f"generated {len(ds.connections):,} connections over {days} days "
-          f"({len(ds.inventory)} inventory entries) in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    log(f"generated {len(ds.connections):,} connections over {days} days "
+        f"({len(ds.inventory)} inventory entries) in {time.perf_counter() - t0:.0f} s")
     models = out / "models"
     rc = cli.main(["train", "--env", "demo", "--conn", str(history / "conn.log"), "--dns", str(history / "dns.log"),
                    "--inventory", str(history / "inventory.csv"), "--models-dir", str(models), "--seed", str(seed)])
@@ -58,13 +58,13 @@ def run(out: Path, seed: int = 7, days: int = 4) -> int:
                   dns_answers=read_dns(today / "dns.log"),
                   summary={"env": "demo", "model": str(models), "connections": len(ranked)})
     print("\nTop 10 anomalies (higher score = more anomalous):")
-    for row in ranked.head(10).itertuples():
-        print(f"{row.rank:>3}  {row.score:.3f}  {row.src_name} -> {row.dst_ip}:{row.dst_port}/{row.proto}")
-        print(f"       {row.explanation}")
+    for row in ranked.head(10).itertuples():   # names and explanations come from the logs: escaped
+        print(printable(f"{row.rank:>3}  {row.score:.3f}  {row.src_name} -> {row.dst_ip}:{row.dst_port}/{row.proto}"))
+        print(printable(f"       {row.explanation}"))
     from esxi_anomaly.evaluate import evaluate, read_labels
 
     metrics = evaluate(ranked, read_labels(str(today / "labels.csv")))
     print("\nAgainst the generator's labels: " + json.dumps(
         {k: v for k, v in metrics.items() if k in ("attacks", "average_precision", "precision_at_10", "entity_recall")}))
-    print(f"\nRanked CSV: {ranked_csv}\nHTML report: {report_html}\nDone in {time.perf_counter() - t0:.0f} s")
+    print(printable(f"\nRanked CSV: {ranked_csv}\nHTML report: {report_html}\nDone in {time.perf_counter() - t0:.0f} s"))
     return 0
