@@ -1,7 +1,10 @@
 """Read real logs into the canonical frames of `esxi_anomaly.schema`.
 
-Formats are chosen by content, never by file name; gzip, bz2 and xz are decompressed on the fly.
-Every reader streams bounded chunks; bad records go to a `Quarantine` with the reason.
+Formats are chosen by content, never by file name; gzip, bz2 and xz are decompressed on the fly,
+UTF-16 text is transcoded. Every reader streams bounded chunks; bad records go to a `Quarantine`
+with the reason. Every input file gets an outcome in the `ReadSummary` (read, partly read,
+unreadable, other kind), and records whose time or address would break later stages are
+quarantined in one place (`_validate`).
 
     from esxi_anomaly.ingest import read_connections, read_dns, read_inventory
     conns = read_connections(["logs/conn.*.log.gz"])
@@ -102,8 +105,9 @@ def iter_frames(
 ) -> Iterator[pd.DataFrame]:
     """Yield canonical chunks of `frame` kind from every file in `paths` (files, globs, folders).
 
-    A folder may mix kinds (a Zeek directory holds conn.log and dns.log): in a folder, files of
-    another frame kind, or of no known format, are skipped; a file named explicitly must match.
+    A folder may mix kinds (a Zeek directory holds conn.log and dns.log): in a folder, a file of
+    another frame kind is noted as such in `summary`, one that cannot be read or is of no known
+    format is noted and quarantined; a file named explicitly must match (`iter_file`).
     """
     quarantine = quarantine if quarantine is not None else Quarantine()
     summary = summary if summary is not None else ReadSummary()

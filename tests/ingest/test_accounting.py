@@ -14,6 +14,7 @@ import zlib
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from esxi_anomaly import cli
 from esxi_anomaly.console import EXIT_INPUT, EXIT_OK
@@ -252,3 +253,29 @@ def test_powercli_header_over_the_csv_field_limit(tmp_path):
     q, s = Quarantine(), ReadSummary()
     assert len(read_inventory(str(tmp_path), q, s)) == 0
     assert (s.files[0].outcome, len(q)) == ("unreadable", 1)
+
+
+# --- the shared open layer delivers a clean stream unchanged ------------------------------------------
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300_000).map(lambda b: b * 3),
+       kind=st.sampled_from(["gzip", "bz2", "xz", "utf16"]),
+       sizes=st.lists(st.integers(1, 1 << 21), min_size=1, max_size=8))
+def test_clean_streams_read_back_unchanged_whatever_the_read_sizes(tmp_path, data, kind, sizes):
+    """Holding back the partial last line (to drop it on a cut) never alters a clean stream."""
+    text = data.decode("latin-1").encode("utf-8")
+    packed = {"gzip": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress,
+              "utf16": lambda b: gzip.compress(codecs.BOM_UTF16_LE + b.decode().encode("utf-16-le"))}[kind]
+    path = tmp_path / f"x.{kind}"
+    path.write_bytes(packed(text))
+    out = []
+    with base.track_streams() as opened, base.open_binary(str(path)) as fh:
+        i = 0
+        while True:
+            size = sizes[i % len(sizes)]
+            block = fh.readline(size) if i % 3 == 2 else fh.read(size)
+            if not block:
+                break
+            out.append(block)
+            i += 1
+    assert b"".join(out) == text and all(s.error is None for s in opened)
