@@ -457,7 +457,6 @@ def _failure(exc: BaseException) -> tuple[int, str]:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code (README "Exit codes"). Errors end as one escaped line on stderr,
     a traceback only with ESXI_ANOMALY_DEBUG=1; SIGINT/SIGTERM stop the workers, then exit 130/143."""
-    import os
     import traceback
 
     from esxi_anomaly.console import Interrupted, unwind_on_signals
@@ -474,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             log("interrupted" + (f" ({exc})" if isinstance(exc, Interrupted) else ""))
             return exc.exit_code if isinstance(exc, Interrupted) else EXIT_INTERRUPTED
         except Exception as exc:  # noqa: BLE001 - every failure ends as one line and an exit code
-            if os.environ.get("ESXI_ANOMALY_DEBUG"):
+            if os.environ.get("ESXI_ANOMALY_DEBUG", "") not in ("", "0"):
                 log(traceback.format_exc().rstrip())
             code, message = _failure(exc)
             command = " ".join(["esxi-anomaly"] + ([args.command] if args is not None else []))

@@ -68,23 +68,35 @@ def test_broadcast_reaches_every_worker_before_later_jobs_and_reports_nothing():
 
 
 CLOSE_WITH_QUEUED_JOBS = """
-import sys, time
-from esxi_anomaly.workers import WorkerPool
+import os, sys, time
+from esxi_anomaly.workers import WorkerError, WorkerPool
 
 
 def slow(env, seconds, payload=None, progress=None):
     time.sleep(seconds)
 
 
+def quit_now(env, progress=None):
+    os._exit(7)
+
+
 if __name__ == "__main__":
-    pool = WorkerPool(2)
+    big = b"x" * (8 << 20)   # far more than a pipe holds
+    busy = WorkerPool(2)     # workers busy, more jobs queued behind: close() stops them
     for worker in range(2):
-        pool.submit(worker, slow, 60)
-        pool.submit(worker, slow, 0, b"x" * (8 << 20))   # queued behind it: far more than a pipe holds
-    time.sleep(1)
+        busy.submit(worker, slow, 60)
+        busy.submit(worker, slow, 0, big)
+    dead = WorkerPool(1)     # the worker died with a job still queued for it
+    dead.submit(0, quit_now)
+    dead.submit(0, slow, 0, big)
+    try:
+        list(dead.events())
+    except WorkerError:
+        pass
     t0 = time.monotonic()
-    pool.close()
-    print(round(time.monotonic() - t0, 1), [p.exitcode for p in pool.processes], flush=True)
+    busy.close()
+    dead.close()
+    print(round(time.monotonic() - t0, 1), [p.exitcode for p in busy.processes + dead.processes], flush=True)
 """
 
 
@@ -110,5 +122,5 @@ def test_close_with_jobs_still_queued_stops_the_workers_and_lets_the_process_exi
         pytest.fail("the process did not exit after close()")
     assert proc.returncode == 0, err
     seconds, exitcodes = out.split(" ", 1)
-    assert float(seconds) < 5 and exitcodes.strip() == f"[{-signal.SIGTERM}, {-signal.SIGTERM}]"
+    assert float(seconds) < 5 and exitcodes.strip() == f"[{-signal.SIGTERM}, {-signal.SIGTERM}, 7]"
     assert wait_for(lambda: not tree(tag), 5)
