@@ -15,6 +15,7 @@ import json
 import lzma
 import os
 import pkgutil
+import stat
 import threading
 import zipfile
 import zlib
@@ -422,6 +423,8 @@ def read_head(path: str, n: int = SNIFF_BYTES) -> bytes:
     """The first `n` decompressed bytes. Raises UnreadableError when there are none to read and
     EmptyInput when the file is empty."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):   # a FIFO or device in a folder would block or never end
+            raise UnreadableError(f"{path}: not a regular file", "not a regular file")
         with track_streams() as opened, open_binary(path) as fh:
             head = fh.read(n)
     except PermissionError as exc:

@@ -103,6 +103,16 @@ def test_every_file_of_a_folder_is_accounted_for(mixed, fixtures):
     assert "dns.log: zeek_dns_tsv, 9 kept, 0 quarantined" in [line.replace(root, "") for line in s.lines()]
 
 
+def test_a_fifo_in_a_folder_is_unreadable_not_a_hang(fixtures, tmp_path):
+    import os
+
+    shutil.copy(fixtures / "zeek" / "conn.log", tmp_path / "conn.log")
+    os.mkfifo(tmp_path / "pipe.log")          # opening it would wait for a writer forever
+    q, s = Quarantine(), ReadSummary()
+    assert len(read_connections(tmp_path, q, s)) == 5
+    assert s.lines()[1] == f"{tmp_path}/pipe.log: unreadable (not a regular file)" and len(q) == 1
+
+
 def test_utf16_and_bom_files_read_like_utf8(mixed):
     plain = read_connections(str(mixed / "a_conn.log"))
     for name in ("b_utf16le.log", "c_utf16be.log.gz", "d_utf8bom.log"):
