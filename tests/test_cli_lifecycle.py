@@ -148,7 +148,8 @@ def _interrupt(bundle, big_day, tmp_path, tag, send) -> tuple[int, str, float]:
 def test_sigterm_stops_the_workers_then_exits_143(bundle, big_day, tmp_path, tag):
     names = []
 
-    def send(proc):
+    def send(proc):   # a worker names itself first thing after its fork
+        wait_for(lambda: all(name.startswith("esxi-worker-") for name in workers_of(tag).values()), 10)
         names.extend(sorted(workers_of(tag).values()))
         proc.send_signal(signal.SIGTERM)
 
