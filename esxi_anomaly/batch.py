@@ -307,7 +307,11 @@ def _file_stats(paths, own: Path | None = None) -> list:
     for path, _explicit in ingest.list_files(paths) if paths else []:
         if str(Path(path).resolve()) in mine or (work and str(Path(path).resolve()).startswith(work)):
             continue
-        st = os.stat(path)
+        try:
+            st = os.stat(path)
+        except OSError as exc:   # a dangling link, a file removed meanwhile: the read reports it
+            out.append([str(Path(path).resolve()), exc.__class__.__name__, None])
+            continue
         out.append([str(Path(path).resolve()), st.st_size, st.st_mtime_ns])
     return out
 
@@ -1293,6 +1297,16 @@ def _check_checkpoints(work: Path, partitions: int) -> int:
     return done
 
 
+def _file_records(summary: ingest.ReadSummary) -> list[dict]:
+    """Each input file's outcome for the JSON run summary: its format's frame kind added, no NaN."""
+    frame_of = {f.name: f.frame for f in ingest.formats()}
+    records = []
+    for stats in summary.outcomes():
+        record = {k: (None if isinstance(v, float) and v != v else v) for k, v in dataclasses.asdict(stats).items()}
+        records.append(record | {"frame": frame_of.get(stats.format, "")})
+    return records
+
+
 def score_command(args, model, manifest, directory, pool: WorkerPool | None = None) -> int:
     """`esxi-anomaly score`: the local engine streams (on `pool`'s workers when given); `--engine dask`
     partitions by entity. The output is checked, then locked, before any input is read."""
@@ -1331,7 +1345,7 @@ def score_command(args, model, manifest, directory, pool: WorkerPool | None = No
         log(f"wrote {result.entities} entities to {rollup_path(out)} (entity roll-up of all scored connections, csv)")
         if getattr(args, "stats_json", None):
             stats = {**result.__dict__, "engine": args.engine, "out": str(out), "format": fmt,
-                     "rollup": str(rollup_path(out))}
+                     "rollup": str(rollup_path(out)), "files": _file_records(summary)}
             with atomic_path(args.stats_json) as tmp:
                 Path(tmp).write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
         return finish_quarantine(quarantine, out, args.strict)

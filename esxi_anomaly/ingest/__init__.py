@@ -70,8 +70,8 @@ class ReadSummary:
     def quarantined(self) -> int:
         return sum(f.quarantined for f in self.files)
 
-    def lines(self) -> list[str]:
-        """One line per input file and outcome. A file met by two passes (a folder given to --conn
+    def outcomes(self) -> list[FileStats]:
+        """One entry per input file and outcome. A file met by two passes (a folder given to --conn
         and --dns) is listed once per distinct outcome; "other kind" is left out where another pass
         read the file."""
         read_elsewhere = {f.path for f in self.files if f.outcome != OTHER_KIND}
@@ -81,8 +81,11 @@ class ReadSummary:
             if key in seen or (f.outcome == OTHER_KIND and f.path in read_elsewhere):
                 continue
             seen.add(key)
-            out.append(file_line(f))
+            out.append(f)
         return out
+
+    def lines(self) -> list[str]:
+        return [file_line(f) for f in self.outcomes()]
 
 
 def file_line(f: FileStats) -> str:
