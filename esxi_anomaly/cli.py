@@ -115,7 +115,7 @@ def cmd_train(args) -> int:
                                         allow_odd_history=args.allow_odd_history)
     path = stages.run("write bundle", train.write_model, model, cfg, args.models_dir, metrics, tuning)
     log(f"bundle written: {path}")
-    print(path)
+    print(printable(path))
     return finish_quarantine(quarantine, Path(path) / "training", args.strict)
 
 
@@ -134,7 +134,7 @@ def cmd_refit(args) -> int:
         model = stages.run("refit", train.refit_model, model, frames, allow_odd_history=args.allow_odd_history)
         metrics, tuning = manifest.get("metrics", {}), manifest.get("tuning", {})
     path = train.write_model(model, cfg, args.models_dir, metrics, tuning)
-    print(path)
+    print(printable(path))
     return finish_quarantine(quarantine, Path(path) / "training", args.strict)
 
 
