@@ -1,0 +1,47 @@
+"""Small vectorised text helpers shared by the real-format writers (NSX DFW, esxcli, Sysmon, Infoblox)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+VM_KINDS = ("vm", "infra", "vcenter")     # inventory kinds that are guests behind a vNIC (DFW sees them)
+HOST_KIND = "esxi_mgmt"
+
+
+def hash64(values) -> np.ndarray:
+    """A stable uint64 per value (pandas' hash: no per-row Python)."""
+    return pd.util.hash_pandas_object(pd.Series(np.asarray(values, dtype=object)), index=False).to_numpy()
+
+
+def ms_floor(ts) -> np.ndarray:
+    """Epoch seconds cut to whole milliseconds (int64 ms), as the logs print them."""
+    return np.floor(np.asarray(ts, dtype=np.float64) * 1000.0 + 1e-6).astype(np.int64)
+
+
+def iso_ms(ms: np.ndarray, sep: str = "T", zone: str = "Z") -> np.ndarray:
+    """`2024-03-04T00:01:10.142Z` texts of int64 epoch milliseconds (object array)."""
+    text = np.datetime_as_string(np.asarray(ms, dtype=np.int64).astype("datetime64[ms]"), unit="ms")
+    out = pd.Series(text.astype(object)) + zone
+    if sep != "T":
+        out = out.str.replace("T", sep, n=1, regex=False)
+    return out.to_numpy(dtype=object)
+
+
+def col(values) -> pd.Series:
+    """Values as an object Series of text, for `+` concatenation."""
+    return pd.Series(np.asarray(values).astype(str).astype(object) if len(values) else np.array([], dtype=object))
+
+
+def write_lines(path: Path, lines) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = list(lines)
+    path.write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
+    return path
+
+
+def entity_maps(inventory: pd.DataFrame) -> tuple[dict, dict, dict]:
+    """ip -> inventory kind, ip -> ESXi host the entity runs on, ip -> name."""
+    inv = inventory.drop_duplicates("ip", keep="last")
+    return (dict(zip(inv["ip"], inv["kind"])), dict(zip(inv["ip"], inv["esxi_host"])), dict(zip(inv["ip"], inv["name"])))
