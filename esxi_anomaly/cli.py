@@ -82,11 +82,16 @@ def _output_folder(path: Path) -> Path:
 
 
 def cmd_generate(args) -> int:
-    from esxi_anomaly.synth import generate, write_zeek
+    from esxi_anomaly.synth import generate, parse_formats, write_formats
 
+    try:
+        formats = parse_formats(args.formats)
+    except ValueError as exc:
+        log(f"error: --formats: {exc}")
+        return EXIT_USAGE
     _output_folder(Path(args.out))   # before the minutes of generating
     ds = generate(days=args.days, seed=args.seed, scenario=args.scenario, attack_days=args.attack_days)
-    write_zeek(ds, args.out, fmt=args.format, gzip=args.gzip)
+    write_formats(ds, args.out, formats, zeek_format=args.format, gzip=args.gzip)
     log(f"wrote {len(ds.connections)} connections, {ds.dns_answers['event_id'].nunique()} DNS responses, "
         f"{len(ds.inventory)} inventory rows, {len(ds.labels)} labels to {args.out}")
     return EXIT_OK
@@ -349,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-days", type=int, default=1)
     p.add_argument("--format", choices=["tsv", "json"], default="tsv")
     p.add_argument("--gzip", action="store_true")
+    p.add_argument("--formats", default="zeek",
+                   help="comma-separated views to write: zeek, nsx (DFW per host), esxcli (60 s snapshots per host), "
+                        "sysmon (EID 3/22 of Windows guests), infoblox (responses of the other clients); all = every one")
     p.set_defaults(func=cmd_generate)
 
     for name, func in (("train", cmd_train), ("refit", cmd_refit)):
