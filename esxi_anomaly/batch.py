@@ -52,6 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from esxi_anomaly import ingest, schema
+from esxi_anomaly.features import identity
 from esxi_anomaly.features.hashing import hash_column
 from esxi_anomaly.report import csv as report_csv, ecs as report_ecs, format_for_path, html as report_html
 from esxi_anomaly.detect import explain
@@ -460,12 +461,14 @@ def _spill(chunks: Iterator[pd.DataFrame], folder: Path, bucket_s: int, key: str
 
 
 def _spill_file(env: dict, path: str, explicit: bool, frame: str, folder: Path, bucket_s: int, key: str,
-                file_index: int, chunk_rows: int, progress=None) -> dict:
+                file_index: int, chunk_rows: int, options: dict | None = None, progress=None) -> dict:
     """Pass 1 for one input file, in a worker or here: its bucket and slot counts, quarantine and
     read summary, or the message of the `ingest.IngestError` that refused it."""
     quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
     try:
-        chunks = ingest.iter_file(path, frame, explicit, quarantine, summary, chunk_rows)
+        chunks = ingest.iter_file(path, frame, explicit, quarantine, summary, chunk_rows, options)
+        if frame == "dns_answers":   # named clients to their IPs before the slot is taken from them
+            chunks = (identity.resolve_clients(c, env.get("inventory")) for c in chunks)
         counts, slots = _spill(chunks, folder, bucket_s, key, file_index)
     except ingest.IngestError as exc:
         return {"error": str(exc)}
@@ -1100,7 +1103,7 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
         bucket_s: int = BUCKET_S, suppressions: pd.DataFrame | None = None,
         context: pd.DataFrame | None = None, rollup: bool = True, workers: int = 1,
-        pool: WorkerPool | None = None, model_id: str | None = None) -> RunSummary:
+        pool: WorkerPool | None = None, model_id: str | None = None, read_options: dict | None = None) -> RunSummary:
     """Score `conn_paths` against `dns_paths` into `out` (ranked rows); with `rollup`, the per-entity
     roll-up of every scored connection goes to `rollup_path(out)` as well. `workers`: processes
     reading the inputs and scoring partitions of the sources (1: all in this process;
@@ -1122,7 +1125,7 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
         try:
             result = _run(model, conn_paths, dns_paths, inventory, out, fmt, top, chunk_rows, explain_top, work,
                           resume, progress, quarantine, summary, html_extra, bucket_s, suppressions, context,
-                          rollup, workers, pool, model_id)
+                          rollup, workers, pool, model_id, read_options or {})
         except BaseException as exc:
             if _resumable(exc, work):
                 if not isinstance(exc, ResumeRefused):
@@ -1136,7 +1139,8 @@ def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path,
 
 def _run(model, conn_paths, dns_paths, inventory, out: Path, fmt: str, top, chunk_rows: int, explain_top: int,
          work: Path, resume: bool, progress: bool, quarantine, summary, html_extra, bucket_s: int, suppressions,
-         context, rollup: bool, workers: int, pool: WorkerPool | None, model_id: str | None) -> RunSummary:
+         context, rollup: bool, workers: int, pool: WorkerPool | None, model_id: str | None,
+         read_options: dict) -> RunSummary:
     run_summary = RunSummary()
     stages = run_summary.stages_s
     spilled = work / "spill.json"
@@ -1146,7 +1150,8 @@ def _run(model, conn_paths, dns_paths, inventory, out: Path, fmt: str, top, chun
     model_id = model_id or hashlib.sha256(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)).hexdigest()
     fingerprint = run_fingerprint(model_id, conn_paths, dns_paths, inventory, context, suppressions,
                                   {"--top": top, "--format": fmt, "explain_top": explain_top, "bucket_s": bucket_s,
-                                   "roll-up": rollup}, out)
+                                   "roll-up": rollup, **{f"--{k.replace('_', '-')}": v for k, v in read_options.items()}},
+                                  out)
     if resuming:
         _check_fingerprint(work, fingerprint)
     own_pool = pool is None and workers > 1
@@ -1162,7 +1167,7 @@ def _run(model, conn_paths, dns_paths, inventory, out: Path, fmt: str, top, chun
             _restore_reads(work / "reads.json", quarantine, summary)
         else:
             meta = _spill_inputs(conn_paths, dns_paths, work, bucket_s, chunk_rows, workers, quarantine, summary,
-                                 stages, run_summary, pool, fingerprint)
+                                 stages, run_summary, pool, fingerprint, inventory, read_options)
         plan = _plan(meta, work, chunk_rows, explain_top, suppressions)
         if resuming:
             run_summary.chunks_resumed = _check_checkpoints(work, plan["partitions"])
@@ -1211,7 +1216,7 @@ def _setup_worker(env: dict, model, inventory: pd.DataFrame | None, progress=Non
 
 def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: int, partitions: int,
                   quarantine, summary, stages: dict, run_summary: RunSummary, pool: WorkerPool | None,
-                  fingerprint: dict) -> dict:
+                  fingerprint: dict, inventory: pd.DataFrame | None = None, read_options: dict | None = None) -> dict:
     """Pass 1 into a fresh `work` folder, one job per input file (spread over the workers); returns
     (and writes, last, as work/spill.json) its record: rows per bucket and the partition of every
     source slot. The run's fingerprint, quarantine and read summary are kept beside it for --resume."""
@@ -1223,9 +1228,10 @@ def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: 
     files = [(path, explicit, "connections", work / "conn", "src_ip") for path, explicit in ingest.list_files(conn_paths)]
     files += [(path, explicit, "dns_answers", work / "dns", "client_ip") for path, explicit in ingest.list_files(dns_paths)]
     read_rows = max(10_000, chunk_rows // partitions)   # files are read side by side: chunk_rows in all
-    jobs = [(path, explicit, frame, folder, bucket_s, key, index, read_rows)
+    jobs = [(path, explicit, frame, folder, bucket_s, key, index, read_rows, read_options)
             for index, (path, explicit, frame, folder, key) in enumerate(files)]
-    results = pool.map(_spill_file, jobs) if pool is not None else [_spill_file({}, *job) for job in jobs]
+    results = (pool.map(_spill_file, jobs) if pool is not None
+               else [_spill_file({"inventory": inventory}, *job) for job in jobs])
     stages["read+spill"] = time.perf_counter() - t0
     counts = {"connections": {}, "dns_answers": {}}
     slots = {"connections": np.zeros(N_SLOTS, dtype="int64"), "dns_answers": np.zeros(N_SLOTS, dtype="int64")}
@@ -1241,6 +1247,8 @@ def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: 
     quarantine.extend(spill_quarantine)
     if summary is not None:
         summary.files.extend(spill_files)
+        for result in results:   # the DNS coverage's distinct clients and sources
+            summary.merge_notes(result["summary"])
     run_summary.connections = sum(counts["connections"].values())
     run_summary.dns_records = sum(counts["dns_answers"].values())
     if not run_summary.connections:
@@ -1307,16 +1315,36 @@ def _file_records(summary: ingest.ReadSummary) -> list[dict]:
     return records
 
 
+@contextmanager
+def _output_folder(folder: Path):
+    """Create `folder` (and its missing parents) for the run; on failure, remove those it created while
+    they are still empty: a failed run leaves nothing behind."""
+    created = []
+    for parent in [folder, *folder.parents]:
+        if parent.exists():
+            break
+        created.append(parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for made in created:   # deepest first
+            try:
+                made.rmdir()
+            except OSError:   # not empty (the run wrote there) or already gone
+                break
+        raise
+
+
 def score_command(args, model, manifest, directory, pool: WorkerPool | None = None) -> int:
     """`esxi-anomaly score`: the local engine streams (on `pool`'s workers when given); `--engine dask`
     partitions by entity. The output is checked, then locked, before any input is read."""
-    from esxi_anomaly.cli import finish_quarantine
+    from esxi_anomaly.cli import finish_quarantine, read_options
 
     out = Path(args.out)
     fmt = output_format(out, args.format)
     check_output_paths(out, _input_files(args.conn, args.dns, args.inventory, args.context))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with hold_output(out):
+    with _output_folder(out.parent), hold_output(out):
         quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
         inventory = ingest.read_inventory(args.inventory, quarantine, summary) if args.inventory else None
         context = ingest.read_context(args.context, quarantine, summary) if args.context else None
@@ -1327,7 +1355,7 @@ def score_command(args, model, manifest, directory, pool: WorkerPool | None = No
 
             result = dask_run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top,
                               scheduler=args.scheduler, quarantine=quarantine, summary=summary,
-                              html_extra=html_extra, context=context)
+                              html_extra=html_extra, context=context, read_options=read_options(args))
         else:
             # benign analyst verdicts of this environment (next to its bundles) become suppressions
             suppressions = FeedbackStore(Path(directory).parent.parent, Path(directory).parent.name).suppressions()
@@ -1336,7 +1364,7 @@ def score_command(args, model, manifest, directory, pool: WorkerPool | None = No
             result = run(model, args.conn, args.dns, inventory, out, fmt=fmt, top=args.top,
                          chunk_rows=args.chunk_rows, resume=args.resume, progress=not args.no_progress,
                          quarantine=quarantine, summary=summary, html_extra=html_extra, suppressions=suppressions,
-                         context=context, pool=pool, model_id=model_id)
+                         context=context, pool=pool, model_id=model_id, read_options=read_options(args))
         for line in summary.lines():
             log(line)
         log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.__dict__.items()

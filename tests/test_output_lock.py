@@ -182,3 +182,13 @@ def test_a_failed_run_removes_its_work_an_interrupted_one_keeps_it(tmp_path, sma
     assert (tmp_path / "ranked.csv.work").is_dir() == kept
     assert ("rerun with --resume" in capsys.readouterr().err) == kept
     assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def test_a_failed_run_removes_the_output_folders_it_created(tmp_path, small_day, bundle, capsys):
+    _, folder = small_day
+    out = tmp_path / "new" / "deeper" / "ranked.csv"
+    rc = cli.main(["score", "--model", str(bundle), "--conn", str(folder / "dns.log"), "--dns",   # a DNS log as --conn
+                   str(folder / "dns.log"), "--out", str(out), "--workers", "1", "--no-progress"])
+    assert rc == EXIT_INPUT and "not connections" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert score(bundle, folder, out) == EXIT_OK and out.exists()   # a run that succeeds keeps them
