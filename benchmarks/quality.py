@@ -4,6 +4,14 @@
     .venv/bin/python benchmarks/quality.py --trials 0      # the untuned detector only (~10 min)
     .venv/bin/python benchmarks/quality.py --scenario default:4:0.3 --scenario large:7:0.12  # reduced volume
     .venv/bin/python benchmarks/quality.py --quick         # smoke run: one tiny estate, 1 seed, 2 trials
+    .venv/bin/python benchmarks/quality.py --views zeek,real   # the same estates through Zeek and real formats
+
+Views (`--views`, default `zeek`): `zeek` scores the generated frames as Zeek shows them; `real` writes
+the estate as NSX DFW per host + esxcli snapshots + Sysmon EID 3/22 + Infoblox (`synth.write_formats`),
+reads it back with `esxi_anomaly.ingest` and scores what was read. A real-format row is labelled by
+5-tuple and time (`synth.labels_5tuple`: the generated connection with the same 5-tuple starting at most
+`LABEL_SLACK_S` before it, the nearest one), so a connection seen at two vantage points is two rows
+with the same label. Each view is trained and scored on its own; the tables put them side by side.
 
 For every scenario x seed an estate is generated with `synth.generate`; all attacks fall on the last
 day. Every method learns from the days before `train_end` only and scores every connection of the
@@ -48,7 +56,8 @@ from sklearn.metrics import average_precision_score
 
 from esxi_anomaly.evaluate import evaluate
 from esxi_anomaly.schema import Frames
-from esxi_anomaly.synth import ATTACK_FAMILIES, generate
+from esxi_anomaly.ingest import Quarantine, read_connections, read_dns
+from esxi_anomaly.synth import ATTACK_FAMILIES, generate, labels_5tuple, write_formats
 from esxi_anomaly.train import TrainConfig, fit_model, train_environment
 
 INJECTED = ("apt12", "low16_mgmt", "xor_key", "offset_key")
@@ -57,6 +66,10 @@ EVAL_FAMILIES = INJECTED + HELD_OUT
 DNS_LOOKBACK_S = 3600.0        # DNS answers visible to the attack day's join (as train.split_holdout)
 ALERT_FRACTION = 0.01
 RESULTS = Path(__file__).resolve().parent / "results"
+VIEWS = ("zeek", "real")
+REAL_FORMATS = ("nsx", "esxcli", "sysmon", "infoblox")
+LABEL_SLACK_S = 121.0   # an esxcli row starts at its first snapshot (60 s period) after a socket's TIME_WAIT start
+FIVE = ["src_ip", "src_port", "dst_ip", "dst_port", "proto"]
 
 # df00tech T1568.003 queries: ports excluded as common alternative service ports
 DF00TECH_EXCLUDED_PORTS = (8080, 8443, 8000, 8888, 9090, 9200, 9300, 9418, 27017, 27018, 28017)
@@ -219,27 +232,95 @@ def run_detector(train: Frames, test: Frames, labels: pd.DataFrame, seed: int, t
     return m
 
 
-def run_estate(sc: Scenario, seed: int, trials: list[int], storage_dir: Path, log=print) -> list[dict]:
+def match_labels(connections: pd.DataFrame, labels5: pd.DataFrame, slack: float = LABEL_SLACK_S) -> pd.DataFrame:
+    """Labels (event_id, label, family, entity) of rows read from any view, by 5-tuple and time: the
+    labelled connection with the row's 5-tuple that started at most `slack` s before the row (or 1 s
+    after: the logs cut times to the millisecond), the nearest one."""
+    rows = connections[["event_id", "ts"] + FIVE].astype({"src_port": "int64", "dst_port": "int64"})
+    lab = labels5.astype({"src_port": "int64", "dst_port": "int64"})
+    m = rows.merge(lab, on=FIVE, suffixes=("", "_label"))
+    m["lag"] = m["ts"] - m["ts_label"]
+    m = m[(m["lag"] >= -1.0) & (m["lag"] <= slack)].assign(lag=lambda d: d["lag"].abs())
+    m = m.sort_values(["event_id", "lag"], kind="stable").drop_duplicates("event_id")
+    return pd.DataFrame({"event_id": m["event_id"].to_numpy(), "label": m["label"].to_numpy(),
+                         "family": m["family"].to_numpy(), "entity": m["src_ip"].to_numpy()})
+
+
+def real_view(ds, folder: Path) -> tuple[Frames, pd.DataFrame, dict]:
+    """The estate written in the real formats, read back: (frames, labels by 5-tuple and time, counts)."""
+    write_formats(ds, folder, REAL_FORMATS)
+    q = Quarantine()
+    conns = read_connections([str(folder / f) for f in ("nsx", "esxcli", "sysmon")], q)
+    dns = read_dns([str(folder / f) for f in ("sysmon", "infoblox")], q)
+    labels = match_labels(conns, labels_5tuple(ds))
+    attacks = ds.labels[ds.labels["label"] == "attack"]
+    seen = labels[labels["label"] == "attack"]
+    counts = {"quarantined": len(q), "attack_rows": len(seen), "attacks_zeek": len(attacks)}
+    return Frames(conns, dns, ds.inventory), labels, counts
+
+
+def split_frames(frames: Frames, train_end: float) -> tuple[Frames, Frames]:
+    c, d = frames.connections, frames.dns_answers
+    train = Frames(c[c["ts"] < train_end].reset_index(drop=True), d[d["ts"] < train_end].reset_index(drop=True),
+                   frames.inventory)
+    test = Frames(c[c["ts"] >= train_end].reset_index(drop=True),
+                  d[d["ts"] >= train_end - DNS_LOOKBACK_S].reset_index(drop=True), frames.inventory)
+    return train, test
+
+
+def run_estate(sc: Scenario, seed: int, trials: list[int], storage_dir: Path, log=print,
+               views=("zeek",)) -> list[dict]:
     t0 = time.perf_counter()
     ds = generate(days=sc.days, seed=seed, scenario=sc.name, attack_days=1, families=list(EVAL_FAMILIES),
                   scale=sc.scale)
-    train, test = split(ds)
-    log(f"[{sc.label} seed {seed}] {len(train.connections):,} training / {len(test.connections):,} attack-day "
-        f"connections, {int((ds.labels['label'] == 'attack').sum())} attacks, top 1% = "
-        f"{max(1, int(np.ceil(ALERT_FRACTION * len(test.connections))))} rows "
-        f"(generated in {time.perf_counter() - t0:.0f} s)")
     rows = []
-    for n in trials:
-        m = run_detector(train, test, ds.labels, seed, n, f"quality-{sc.name}-{sc.days}d-s{seed}", storage_dir)
-        rows.append({"method": f"esxi-anomaly N={n}", **m})
-        tuned = f", tuned AP {m['tuned_ap']:.4f}" if n else ""
-        log(f"  esxi-anomaly N={n}: AP {m['ap']:.4f} (held-out {m['ap_held_out']:.4f}{tuned}) in {m['seconds']:.0f} s")
-    for name, m in run_baselines(train, test, ds.labels, seed).items():
-        rows.append({"method": name, **m})
-        log(f"  {name}: AP {m['ap']:.4f} (held-out {m['ap_held_out']:.4f}) in {m['seconds']:.0f} s")
+    for view in views:
+        if view == "zeek":
+            (train, test), labels = split(ds), ds.labels
+            note = ""
+        else:
+            frames, labels, counts = real_view(ds, storage_dir / f"{sc.name}-{sc.days}d-s{seed}-{view}")
+            train, test = split_frames(frames, ds.train_end)
+            note = (f", {counts['attack_rows']} attack rows read for {counts['attacks_zeek']} attack connections, "
+                    f"{counts['quarantined']} quarantined")
+        tag = "" if views == ("zeek",) else f" [{view}]"
+        log(f"[{sc.label} seed {seed}{tag}] {len(train.connections):,} training / {len(test.connections):,} "
+            f"attack-day connections, {int((labels['label'] == 'attack').sum())} attacks, top 1% = "
+            f"{max(1, int(np.ceil(ALERT_FRACTION * len(test.connections))))} rows{note} "
+            f"({time.perf_counter() - t0:.0f} s so far)")
+        for n in trials:
+            m = run_detector(train, test, labels, seed, n, f"quality-{sc.name}-{sc.days}d-s{seed}-{view}", storage_dir)
+            rows.append({"method": f"esxi-anomaly N={n}{tag}", "view": view, **m})
+            tuned = f", tuned AP {m['tuned_ap']:.4f}" if n else ""
+            log(f"  esxi-anomaly N={n}: AP {m['ap']:.4f} (held-out {m['ap_held_out']:.4f}{tuned}) in {m['seconds']:.0f} s")
+        for name, m in run_baselines(train, test, labels, seed).items():
+            rows.append({"method": f"{name}{tag}", "view": view, **m})
+            log(f"  {name}: AP {m['ap']:.4f} (held-out {m['ap_held_out']:.4f}) in {m['seconds']:.0f} s")
     for r in rows:
         r.update(scenario=sc.label, seed=seed)
     return rows
+
+
+def views_table(rows: list[dict], views) -> str:
+    """Mean AP and recall@1% per family of each method, one column group per view, side by side; the
+    last view's AP as a share of the first's."""
+    df = pd.DataFrame([{"scenario": r["scenario"], "method": r["method"].split(" [")[0], "view": r["view"],
+                        "AP": r["ap"], **{f: r["recall"].get(f, np.nan) for f in EVAL_FAMILIES}} for r in rows])
+    mean = df.groupby(["scenario", "method", "view"], sort=False).mean(numeric_only=True)
+    head = ["scenario", "method"] + [f"AP {v}" for v in views]
+    if len(views) > 1:
+        head.append(f"AP {views[-1]}/{views[0]}")
+    head += [f"{_fam_header(f)} ({'/'.join(views)})" for f in EVAL_FAMILIES]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
+    for (scen, method), _ in df.groupby(["scenario", "method"], sort=False):
+        got = {v: mean.loc[(scen, method, v)] if (scen, method, v) in mean.index else None for v in views}
+        cells = [scen, method] + [_f(got[v]["AP"] if got[v] is not None else None) for v in views]
+        if len(views) > 1:
+            a, b = (got[views[0]], got[views[-1]])
+            cells.append(_f(b["AP"] / a["AP"]) if a is not None and b is not None and a["AP"] else "–")
+        cells += ["/".join(_f(got[v][f] if got[v] is not None else None) for v in views) for f in EVAL_FAMILIES]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # -- tables --------------------------------------------------------------------------------------
@@ -306,8 +387,9 @@ def verdict(mean: pd.DataFrame) -> list[str]:
     """The issue's target, checked per scenario: mean AP >= 0.9 and above every baseline."""
     out = []
     baselines = ("iforest-raw", "apt12-query", "port-rarity")
-    for s, g in mean.groupby("scenario", sort=False):
-        best_base = g[g["method"].isin(baselines)]["AP"].max()
+    view = mean["method"].str.extract(r"( \[[a-z]+\])$", expand=False).fillna("")
+    for (s, _v), g in mean.groupby(["scenario", view], sort=False):   # baselines of the same view
+        best_base = g[g["method"].str.replace(r" \[[a-z]+\]$", "", regex=True).isin(baselines)]["AP"].max()
         for _, r in g[g["method"].str.startswith("esxi-anomaly")].iterrows():
             ok = r["AP"] >= 0.9 and r["AP"] > best_base
             out.append(f"- {s}, {r['method']}: mean AP {r['AP']:.3f} (held-out {r['AP held-out']:.3f}); best "
@@ -322,8 +404,13 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, nargs="+", help="Optuna trial counts to compare (default 0 5)")
     p.add_argument("--scenario", action="append", metavar="NAME:DAYS[:SCALE]",
                    help="override the scenarios, e.g. --scenario default:4:0.5 (repeatable)")
+    p.add_argument("--views", default="zeek",
+                   help="comma-separated views of each estate: zeek, real (NSX DFW + esxcli + Sysmon + Infoblox)")
     p.add_argument("--out", type=Path, default=RESULTS / "quality.md")
     args = p.parse_args(argv)
+    views = tuple(v.strip() for v in args.views.split(",") if v.strip())
+    if not views or set(views) - set(VIEWS):
+        p.error(f"--views: choose from {', '.join(VIEWS)}")
     scenarios = QUICK if args.quick else FULL
     if args.scenario:
         scenarios = tuple(Scenario(s.split(":")[0], int(s.split(":")[1]),
@@ -339,7 +426,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="esxi-quality-") as tmp:
         for sc in scenarios:
             for seed in seeds:
-                rows.extend(run_estate(sc, seed, trials, Path(tmp)))
+                rows.extend(run_estate(sc, seed, trials, Path(tmp), views=views))
     elapsed = time.perf_counter() - t0
 
     detail = results_table(rows)
@@ -361,13 +448,16 @@ def main(argv=None) -> int:
         "family columns = recall within the top 1% of the day's ranking. When a day has more attack "
         "connections than its top 1% holds (column `top 1%` < `attacks`), no method can reach recall 1 on "
         "every family; compare methods, not absolute recall.", "",
-        "## Mean over seeds", "", mean_md, "", "## Target (mean AP >= 0.9 and above every baseline)", "",
+        "## Mean over seeds", "", mean_md, "",
+        *(["## Views side by side (mean over seeds; recall@1% per family per view)", "",
+           views_table(rows, views), ""] if len(views) > 1 else []), "## Target (mean AP >= 0.9 and above every baseline)", "",
         *checks, "", "## README summary (mean AP, held-out families' AP in parentheses)", "", readme, "",
         "## Per estate", "", detail, "",
     ])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(doc, encoding="utf-8")
-    print("\n" + detail + "\n\nMean over seeds:\n\n" + mean_md + "\n\n" + "\n".join(checks)
+    side = ("\n\nViews side by side:\n\n" + views_table(rows, views)) if len(views) > 1 else ""
+    print("\n" + detail + "\n\nMean over seeds:\n\n" + mean_md + side + "\n\n" + "\n".join(checks)
           + "\n\nREADME summary (paste):\n\n" + readme + f"\n\nwrote {args.out} ({elapsed / 60:.1f} min)")
     return 0
 

@@ -1,0 +1,219 @@
+"""generate --formats: the same estate written as NSX DFW, esxcli, Sysmon and Infoblox logs reads back
+through `esxi_anomaly.ingest` with nothing quarantined and exactly the covered connections and answers."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from esxi_anomaly.ingest import Quarantine, ReadSummary, read_connections, read_dns
+from esxi_anomaly.synth import generate, labels_5tuple, parse_formats, write_formats
+
+VM_KINDS = {"vm", "infra", "vcenter"}
+FIVE = ["src_ip", "src_port", "dst_ip", "dst_port", "proto"]
+
+
+@pytest.fixture(scope="module")
+def estate(tmp_path_factory):
+    ds = generate(days=1, seed=11, scale=0.02)
+    out = tmp_path_factory.mktemp("formats")
+    write_formats(ds, out, "all")
+    inv = ds.inventory
+    return ds, out, inv
+
+
+def _read(paths, frame):
+    q, s = Quarantine(), ReadSummary()
+    df = (read_connections if frame == "connections" else read_dns)([str(p) for p in paths], q, s)
+    assert len(q) == 0, [(r.path, r.reason, r.raw) for r in q.records[:5]]
+    return df, s
+
+
+def _same_connections(got: pd.DataFrame, want: pd.DataFrame, tol: float = 1.0):
+    """Same multiset of 5-tuples, each with its time within `tol` seconds."""
+    g = got.sort_values(FIVE + ["ts"], kind="stable").reset_index(drop=True)
+    w = want.sort_values(FIVE + ["ts"], kind="stable").reset_index(drop=True)
+    assert len(g) == len(w)
+    for c in FIVE:
+        assert g[c].astype(str).tolist() == w[c].astype(str).tolist(), c
+    assert np.abs(g["ts"].to_numpy() - w["ts"].to_numpy()).max(initial=0) < tol
+
+
+def _windows(inv):
+    return inv[inv["role"].isin(["vdi", "dc"]) & (inv["kind"] != "esxi_mgmt")]
+
+
+def test_nsx_each_host_logs_its_vms_connections(estate):
+    ds, out, inv = estate
+    kind, host_of = dict(zip(inv["ip"], inv["kind"])), dict(zip(inv["ip"], inv["esxi_host"]))
+    c = ds.connections
+    files = sorted((out / "nsx").glob("*.dfwpktlogs.log"))
+    assert [f.name for f in files] == [f"{h}.dfwpktlogs.log" for h in sorted(inv.loc[inv["kind"] == "esxi_mgmt", "name"])]
+    total = 0
+    for f in files:
+        host = f.name.split(".")[0]
+        got, _ = _read([f], "connections")
+        out_rows = c[c["src_ip"].map(kind).isin(VM_KINDS) & (c["src_ip"].map(host_of) == host)]
+        in_rows = c[c["dst_ip"].map(kind).isin(VM_KINDS) & (c["dst_ip"].map(host_of) == host)]
+        _same_connections(got, pd.concat([out_rows, in_rows]))
+        text = f.read_text()
+        # TERM lines complete their PASS rows: as many rows with a duration as TERM lines, with the counts
+        assert got["duration"].notna().sum() == text.count(" INET TERM ") > 0
+        done = got[got["duration"].notna()].merge(c, on=FIVE, suffixes=("", "_c"))
+        assert np.abs(done["duration"] - done["duration_c"]).max() < 0.002
+        assert (done["bytes_out"] == done["bytes_out_c"]).all() and (done["packets_in"] == done["packets_in_c"]).all()
+        envelope_host = host if text.startswith("<13>1 ") else ""
+        assert set(got["esxi_host"]) == {envelope_host}
+        total += len(got)
+    assert {f.read_text()[:1] for f in files} == {"<", "2"}   # both envelopes are in use
+
+
+def test_vm_to_vm_connection_is_logged_at_both_hosts(estate):
+    ds, out, inv = estate
+    kind, host_of = dict(zip(inv["ip"], inv["kind"])), dict(zip(inv["ip"], inv["esxi_host"]))
+    c = ds.connections
+    cross = c[c["src_ip"].map(kind).isin(VM_KINDS) & c["dst_ip"].map(kind).isin(VM_KINDS)
+              & (c["src_ip"].map(host_of) != c["dst_ip"].map(host_of))]
+    assert len(cross) > 10
+    seen = []
+    for f in sorted((out / "nsx").glob("*.dfwpktlogs.log")):
+        got, _ = _read([f], "connections")
+        seen.append(got[FIVE].assign(at=f.name.split(".")[0]))
+    seen = pd.concat(seen).merge(cross[FIVE + ["event_id"]], on=FIVE)
+    hosts = seen.groupby("event_id")["at"].agg(lambda s: tuple(sorted(s)))
+    want = cross.set_index("event_id").apply(
+        lambda r: tuple(sorted((host_of[r["src_ip"]], host_of[r["dst_ip"]]))), axis=1)
+    assert hosts.sort_index().to_dict() == want.sort_index().to_dict()
+
+
+def _snapshot_view(conns, linger):
+    """Connections held at some snapshot (every 60 s): ts = first snapshot, `last` = last one."""
+    close = conns["ts"] + conns["duration"].fillna(0)
+    first = np.ceil(conns["ts"] / 60.0) * 60.0
+    last = np.floor((close + linger) / 60.0) * 60.0
+    seen = (first <= last).to_numpy()
+    return conns[seen].assign(ts=first[seen], last=last[seen])
+
+
+def test_esxcli_lists_the_hosts_sockets_seen_at_a_snapshot(estate):
+    ds, out, inv = estate
+    mgmt = inv[inv["kind"] == "esxi_mgmt"]
+    c = ds.connections
+    own = c[c["src_ip"].isin(mgmt["ip"])]
+    # outbound: TIME_WAIT holds a normally closed TCP socket 60 s more; UDP only while open
+    want_out = _snapshot_view(own, np.where((own["proto"] == "tcp") & (own["conn_state"] == "SF"), 60.0, 0.0))
+    accepted = c[c["dst_ip"].isin(mgmt["ip"]) & (c["proto"] == "tcp") & c["conn_state"].isin(["SF", "RSTO", "RSTR"])]
+    want_in = _snapshot_view(accepted, 0.0)
+    got, summary = _read([out / "esxcli"], "connections")
+    assert {f.format for f in summary.files} == {"esxcli_connections"}
+    assert len(want_out) > 20 and len(want_in) > 0
+    # accepted inbound sessions (vCenter -> host:443) are in the tables, never read as egress of the
+    # host: the reader reports them from the client's side (an older reader: not at all)
+    text = "".join(p.read_text() for p in (out / "esxcli").glob("*.txt"))
+    assert all(f"{ip}:{port}  " in text for ip, port in zip(want_in["src_ip"], want_in["src_port"]))
+    reversed_ = set(zip(accepted["dst_ip"], accepted["dst_port"], accepted["src_ip"], accepted["src_port"]))
+    assert not reversed_ & set(zip(got["src_ip"], got["src_port"], got["dst_ip"], got["dst_port"]))
+    want = pd.concat([want_out, want_in]) if len(got) > len(want_out) else want_out
+    _same_connections(got, want, tol=1e-6)
+    # a socket seen in several snapshots is one row lasting from its first to its last sighting
+    # (host-to-host sessions are seen at both ends: order the twins by that duration too)
+    g = got.sort_values(FIVE + ["ts", "duration"], kind="stable")
+    w = want.assign(duration=want["last"] - want["ts"]).sort_values(FIVE + ["ts", "duration"], kind="stable")
+    assert np.allclose(g["duration"].to_numpy(), w["duration"].to_numpy())
+    lines = [l for l in text.splitlines() if l.startswith("# ")]
+    assert len(lines) >= 4 * 1440 and all(l.endswith(" esx-0" + l[-1]) for l in lines)
+
+
+def test_sysmon_network_and_dns_of_the_windows_guests(estate):
+    ds, out, inv = estate
+    win = _windows(inv)
+    c = ds.connections
+    got, _ = _read([out / "sysmon"], "connections")
+    _same_connections(got, c[c["src_ip"].isin(win["ip"])])
+    assert sorted(p.stem for p in (out / "sysmon").glob("*.json")) == sorted(win["name"])
+    dns, _ = _read([out / "sysmon"], "dns_answers")
+    fqdn_ip = {f"{n}.corp.example": ip for n, ip in zip(win["name"], win["ip"])}
+    dns["client_ip"] = dns["client_ip"].map(lambda v: fqdn_ip.get(v, v))
+    want = ds.dns_answers[ds.dns_answers["client_ip"].isin(win["ip"])].copy()
+    # Sysmon keeps an SRV record's target only
+    srv = want["rtype"] == "SRV"
+    want.loc[srv, "answer"] = want.loc[srv, "answer"].str.split(" ").str[-1]
+    _same_answers(dns, want, ["client_ip", "query", "rtype", "answer"])
+    text = "".join(p.read_text() for p in (out / "sysmon").glob("*.json"))
+    assert '"QueryResults":"type:  5 ' in text and ";::ffff:" in text
+
+
+def _same_answers(got, want, keys, tol=1.0):
+    g = got[got["answer"] != ""].sort_values(keys + ["ts"], kind="stable").reset_index(drop=True)
+    w = want[want["answer"] != ""].sort_values(keys + ["ts"], kind="stable").reset_index(drop=True)
+    assert len(g) == len(w) > 0
+    for k in keys:
+        assert g[k].astype(str).tolist() == w[k].astype(str).tolist(), k
+    assert np.abs(g["ts"].to_numpy() - w["ts"].to_numpy()).max() < tol
+    assert (got["answer"] == "").sum() == want["event_id"][want["answer"] == ""].nunique()
+
+
+def test_infoblox_has_every_other_clients_answers(estate):
+    ds, out, inv = estate
+    win = _windows(inv)
+    got, _ = _read([out / "infoblox"], "dns_answers")
+    want = ds.dns_answers[~ds.dns_answers["client_ip"].isin(win["ip"])]
+    # the reader keeps SRV rdata as written: some lines end the target with the root dot
+    got["answer"] = got["answer"].where(got["rtype"] != "SRV", got["answer"].str.rstrip("."))
+    _same_answers(got, want, ["client_ip", "resolver_ip", "query", "rtype", "answer", "ttl"])
+
+
+def test_labels_by_five_tuple_and_time(estate):
+    ds, out, inv = estate
+    lab = pd.read_csv(out / "labels_5tuple.csv")
+    assert list(lab.columns) == ["ts", "src_ip", "src_port", "dst_ip", "dst_port", "proto", "label", "family"]
+    assert len(lab) == len(ds.labels) and lab["ts"].is_monotonic_increasing
+    got = labels_5tuple(ds).merge(ds.connections, on=FIVE + ["ts"])
+    assert got["event_id"].isin(ds.labels["event_id"]).all() and len(got) == len(ds.labels)
+    attacks = lab[lab["label"] == "attack"]
+    assert set(attacks["family"]) == set(ds.labels.loc[ds.labels["label"] == "attack", "family"])
+
+
+def test_parse_formats():
+    assert parse_formats("zeek") == ["zeek"]
+    assert parse_formats("infoblox, NSX") == ["nsx", "infoblox"]
+    assert parse_formats("all") == ["zeek", "nsx", "esxcli", "sysmon", "infoblox"]
+    with pytest.raises(ValueError, match="unknown format ipfix"):
+        parse_formats("zeek,ipfix")
+
+
+def test_generate_refuses_an_unknown_format(tmp_path, capsys):
+    from esxi_anomaly.cli import main
+
+    assert main(["generate", "--out", str(tmp_path / "o"), "--days", "1", "--formats", "zeek,bogus"]) == 2
+    assert "unknown format bogus" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def _quality_module():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("quality_benchmark_views", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_quality_labels_real_rows_by_five_tuple_and_time(estate):
+    ds, out, inv = estate
+    q = _quality_module()
+    got, _ = _read([out / "nsx"], "connections")
+    labels = q.match_labels(got, labels_5tuple(ds))
+    # every row of a labelled connection gets its label (two rows for a VM-to-VM one), no other row does
+    truth = ds.labels.merge(ds.connections[["event_id"] + FIVE], on="event_id")
+    want = got.merge(truth[FIVE + ["label", "family"]], on=FIVE)
+    assert sorted(zip(labels["event_id"], labels["label"], labels["family"])) == \
+        sorted(zip(want["event_id"], want["label"], want["family"]))
+    assert (labels["label"] == "attack").sum() > 0
+    # a row starting more than the slack after the labelled connection is not that connection
+    late = got[got["event_id"].isin(labels["event_id"])].head(3).assign(ts=lambda d: d["ts"] + q.LABEL_SLACK_S + 1)
+    assert q.match_labels(late, labels_5tuple(ds)).empty
