@@ -11,7 +11,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly.features import dns_join, dns_port
+from esxi_anomaly.features import dns_join, dns_port, identity
 from esxi_anomaly.features.baseline import BASELINE_FEATURES, RATE_WINDOW_S, EntityBaseline
 from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns
 from esxi_anomaly.features.dns_port import _gather
@@ -56,6 +56,7 @@ def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | No
             join_params: dns_join.JoinParams = dns_join.JoinParams(),
             state: StreamState | None = None) -> Prepared:
     conns = conns.reset_index(drop=True)
+    dns = identity.resolve_clients(dns, inventory)  # named clients (Sysmon EID 22) -> their IPs
     cc, dc = ConnColumns(conns), DnsColumns(dns.reset_index(drop=True))
     j = dns_join.join(cc, dc, join_params)
     rel, evidence = dns_port.relationship_features(cc, dc, j, state)

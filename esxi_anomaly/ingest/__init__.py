@@ -61,6 +61,34 @@ class ReadSummary:
     """Per-file outcome of one read: what was kept, what went to quarantine, what was not read."""
 
     files: list[FileStats] = field(default_factory=list)
+    # what the DNS coverage needs: distinct connection sources, distinct clients per DNS source, inventory
+    conn_sources: set = field(default_factory=set, repr=False)
+    dns_clients: dict = field(default_factory=dict, repr=False)
+    inventory: list = field(default_factory=list, repr=False)
+
+    def note(self, frame: str, source: str, chunk: pd.DataFrame) -> None:
+        """Keep the distinct values of a read chunk that `dns_coverage` needs."""
+        from esxi_anomaly.features.identity import distinct
+
+        if frame == "connections":
+            self.conn_sources.update(distinct(chunk["src_ip"]))
+        elif frame == "dns_answers":
+            self.dns_clients.setdefault(source, set()).update(distinct(chunk["client_ip"]))
+        elif frame == "inventory":
+            self.inventory.append(chunk[["ip", "name"]])
+
+    def merge_notes(self, other: "ReadSummary") -> None:
+        self.conn_sources |= other.conn_sources
+        for source, clients in other.dns_clients.items():
+            self.dns_clients.setdefault(source, set()).update(clients)
+        self.inventory += other.inventory
+
+    def dns_coverage(self) -> dict[str, tuple[int, int]]:
+        """Per DNS source: (clients that resolve to a connection source, distinct clients)."""
+        from esxi_anomaly.features.identity import coverage
+
+        inv = pd.concat(self.inventory, ignore_index=True).drop_duplicates("ip", keep="last") if self.inventory else None
+        return coverage(self.dns_clients, self.conn_sources, inv)
 
     @property
     def kept(self) -> int:
@@ -85,7 +113,9 @@ class ReadSummary:
         return out
 
     def lines(self) -> list[str]:
-        return [file_line(f) for f in self.outcomes()]
+        from esxi_anomaly.features.identity import coverage_lines
+
+        return [file_line(f) for f in self.outcomes()] + coverage_lines(self.dns_coverage())
 
 
 def file_line(f: FileStats) -> str:
@@ -178,6 +208,7 @@ def iter_file(path: str, frame: str, explicit: bool, quarantine: Quarantine, sum
             if not len(chunk):
                 continue
             stats.kept += len(chunk)
+            summary.note(frame, fmt.name, chunk)
             if "ts" in chunk.columns:
                 stats.ts_min = float(np.fmin(stats.ts_min, chunk["ts"].min()))
                 stats.ts_max = float(np.fmax(stats.ts_max, chunk["ts"].max()))

@@ -8,6 +8,7 @@ where the frame allows them: NaN times, "" addresses (unknown).
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,8 @@ IP_COLUMNS = {"connections": ("src_ip", "dst_ip"), "dns_answers": ("client_ip", 
 ADDRESS_RTYPES = ("A", "AAAA")   # their answer is an address
 _IPV4 = r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4_LINE = f"^{_IPV4}$"
+# letters, digits, '-', '_' and dots, at least one letter: a NetBIOS or DNS host name
+_HOST_NAME = re.compile(r"(?=[^.]*[A-Za-z_])[A-Za-z0-9_][A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]+)*\.?\Z")
 _RAW_COLUMNS = ("event_id", "ts", "src_ip", "dst_ip", "client_ip", "resolver_ip", "query", "rtype", "answer",
                 "ip", "name", "host", "event")
 
@@ -46,7 +49,8 @@ def validate_chunk(chunk: pd.DataFrame, frame: str, path: str, quarantine: Quara
         checks.append(("answer", chunk["rtype"].isin(ADDRESS_RTYPES).to_numpy()))
     for col, rows in checks:
         values = chunk[col] if rows is None else chunk[col][rows]
-        bad = _invalid_addresses(values)
+        # a DNS client may be a computer name (Sysmon EID 22): resolved later (`features.identity`)
+        bad = _invalid_addresses(values, names_ok=col == "client_ip")
         if bad is None:
             continue
         idx = np.flatnonzero(bad) if rows is None else np.flatnonzero(rows)[bad]
@@ -69,7 +73,7 @@ def validate_chunk(chunk: pd.DataFrame, frame: str, path: str, quarantine: Quara
     return chunk[~refused].reset_index(drop=True)
 
 
-def _invalid_addresses(values: pd.Series) -> np.ndarray | None:
+def _invalid_addresses(values: pd.Series, names_ok: bool = False) -> np.ndarray | None:
     """Mask of the values that are neither "" nor an IP address; None when all are fine. Each
     distinct value is checked once: a regex (Arrow) over the distinct values, `ipaddress` for those
     it does not pass (IPv6, junk)."""
@@ -82,10 +86,14 @@ def _invalid_addresses(values: pd.Series) -> np.ndarray | None:
     distinct = pc.unique(arr)
     plain = pc.or_(pc.match_substring_regex(distinct, _IPV4_LINE), pc.equal(distinct, ""))
     others = pc.filter(distinct, pc.invert(plain)).to_pylist()
-    wrong = [v for v in others if not _is_address(v)]
+    wrong = [v for v in others if not _is_address(v) and not (names_ok and _is_host_name(v))]
     if not wrong:
         return None
     return pc.is_in(arr, value_set=pa.array(wrong, distinct.type)).to_numpy()
+
+
+def _is_host_name(value) -> bool:
+    return isinstance(value, str) and _HOST_NAME.match(value) is not None
 
 
 def _is_address(value) -> bool:

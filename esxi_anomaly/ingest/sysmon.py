@@ -22,9 +22,10 @@ Rules:
   ERROR_CANCELLED, ...) -> `STATUS_<n>`, since they are client-side outcomes, not server RCODEs.
   client_ip: EID 22 carries no address, so (1) an IP the event itself carries (a `host.ip`
   list, as Winlogbeat adds) is used, else (2) the IP the same `Hostname` used as SourceIp in its
-  outbound EID 3 events of the same file (the most frequent non-loopback one; one extra pass over
-  the file's EID 3 lines), else (3) the computer name (`Hostname`), so the DNS join can still
-  match through the inventory. resolver_ip is unknown ("").
+  outbound EID 3 events of the same file (every non-loopback one, Hostname compared case-blind:
+  the response is repeated per address, so it joins connections from either NIC; one extra pass
+  over the file's EID 3 lines), else (3) the computer name (`Hostname`), which
+  `features.identity` resolves through the inventory. resolver_ip is unknown ("").
 * event_id: `sysmon-<Hostname>-<EventRecordID|RecordNumber|record_id>` when the export keeps the
   record id, else `stable_event_id("sysmon", path, line)`.
 * Lines that are not JSON objects are quarantined. Valid events of other providers or other
@@ -220,8 +221,9 @@ def read_dns(path: str, quarantine: Quarantine, chunk_rows: int) -> Iterator[pd.
     return _chunks(_dns_rows(path, quarantine), "dns_answers", "sysmon_dns", chunk_rows)
 
 
-def host_addresses(path: str) -> dict[str, str]:
-    """Hostname -> the most frequent non-loopback SourceIp of its outbound EID 3 events in `path`."""
+def host_addresses(path: str) -> dict[str, list[str]]:
+    """Hostname (lower case) -> every non-loopback SourceIp of its outbound EID 3 events in `path`,
+    the most frequent first: a host with two NICs resolves to both."""
     seen: dict[str, Counter] = {}
     for _line_no, line in iter_lines(path, Quarantine()):  # bad lines are reported by the main pass
         if '"SourceIp"' not in line:
@@ -240,8 +242,8 @@ def host_addresses(path: str) -> dict[str, str]:
             continue
         if address.is_loopback or address.is_link_local or address.is_unspecified:
             continue
-        seen.setdefault(_text(event, "Hostname"), Counter())[address.compressed] += 1
-    return {host: counts.most_common(1)[0][0] for host, counts in seen.items() if host}
+        seen.setdefault(_text(event, "Hostname").lower(), Counter())[address.compressed] += 1
+    return {host: [ip for ip, _n in counts.most_common()] for host, counts in seen.items() if host}
 
 
 def _event_host_ip(event: dict) -> str:
@@ -301,19 +303,20 @@ def _dns_rows(path: str, quarantine: Quarantine) -> Iterator[dict]:
         except _BadRecord as exc:
             quarantine.add(path, line_no, str(exc), json.dumps(event)[:512])
             continue
-        client = _event_host_ip(event)
-        if not client:
+        clients = [_event_host_ip(event)]
+        if not clients[0]:
             if addresses is None:
                 addresses = host_addresses(path)
             hostname = _text(event, "Hostname")
-            client = addresses.get(hostname, hostname)
-        base = {"event_id": _record_event_id(event, path, line_no), "ts": ts, "client_ip": client,
-                "query": query, "rcode": rcode_name(_text(event, "QueryStatus"))}
+            clients = addresses.get(hostname.lower(), [hostname])
         answers = parse_query_results(_text(event, "QueryResults"))
-        if not answers:
-            yield {**base, "rtype": "", "answer": "", "answer_index": -1}
-        for index, (rtype, answer) in enumerate(answers[:32767]):
-            yield {**base, "rtype": rtype, "answer": answer, "answer_index": index}
+        for client in clients:   # the whole response once per address of the host
+            base = {"event_id": _record_event_id(event, path, line_no), "ts": ts, "client_ip": client,
+                    "query": query, "rcode": rcode_name(_text(event, "QueryStatus"))}
+            if not answers:
+                yield {**base, "rtype": "", "answer": "", "answer_index": -1}
+            for index, (rtype, answer) in enumerate(answers[:32767]):
+                yield {**base, "rtype": rtype, "answer": answer, "answer_index": index}
 
 
 FORMATS = [

@@ -71,7 +71,9 @@ def test_folder_is_split_by_content(zeek_dir):
     assert s.lines() == [f"{root}/README.txt: unreadable (not a known format)",
                          f"{root}/conn.log: zeek_conn_tsv, 5 kept, 0 quarantined",
                          f"{root}/dns.log: zeek_dns_tsv, 9 kept, 0 quarantined",
-                         f"{root}/old/dns.00:00:00-01:00:00.log.gz: zeek_dns_json, 3 kept, 0 quarantined"]
+                         f"{root}/old/dns.00:00:00-01:00:00.log.gz: zeek_dns_json, 3 kept, 0 quarantined",
+                         "DNS source zeek_dns_json: 1 of 1 clients (100.0 %) resolved to a connection source",
+                         "DNS source zeek_dns_tsv: 4 of 4 clients (100.0 %) resolved to a connection source"]
 
 
 def test_read_summary_counts(fixtures, tmp_path):

@@ -209,3 +209,28 @@ def test_mutated_lines_never_raise(line, position, insert):
         sysmon.sniff(mutated.encode("utf-8", "surrogatepass"))
     except IngestError:
         pass
+
+
+def test_dns_client_of_a_host_with_two_ips_in_its_eid3_events_gets_both(tmp_path):
+    # Hostname compared case-blind; the most frequent address first, loopback ignored
+    path = tmp_path / "events.json"
+    lines = [json.dumps({**EID3, "Hostname": "WS7.corp.local", "SourceIp": ip})
+             for ip in ("10.0.0.6", "10.0.0.5", "10.0.0.5", "127.0.0.1")]
+    path.write_text("\n".join(lines + [json.dumps({**EID22, "Hostname": "ws7.CORP.local",
+                                                    "QueryResults": "type:  5 c.example;::ffff:1.2.3.4;"})]) + "\n")
+    dns, _ = read(path, sysmon.read_dns, "dns_answers")
+    assert dns[["client_ip", "rtype", "answer", "answer_index"]].values.tolist() == [
+        ["10.0.0.5", "CNAME", "c.example", 0], ["10.0.0.5", "A", "1.2.3.4", 1],
+        ["10.0.0.6", "CNAME", "c.example", 0], ["10.0.0.6", "A", "1.2.3.4", 1]]
+
+
+def test_computer_name_client_is_kept_by_the_read_not_quarantined(tmp_path):
+    from esxi_anomaly import ingest
+
+    path = tmp_path / "dns.json"
+    path.write_text(json.dumps({**EID22, "Hostname": "MAIL01.corp.local"}) + "\n"
+                    + json.dumps({**EID22, "Hostname": "bad name!"}) + "\n")
+    quarantine = Quarantine()
+    dns = ingest.read_dns([path], quarantine)
+    assert dns["client_ip"].tolist() == ["MAIL01.corp.local"]   # resolved later (features.identity)
+    assert [r.reason for r in quarantine.records] == ["client_ip is not an IP address: 'bad name!'"]
