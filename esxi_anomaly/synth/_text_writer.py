@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 VM_KINDS = ("vm", "infra", "vcenter")     # inventory kinds that are guests behind a vNIC (DFW sees them)
 HOST_KIND = "esxi_mgmt"
@@ -13,6 +15,14 @@ HOST_KIND = "esxi_mgmt"
 def hash64(values) -> np.ndarray:
     """A stable uint64 per value (pandas' hash: no per-row Python)."""
     return pd.util.hash_pandas_object(pd.Series(np.asarray(values, dtype=object)), index=False).to_numpy()
+
+
+def hex_of(values, digits: int) -> pd.Series:
+    """The low `digits` hex digits of each value's hash (each distinct value formatted once)."""
+    codes, uniques = pd.factorize(pd.Series(np.asarray(values, dtype=object)))
+    mask = np.uint64((1 << (4 * digits)) - 1) if digits < 16 else np.uint64(0xFFFFFFFFFFFFFFFF)
+    table = np.array([f"{v:0{digits}x}" for v in (hash64(uniques) & mask).tolist()], dtype=object)
+    return pd.Series(table[codes] if len(codes) else np.array([], dtype=object), dtype=object)
 
 
 def ms_floor(ts) -> np.ndarray:
@@ -30,8 +40,13 @@ def iso_ms(ms: np.ndarray, sep: str = "T", zone: str = "Z") -> np.ndarray:
 
 
 def col(values) -> pd.Series:
-    """Values as an object Series of text, for `+` concatenation."""
-    return pd.Series(np.asarray(values).astype(str).astype(object) if len(values) else np.array([], dtype=object))
+    """Values as a Series of text, for `+` concatenation (integers through Arrow: numpy's astype(str) is slow)."""
+    arr = np.asarray(values)
+    if not len(arr):
+        return pd.Series(np.array([], dtype=object))
+    if arr.dtype.kind in "iu":
+        return pd.Series(pa.compute.cast(pa.array(arr), pa.string()).to_pandas(types_mapper=pd.ArrowDtype).astype("str"))
+    return pd.Series(arr.astype(str).astype(object))
 
 
 def write_lines(path: Path, lines) -> Path:

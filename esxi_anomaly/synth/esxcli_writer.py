@@ -132,18 +132,20 @@ def write_esxcli(ds, out_dir) -> list[Path]:
         fixed_text = _rows_text(fixed["proto"], fixed["local"], fixed["foreign"], fixed["state"],
                                 _world_id(fixed["world"]), fixed["world"]).tolist()
         ks = np.arange(k0, k_end + 1)
-        stamps = iso_ms((ks * int(PERIOD_S * 1000)).astype(np.int64))
-        stamps = pd.Series(stamps).str.replace(".000Z", "Z", regex=False)
-        # each snapshot: time line, header, dashes, the fixed sockets, then the live ones
-        preamble = ["# " + s + " " + host for s in stamps]
-        blocks = {int(k): [preamble[i], *head, *fixed_text] for i, k in enumerate(ks.tolist())}
+        stamps = pd.Series(iso_ms((ks * int(PERIOD_S * 1000)).astype(np.int64))).str.replace(".000Z", "Z", regex=False)
+        # each snapshot: time line, header, dashes, the fixed sockets, then the live ones (one sort, no loop)
+        fixed_block = np.array([*head, *fixed_text], dtype=object)
+        n_fixed = len(fixed_block)
+        frames = [pd.DataFrame({"k": ks, "pos": -1, "text": ("# " + stamps + " " + host).to_numpy(dtype=object)}),
+                  pd.DataFrame({"k": np.repeat(ks, n_fixed), "pos": np.tile(np.arange(n_fixed), len(ks)),
+                                "text": np.tile(fixed_block, len(ks))})]
         if len(mine):
             mine = mine.sort_values(["k", "local"], kind="stable")
-            text = _rows_text(mine["proto"], mine["local"], mine["foreign"], mine["state"],
-                              _world_id(mine["world"]), mine["world"]).tolist()
-            for k, line in zip(mine["k"].tolist(), text):
-                blocks[k].append(line)
-        lines = [line for k in sorted(blocks) for line in blocks[k]]
+            frames.append(pd.DataFrame({"k": mine["k"].to_numpy(), "pos": n_fixed + np.arange(len(mine)),
+                                        "text": _rows_text(mine["proto"], mine["local"], mine["foreign"], mine["state"],
+                                                           _world_id(mine["world"]), mine["world"]).to_numpy()}))
+        table = pd.concat(frames, ignore_index=True)
+        lines = table["text"].to_numpy()[np.lexsort((table["pos"].to_numpy(), table["k"].to_numpy()))].tolist()
         written.append(write_lines(out / f"{host}.connections.txt", lines))
     return written
 

@@ -17,17 +17,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly.synth._text_writer import col, hash64, ms_floor, write_lines
+from esxi_anomaly.synth._text_writer import col, hash64, iso_ms, ms_floor, write_lines
 
 _QTYPES = ("A", "AAAA", "SRV", "TXT", "MX", "PTR", "NS", "HTTPS")
 _NAME_TYPES = ("CNAME", "PTR", "NS", "SRV", "MX")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
 def _bind_time(ms: np.ndarray) -> tuple[pd.Series, pd.Series]:
     """(`Mar  4 00:01:10`, `04-Mar-2024 00:01:10.142`) texts of epoch milliseconds."""
-    t = pd.to_datetime(pd.Series(ms), unit="ms", utc=True)
-    syslog = t.dt.strftime("%b ") + t.dt.day.astype(str).str.rjust(2) + t.dt.strftime(" %H:%M:%S")
-    bind = t.dt.strftime("%d-%b-%Y %H:%M:%S.") + col((ms % 1000).astype(np.int64)).str.zfill(3)
+    iso = pd.Series(iso_ms(ms), dtype=object)             # 2024-03-04T00:01:10.142Z, sliced (strftime is slow)
+    month = pd.Series(np.asarray(_MONTHS, dtype=object)[iso.str.slice(5, 7).astype(int).to_numpy() - 1], dtype=object)
+    day, clock = iso.str.slice(8, 10), iso.str.slice(11, 19)
+    syslog = month + " " + day.str.lstrip("0").str.rjust(2) + " " + clock
+    bind = day + "-" + month + "-" + iso.str.slice(0, 4) + " " + iso.str.slice(11, 23)
     return syslog.astype(object), bind.astype(object)
 
 

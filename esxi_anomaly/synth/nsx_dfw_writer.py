@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly.synth._text_writer import VM_KINDS, col, entity_maps, hash64, iso_ms, ms_floor, write_lines
+from esxi_anomaly.synth._text_writer import VM_KINDS, col, entity_maps, hash64, hex_of, iso_ms, ms_floor, write_lines
 
 TERM_SHARE = 0.7          # TCP sessions that ended and get a TERM line
 ENVELOPES = ("esxi8_disk", "rfc5424")
@@ -48,7 +48,7 @@ def dfw_events(conns: pd.DataFrame, inventory: pd.DataFrame) -> pd.DataFrame:
 
 
 def _bodies(ev: pd.DataFrame, term: bool) -> pd.Series:
-    vif = pd.Series([f"{h:08x}" for h in (hash64(ev["vm"]) & np.uint64(0xFFFFFFFF)).tolist()], dtype=object)
+    vif = hex_of(ev["vm"], 8)   # the vNIC's filter hash: one per VM
     rule = np.where(hash64(ev["dst_port"].astype(str)) % np.uint64(4) == 0, "mainrs/1024", "1024").astype(object)
     tcp = (ev["proto"] == "tcp").to_numpy()
     proto = pd.Series(np.where(tcp, "TCP", np.where(ev["proto"] == "udp", "UDP", "PROTO 1")).astype(object))

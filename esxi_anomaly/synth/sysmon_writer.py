@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly.synth._text_writer import col, hash64, iso_ms, ms_floor, write_lines
+from esxi_anomaly.synth._text_writer import col, hash64, hex_of, iso_ms, ms_floor, write_lines
 
 WINDOWS_ROLES = ("vdi", "dc")
 _RR_CODES = {"CNAME": 5, "NS": 2, "PTR": 12, "MX": 15, "TXT": 16, "SRV": 33, "SOA": 6, "HTTPS": 65}
@@ -55,8 +55,7 @@ def _json_text(values: pd.Series) -> pd.Series:
 
 
 def _guid(keys: pd.Series) -> pd.Series:
-    h = hash64(keys)
-    hexs = pd.Series([f"{v:016x}" for v in h.tolist()], dtype=object)
+    hexs = hex_of(keys, 16)
     return "{" + hexs.str[:8] + "-" + hexs.str[8:12] + "-" + hexs.str[12:16] + "-a2c0-000000000700}"
 
 
