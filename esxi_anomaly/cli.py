@@ -38,14 +38,21 @@ class Stages:
 
 def read_inputs(args, stages: Stages) -> tuple[Frames, ingest.Quarantine, ingest.ReadSummary]:
     quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
-    conns = stages.run("read connections", ingest.read_connections, args.conn, quarantine, summary)
-    dns = stages.run("read dns", ingest.read_dns, args.dns, quarantine, summary)
+    options = read_options(args)
+    conns = stages.run("read connections", ingest.read_connections, args.conn, quarantine, summary, options)
+    dns = stages.run("read dns", ingest.read_dns, args.dns, quarantine, summary, options)
     inventory = ingest.read_inventory(args.inventory, quarantine, summary) if args.inventory else None
     for line in summary.lines():
         log(line)
     if not len(conns):
         raise ingest.IngestError("no connection records were read from --conn")
     return Frames(conns, dns, inventory), quarantine, summary
+
+
+def read_options(args) -> dict:
+    """The read options given on the command line (`ingest.iter_file`)."""
+    value = getattr(args, "snapshot_time", None)
+    return {} if value is None else {"snapshot_time": value}
 
 
 def finish_quarantine(quarantine: ingest.Quarantine, out: Path, strict: bool) -> int:
@@ -222,7 +229,7 @@ def cmd_inspect(args) -> int:
         for frame in FRAMES:
             quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
             try:
-                for _chunk in ingest.iter_file(path, frame, False, quarantine, summary):
+                for _chunk in ingest.iter_file(path, frame, False, quarantine, summary, options=read_options(args)):
                     pass
             except Exception as exc:  # a reader's bug: this file is reported, the next ones still read
                 summary.files.append(FileStats(path, "unknown", outcome=UNREADABLE,
@@ -239,7 +246,7 @@ def cmd_inspect(args) -> int:
                 print(printable(f"{path}: empty file"))
                 break
             span = f", {_when(st.ts_min)} .. {_when(st.ts_max)} UTC" if st.ts_min == st.ts_min else ""
-            state = f", {st.outcome}: {st.reason}" if st.outcome != READ else ""
+            state = f", {st.outcome}: {st.reason}" if st.outcome != READ else (f", {st.reason}" if st.reason else "")
             print(printable(f"{path}: {st.format} ({frame}), {st.kept} records, {len(quarantine)} quarantined"
                             f"{span}{state}"))
             reasons = pd.Series([r.reason for r in quarantine.records], dtype="str").value_counts().head(3)
@@ -322,6 +329,24 @@ def _inputs(p, required=True):
     p.add_argument("--dns", nargs="+", required=required, help="DNS logs with answers: files, globs or folders")
     p.add_argument("--inventory", nargs="+", help="inventory (canonical CSV, PowerCLI CSV, govc JSON)")
     p.add_argument("--strict", action="store_true", help="exit 3 when any record was quarantined")
+    _snapshot_time_arg(p)
+
+
+def _snapshot_time_arg(p) -> None:
+    p.add_argument("--snapshot-time", type=_snapshot_time, metavar="TIME",
+                   help="time of the esxcli connection tables that carry none (no '# <ISO time>' or `date` line "
+                        "before them, no time column, no time in the file name): an ISO 8601 time (UTC without "
+                        "a zone), or 'mtime' for each file's modification time; without it such tables are "
+                        "quarantined")
+
+
+def _snapshot_time(value: str):
+    from esxi_anomaly.ingest.esxcli_connections import snapshot_time_option
+
+    try:
+        return snapshot_time_option(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _version() -> str:
@@ -408,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="detected format, counts, time range and quarantine per file")
     p.add_argument("paths", nargs="+")
+    _snapshot_time_arg(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(

@@ -176,7 +176,7 @@ def _run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path
          summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
          partitions: int | None = None, explain_top: int = 200, work: Path | None = None,
          partition_rows: int = PARTITION_ROWS, context: pd.DataFrame | None = None,
-         rollup: bool = True) -> batch.RunSummary:
+         rollup: bool = True, read_options: dict | None = None) -> batch.RunSummary:
     require_distributed()
     out = Path(out)
     fmt = batch.output_format(out, fmt)
@@ -191,7 +191,7 @@ def _run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path
     close = False
     try:
         t0 = time.perf_counter()
-        c_counts = _spill(ingest.iter_connections(conn_paths, quarantine, summary, SPILL_CHUNK_ROWS),
+        c_counts = _spill(ingest.iter_connections(conn_paths, quarantine, summary, SPILL_CHUNK_ROWS, read_options),
                           work / "conn", "src_ip")
         stages["read+spill connections"] = time.perf_counter() - t0
         t0 = time.perf_counter()

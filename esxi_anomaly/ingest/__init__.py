@@ -12,7 +12,7 @@ quarantined in one place (`_validate`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 import pandas as pd
@@ -135,6 +135,7 @@ def iter_frames(
     quarantine: Quarantine | None = None,
     summary: ReadSummary | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    options: Mapping | None = None,
 ) -> Iterator[pd.DataFrame]:
     """Yield canonical chunks of `frame` kind from every file in `paths` (files, globs, folders).
 
@@ -145,7 +146,7 @@ def iter_frames(
     quarantine = quarantine if quarantine is not None else Quarantine()
     summary = summary if summary is not None else ReadSummary()
     for path, explicit in list_files(paths):
-        yield from iter_file(path, frame, explicit, quarantine, summary, chunk_rows)
+        yield from iter_file(path, frame, explicit, quarantine, summary, chunk_rows, options)
 
 
 def list_files(paths) -> list[tuple[str, bool]]:
@@ -155,9 +156,10 @@ def list_files(paths) -> list[tuple[str, bool]]:
 
 
 def iter_file(path: str, frame: str, explicit: bool, quarantine: Quarantine, summary: ReadSummary,
-              chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+              chunk_rows: int = DEFAULT_CHUNK_ROWS, options: Mapping | None = None) -> Iterator[pd.DataFrame]:
     """Chunks of one file of `list_files`, each record checked (`validate_chunk`); the file's
-    outcome goes to `summary` whatever happens.
+    outcome goes to `summary` whatever happens. `options`: read options (e.g. `snapshot_time`),
+    passed to the formats that take them (`SourceFormat.takes_options`).
 
     A file named explicitly that cannot be used raises `IngestError`. In a folder, a file of
     another frame kind is noted as "other kind"; one that cannot be read, or is of no known
@@ -187,7 +189,8 @@ def iter_file(path: str, frame: str, explicit: bool, quarantine: Quarantine, sum
     stats = FileStats(path, fmt.name)
     summary.files.append(stats)
     before = quarantine.counts.get(path, 0)
-    reader = fmt.read(path, quarantine, chunk_rows)
+    reader = (fmt.read(path, quarantine, chunk_rows, options=dict(options or {})) if fmt.takes_options
+              else fmt.read(path, quarantine, chunk_rows))
     opened: list = []
     failure = ""
     try:
@@ -224,6 +227,31 @@ def iter_file(path: str, frame: str, explicit: bool, quarantine: Quarantine, sum
             stats.outcome, stats.reason = (PARTLY_READ if records else UNREADABLE), failure
             quarantine.add_file(path, failure, raw)
         stats.quarantined = quarantine.counts.get(path, 0) - before
+        warning = _time_warning(stats.ts_min, stats.ts_max)
+        if warning:
+            stats.reason = f"{stats.reason}; {warning}" if stats.reason else warning
+
+
+EARLIEST_PLAUSIBLE_TS = 946_684_800.0   # 2000-01-01T00:00:00Z
+FUTURE_SLACK_S = 86_400.0
+
+
+def _time_warning(ts_min: float, ts_max: float, now: float | None = None) -> str:
+    """A warning for a file whose times point at a broken clock, unit or snapshot time (they are
+    still read: `train` refuses such a history, `score` ranks it)."""
+    import time
+
+    now = time.time() if now is None else now
+    found = []
+    if ts_min < EARLIEST_PLAUSIBLE_TS:
+        found.append(f"times before 2000-01-01 (earliest {_utc(ts_min)} UTC)")
+    if ts_max > now + FUTURE_SLACK_S:
+        found.append(f"times in the future (latest {_utc(ts_max)} UTC)")
+    return "warning: " + " and ".join(found) if found else ""
+
+
+def _utc(ts: float) -> str:
+    return pd.Timestamp(ts, unit="s").strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _refuse(path: str, reason: str, quarantine: Quarantine, summary: ReadSummary) -> None:
@@ -256,8 +284,8 @@ def _mismatch_message(path: str, frame: str) -> str:
         return f"{path}: not a known {frame} format (tried: {tried})"
 
 
-def _read_all(paths, frame: str, quarantine, summary) -> pd.DataFrame:
-    chunks = list(iter_frames(paths, frame, quarantine, summary))
+def _read_all(paths, frame: str, quarantine, summary, options: Mapping | None = None) -> pd.DataFrame:
+    chunks = list(iter_frames(paths, frame, quarantine, summary, options=options))
     if not chunks:
         return schema.empty(frame)
     out = pd.concat(chunks, ignore_index=True)
@@ -266,22 +294,22 @@ def _read_all(paths, frame: str, quarantine, summary) -> pd.DataFrame:
     return out
 
 
-def iter_connections(paths, quarantine=None, summary=None, chunk_rows=DEFAULT_CHUNK_ROWS):
-    return iter_frames(paths, "connections", quarantine, summary, chunk_rows)
+def iter_connections(paths, quarantine=None, summary=None, chunk_rows=DEFAULT_CHUNK_ROWS, options=None):
+    return iter_frames(paths, "connections", quarantine, summary, chunk_rows, options)
 
 
-def iter_dns(paths, quarantine=None, summary=None, chunk_rows=DEFAULT_CHUNK_ROWS):
-    return iter_frames(paths, "dns_answers", quarantine, summary, chunk_rows)
+def iter_dns(paths, quarantine=None, summary=None, chunk_rows=DEFAULT_CHUNK_ROWS, options=None):
+    return iter_frames(paths, "dns_answers", quarantine, summary, chunk_rows, options)
 
 
-def read_connections(paths, quarantine=None, summary=None) -> pd.DataFrame:
-    """All connections in `paths`, canonical, sorted by `ts`."""
-    return _read_all(paths, "connections", quarantine, summary)
+def read_connections(paths, quarantine=None, summary=None, options=None) -> pd.DataFrame:
+    """All connections in `paths`, canonical, sorted by `ts`. `options`: read options (`iter_file`)."""
+    return _read_all(paths, "connections", quarantine, summary, options)
 
 
-def read_dns(paths, quarantine=None, summary=None) -> pd.DataFrame:
+def read_dns(paths, quarantine=None, summary=None, options=None) -> pd.DataFrame:
     """All DNS answers in `paths`, canonical long form, sorted by `ts`."""
-    return _read_all(paths, "dns_answers", quarantine, summary)
+    return _read_all(paths, "dns_answers", quarantine, summary, options)
 
 
 def read_context(paths, quarantine=None, summary=None) -> pd.DataFrame:

@@ -151,6 +151,7 @@ class SourceFormat:
     sniff: Callable[[bytes], bool]              # decompressed head of the file -> is it mine?
     read: Callable[[str, Quarantine, int], Iterator[pd.DataFrame]]  # path, quarantine, chunk rows
     description: str = ""
+    takes_options: bool = False   # read also takes `options=` (the read options mapping, e.g. snapshot_time)
 
 
 # --- decompression --------------------------------------------------------------------------
