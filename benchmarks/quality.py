@@ -237,13 +237,15 @@ def match_labels(connections: pd.DataFrame, labels5: pd.DataFrame, slack: float 
     labelled connection with the row's 5-tuple that started at most `slack` s before the row (or 1 s
     after: the logs cut times to the millisecond), the nearest one."""
     rows = connections[["event_id", "ts"] + FIVE].astype({"src_port": "int64", "dst_port": "int64"})
-    lab = labels5.astype({"src_port": "int64", "dst_port": "int64"})
+    lab = labels5.astype({"src_port": "int64", "dst_port": "int64"}).reset_index(drop=True)
+    lab["label_row"] = np.arange(len(lab))
     m = rows.merge(lab, on=FIVE, suffixes=("", "_label"))
     m["lag"] = m["ts"] - m["ts_label"]
     m = m[(m["lag"] >= -1.0) & (m["lag"] <= slack)].assign(lag=lambda d: d["lag"].abs())
     m = m.sort_values(["event_id", "lag"], kind="stable").drop_duplicates("event_id")
     return pd.DataFrame({"event_id": m["event_id"].to_numpy(), "label": m["label"].to_numpy(),
-                         "family": m["family"].to_numpy(), "entity": m["src_ip"].to_numpy()})
+                         "family": m["family"].to_numpy(), "entity": m["src_ip"].to_numpy(),
+                         "label_row": m["label_row"].to_numpy()})   # which labelled connection
 
 
 def real_view(ds, folder: Path) -> tuple[Frames, pd.DataFrame, dict]:
@@ -255,7 +257,8 @@ def real_view(ds, folder: Path) -> tuple[Frames, pd.DataFrame, dict]:
     labels = match_labels(conns, labels_5tuple(ds))
     attacks = ds.labels[ds.labels["label"] == "attack"]
     seen = labels[labels["label"] == "attack"]
-    counts = {"quarantined": len(q), "attack_rows": len(seen), "attacks_zeek": len(attacks)}
+    counts = {"quarantined": len(q), "attack_rows": len(seen), "attacks_seen": seen["label_row"].nunique(),
+              "attacks_zeek": len(attacks)}
     return Frames(conns, dns, ds.inventory), labels, counts
 
 
@@ -281,8 +284,8 @@ def run_estate(sc: Scenario, seed: int, trials: list[int], storage_dir: Path, lo
         else:
             frames, labels, counts = real_view(ds, storage_dir / f"{sc.name}-{sc.days}d-s{seed}-{view}")
             train, test = split_frames(frames, ds.train_end)
-            note = (f", {counts['attack_rows']} attack rows read for {counts['attacks_zeek']} attack connections, "
-                    f"{counts['quarantined']} quarantined")
+            note = (f", {counts['attack_rows']} attack rows read for {counts['attacks_seen']} of the "
+                    f"{counts['attacks_zeek']} attack connections, {counts['quarantined']} quarantined")
         tag = "" if views == ("zeek",) else f" [{view}]"
         log(f"[{sc.label} seed {seed}{tag}] {len(train.connections):,} training / {len(test.connections):,} "
             f"attack-day connections, {int((labels['label'] == 'attack').sum())} attacks, top 1% = "

@@ -214,6 +214,10 @@ def test_quality_labels_real_rows_by_five_tuple_and_time(estate):
     assert sorted(zip(labels["event_id"], labels["label"], labels["family"])) == \
         sorted(zip(want["event_id"], want["label"], want["family"]))
     assert (labels["label"] == "attack").sum() > 0
+    # label_row names the labelled connection: both rows of a VM-to-VM connection name the same one
+    l5 = labels_5tuple(ds)
+    rows = labels.merge(got[["event_id"] + FIVE], on="event_id")
+    assert (rows[FIVE].astype(str).to_numpy() == l5.iloc[rows["label_row"]][FIVE].astype(str).to_numpy()).all()
     # a row starting more than the slack after the labelled connection is not that connection
     late = got[got["event_id"].isin(labels["event_id"])].head(3).assign(ts=lambda d: d["ts"] + q.LABEL_SLACK_S + 1)
     assert q.match_labels(late, labels_5tuple(ds)).empty
