@@ -318,7 +318,7 @@ def test_an_inbound_row_is_never_management_egress(tmp_path):
     ("# 2099-01-01T00:00:00Z", "warning: times in the future (latest 2099-01-01 00:00:00 UTC)"),
     ("# 2024-03-07T00:00:22Z", ""),
 ])
-def test_implausible_times_are_warned_about_in_the_read_summary(tmp_path, stamp, warning):
+def test_implausible_times_are_warned_about_in_the_read_summary(tmp_path, capsys, stamp, warning):
     from esxi_anomaly import ingest
 
     path = tmp_path / "snap.txt"
@@ -329,6 +329,10 @@ def test_implausible_times_are_warned_about_in_the_read_summary(tmp_path, stamp,
     assert stats.outcome == ingest.READ and stats.reason == warning
     assert ingest.file_line(stats) == f"{path}: esxcli_connections, 1 kept, 0 quarantined" + (
         f" ({warning})" if warning else "")
+    from esxi_anomaly import cli
+
+    assert cli.main(["inspect", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(" UTC" + (f", {warning}" if warning else ""))
 
 
 # -- --snapshot-time on the command line --------------------------------------------------------
