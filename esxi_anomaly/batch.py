@@ -53,6 +53,7 @@ import pyarrow.parquet as pq
 
 from esxi_anomaly import ingest, schema
 from esxi_anomaly.features import identity
+from esxi_anomaly.features.merge import connection_groups
 from esxi_anomaly.features.hashing import hash_column
 from esxi_anomaly.report import csv as report_csv, ecs as report_ecs, format_for_path, html as report_html
 from esxi_anomaly.detect import explain
@@ -75,8 +76,9 @@ WRITE_BLOCK = 100_000
 KEEP_HEAP_BELOW = 640 << 20  # a scoring process keeps its freed heap between batches up to this size
 WRITE_THREADS = 2              # output blocks prepared concurrently (2-core machines and up)
 HTML_DEFAULT_TOP = 2000
-CHECKPOINT_VERSION = 4            # 2: scored rows carry sentence inputs; 3: one checkpoint per partition;
-                                  # 4: checkpoints as plain files (no pickles), run fingerprint
+CHECKPOINT_VERSION = 5            # 2: scored rows carry sentence inputs; 3: one checkpoint per partition;
+                                  # 4: checkpoints as plain files (no pickles), run fingerprint;
+                                  # 5: merged connections (`seen_by`, rows kept besides rows read)
 SLOT_BITS = 16
 N_SLOTS = 1 << SLOT_BITS
 _SLOT = "_slot"                   # spill-only column: the row's source slot
@@ -84,7 +86,7 @@ SCORED_SUFFIX = ".scored.arrow"
 ROLLUP_SUFFIX = ".entities.csv"
 # what `explain.sentences` reads from a scored row; the sentence-only ones are not written out
 SENTENCE_COLUMNS = ["dst_port", "dst_ip", "src_name", "rules", "query", "transform", "answer", "rtype", "dns_delay",
-                    *explain.SENTENCE_ONLY]
+                    "seen_by", *explain.SENTENCE_ONLY]
 DROPPED = {"bucket", "row", *explain.SENTENCE_ONLY}
 
 
@@ -518,7 +520,8 @@ class Checkpoint:
     top_rows: pd.DataFrame | None = None      # running top-K rows (score, event_id, bucket, row)
     top_feats: pd.DataFrame | None = None
     alerts: int = 0
-    scored: int = 0
+    scored: int = 0                           # connections read and scored (before merging)
+    kept: int = 0                             # rows written: one per connection (`features.merge`)
     files: dict[str, int] = field(default_factory=dict)   # scored file name -> rows, checked on resume
 
     def to_files(self, folder: Path) -> None:
@@ -531,7 +534,7 @@ class Checkpoint:
                 write_frame(getattr(self, name), folder / f"{name}.arrow")
         self.state.to_files(folder / "state")
         meta = {"version": self.version, "done_buckets": [int(b) for b in self.done_buckets],
-                "alerts": int(self.alerts), "scored": int(self.scored),
+                "alerts": int(self.alerts), "scored": int(self.scored), "kept": int(self.kept),
                 "files": {str(k): int(v) for k, v in self.files.items()},
                 "top": self.top_rows is not None}
         (folder / "checkpoint.json").write_text(json.dumps(meta), encoding="utf-8")   # last: the folder is whole
@@ -542,7 +545,7 @@ class Checkpoint:
         folder = Path(folder)
         meta = json.loads((folder / "checkpoint.json").read_text(encoding="utf-8"))
         cp = cls(version=int(meta["version"]), done_buckets=[int(b) for b in meta["done_buckets"]],
-                 alerts=int(meta["alerts"]), scored=int(meta["scored"]),
+                 alerts=int(meta["alerts"]), scored=int(meta["scored"]), kept=int(meta.get("kept", 0)),
                  files={str(k): int(v) for k, v in meta["files"].items()})
         if cp.version != CHECKPOINT_VERSION or scalars_only:
             return cp
@@ -552,13 +555,23 @@ class Checkpoint:
         return cp
 
 
-def chunk_bounds(ts: np.ndarray, chunk_rows: int) -> list[tuple[int, int]]:
-    """Index ranges of at most ~chunk_rows rows of sorted `ts`, never splitting equal times."""
-    bounds, lo, n = [], 0, len(ts)
+def chunk_bounds(ts: np.ndarray, chunk_rows: int, group: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Index ranges of at most ~chunk_rows rows of sorted `ts`, never splitting equal times, nor
+    the rows of one connection (`group`: `merge.connection_groups`), so that a chunk merges them
+    as the whole batch would."""
+    n = len(ts)
+    if n == 0:
+        return []
+    free = np.r_[False, ts[1:] != ts[:-1], True]         # free[hi]: a border may fall before row hi
+    if group is not None:
+        # ... when no connection of the rows before it has a row at hi or after
+        last = np.full(int(group.max()) + 1, -1, dtype=np.int64)
+        np.maximum.at(last, group, np.arange(n))
+        free[1:n] &= np.maximum.accumulate(last[group])[:-1] < np.arange(1, n)
+    borders = np.flatnonzero(free)
+    bounds, lo = [], 0
     while lo < n:
-        hi = min(lo + chunk_rows, n)
-        while hi < n and ts[hi] == ts[hi - 1]:
-            hi += 1
+        hi = int(borders[np.searchsorted(borders, min(lo + chunk_rows, n))])
         bounds.append((lo, hi))
         lo = hi
     return bounds
@@ -692,7 +705,7 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
         conns = table.take(order).to_pandas()
         ts = conns["ts"].to_numpy(dtype="float64")
         pieces = []
-        bounds = chunk_bounds(ts, chunk_rows)
+        bounds = chunk_bounds(ts, chunk_rows, connection_groups(conns) if len(conns) > chunk_rows else None)
         for i, (lo, hi) in enumerate(bounds):
             start = ts[lo]
             # the chunk counts the DNS rows from where the previous one stopped (everything, for
@@ -714,6 +727,7 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
             _merge_top(cp, rows, feats, explain_top)
             pieces.append(rows)
             cp.scored += hi - lo
+            cp.kept += len(rows)
             progress(hi - lo)
             t = _lap(stages, "score: top merge", t)
         scored = pd.concat(pieces, ignore_index=True)
@@ -1086,7 +1100,8 @@ class _BlockWriter:
 
 @dataclass
 class RunSummary:
-    connections: int = 0
+    connections: int = 0         # connection rows read
+    connections_merged: int = 0  # connections scored: rows of one connection seen by several sources merged
     dns_records: int = 0
     written: int = 0
     alerts: int = 0
@@ -1186,12 +1201,14 @@ def _run(model, conn_paths, dns_paths, inventory, out: Path, fmt: str, top, chun
         for part_cp, part_stages in parts:   # sub-stages: mean seconds per partition
             cp.alerts += part_cp.alerts
             cp.scored += part_cp.scored
+            cp.kept += part_cp.kept
             if part_cp.top_rows is not None:
                 _merge_top(cp, part_cp.top_rows, part_cp.top_feats, explain_top)
             for name, seconds in part_stages.items():
                 stages[name] = stages.get(name, 0.0) + seconds / len(parts)
         if cp.scored != run_summary.connections:
             raise RuntimeError(f"scored {cp.scored} of {run_summary.connections} connections")
+        run_summary.connections_merged = cp.kept
         t0 = time.perf_counter()
         if html_extra:
             html_extra = {**html_extra, "summary": {**html_extra.get("summary", {}),
@@ -1199,7 +1216,7 @@ def _run(model, conn_paths, dns_paths, inventory, out: Path, fmt: str, top, chun
         run_summary.written, run_summary.entities = rank_and_write(
             model, work, cp, out, fmt, top, explain_top, html_extra or {}, context,
             rollup_out=rollup_path(out) if rollup else None, stages=stages, pool=pool,
-            expect_rows=run_summary.connections)
+            expect_rows=cp.kept)
         stages["rank+write"] = time.perf_counter() - t0
     finally:
         if own_pool:

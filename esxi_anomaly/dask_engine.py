@@ -120,7 +120,7 @@ def score_partition(model, inventory: pd.DataFrame | None, work: str, partition:
                                 "cluster it must be on a filesystem the workers mount at the same path")
     conns = _read_range(work / "conn", lo, hi)
     if conns is None:
-        return {"partition": partition, "rows": 0, "alerts": 0, "top_rows": None, "top_feats": None, "seconds": 0.0}
+        return {"partition": partition, "rows": 0, "read": 0, "alerts": 0, "top_rows": None, "top_feats": None, "seconds": 0.0}
     conns = conns.sort_values(["ts", "event_id", _SEQ], kind="stable", ignore_index=True)
     conns = conns.drop(columns=[_SLOT, _SEQ])
     dns = _read_range(work / "dns", lo, hi)
@@ -139,7 +139,7 @@ def score_partition(model, inventory: pd.DataFrame | None, work: str, partition:
     out_dir = work / "scored"
     out_dir.mkdir(exist_ok=True)
     batch.write_scored(rows, out_dir / f"{partition}{batch.SCORED_SUFFIX}")
-    return {"partition": partition, "rows": len(rows), "alerts": int(rows["alert"].sum()),
+    return {"partition": partition, "rows": len(rows), "read": len(conns), "alerts": int(rows["alert"].sum()),
             "top_rows": top.top_rows, "top_feats": top.top_feats, "seconds": time.perf_counter() - t0}
 
 
@@ -220,7 +220,8 @@ def _run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path
             part = future.result()
             future.release()
             cp.alerts += part["alerts"]
-            cp.scored += part["rows"]
+            cp.scored += part["read"]     # rows read; `rows`: one per connection (`features.merge`)
+            cp.kept += part["rows"]
             task_s += part["seconds"]
             if part["top_rows"] is not None:
                 batch._merge_top(cp, part["top_rows"], part["top_feats"], explain_top)
@@ -229,11 +230,12 @@ def _run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path
         stages["score (sum of tasks)"] = task_s
         if cp.scored != result.connections:
             raise RuntimeError(f"scored {cp.scored} of {result.connections} connections")
+        result.connections_merged = cp.kept
 
         t0 = time.perf_counter()
         result.written, result.entities = batch.rank_and_write(
             model, work, cp, out, fmt, top, explain_top, html_extra or {}, context,
-            rollup_out=batch.rollup_path(out) if rollup else None, stages=stages, expect_rows=result.connections)
+            rollup_out=batch.rollup_path(out) if rollup else None, stages=stages, expect_rows=cp.kept)
         stages["rank+write"] = time.perf_counter() - t0
         result.alerts = cp.alerts
         result.quarantined = len(quarantine)

@@ -70,7 +70,7 @@ def history_findings(ts: np.ndarray, now: float | None = None) -> tuple[list[str
 RANKED_COLUMNS = [
     "rank", "score", "event_id", "ts", "src_ip", "src_port", "src_name", "src_kind", "esxi_host", "dst_ip",
     "dst_port", "proto", "process", "query", "answer", "rtype", "dns_delay", "transform", "rules",
-    "forest_score", "rule_score", "explanation", "top_features",
+    "forest_score", "rule_score", "seen_by", "explanation", "top_features",
 ]
 
 
@@ -192,6 +192,7 @@ class DnsCalcDetector(BaseEstimator):
             "forest_score": comp["forest_score"].to_numpy(), "rule_score": comp["rule_score"].to_numpy(),
             "consistency": ev["consistency"].to_numpy(), "port_never_seen": feats["port_never_seen"].to_numpy(),
             "dst_never_seen": feats["dst_never_seen"].to_numpy(), "dst_is_answer": feats["dst_is_answer"].to_numpy(),
+            "seen_by": c["seen_by"].array,   # vantage points of the merged connection (`features.merge`)
         })
         out["alert"] = out["score"].to_numpy() >= self.detector_.threshold_
         return out

@@ -264,8 +264,8 @@ def _is_one(values: pd.Series) -> np.ndarray:
 
 def sentences(rows: pd.DataFrame, history_days: float, rules: list[dict] = ()) -> pd.Series:
     """`rows` carries: transform, answer, rtype, query, dns_delay, consistency, dst_port, dst_ip,
-    src_name, port_never_seen, dst_never_seen, dst_is_answer, rules; `rules` are the model's rule
-    definitions, whose `explain` templates are appended for the rules that fired."""
+    src_name, port_never_seen, dst_never_seen, dst_is_answer, rules (and seen_by, when there); `rules`
+    are the model's rule definitions, whose `explain` templates are appended for the rules that fired."""
     n = len(rows)
     if not n:
         return pd.Series([], dtype="str")
@@ -308,10 +308,20 @@ def sentences(rows: pd.DataFrame, history_days: float, rules: list[dict] = ()) -
             if len(j):
                 take = pa.array(j)
                 pieces.append((j, _cat("; ", src_name.take(take), middle, what.take(take), " in " + days)))
-    text = _cat(part1, _scatter(n, pieces), _rule_clauses(rows, rules))
+    text = _cat(part1, _scatter(n, pieces), _rule_clauses(rows, rules), _seen_by_clause(rows))
     out = text.to_pandas()
     out.index = rows.index
     return out.astype("str")
+
+
+def _seen_by_clause(rows: pd.DataFrame) -> pa.Array:
+    """"; seen by nsx_dfw:esx01, nsx_dfw:esx03" when more than one vantage point logged the
+    connection (`features.merge`: `seen_by` lists them separated by spaces)."""
+    if "seen_by" not in rows.columns:
+        return _const("", len(rows))
+    seen = pc.fill_null(_text(rows["seen_by"]), "")
+    several = pc.match_substring(seen, " ")
+    return pc.if_else(several, _cat("; seen by ", pc.replace_substring(seen, " ", ", ")), _const("", len(rows)))
 
 
 def _render(template: str, rows: pd.DataFrame) -> pa.Array:

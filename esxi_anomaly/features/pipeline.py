@@ -11,7 +11,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly.features import dns_join, dns_port, identity
+from esxi_anomaly.features import dns_join, dns_port, identity, merge
 from esxi_anomaly.features.baseline import BASELINE_FEATURES, RATE_WINDOW_S, EntityBaseline
 from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns
 from esxi_anomaly.features.dns_port import _gather
@@ -29,7 +29,8 @@ FEATURES = dns_port.RELATIONSHIP_FEATURES + DNS_SIDE_FEATURES + BASELINE_FEATURE
 class Prepared:
     """Everything about a batch that does not depend on a fitted baseline.
 
-    Sources are kept as `entity_table` (one row per distinct source, `entities.ENTITY_COLUMNS`) and
+    `conns` are the merged connections (`merge.merge_connections`: one row per connection, with
+    `seen_by`). Sources are kept as `entity_table` (one row per distinct source, `entities.ENTITY_COLUMNS`) and
     each connection's row in it (`entity_codes`); `entities` gives them per connection."""
 
     conns: pd.DataFrame
@@ -55,8 +56,9 @@ class Prepared:
 def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | None,
             join_params: dns_join.JoinParams = dns_join.JoinParams(),
             state: StreamState | None = None) -> Prepared:
-    conns = conns.reset_index(drop=True)
-    dns = identity.resolve_clients(dns, inventory)  # named clients (Sysmon EID 22) -> their IPs
+    # one row per connection and per answer, however many vantage points logged it (`merge`)
+    conns = merge.merge_connections(conns, state)
+    dns = merge.merge_dns(identity.resolve_clients(dns, inventory))  # named clients (Sysmon EID 22) -> their IPs
     cc, dc = ConnColumns(conns), DnsColumns(dns.reset_index(drop=True))
     j = dns_join.join(cc, dc, join_params)
     rel, evidence = dns_port.relationship_features(cc, dc, j, state)

@@ -1,0 +1,170 @@
+"""One row per connection and per DNS answer across sources (issue #14): DFW OUT/IN pairs, esxcli
+snapshots, Sysmon vs a DNS server; in one batch, across batches and in the batch engine."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from esxi_anomaly import batch, schema
+from esxi_anomaly.features import identity, merge, pipeline
+from esxi_anomaly.features.stream_state import StreamState
+
+T0 = 1_709_769_600.0   # 2024-03-07T00:00:00Z
+
+
+def conn(ts, host, source="nsx_dfw", src_port=50_000, event_id=None, **values):
+    row = {"event_id": event_id or f"{source}-{host}-{ts}", "ts": T0 + ts, "src_ip": "10.20.2.11",
+           "src_port": src_port, "dst_ip": "10.20.7.11", "dst_port": 8086, "proto": "tcp", "esxi_host": host,
+           "source": source, "duration": 1.0, "bytes_out": 52.0, "bytes_in": np.nan, "packets_out": 1.0}
+    return row | values
+
+
+def frame(*rows) -> pd.DataFrame:
+    return schema.conform(pd.DataFrame(list(rows)), "connections")
+
+
+def test_vm_to_vm_connection_logged_at_two_hosts_is_one_row():
+    conns = frame(conn(0.0, "esx01", event_id="out", bytes_out=52.0),
+                  conn(0.0, "esx03", event_id="in", bytes_out=80.0, bytes_in=40.0))
+    out = merge.merge_connections(conns)
+    assert len(out) == 1
+    row = out.iloc[0]
+    assert row["seen_by"] == "nsx_dfw:esx01 nsx_dfw:esx03"
+    assert row["event_id"] == "out" and row["esxi_host"] == "esx01"      # the earliest row's values
+    assert (row["bytes_out"], row["bytes_in"], row["packets_out"]) == (80.0, 40.0, 1.0)   # the largest counts
+    # the features boundary sees it: one prepared row, its vantage points kept
+    prepared = pipeline.prepare(conns, schema.empty("dns_answers"), None)
+    assert prepared.conns["seen_by"].tolist() == ["nsx_dfw:esx01 nsx_dfw:esx03"]
+
+
+def test_two_connections_on_one_five_tuple_five_minutes_apart_stay_two():
+    conns = frame(conn(0.0, "esx01"), conn(0.0, "esx03"), conn(300.0, "esx01"), conn(300.5, "esx03"))
+    out = merge.merge_connections(conns)
+    assert out["ts"].tolist() == [T0, T0 + 300.0]
+    assert out["seen_by"].tolist() == ["nsx_dfw:esx01 nsx_dfw:esx03"] * 2
+
+
+def test_rows_further_apart_than_the_tolerance_stay_apart():
+    conns = frame(conn(0.0, "esx01"), conn(2.5, "esx03"), conn(3.0, "esx01", src_port=50_001))
+    assert len(merge.merge_connections(conns)) == 3
+
+
+def test_esxcli_snapshot_joins_within_the_snapshot_period_plus_duration():
+    dfw = conn(0.0, "esx01", duration=100.0)
+    inside = conn(159.0, "esx01", source="esxcli_connections", duration=np.nan, bytes_out=np.nan)
+    outside = conn(161.0, "esx01", source="esxcli_connections", duration=np.nan, bytes_out=np.nan)
+    assert merge.merge_connections(frame(dfw, inside))["seen_by"].tolist() == [
+        "nsx_dfw:esx01 esxcli_connections:esx01"]
+    assert merge.merge_connections(frame(dfw, outside))["seen_by"].tolist() == [
+        "nsx_dfw:esx01", "esxcli_connections:esx01"]
+    # snapshots of one socket in successive files: one connection, one vantage point
+    snaps = frame(*(conn(60.0 * k, "esx02", source="esxcli_connections", duration=0.0) for k in range(4)))
+    assert merge.merge_connections(snaps)["seen_by"].tolist() == ["esxcli_connections:esx02"]
+
+
+def test_sysmon_and_dfw_rows_merge_in_order_of_first_sight():
+    conns = frame(conn(0.0, "", source="sysmon_network", event_id="sysmon"), conn(1.2, "esx01"),
+                  conn(1.2, "esx03"), conn(1.5, "esx01"))
+    out = merge.merge_connections(conns)
+    assert out["event_id"].tolist() == ["sysmon"]
+    assert out["seen_by"].tolist() == ["sysmon_network nsx_dfw:esx01 nsx_dfw:esx03"]
+
+
+def test_zeek_rows_are_kept_as_they_are():
+    conns = frame(conn(0.0, "", source="zeek_conn_tsv", event_id="C1"),
+                  conn(0.5, "", source="zeek_conn_tsv", event_id="C2"))
+    out = merge.merge_connections(conns)
+    pd.testing.assert_frame_equal(out.drop(columns="seen_by"), conns)
+    assert out["seen_by"].tolist() == ["zeek_conn_tsv", "zeek_conn_tsv"]
+
+
+def dns_row(ts, source, client="10.20.2.11", answer="10.20.7.11", event_id=None):
+    return {"event_id": event_id or f"{source}-{ts}", "ts": T0 + ts, "client_ip": client, "resolver_ip": "10.0.0.53",
+            "query": "metrics.corp.local", "rtype": "A", "answer": answer, "answer_index": 0, "ttl": 60.0,
+            "rcode": "NOERROR", "source": source}
+
+
+def test_the_same_answer_from_sysmon_and_infoblox_is_one_dns_row():
+    inventory = schema.conform(pd.DataFrame({"ip": ["10.20.2.11"], "name": ["app01.corp.local"], "kind": ["vm"],
+                                             "esxi_host": ["esx01"], "role": ["app"]}), "inventory")
+    dns = schema.conform(pd.DataFrame([
+        dns_row(0.0, "sysmon_dns", client="APP01.corp.local", event_id="sysmon"),
+        dns_row(0.3, "infoblox_nios", event_id="infoblox"),
+        dns_row(0.4, "infoblox_nios", answer="10.20.7.12"),           # another answer: kept
+        dns_row(600.0, "infoblox_nios", event_id="later"),            # asked again later: kept
+    ]), "dns_answers")
+    out = merge.merge_dns(identity.resolve_clients(dns, inventory))
+    assert out["event_id"].tolist() == ["sysmon", "infoblox_nios-0.4", "later"]
+    assert out["client_ip"].tolist() == ["10.20.2.11"] * 3
+    # one source's repeated rows are its own: never merged
+    same = schema.conform(pd.DataFrame([dns_row(0.0, "infoblox_nios"), dns_row(0.5, "infoblox_nios", event_id="b")]),
+                          "dns_answers")
+    assert len(merge.merge_dns(same)) == 2
+
+
+def test_batches_with_carried_state_merge_as_one_batch():
+    rows = [conn(0.0, "esx01", event_id="a"), conn(0.0, "esx03", event_id="b"),
+            conn(9.0, "esx01", src_port=50_001, event_id="c"), conn(10.0, "esx03", src_port=50_001, event_id="d"),
+            conn(11.0, "esx01", src_port=50_002, event_id="e")]
+    whole = merge.merge_connections(frame(*rows))
+    state = StreamState()
+    first = merge.merge_connections(frame(*rows[:3]), state)
+    second = merge.merge_connections(frame(*rows[3:]), state)
+    assert whole["event_id"].tolist() == ["a", "c", "e"]
+    # the row of "c" seen again after the border is dropped there: its connection was kept before
+    assert first["event_id"].tolist() + second["event_id"].tolist() == ["a", "c", "e"]
+    # the state round-trips through its files
+    assert set(state.recent) >= {"merge_conn", "merge_conn_info", "merge_conn_vantage"}
+
+
+def test_chunk_bounds_never_split_a_connection():
+    conns = frame(conn(0.0, "esx01"), conn(1.0, "esx03"), conn(2.0, "esx01", src_port=2),
+                  conn(3.0, "esx03", src_port=2), conn(4.0, "esx01", src_port=3), conn(5.0, "esx01", src_port=4))
+    ts = conns["ts"].to_numpy()
+    assert batch.chunk_bounds(ts, 1) == [(i, i + 1) for i in range(6)]
+    assert batch.chunk_bounds(ts, 1, merge.connection_groups(conns)) == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert batch.chunk_bounds(ts, 3, merge.connection_groups(conns)) == [(0, 4), (4, 6)]
+
+
+def dfw_line(ts: float, host: str, direction: str, src_port: int) -> str:
+    when = pd.Timestamp(ts, unit="s", tz="UTC").strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return (f"<13>1 {when} {host} FIREWALL-PKTLOG 1070157 - - 6bc116c9 INET match PASS 1024 {direction} 52 TCP "
+            f"10.20.2.11/{src_port}->10.20.7.11/8086 SEW")
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 5])
+def test_batch_engine_merges_a_pair_across_a_chunk_border_as_one_shot(tmp_path, small_day, chunk_rows):
+    model, folder = small_day
+    from esxi_anomaly.ingest import read_connections, read_dns
+
+    dns = read_dns(folder / "dns.log")
+    start = float(dns["ts"].max()) - 600
+    # 12 VM-to-VM connections, each OUT at esx-01 then IN at esx-03 1 s later: odd chunk sizes
+    # put chunk borders between the two rows of one connection
+    lines = [dfw_line(start + 10 * k + dt, host, direction, 40_000 + k)
+             for k in range(12) for dt, host, direction in ((0.0, "esx-01", "OUT"), (1.0, "esx-03", "IN"))]
+    path = tmp_path / "dfw.log"
+    path.write_text("\n".join(lines) + "\n")
+    one_shot = model.score(schema.Frames(read_connections(path), dns, None))
+    out = tmp_path / "ranked.csv"
+    summary = batch.run(model, [path], [folder / "dns.log"], None, out, chunk_rows=chunk_rows, progress=False)
+    assert (summary.connections, summary.connections_merged, summary.written) == (24, 12, 12)
+    streamed = pd.read_csv(out, dtype={"event_id": "str"}, keep_default_na=False)
+    assert streamed["seen_by"].tolist() == ["nsx_dfw:esx-01 nsx_dfw:esx-03"] * 12
+    assert streamed["explanation"].str.endswith("; seen by nsx_dfw:esx-01, nsx_dfw:esx-03").all()
+    assert streamed["event_id"].tolist() == one_shot["event_id"].tolist()
+    assert streamed["explanation"].tolist() == one_shot["explanation"].tolist()
+
+
+def test_explanation_names_the_vantage_points_only_when_several_saw_the_row():
+    from esxi_anomaly.detect import explain
+
+    rows = pd.DataFrame({"transform": ["", ""], "answer": ["", ""], "rtype": ["", ""], "query": ["", ""],
+                         "dns_delay": [np.nan, np.nan], "consistency": [0.0, 0.0], "dst_port": [8086, 8086],
+                         "dst_ip": ["10.20.7.11"] * 2, "src_name": ["app01"] * 2, "port_never_seen": [0, 0],
+                         "dst_never_seen": [0, 0], "dst_is_answer": [0, 0], "rules": ["", ""],
+                         "seen_by": ["nsx_dfw:esx01 nsx_dfw:esx03", "zeek_conn_tsv"]})
+    assert explain.sentences(rows, 7.0).tolist() == [
+        "no DNS answer explains 10.20.7.11:8086; seen by nsx_dfw:esx01, nsx_dfw:esx03",
+        "no DNS answer explains 10.20.7.11:8086"]
