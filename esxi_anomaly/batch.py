@@ -730,7 +730,9 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
             cp.kept += len(rows)
             progress(hi - lo)
             t = _lap(stages, "score: top merge", t)
-        scored = pd.concat(pieces, ignore_index=True)
+        # a chunk whose rows all joined connections of earlier chunks scores none (and its empty
+        # text columns have no string type): it adds nothing
+        scored = pd.concat([p for p in pieces if len(p)] or pieces[:1], ignore_index=True)
         cp.alerts += int(scored["alert"].sum())
         name = f"{group[0] * n_parts + partition}{SCORED_SUFFIX}"
         write_scored(scored, out_dir / name)
