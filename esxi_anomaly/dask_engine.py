@@ -8,8 +8,9 @@ a one-shot run over everything. The engine therefore:
 1. **Spill** (client process): streams the inputs once (`ingest.iter_connections/iter_dns`) into
    Parquet files under `<out>.work/`, each chunk sorted by a *slot*: the top 16 bits of a stable
    64-bit hash of the source IP (`src_ip` for connections, `client_ip` for DNS; same function, so a
-   source's connections and answers get the same slot). Row groups are small, so a reader asking
-   for a slot range skips the rest by the Parquet statistics.
+   source's connections and answers get the same slot). DNS clients logged by host name are first
+   resolved to their entity's IPs (`features.identity`), as in the local engine. Row groups are
+   small, so a reader asking for a slot range skips the rest by the Parquet statistics.
 2. **Partition**: the per-slot row counts (known exactly after the spill) are cut into contiguous
    slot ranges of about `PARTITION_ROWS` rows (connections + DNS answers), at least two per worker
    thread; `partitions=` fixes the number instead.
@@ -37,6 +38,7 @@ import pyarrow.parquet as pq
 from esxi_anomaly import batch, ingest, schema
 from esxi_anomaly.batch import N_SLOTS, source_slot
 from esxi_anomaly.console import EXIT_INPUT
+from esxi_anomaly.features import identity
 from esxi_anomaly.schema import Frames
 
 PARTITION_ROWS = 500_000       # connections + DNS answer rows per task (bounds a worker's memory)
@@ -79,6 +81,12 @@ def _spill(chunks: Iterator[pd.DataFrame], folder: Path, key: str) -> np.ndarray
         pq.write_table(pa.Table.from_pandas(rows, preserve_index=False), folder / f"part-{part}.parquet",
                        row_group_size=ROW_GROUP_ROWS)
     return counts
+
+
+def _resolved(chunks: Iterator[pd.DataFrame], inventory: pd.DataFrame | None) -> Iterator[pd.DataFrame]:
+    """DNS chunks with host-named clients replaced by their entity's IPs (`identity.resolve_clients`)."""
+    lookup = identity.Identity.from_inventory(inventory)   # built once, not per chunk
+    return (identity.resolve_clients(chunk, inventory, lookup) for chunk in chunks)
 
 
 def choose_partitions(conn_counts: np.ndarray, dns_counts: np.ndarray, partitions: int | None,
@@ -195,7 +203,9 @@ def _run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path
                           work / "conn", "src_ip")
         stages["read+spill connections"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        d_counts = _spill(ingest.iter_dns(dns_paths, quarantine, summary, SPILL_CHUNK_ROWS), work / "dns", "client_ip")
+        # named clients (Sysmon EID 22) to their IPs before the slot is taken from them, as the local engine does
+        d_counts = _spill(_resolved(ingest.iter_dns(dns_paths, quarantine, summary, SPILL_CHUNK_ROWS), inventory),
+                          work / "dns", "client_ip")
         stages["read+spill dns"] = time.perf_counter() - t0
         result.connections, result.dns_records = int(c_counts.sum()), int(d_counts.sum())
         if not result.connections:

@@ -53,6 +53,22 @@ def test_dask_equals_local_engine(tmp_path, setting, client):
     assert client.status == "running"  # a client passed in is left open
 
 
+def test_dask_resolves_host_named_dns_clients_before_partitioning(tmp_path, setting, client):
+    """Sysmon EID 22 clients named by host: resolved to the host's IP before the spill, so they land in
+    the partition of its connections and join them, as under the local engine."""
+    from tests.features.test_identity import named_joined, named_sysmon
+
+    model, folder, inventory, _, _ = setting
+    sysmon, events = named_sysmon(folder, tmp_path / "sysmon.json")
+    conn, dns = [folder / "conn.log"], [folder / "dns.log", sysmon]
+    batch.run(model, conn, dns, inventory, tmp_path / "local.csv", progress=False)
+    result = dask_engine.run(model, conn, dns, inventory, tmp_path / "dask.csv", scheduler=client, partitions=5)
+    assert result.partitions == 5
+    expected, got = read(tmp_path / "local.csv"), read(tmp_path / "dask.csv")
+    assert len(events) == 24 and named_joined(expected) == 8
+    pd.testing.assert_frame_equal(expected, got)
+
+
 def test_cli_engine_dask_starts_its_own_cluster_parquet_top(tmp_path, setting):
     from esxi_anomaly import cli
     from esxi_anomaly.train import TrainConfig, write_model

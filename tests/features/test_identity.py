@@ -106,10 +106,10 @@ def test_coverage_lines_no_warning_at_90_percent():
         "DNS source infoblox: 9 of 10 clients (90.0 %) resolved to a connection source"]
 
 
-def test_batch_with_two_workers_equals_one_shot_on_named_clients(tmp_path, small_day, monkeypatch):
-    """Sysmon EID 22 named by host (upper case FQDN of the inventory name) beside the Zeek logs: the
-    batch engine resolves them before partitioning, so its rows are the one-shot model's."""
-    model, folder = small_day
+def named_sysmon(folder, out):
+    """(Sysmon EID 22 file at `out`, its events): 3 answers each for 8 inventory hosts of the small day's
+    Zeek conn.log, the client the upper case FQDN of the host's inventory name, each answering one of
+    its connections that no Zeek answer covers."""
     inventory = ingest.read_inventory(folder / "inventory.csv")
     c = ingest.read_connections(folder / "conn.log")
     named = inventory[inventory["name"] != ""].set_index("ip")["name"]
@@ -122,8 +122,24 @@ def test_batch_with_two_workers_equals_one_shot_on_named_clients(tmp_path, small
             events.append({**E22, "Hostname": named[ip].upper() + ".corp.local", "UtcTime": _utc(row.ts - 0.5),
                            "QueryName": f"{named[ip]}-{row.Index}.sysmon.example",
                            "QueryResults": f"::ffff:{row.dst_ip};"})
-    sysmon = tmp_path / "sysmon.json"
-    sysmon.write_text("".join(json.dumps(e) + "\n" for e in events))
+    out.write_text("".join(json.dumps(e) + "\n" for e in events))
+    return out, events
+
+
+def named_joined(got: pd.DataFrame) -> int:
+    """Hosts whose named answers joined a connection of theirs in scored rows `got` (a host's later
+    connection to the same IP takes the latest answer, so not every answer shows)."""
+    joined = got.loc[got["query"].str.endswith(".sysmon.example"), "query"].str.split("-").str[:-1].str.join("-")
+    return joined.nunique()
+
+
+def test_batch_with_two_workers_equals_one_shot_on_named_clients(tmp_path, small_day, monkeypatch):
+    """Sysmon EID 22 named by host (upper case FQDN of the inventory name) beside the Zeek logs: the
+    batch engine resolves them before partitioning, so its rows are the one-shot model's."""
+    model, folder = small_day
+    inventory = ingest.read_inventory(folder / "inventory.csv")
+    c = ingest.read_connections(folder / "conn.log")
+    sysmon, events = named_sysmon(folder, tmp_path / "sysmon.json")
     frames = Frames(c, ingest.read_dns([folder / "dns.log", sysmon]), inventory)
     write_csv(model.score(frames), tmp_path / "one.csv")
     monkeypatch.setattr(batch, "WRITE_BLOCK", 1000)
@@ -132,7 +148,5 @@ def test_batch_with_two_workers_equals_one_shot_on_named_clients(tmp_path, small
                     chunk_rows=800, bucket_s=1800, progress=False)
     assert two.partitions == 2
     got = pd.read_csv(out, dtype={"event_id": "str"}, keep_default_na=False)
-    # every host's named answers joined (a host's later connection to the same IP takes the latest)
-    joined = got.loc[got["query"].str.endswith(".sysmon.example"), "query"].str.split("-").str[:-1].str.join("-")
-    assert len(events) == 24 and joined.nunique() == 8
+    assert len(events) == 24 and named_joined(got) == 8   # every host's named answers joined
     assert (tmp_path / "one.csv").read_bytes() == out.read_bytes()
