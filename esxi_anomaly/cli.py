@@ -216,7 +216,8 @@ def _when(ts: float) -> str:
 
 
 def cmd_inspect(args) -> int:
-    """Per file and per frame kind it holds: format, outcome, records, time range, quarantine reasons.
+    """Per file and per frame kind it holds: format, outcome, records, time range, quarantine reasons;
+    then, of all files together, the DNS coverage per DNS source (`ReadSummary.coverage_lines`).
 
     Every file is reported, whatever happens to the others; EXIT_INPUT when some file is
     unreadable or of no known format, else EXIT_OK."""
@@ -224,6 +225,7 @@ def cmd_inspect(args) -> int:
     from esxi_anomaly.schema import FRAMES
 
     rc = EXIT_OK
+    view = ingest.ReadSummary()   # all files together: the DNS coverage, as `score` would see it
     for path in ingest.expand_paths(args.paths):
         found, problem = False, ""
         for frame in FRAMES:
@@ -234,6 +236,7 @@ def cmd_inspect(args) -> int:
             except Exception as exc:  # a reader's bug: this file is reported, the next ones still read
                 summary.files.append(FileStats(path, "unknown", outcome=UNREADABLE,
                                                reason=f"reader failed ({type(exc).__name__}: {exc})"))
+            view.merge_notes(summary)
             st = summary.files[-1]
             if st.outcome == UNREADABLE:
                 problem = problem or st.reason
@@ -257,6 +260,8 @@ def cmd_inspect(args) -> int:
         if not found:
             print(printable(f"{path}: unreadable ({problem or 'not a known format'})"))
             rc = EXIT_INPUT
+    for line in view.coverage_lines():
+        print(printable(line))
     return rc
 
 
@@ -381,7 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gzip", action="store_true")
     p.add_argument("--formats", default="zeek",
                    help="comma-separated views to write: zeek, nsx (DFW per host), esxcli (60 s snapshots per host), "
-                        "sysmon (EID 3/22 of Windows guests), infoblox (responses of the other clients); all = every one")
+                        "sysmon (EID 3/22 of Windows guests), ipfix (vDS IPFIX per host), and the DNS server logs "
+                        "infoblox (responses), windows_dns (Analytical ETW, answers in PacketData), bind (query log, "
+                        "no answers): the clients Sysmon does not cover are split among the DNS server logs asked "
+                        "for, each client in one (by a hash of its IP); all = every one")
     p.set_defaults(func=cmd_generate)
 
     for name, func in (("train", cmd_train), ("refit", cmd_refit)):

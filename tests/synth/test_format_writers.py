@@ -1,5 +1,6 @@
-"""generate --formats: the same estate written as NSX DFW, esxcli, Sysmon and Infoblox logs reads back
-through `esxi_anomaly.ingest` with nothing quarantined and exactly the covered connections and answers."""
+"""generate --formats: the same estate written as NSX DFW, esxcli, Sysmon, vDS IPFIX, Infoblox, Windows DNS
+Analytical and BIND query logs reads back through `esxi_anomaly.ingest` with nothing quarantined and exactly
+the covered connections and answers."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +8,7 @@ import pandas as pd
 import pytest
 
 from esxi_anomaly.ingest import Quarantine, ReadSummary, read_connections, read_dns
-from esxi_anomaly.synth import generate, labels_5tuple, parse_formats, write_formats
+from esxi_anomaly.synth import dns_server_split, generate, labels_5tuple, parse_formats, write_formats
 
 VM_KINDS = {"vm", "infra", "vcenter"}
 FIVE = ["src_ip", "src_port", "dst_ip", "dst_port", "proto"]
@@ -153,11 +154,16 @@ def _same_answers(got, want, keys, tol=1.0):
     assert (got["answer"] == "").sum() == want["event_id"][want["answer"] == ""].nunique()
 
 
-def test_infoblox_has_every_other_clients_answers(estate):
+def _server_clients(ds, inv, name):
+    """The clients a DNS server log of the `all` estate covers: its share of the non-Windows clients."""
+    others = ds.dns_answers.loc[~ds.dns_answers["client_ip"].isin(_windows(inv)["ip"]), "client_ip"]
+    return dns_server_split(others, ["infoblox", "windows_dns", "bind"])[name]
+
+
+def test_infoblox_has_its_clients_answers(estate):
     ds, out, inv = estate
-    win = _windows(inv)
     got, _ = _read([out / "infoblox"], "dns_answers")
-    want = ds.dns_answers[~ds.dns_answers["client_ip"].isin(win["ip"])]
+    want = ds.dns_answers[ds.dns_answers["client_ip"].isin(_server_clients(ds, inv, "infoblox"))]
     # the reader keeps SRV rdata as written: some lines end the target with the root dot
     got["answer"] = got["answer"].where(got["rtype"] != "SRV", got["answer"].str.rstrip("."))
     _same_answers(got, want, ["client_ip", "resolver_ip", "query", "rtype", "answer", "ttl"])
@@ -177,9 +183,10 @@ def test_labels_by_five_tuple_and_time(estate):
 def test_parse_formats():
     assert parse_formats("zeek") == ["zeek"]
     assert parse_formats("infoblox, NSX") == ["nsx", "infoblox"]
-    assert parse_formats("all") == ["zeek", "nsx", "esxcli", "sysmon", "infoblox"]
-    with pytest.raises(ValueError, match="unknown format ipfix"):
-        parse_formats("zeek,ipfix")
+    assert parse_formats("all") == ["zeek", "nsx", "esxcli", "sysmon", "infoblox", "windows_dns", "bind", "ipfix"]
+    assert parse_formats("bind,IPFIX,windows_dns") == ["windows_dns", "bind", "ipfix"]
+    with pytest.raises(ValueError, match="unknown format netflow"):
+        parse_formats("zeek,netflow")
 
 
 def test_generate_refuses_an_unknown_format(tmp_path, capsys):
@@ -221,3 +228,89 @@ def test_quality_labels_real_rows_by_five_tuple_and_time(estate):
     # a row starting more than the slack after the labelled connection is not that connection
     late = got[got["event_id"].isin(labels["event_id"])].head(3).assign(ts=lambda d: d["ts"] + q.LABEL_SLACK_S + 1)
     assert q.match_labels(late, labels_5tuple(ds)).empty
+
+
+def test_dns_server_logs_split_the_other_clients(estate):
+    ds, out, inv = estate
+    others = set(ds.dns_answers["client_ip"]) - set(_windows(inv)["ip"])
+    parts = [_server_clients(ds, inv, n) for n in ("infoblox", "windows_dns", "bind")]
+    assert all(len(p) >= 5 for p in parts) and set().union(*parts) == others
+    assert sum(map(len, parts)) == len(others)            # each client in exactly one server's log
+    # one server log asked for alone takes every client; none asked for: no split
+    assert dns_server_split(others, ["zeek", "bind"]) == {"bind": others}
+    assert dns_server_split(others, ["zeek"]) == {}
+    # the three logs together hold every non-Windows response once
+    got, _ = _read([out / "infoblox", out / "windows_dns", out / "bind"], "dns_answers")
+    want = ds.dns_answers[ds.dns_answers["client_ip"].isin(others)]
+    assert got.groupby("event_id").ngroups == want["event_id"].nunique()
+
+
+def test_windows_dns_has_its_clients_answers(estate):
+    ds, out, inv = estate
+    got, summary = _read([out / "windows_dns"], "dns_answers")
+    assert {f.format for f in summary.files} == {"windows_dns_analytical"}
+    want = ds.dns_answers[ds.dns_answers["client_ip"].isin(_server_clients(ds, inv, "windows_dns"))]
+    # the wire reader renders TXT as quoted character-strings and keeps the SRV target's root dot
+    got["answer"] = got["answer"].where(got["rtype"] != "TXT", got["answer"].str.strip('"'))
+    got["answer"] = got["answer"].where(got["rtype"] != "SRV", got["answer"].str.rstrip("."))
+    _same_answers(got, want, ["client_ip", "resolver_ip", "query", "rtype", "answer", "ttl"])
+    assert (got.loc[got["answer"] == "", "rcode"] == "NXDOMAIN").all()
+    text = (out / "windows_dns" / "analytical.json").read_text()
+    # the server's own QUERY_RECEIVED events precede the responses (the reader skips them)
+    assert text.count('"code":"256"') == want["event_id"].nunique() == got["event_id"].nunique()
+    assert '"QNAME":"' in text and '"PacketData":"0x' in text
+
+
+def test_bind_has_its_clients_queries(estate):
+    ds, out, inv = estate
+    got, summary = _read([out / "bind"], "dns_answers")
+    assert {f.format for f in summary.files} == {"bind_query"}
+    want = ds.dns_answers[ds.dns_answers["client_ip"].isin(_server_clients(ds, inv, "bind"))]
+    # one query per response, of the response's first non-CNAME record type (A when it has none)
+    w = want.sort_values(["event_id", "answer_index"], kind="stable")
+    qtype = w[~w["rtype"].isin(["CNAME", ""])].groupby("event_id")["rtype"].first()
+    heads = w.groupby("event_id").first()
+    heads = heads.assign(rtype=qtype.reindex(heads.index).fillna("A"))
+    assert (got["answer"] == "").all() and (got["answer_index"] == -1).all()
+    g = got.sort_values(["client_ip", "query", "rtype", "ts"], kind="stable").reset_index(drop=True)
+    h = heads.sort_values(["client_ip", "query", "rtype", "ts"], kind="stable").reset_index(drop=True)
+    assert len(g) == len(h) > 20
+    for k in ["client_ip", "query", "rtype"]:
+        assert g[k].tolist() == h[k].tolist(), k
+    assert np.abs(g["ts"].to_numpy() - h["ts"].to_numpy()).max() < 0.001
+    assert (g["resolver_ip"] == h["resolver_ip"].replace("", "127.0.0.1")).all()
+
+
+def test_ipfix_has_each_guest_connection_once(estate):
+    import struct
+
+    from esxi_anomaly.ingest import vds_ipfix
+
+    ds, out, inv = estate
+    kind, host_of = dict(zip(inv["ip"], inv["kind"])), dict(zip(inv["ip"], inv["esxi_host"]))
+    c = ds.connections
+    src_vm, dst_vm = c["src_ip"].map(kind).isin(VM_KINDS), c["dst_ip"].map(kind).isin(VM_KINDS)
+    files = sorted((out / "ipfix").glob("*.ipfix"))
+    assert [f.stem for f in files] == sorted(set(np.where(src_vm, c["src_ip"].map(host_of), c["dst_ip"].map(host_of))[src_vm | dst_vm]))
+    vds_ipfix.clear_template_cache()      # the templates must come from these files
+    try:
+        got, summary = _read(files, "connections")
+    finally:
+        vds_ipfix.clear_template_cache()
+    assert {f.format for f in summary.files} == {"vds_ipfix"}
+    want = c[src_vm | dst_vm]
+    _same_connections(got, want, tol=0.001)
+    g = got.sort_values(FIVE + ["ts"], kind="stable").reset_index(drop=True)
+    w = want.sort_values(FIVE + ["ts"], kind="stable").reset_index(drop=True)   # aligned as compared above
+    assert (g["bytes_out"].to_numpy() == w["bytes_out"].fillna(0).to_numpy()).all()
+    assert np.abs(g["duration"].to_numpy() - w["duration"].fillna(0).to_numpy()).max() < 0.002
+    # each file: a template message first, then data messages of at most 19 records (one datagram)
+    for f in files:
+        blob, pos, sizes = f.read_bytes(), 0, []
+        while pos < len(blob):
+            version, length = struct.unpack_from(">HH", blob, pos)
+            assert version == 10
+            sizes.append((struct.unpack_from(">H", blob, pos + 16)[0], length))
+            pos += length
+        assert pos == len(blob) and sizes[0][0] == 2
+        assert all(sid == 256 and length <= 20 + 19 * 72 for sid, length in sizes[1:])
