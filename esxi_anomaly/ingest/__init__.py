@@ -112,10 +112,14 @@ class ReadSummary:
             out.append(f)
         return out
 
-    def lines(self) -> list[str]:
+    def coverage_lines(self) -> list[str]:
+        """Per DNS source: the share of its clients resolved to a connection source (a warning under 90 %)."""
         from esxi_anomaly.features.identity import coverage_lines
 
-        return [file_line(f) for f in self.outcomes()] + coverage_lines(self.dns_coverage())
+        return coverage_lines(self.dns_coverage())
+
+    def lines(self) -> list[str]:
+        return [file_line(f) for f in self.outcomes()] + self.coverage_lines()
 
 
 def file_line(f: FileStats) -> str:

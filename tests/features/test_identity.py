@@ -150,3 +150,22 @@ def test_batch_with_two_workers_equals_one_shot_on_named_clients(tmp_path, small
     got = pd.read_csv(out, dtype={"event_id": "str"}, keep_default_na=False)
     assert len(events) == 24 and named_joined(got) == 8   # every host's named answers joined
     assert (tmp_path / "one.csv").read_bytes() == out.read_bytes()
+
+
+def test_inspect_prints_the_dns_coverage_of_all_files_after_the_file_lines(tmp_path, small_day, capsys):
+    """The coverage takes every given file into account: the inventory of another file resolves the
+    Sysmon names to connection sources of the Zeek conn.log; without it, none resolves."""
+    from esxi_anomaly import cli
+
+    _, folder = small_day
+    sysmon, _ = named_sysmon(folder, tmp_path / "sysmon.json")
+    files = [str(folder / "conn.log"), str(sysmon), str(folder / "inventory.csv")]
+    assert cli.main(["inspect", *files]) == 0
+    out = capsys.readouterr().out.splitlines()
+    # the file lines first (paths in sorted order; Sysmon: as connections and as DNS), then the coverage
+    assert [line.split(":")[0] for line in out[:-1]] == [files[1], files[1], files[0], files[2]]
+    assert out[-1] == "DNS source sysmon_dns: 8 of 8 clients (100.0 %) resolved to a connection source"
+    assert cli.main(["inspect", *files[:2]]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "warning: DNS source sysmon_dns: 0 of 8 clients (0.0 %) resolved to a connection source, under 90 %: "
+        "the others' answers join no connection (names not in the inventory, or hosts with no connection log)")

@@ -242,14 +242,22 @@ def test_inspect_reports_every_file_and_fails_only_on_unreadable(fixtures, tmp_p
     out = capsys.readouterr().out.replace(f"{folder}/", "").splitlines()
     assert out[0] == "a_bad_times.log: zeek_conn_tsv (connections), 1 records, 3 quarantined, " \
                      "2023-11-14 22:13:20 .. 2023-11-14 22:13:20 UTC"
-    assert out[-1].startswith("c_\\x1b[31mred.log: zeek_conn_tsv (connections), 1 records")   # escaped
-    assert [line.split(":")[0] for line in out if not line.startswith(" ")] == [
+    assert out[-2].startswith("c_\\x1b[31mred.log: zeek_conn_tsv (connections), 1 records")   # escaped
+    assert [line.split(":")[0] for line in out[:-1] if not line.startswith(" ")] == [
         "a_bad_times.log", "b_dns.log", "c_\\x1b[31mred.log"]
+    # after the files, the DNS coverage of them all: the fixture's DNS clients have no connection here
+    assert out[-1] == COVERAGE_NONE
     (folder / "locked.log").write_text("x")
     (folder / "notes.txt").write_text("not a log\n")
     assert cli.main(["inspect", str(folder)]) == EXIT_INPUT
     out = capsys.readouterr().out.replace(f"{folder}/", "").splitlines()
-    assert out[-2:] == ["locked.log: unreadable (permission denied)", "notes.txt: unreadable (not a known format)"]
+    assert out[-3:] == ["locked.log: unreadable (permission denied)", "notes.txt: unreadable (not a known format)",
+                        COVERAGE_NONE]
+
+
+COVERAGE_NONE = ("warning: DNS source zeek_dns_tsv: 0 of 4 clients (0.0 %) resolved to a connection source, under "
+                 "90 %: the others' answers join no connection (names not in the inventory, or hosts with no "
+                 "connection log)")
 
 
 # --- item 8: PowerCLI export with a giant header ------------------------------------------------------
