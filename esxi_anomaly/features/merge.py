@@ -11,6 +11,16 @@ rows of one vantage point of a source that logs a connection once (Zeek, Sysmon,
 row (its values and event_id), with the largest byte and packet counts of the group and `seen_by`,
 the distinct vantage points ("<source>:<esxi_host>") in the order they first saw it.
 
+Reversed twins: a source may log a connection from its other end (esxcli guesses the direction
+from LISTEN rows and service ports; Zeek logs a flow backwards when it missed the handshake), so
+rows are keyed on the unordered endpoint pair (+ proto). When the rows of one connection disagree
+on its direction, the merged row (still the earliest row's values) is turned to the direction of
+the earliest row of a source that knows it (`knows_direction`), counts swapped with it; the counts
+of the other rows are oriented that way before the largest are taken. (The batch engine writes a
+connection with its first row's group: a knowing row of the other direction arriving only in a
+later bucket group cannot turn it any more; a knowing row comes first in practice, as esxcli
+snapshots follow the connection's start.)
+
 DNS answers: rows with the same (client_ip, query, rtype, answer) from different sources within
 `TOLERANCE_S` of each other are one answer, the earliest row.
 
@@ -35,21 +45,46 @@ SNAPSHOT_SOURCES = ("esxcli_connections",)
 REPEATING_SOURCES = ("nsx_dfw", *SNAPSHOT_SOURCES)
 COUNTS = ("bytes_out", "bytes_in", "packets_out", "packets_in")
 CONN_KEY = ("src_ip", "src_port", "dst_ip", "dst_port", "proto")
+# sources that see who opened a connection; Zeek only when its conn_state shows it saw the
+# originator's SYN (OTH, SHR, RSTRH, "": midstream or responder-only, its direction is a guess)
+KNOWING_SOURCES = ("nsx_dfw", "sysmon_network")
+ZEEK_SOURCES = ("zeek_conn_tsv", "zeek_conn_json")
+ZEEK_HANDSHAKE_STATES = ("S0", "S1", "SF", "REJ", "S2", "S3", "RSTO", "RSTR", "RSTOS0", "SH")
+SWAPPED = {"src_ip": "dst_ip", "src_port": "dst_port", "dst_ip": "src_ip", "dst_port": "src_port",
+           "bytes_out": "bytes_in", "bytes_in": "bytes_out", "packets_out": "packets_in", "packets_in": "packets_out"}
 DNS_KEY = ("client_ip", "query", "rtype", "answer")
 # StreamState.recent: the last row of each key that a later batch's row may still join
 _STATE, _STATE_INFO, _STATE_VANTAGE = "merge_conn", "merge_conn_info", "merge_conn_vantage"
 _SNAP, _ONCE = 1, 2          # bits of the flags kept in the state
 
 
+def _pair_key(conns: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(key of the unordered endpoint pair + proto, does the row run from the lower endpoint)."""
+    a = combine(conns["src_ip"], conns["src_port"])
+    b = combine(conns["dst_ip"], conns["dst_port"])
+    forward = a <= b
+    return combine(np.where(forward, a, b), np.where(forward, b, a), conns["proto"]), forward
+
+
+def knows_direction(conns: pd.DataFrame) -> np.ndarray:
+    """Per row: does its source know which end opened the connection?"""
+    def among(column: str, values: tuple) -> np.ndarray:   # decided per distinct value, not per row
+        codes, uniques = pd.factorize(conns[column], use_na_sentinel=False)
+        return np.isin(np.asarray(uniques, dtype=object).astype(str), values)[codes]
+
+    return among("source", KNOWING_SOURCES) | (among("source", ZEEK_SOURCES)
+                                               & among("conn_state", ZEEK_HANDSHAKE_STATES))
+
+
 def _rows(conns: pd.DataFrame, key: bool = True) -> dict[str, np.ndarray]:
-    """What the merge decides on, per row: 5-tuple key, start, duration, flags, vantage point key."""
+    """What the merge decides on, per row: endpoint-pair key, start, duration, flags, vantage point key."""
     codes, uniques = pd.factorize(conns["source"], use_na_sentinel=False)
     names = np.asarray(uniques, dtype=object).astype(str)
     flags = (np.isin(names, SNAPSHOT_SOURCES) * _SNAP + ~np.isin(names, REPEATING_SOURCES) * _ONCE)[codes]
     out = {"ts": conns["ts"].to_numpy(dtype="float64"), "duration": conns["duration"].to_numpy(dtype="float64"),
            "flags": flags.astype(np.uint64), "vantage": combine(conns["source"], conns["esxi_host"])}
     if key:
-        out["key"] = combine(*(conns[c] for c in CONN_KEY))
+        out["key"] = _pair_key(conns)[0]
     return out
 
 
@@ -81,7 +116,7 @@ def connection_groups(conns: pd.DataFrame) -> np.ndarray:
     r = _rows(conns, key=False)
     if _one_log(r):
         return np.arange(n)
-    r["key"] = combine(*(conns[c] for c in CONN_KEY))
+    r["key"] = _pair_key(conns)[0]
     order = np.lexsort((np.arange(n), r["ts"], r["key"]))
     out = np.empty(n, dtype=np.int64)
     out[order] = np.cumsum(_starts(r, order)) - 1
@@ -127,11 +162,11 @@ def merge_connections(conns: pd.DataFrame, state: StreamState | None = None) -> 
         out = conns.copy(deep=False)
         out["seen_by"] = _text_series(_vantage(conns)) if n else pd.Series([], dtype="str")
         if state is not None and n:
-            r["key"] = combine(*(conns[c] for c in CONN_KEY))
+            r["key"] = _pair_key(conns)[0]
             ts = r["ts"]
             _remember(state, r, np.arange(n) if (ts[1:] >= ts[:-1]).all() else np.lexsort((np.arange(n), ts)))
         return out
-    r["key"] = combine(*(conns[c] for c in CONN_KEY))
+    r["key"], forward = _pair_key(conns)
     if m:   # the earlier batches' rows go first, as rows -m..-1: they win ties in time
         flags, duration = state.recent[_STATE_INFO]
         earlier = {"key": prev[0], "ts": prev[1], "flags": flags, "duration": duration,
@@ -153,10 +188,25 @@ def merge_connections(conns: pd.DataFrame, state: StreamState | None = None) -> 
         out["seen_by"] = _text_series(_vantage(out))
         return out
     valid = rows >= 0
+    # the direction of each connection: its earliest knowing row's, else its earliest row's
+    fwd = np.zeros(m + n, dtype=bool)
+    knows = np.zeros(m + n, dtype=bool)
+    fwd[valid], knows[valid] = forward[rows[valid]], knows_direction(conns)[rows[valid]]
+    first_knowing = np.minimum.reduceat(np.where(knows, np.arange(m + n), m + n), starts)
+    group_fwd = np.where(first_knowing < m + n, fwd[np.minimum(first_knowing, m + n - 1)], fwd[starts])
+    flip = fwd != group_fwd[group]           # rows logged the other way round
     for name in COUNTS:
         values = np.full(m + n, np.nan)
-        values[valid] = conns[name].to_numpy(dtype="float64")[rows[valid]]
+        mine = conns[name].to_numpy(dtype="float64")[rows[valid]]
+        theirs = conns[SWAPPED[name]].to_numpy(dtype="float64")[rows[valid]]
+        values[valid] = np.where(flip[valid], theirs, mine)
         out[name] = np.fmax.reduceat(values, starts)[groups_kept]
+    turn = flip[starts][groups_kept]
+    if turn.any():
+        ends = ("src_ip", "src_port", "dst_ip", "dst_port")
+        turned = {name: out[SWAPPED[name]].where(turn, out[name]).astype(out[name].dtype) for name in ends}
+        for name in ends:
+            out[name] = turned[name]
     out["seen_by"] = _seen_by(conns, rows, group, starts, groups_kept)
     return out
 

@@ -127,22 +127,22 @@ def test_chunk_bounds_never_split_a_connection():
     assert batch.chunk_bounds(ts, 3, merge.connection_groups(conns)) == [(0, 4), (4, 6)]
 
 
-def dfw_line(ts: float, host: str, direction: str, src_port: int) -> str:
+def dfw_line(ts: float, host: str, direction: str, src_port: int, reverse: bool = False) -> str:
     when = pd.Timestamp(ts, unit="s", tz="UTC").strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-    return (f"<13>1 {when} {host} FIREWALL-PKTLOG 1070157 - - 6bc116c9 INET match PASS 1024 {direction} 52 TCP "
-            f"10.20.2.11/{src_port}->10.20.7.11/8086 SEW")
+    ends = f"10.20.7.11/8086->10.20.2.11/{src_port}" if reverse else f"10.20.2.11/{src_port}->10.20.7.11/8086"
+    return f"<13>1 {when} {host} FIREWALL-PKTLOG 1070157 - - 6bc116c9 INET match PASS 1024 {direction} 52 TCP {ends} SEW"
 
 
-@pytest.mark.parametrize("chunk_rows", [3, 5])
-def test_batch_engine_merges_a_pair_across_a_chunk_border_as_one_shot(tmp_path, small_day, chunk_rows):
+@pytest.mark.parametrize("chunk_rows, reverse", [(3, False), (5, False), (3, True)])
+def test_batch_engine_merges_a_pair_across_a_chunk_border_as_one_shot(tmp_path, small_day, chunk_rows, reverse):
     model, folder = small_day
     from esxi_anomaly.ingest import read_connections, read_dns
 
     dns = read_dns(folder / "dns.log")
     start = float(dns["ts"].max()) - 600
     # 12 VM-to-VM connections, each OUT at esx-01 then IN at esx-03 1 s later: odd chunk sizes
-    # put chunk borders between the two rows of one connection
-    lines = [dfw_line(start + 10 * k + dt, host, direction, 40_000 + k)
+    # put chunk borders between the two rows of one connection (reverse: the IN row logged backwards)
+    lines = [dfw_line(start + 10 * k + dt, host, direction, 40_000 + k, reverse and direction == "IN")
              for k in range(12) for dt, host, direction in ((0.0, "esx-01", "OUT"), (1.0, "esx-03", "IN"))]
     path = tmp_path / "dfw.log"
     path.write_text("\n".join(lines) + "\n")
@@ -155,6 +155,7 @@ def test_batch_engine_merges_a_pair_across_a_chunk_border_as_one_shot(tmp_path, 
     assert streamed["explanation"].str.endswith("; seen by nsx_dfw:esx-01, nsx_dfw:esx-03").all()
     assert streamed["event_id"].tolist() == one_shot["event_id"].tolist()
     assert streamed["explanation"].tolist() == one_shot["explanation"].tolist()
+    assert (streamed["src_ip"] == "10.20.2.11").all() and (streamed["dst_port"] == 8086).all()
 
 
 def test_explanation_names_the_vantage_points_only_when_several_saw_the_row():
@@ -189,3 +190,64 @@ def test_batch_engine_merges_a_pair_across_a_bucket_border(tmp_path, small_day, 
     assert (summary.connections, summary.connections_merged) == (2 + more, 1 + more)
     streamed = pd.read_csv(out, dtype={"event_id": "str"}, keep_default_na=False)
     assert sorted(streamed["event_id"]) == sorted(one_shot["event_id"])
+
+
+def esx_pair_row(ts, source, host, reverse=False, event_id=None, conn_state="", **values):
+    """One side of 10.0.0.20:50123 -> 192.168.35.11:902 (reversed: as logged from the other end)."""
+    ends = [("10.0.0.20", 50_123), ("192.168.35.11", 902)][::-1 if reverse else 1]
+    row = conn(ts, host, source=source, event_id=event_id, conn_state=conn_state, **values)
+    return row | {"src_ip": ends[0][0], "src_port": ends[0][1], "dst_ip": ends[1][0], "dst_port": ends[1][1]}
+
+
+@pytest.mark.parametrize("esxcli_first", [True, False])
+def test_reversed_twin_is_one_row_oriented_as_the_knowing_source(esxcli_first):
+    # esxcli guessed 10.0.0.20:50123 -> 192.168.35.11:902; DFW logged it the other way round
+    esxcli = esx_pair_row(0.0 if esxcli_first else 30.0, "esxcli_connections", "esx01", event_id="snap",
+                          bytes_out=10.0, bytes_in=700.0, packets_out=1.0, packets_in=9.0)
+    dfw = esx_pair_row(20.0 if esxcli_first else 0.0, "nsx_dfw", "esx02", reverse=True, event_id="dfw",
+                       bytes_out=600.0, bytes_in=20.0, packets_out=8.0, packets_in=2.0)
+    out = merge.merge_connections(frame(esxcli, dfw))
+    assert len(out) == 1
+    row = out.iloc[0]
+    assert (row["src_ip"], row["src_port"], row["dst_ip"], row["dst_port"]) == ("192.168.35.11", 902, "10.0.0.20", 50_123)
+    # the counts of the esxcli row are turned before the largest are taken
+    assert (row["bytes_out"], row["bytes_in"], row["packets_out"], row["packets_in"]) == (700.0, 20.0, 9.0, 2.0)
+    first, second = ("esxcli_connections:esx01", "nsx_dfw:esx02")[::1 if esxcli_first else -1]
+    assert row["seen_by"] == f"{first} {second}"
+    assert row["event_id"] == ("snap" if esxcli_first else "dfw")          # the earliest row's values
+    assert out.drop(columns="seen_by").dtypes.equals(frame(dfw).dtypes)         # turned, not retyped
+    # the batch engine's chunk borders keep the twins together
+    assert merge.connection_groups(frame(esxcli, dfw)).tolist() == [0, 0]
+
+
+def test_zeek_direction_counts_only_when_it_saw_the_handshake():
+    # Zeek saw only midstream traffic (OTH): esxcli's guess stays; with a handshake (SF) Zeek's wins
+    esxcli = esx_pair_row(0.0, "esxcli_connections", "esx01")
+    midstream = esx_pair_row(10.0, "zeek_conn_tsv", "", reverse=True, conn_state="OTH")
+    handshake = esx_pair_row(10.0, "zeek_conn_tsv", "", reverse=True, conn_state="SF")
+    out = merge.merge_connections(frame(esxcli, midstream))
+    assert out[["src_ip", "src_port", "seen_by"]].values.tolist() == [
+        ["10.0.0.20", 50_123, "esxcli_connections:esx01 zeek_conn_tsv"]]
+    out = merge.merge_connections(frame(esxcli, handshake))
+    assert out[["src_ip", "src_port", "seen_by"]].values.tolist() == [
+        ["192.168.35.11", 902, "esxcli_connections:esx01 zeek_conn_tsv"]]
+
+
+def test_connections_that_swap_endpoints_minutes_apart_stay_two():
+    a = esx_pair_row(0.0, "nsx_dfw", "esx01", event_id="a")
+    b = esx_pair_row(300.0, "nsx_dfw", "esx02", reverse=True, event_id="b")
+    out = merge.merge_connections(frame(a, b))
+    assert out[["event_id", "src_ip", "src_port", "seen_by"]].values.tolist() == [
+        ["a", "10.0.0.20", 50_123, "nsx_dfw:esx01"], ["b", "192.168.35.11", 902, "nsx_dfw:esx02"]]
+    assert merge.connection_groups(frame(a, b)).tolist() == [0, 1]
+
+
+def test_reversed_twin_across_batches_is_dropped_with_its_connection():
+    rows = [esx_pair_row(0.0, "nsx_dfw", "esx01", event_id="a"),
+            esx_pair_row(1.0, "nsx_dfw", "esx02", reverse=True, event_id="b"),
+            conn(1.5, "", source="zeek_conn_tsv", event_id="c")]
+    state = StreamState()
+    first = merge.merge_connections(frame(rows[0]), state)
+    second = merge.merge_connections(frame(*rows[1:]), state)
+    assert first["event_id"].tolist() + second["event_id"].tolist() == ["a", "c"]
+    assert merge.merge_connections(frame(*rows))["event_id"].tolist() == ["a", "c"]
