@@ -56,6 +56,7 @@ CUSTOM_TYPES: dict[str, str] = {
     "esxi_anomaly.src_kind": "str",
     "esxi_anomaly.esxi_host": "str",
     "esxi_anomaly.family": "str",
+    "esxi_anomaly.seen_by": "str_list",
 }
 
 # ranked column -> (dotted field, converter kind)
@@ -129,6 +130,8 @@ def ecs_records(ranked: pd.DataFrame) -> list[dict]:
     answers = _column_values(ranked, "answer", "str") if "answer" in ranked.columns else [None] * count
     rtypes = _column_values(ranked, "rtype", "str") if "rtype" in ranked.columns else [None] * count
     rules = (ranked["rules"].fillna("").astype(str).tolist() if "rules" in ranked.columns else [""] * count)
+    seen_by = (ranked["seen_by"].fillna("").astype(str).str.split().tolist() if "seen_by" in ranked.columns
+               else [[]] * count)
 
     records = []
     for i in range(count):
@@ -155,6 +158,8 @@ def ecs_records(ranked: pd.DataFrame) -> list[dict]:
         fired = [r.strip() for r in rules[i].split(";") if r.strip()]
         if fired:
             _put(document, "rule.name", fired)
+        if seen_by[i]:   # the vantage points ("<source>:<esxi_host>"), space-separated in the ranked rows
+            _put(document, "esxi_anomaly.seen_by", seen_by[i])
         records.append(document)
     return records
 

@@ -46,6 +46,7 @@ RANKED_COLUMNS = [
     ("dns_delay", "DNS \u2192 conn (s)", "float", "num", True, True),
     ("src_kind", "Kind", "text", "", True, True),
     ("esxi_host", "ESXi host", "text", "", True, False),
+    ("seen_by", "Seen by", "text", "mono clip", True, True),   # the vantage points that logged it
     ("process", "Process", "text", "", True, False),
     ("proto", "Proto", "text", "", True, False),
     ("rtype", "Type", "text", "", False, True),

@@ -75,3 +75,36 @@ def test_risk_score_clipped_and_line_separators_escaped(ranked, tmp_path):
 def test_validator_rejects_bad_records(bad, message):
     with pytest.raises(ValueError, match=message):
         validate_ecs_record(bad)
+
+
+def _reference():
+    import csv
+    from pathlib import Path
+
+    folder = Path("/work/shared/reference")
+    if not (folder / "ecs-9.4.0-fields.csv").is_file():
+        pytest.skip("the ECS reference files are not in /work/shared/reference")
+    with open(folder / "ecs-9.4.0-fields.csv", newline="", encoding="utf-8") as fh:
+        fields = {row["Field"]: row["Type"] for row in csv.DictReader(fh)}
+    allowed = json.loads((folder / "ecs-9.4.0-allowed-values.json").read_text(encoding="utf-8"))["allowed_values"]
+    return fields, allowed
+
+
+def test_seen_by_is_a_custom_keyword_list(ranked, tmp_path):
+    ranked["seen_by"] = ["nsx_dfw:esx01 nsx_dfw:esx03", "zeek_conn_tsv", "", "esxcli_connections:esx02",
+                         "sysmon_network nsx_dfw:esx01"]
+    documents = _documents(write_jsonl(ranked, tmp_path / "ranked.jsonl"))
+    assert [d["esxi_anomaly"].get("seen_by") for d in documents] == [
+        ["nsx_dfw:esx01", "nsx_dfw:esx03"], ["zeek_conn_tsv"], None, ["esxcli_connections:esx02"],
+        ["sysmon_network", "nsx_dfw:esx01"]]
+    # names: ECS 9.4.0's own fields, or under our custom namespace, which ECS does not define
+    fields, allowed = _reference()
+    assert not any(name == "esxi_anomaly" or name.startswith("esxi_anomaly.") for name in fields)
+    for document in documents:
+        for name in validate_ecs_record(document):
+            assert name in fields or name.startswith("esxi_anomaly."), name
+        assert document["event"]["kind"] in allowed["event.kind"]
+        assert set(document["event"]["category"]) <= set(allowed["event.category"])
+        assert set(document["event"]["type"]) <= set(allowed["event.type"])
+    with pytest.raises(ValueError, match="esxi_anomaly.seen_by"):
+        validate_ecs_record({"event": {"kind": "alert", "module": "m"}, "esxi_anomaly": {"seen_by": "x y"}})

@@ -91,3 +91,16 @@ def test_timelines_fall_back_to_ranked_rows(ranked):
     first = data["timelines"][0]
     assert [p[5] for p in first["connections"]] == ["CxA1", "CxA2"]
     assert [d[0] for d in first["dns"]] == [T0 + 10 - 2.1, T0 + 70 - 1.5]
+
+
+def test_seen_by_is_a_column_and_in_the_detail_as_text(ranked):
+    hostile = "nsx_dfw:<img src=x onerror=alert(1)>"
+    ranked["seen_by"] = ["nsx_dfw:esx01 nsx_dfw:esx03", hostile, "esxcli_connections:esx01", "", "zeek_conn_tsv"]
+    page = render_html(ranked)
+    assert page.count("<script") == 2 and "<img src=x onerror=alert(1)>" not in page
+    data = _data(page)
+    spec = next(c for c in data["ranked"]["columns"] if c["key"] == "seen_by")
+    assert (spec["label"], spec["kind"], spec["visible"], spec["detail"]) == ("Seen by", "text", True, True)
+    keys = [c["key"] for c in data["ranked"]["columns"]]
+    assert [row[keys.index("seen_by")] for row in data["ranked"]["rows"]] == [
+        "nsx_dfw:esx01 nsx_dfw:esx03", hostile, "esxcli_connections:esx01", "", "zeek_conn_tsv"]

@@ -114,3 +114,20 @@ def test_row_expands_to_its_explanation(page):
     assert "port_rarity=+0.31; dns_match_significance=+0.22" in detail.text
     page.find_element("css selector", "#ranked tbody tr:first-child button.toggle").click()
     assert page.find_elements("css selector", "#ranked tbody tr.detail") == []
+
+
+def test_seen_by_shows_as_text_filters_and_expands(driver, tmp_path):
+    ranked = make_ranked()
+    hostile = 'nsx_dfw:<img src=x onerror="window.__pwned=3">'
+    ranked["seen_by"] = ["nsx_dfw:esx01 nsx_dfw:esx03", hostile, "esxcli_connections:esx01", "", "zeek_conn_tsv"]
+    driver.get(write_html(ranked, tmp_path / "seen.html").as_uri())
+    cells = driver.find_elements("css selector", "#ranked tbody tr td[data-col=seen_by]")
+    assert [c.get_attribute("textContent") for c in cells] == ranked["seen_by"].tolist()
+    assert cells[1].find_elements("css selector", "*") == []
+    assert driver.find_element("css selector", "#ranked th[data-col=seen_by]").text == "Seen by"
+    driver.find_element("id", "filter").send_keys("nsx_dfw:esx03")
+    assert _ranks(driver) == ["1"]
+    driver.find_element("css selector", "#ranked tbody tr:first-child button.toggle").click()
+    assert "nsx_dfw:esx01 nsx_dfw:esx03" in driver.find_element("css selector", "#ranked tbody tr.detail").text
+    assert driver.execute_script("return typeof window.__pwned") == "undefined"
+    assert _severe(driver) == []
