@@ -370,13 +370,18 @@ def _check_fingerprint(work: Path, fingerprint: dict) -> None:
 
 # -- what the spill read, kept for a resumed run ---------------------------------------------
 
-def _save_reads(path: Path, quarantine: ingest.Quarantine, files: list) -> None:
-    """The quarantine and read summary of the spill, as JSON: a resumed run reports them as the
-    interrupted one would have."""
+def _save_reads(path: Path, quarantine: ingest.Quarantine, files: list,
+                summaries: list[ingest.ReadSummary] = ()) -> None:
+    """The quarantine and read summary of the spill, with what `summaries` noted for the DNS coverage,
+    as JSON: a resumed run reports them as the interrupted one would have."""
+    notes = ingest.ReadSummary()
+    for summary in summaries:
+        notes.merge_notes(summary)
     record = {"counts": quarantine.counts,
               "records": [[r.path, r.line, r.reason, r.raw] for r in quarantine.records],
               "file_problems": sorted(map(list, getattr(quarantine, "file_problems", ()))),
-              "files": [dataclasses.asdict(f) for f in files]}
+              "files": [dataclasses.asdict(f) for f in files],
+              "notes": notes.notes_record()}
     with atomic_path(path, durable=False) as tmp:
         Path(tmp).write_text(json.dumps(record), encoding="utf-8")
 
@@ -394,6 +399,7 @@ def _restore_reads(path: Path, quarantine: ingest.Quarantine, summary: ingest.Re
     quarantine.extend(spilled)
     if summary is not None:
         summary.files.extend(ingest.FileStats(**f) for f in record["files"])
+        summary.add_notes(record.get("notes", {}))
 
 
 # -- progress ------------------------------------------------------------------------------
@@ -1274,7 +1280,7 @@ def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: 
         raise ingest.IngestError("no connection records were read from --conn")
     part_of = assign_partitions(slots["connections"], slots["dns_answers"], partitions)
     np.save(work / "partitions.npy", part_of, allow_pickle=False)
-    _save_reads(work / "reads.json", spill_quarantine, spill_files)
+    _save_reads(work / "reads.json", spill_quarantine, spill_files, [result["summary"] for result in results])
     meta = {"version": CHECKPOINT_VERSION, "bucket_s": bucket_s, "connections": run_summary.connections,
             "dns_records": run_summary.dns_records, "partitions": int(part_of.max()) + 1,
             "conn_buckets": {str(k): v for k, v in counts["connections"].items()}}

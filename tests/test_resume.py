@@ -168,3 +168,41 @@ def test_checkpoint_and_stream_state_round_trip(tmp_path):
 def _saved(folder, obj):
     obj.to_files(folder)
     return folder
+
+
+def test_a_resumed_cli_run_prints_the_dns_coverage_of_the_interrupted_spill(tmp_path, setting, monkeypatch, capsys):
+    """The coverage of the spill (connection sources, DNS clients per source) is kept in reads.json:
+    `score --resume` prints the same coverage lines as the uninterrupted run, Sysmon names included."""
+    from esxi_anomaly import cli
+    from esxi_anomaly.train import TrainConfig, write_model
+    from tests.features.test_identity import named_sysmon
+
+    model, conn, dns, _ = setting
+    sysmon, _ = named_sysmon(dns.parent, tmp_path / "sysmon.json")
+    bundle = write_model(model, TrainConfig(env="t"), tmp_path / "models")
+
+    def score_cli(out, *more):
+        code = cli.main(["score", "--model", str(bundle), "--conn", str(conn), "--dns", str(dns), str(sysmon),
+                         "--inventory", str(dns.parent / "inventory.csv"), "--out", str(out), "--chunk-rows", "700",
+                         "--workers", "1", "--no-progress", *more])
+        return code, [line for line in capsys.readouterr().err.splitlines() if "DNS source" in line]
+
+    code, expected = score_cli(tmp_path / "full.csv")
+    assert code == 0 and expected == [
+        "DNS source sysmon_dns: 8 of 8 clients (100.0 %) resolved to a connection source",
+        "DNS source zeek_dns_tsv: 44 of 44 clients (100.0 %) resolved to a connection source"]
+    real, calls = batch.Progress.update, {"n": 0}
+
+    def update(self, n):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt("killed")
+        real(self, n)
+
+    monkeypatch.setattr(batch.Progress, "update", update)
+    assert score_cli(tmp_path / "r.csv")[0] == 130
+    monkeypatch.setattr(batch.Progress, "update", real)
+    assert (tmp_path / "r.csv.work" / "spill.json").exists()
+    code, resumed = score_cli(tmp_path / "r.csv", "--resume")
+    assert code == 0 and resumed == expected
+    assert (tmp_path / "r.csv").read_bytes() == (tmp_path / "full.csv").read_bytes()

@@ -83,6 +83,22 @@ class ReadSummary:
             self.dns_clients.setdefault(source, set()).update(clients)
         self.inventory += other.inventory
 
+    def notes_record(self) -> dict:
+        """The notes as plain JSON data (kept in a work folder for a resumed run: `add_notes`)."""
+        inv = pd.concat(self.inventory, ignore_index=True) if self.inventory else pd.DataFrame(columns=["ip", "name"])
+        return {"conn_sources": sorted(self.conn_sources, key=str),
+                "dns_clients": {source: sorted(values, key=str) for source, values in self.dns_clients.items()},
+                "inventory": {"ip": inv["ip"].tolist(), "name": inv["name"].tolist()}}
+
+    def add_notes(self, record: Mapping) -> None:
+        """Add the notes of a `notes_record`."""
+        self.conn_sources.update(record.get("conn_sources", ()))
+        for source, values in record.get("dns_clients", {}).items():
+            self.dns_clients.setdefault(str(source), set()).update(values)
+        inv = record.get("inventory") or {}
+        if inv.get("ip"):
+            self.inventory.append(pd.DataFrame({"ip": inv["ip"], "name": inv["name"]}))
+
     def dns_coverage(self) -> dict[str, tuple[int, int]]:
         """Per DNS source: (clients that resolve to a connection source, distinct clients)."""
         from esxi_anomaly.features.identity import coverage

@@ -169,3 +169,19 @@ def test_inspect_prints_the_dns_coverage_of_all_files_after_the_file_lines(tmp_p
     assert capsys.readouterr().out.splitlines()[-1] == (
         "warning: DNS source sysmon_dns: 0 of 8 clients (0.0 %) resolved to a connection source, under 90 %: "
         "the others' answers join no connection (names not in the inventory, or hosts with no connection log)")
+
+
+def test_read_summary_notes_survive_json():
+    """What the coverage needs, as plain JSON (a resumed run's reads.json) and back: the same coverage."""
+    summary = ingest.ReadSummary()
+    summary.note("connections", "zeek_conn_tsv", conns([("c1", 1.0, "10.0.0.5", "1.1.1.1", 443)]))
+    summary.note("dns_answers", "sysmon_dns", dns([("d1", 1.0, "MAIL01", "a.example", "1.1.1.1"),
+                                                   ("d2", 2.0, "ghost", "b.example", "1.1.1.1")]))
+    summary.note("inventory", "inventory_csv", INV)
+    back = ingest.ReadSummary()
+    back.add_notes(json.loads(json.dumps(summary.notes_record())))
+    assert back.conn_sources == {"10.0.0.5"} and back.dns_clients == {"sysmon_dns": {"MAIL01", "ghost"}}
+    assert back.dns_coverage() == summary.dns_coverage() == {"sysmon_dns": (1, 2)}
+    empty = ingest.ReadSummary()
+    empty.add_notes(json.loads(json.dumps(ingest.ReadSummary().notes_record())))
+    assert empty.notes_record() == {"conn_sources": [], "dns_clients": {}, "inventory": {"ip": [], "name": []}}
