@@ -76,9 +76,10 @@ WRITE_BLOCK = 100_000
 KEEP_HEAP_BELOW = 640 << 20  # a scoring process keeps its freed heap between batches up to this size
 WRITE_THREADS = 2              # output blocks prepared concurrently (2-core machines and up)
 HTML_DEFAULT_TOP = 2000
-CHECKPOINT_VERSION = 5            # 2: scored rows carry sentence inputs; 3: one checkpoint per partition;
+CHECKPOINT_VERSION = 6            # 2: scored rows carry sentence inputs; 3: one checkpoint per partition;
                                   # 4: checkpoints as plain files (no pickles), run fingerprint;
-                                  # 5: merged connections (`seen_by`, rows kept besides rows read)
+                                  # 5: merged connections (`seen_by`, rows kept besides rows read);
+                                  # 6: merge state keyed by the unordered endpoint pair (reversed twins)
 SLOT_BITS = 16
 N_SLOTS = 1 << SLOT_BITS
 _SLOT = "_slot"                   # spill-only column: the row's source slot
