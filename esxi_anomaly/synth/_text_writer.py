@@ -56,6 +56,17 @@ def write_lines(path: Path, lines) -> Path:
     return path
 
 
+def write_in_time_order(path: Path, lines: pd.DataFrame, *then: str) -> Path:
+    """Write `lines["line"]` ordered by `lines["ms"]`, then by the columns `then` (stable)."""
+    keys = [lines[c].to_numpy() for c in reversed(then)] + [lines["ms"].to_numpy()]
+    return write_lines(path, lines["line"].to_numpy()[np.lexsort(keys)].tolist() if len(lines) else [])
+
+
+def answers_of_clients_but(ds, exclude) -> pd.DataFrame:
+    """The estate's DNS answers to every client not in `exclude` (those another log covers)."""
+    return ds.dns_answers[~ds.dns_answers["client_ip"].isin(set(exclude))]
+
+
 def entity_maps(inventory: pd.DataFrame) -> tuple[dict, dict, dict]:
     """ip -> inventory kind, ip -> ESXi host the entity runs on, ip -> name."""
     inv = inventory.drop_duplicates("ip", keep="last")

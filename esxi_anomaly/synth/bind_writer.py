@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly.synth._text_writer import col, hash64, hex_of, ms_floor, write_lines
+from esxi_anomaly.synth._text_writer import (answers_of_clients_but, col, hash64, hex_of, ms_floor,
+                                              write_in_time_order)
 
 _CHAIN_TYPES = ("CNAME", "DNAME")
 _MONTHS = np.asarray(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"), dtype=object)
@@ -77,10 +78,8 @@ def query_lines(dns: pd.DataFrame) -> pd.DataFrame:
 
 def write_bind(ds, out_dir, exclude=()) -> list[Path]:
     """`<out_dir>/bind/query.log`: the queries of every client not in `exclude`, in time order."""
-    dns = ds.dns_answers[~ds.dns_answers["client_ip"].isin(set(exclude))]
-    lines = query_lines(dns)
-    lines = lines.iloc[np.argsort(lines["ms"].to_numpy(), kind="stable")]
-    return [write_lines(Path(out_dir) / "bind" / "query.log", lines["line"].tolist())]
+    lines = query_lines(answers_of_clients_but(ds, exclude))
+    return [write_in_time_order(Path(out_dir) / "bind" / "query.log", lines)]
 
 
 __all__ = ["write_bind", "query_lines", "responses"]

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly.synth._text_writer import col, hash64, iso_ms, ms_floor, write_lines
+from esxi_anomaly.synth._text_writer import (answers_of_clients_but, col, hash64, iso_ms, ms_floor,
+                                              write_in_time_order)
 
 _QTYPES = ("A", "AAAA", "SRV", "TXT", "MX", "PTR", "NS", "HTTPS")
 _NAME_TYPES = ("CNAME", "PTR", "NS", "SRV", "MX")
@@ -78,10 +79,8 @@ def response_lines(dns: pd.DataFrame) -> pd.DataFrame:
 
 def write_infoblox(ds, out_dir, exclude=()) -> list[Path]:
     """`<out_dir>/infoblox/named.log`: the responses to every client not in `exclude`, in time order."""
-    dns = ds.dns_answers[~ds.dns_answers["client_ip"].isin(set(exclude))]
-    lines = response_lines(dns)
-    lines = lines.iloc[np.argsort(lines["ms"].to_numpy(), kind="stable")]
-    return [write_lines(Path(out_dir) / "infoblox" / "named.log", lines["line"].tolist())]
+    lines = response_lines(answers_of_clients_but(ds, exclude))
+    return [write_in_time_order(Path(out_dir) / "infoblox" / "named.log", lines)]
 
 
 __all__ = ["write_infoblox", "response_lines"]

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly.synth._text_writer import col, hash64, hex_of, iso_ms, ms_floor, write_lines
+from esxi_anomaly.synth._text_writer import (answers_of_clients_but, col, hash64, hex_of, iso_ms, ms_floor,
+                                              write_in_time_order)
 from esxi_anomaly.synth.bind_writer import responses
 
 RR_CODES = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "PTR": 12, "MX": 15, "TXT": 16, "AAAA": 28, "SRV": 33,
@@ -128,10 +129,8 @@ def event_lines(dns: pd.DataFrame) -> pd.DataFrame:
 
 def write_windows_dns(ds, out_dir, exclude=()) -> list[Path]:
     """`<out_dir>/windows_dns/analytical.json`: the responses to every client not in `exclude`, in time order."""
-    dns = ds.dns_answers[~ds.dns_answers["client_ip"].isin(set(exclude))]
-    lines = event_lines(dns)
-    lines = lines.iloc[np.lexsort((lines["order"].to_numpy(), lines["ms"].to_numpy()))] if len(lines) else lines
-    return [write_lines(Path(out_dir) / "windows_dns" / "analytical.json", lines["line"].tolist())]
+    lines = event_lines(answers_of_clients_but(ds, exclude))
+    return [write_in_time_order(Path(out_dir) / "windows_dns" / "analytical.json", lines, "order")]
 
 
 __all__ = ["write_windows_dns", "event_lines", "RR_CODES"]
