@@ -324,8 +324,7 @@ def _frame_digest(frame: pd.DataFrame | None) -> str:
     if frame is None or not len(frame):
         return ""
     digest = hashlib.sha256(json.dumps([list(map(str, frame.columns)), list(map(str, frame.dtypes))]).encode())
-    if len(frame):
-        digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -380,7 +379,7 @@ def _save_reads(path: Path, quarantine: ingest.Quarantine, files: list,
         notes.merge_notes(summary)
     record = {"counts": quarantine.counts,
               "records": [[r.path, r.line, r.reason, r.raw] for r in quarantine.records],
-              "file_problems": sorted(map(list, getattr(quarantine, "file_problems", ()))),
+              "file_problems": sorted(map(list, quarantine.file_problems)),
               "files": [dataclasses.asdict(f) for f in files],
               "notes": notes.notes_record()}
     with atomic_path(path, durable=False) as tmp:
@@ -395,8 +394,7 @@ def _restore_reads(path: Path, quarantine: ingest.Quarantine, summary: ingest.Re
     spilled.counts = {str(k): int(v) for k, v in record["counts"].items()}
     spilled.records = [QuarantineRecord(str(p), int(n), str(reason), str(raw))
                        for p, n, reason, raw in record["records"]]
-    if hasattr(spilled, "file_problems"):
-        spilled.file_problems = {tuple(x) for x in record.get("file_problems", [])}
+    spilled.file_problems = {tuple(x) for x in record.get("file_problems", [])}
     quarantine.extend(spilled)
     if summary is not None:
         summary.files.extend(ingest.FileStats(**f) for f in record["files"])

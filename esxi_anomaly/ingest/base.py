@@ -99,12 +99,12 @@ class Quarantine:
 
     def extend(self, other: "Quarantine") -> None:
         """Add the records and counts of `other` (a read done elsewhere, e.g. in a worker process)."""
-        twice = {key for key in getattr(other, "file_problems", set()) if key in self.file_problems}
+        twice = other.file_problems & self.file_problems
         for path, n in other.counts.items():
             n -= sum(1 for p, _reason in twice if p == path)
             if n:
                 self.counts[path] = self.counts.get(path, 0) + n
-        self.file_problems |= getattr(other, "file_problems", set())
+        self.file_problems |= other.file_problems
         room = max(0, self.max_records - len(self.records))
         for r in other.records:
             if r.line == 0 and (r.path, r.reason) in twice:
