@@ -61,7 +61,7 @@ from esxi_anomaly.detect.explain import context_clauses
 from esxi_anomaly.feedback import FeedbackStore, apply_suppressions
 from esxi_anomaly.console import EXIT_BUSY, EXIT_INPUT, log
 from esxi_anomaly.features.stream_state import StreamState, read_frame, write_frame
-from esxi_anomaly.report._atomic import atomic_path
+from esxi_anomaly.atomic import atomic_path
 from esxi_anomaly.report.rollup import StreamingRollup
 from esxi_anomaly.schema import Frames
 from esxi_anomaly.workers import WorkerError, WorkerPool, release_free_memory

@@ -58,7 +58,7 @@ def read_options(args) -> dict:
 def finish_quarantine(quarantine: ingest.Quarantine, out: Path, strict: bool) -> int:
     """Write `<out>.quarantine.jsonl` (atomically) and say what it holds; a clean run removes the file
     an earlier run left, so it never describes another run."""
-    from esxi_anomaly.report._atomic import atomic_path
+    from esxi_anomaly.atomic import atomic_path
 
     path = out.with_name(out.name + ".quarantine.jsonl")
     if not len(quarantine):

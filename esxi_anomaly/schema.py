@@ -65,6 +65,44 @@ CONTEXT: dict[str, str] = {
 
 INVENTORY_KINDS = ("vm", "esxi_mgmt", "vcenter", "infra", "unknown")
 
+# The ranked output of `score`: one row per scored connection, most anomalous first. Every writer
+# (CSV, Parquet, ECS JSON lines, HTML) takes its columns, their order and dtypes from here.
+RANKED: dict[str, str] = {
+    "rank": "int64",          # 1 = most anomalous
+    "score": "float64",       # higher = more anomalous
+    "event_id": STR,
+    "ts": "float64",
+    "src_ip": STR,
+    "src_port": "int32",
+    "src_name": STR,          # inventory name, else the IP
+    "src_kind": STR,          # INVENTORY_KINDS
+    "esxi_host": STR,
+    "dst_ip": STR,
+    "dst_port": "int32",
+    "proto": STR,
+    "process": STR,
+    "query": STR,             # the DNS evidence joined to the connection ("" without)
+    "answer": STR,
+    "rtype": STR,
+    "dns_delay": "float64",   # seconds from the answer to the connection (NaN without)
+    "transform": STR,         # the derivation that maps the answer to the port or address
+    "rules": STR,             # rules that fired, space-separated
+    "forest_score": "float64",
+    "rule_score": "float64",
+    "seen_by": STR,           # the vantage points that logged the connection
+    "suppressed": "bool",     # an analyst's benign verdict matches (only when the environment has verdicts)
+    "explanation": STR,
+    "top_features": STR,      # feature attributions (the first `explain_top` ranks only)
+    "alert": "bool",
+}
+RANKED_OPTIONAL = ("suppressed",)   # absent from runs without suppressions: their outputs stay as they were
+RANK_ORDER = (("score", "descending"), ("event_id", "ascending"))   # the ranking, everywhere
+
+
+def ranked_columns(suppressed: bool = False) -> list[str]:
+    """The ranked output's columns in order; `suppressed` only when suppressions applied."""
+    return [c for c in RANKED if suppressed or c not in RANKED_OPTIONAL]
+
 FRAMES = {
     "connections": CONNECTIONS,
     "dns_answers": DNS_ANSWERS,

@@ -15,6 +15,7 @@ import json
 import lzma
 import os
 import pkgutil
+from pathlib import Path
 import stat
 import threading
 import zipfile
@@ -452,13 +453,11 @@ def formats() -> list[SourceFormat]:
     """Every SourceFormat defined by a module of this package, in module-name order."""
     global _REGISTRY
     if _REGISTRY is None:
-        import esxi_anomaly.ingest as pkg
-
-        found: list[SourceFormat] = []
-        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        found: list[SourceFormat] = []   # found by file, not by importing the package (no import cycle)
+        for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda m: m.name):
             if info.name in ("base",) or info.name.startswith("_"):
                 continue
-            module = importlib.import_module(f"{pkg.__name__}.{info.name}")
+            module = importlib.import_module(f"{__package__}.{info.name}")
             found.extend(getattr(module, "FORMATS", []))
         _REGISTRY = found
     return _REGISTRY

@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from esxi_anomaly.report._atomic import atomic_path
+from esxi_anomaly.atomic import atomic_path
 
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 

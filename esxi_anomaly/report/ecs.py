@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly.report._atomic import atomic_path
+from esxi_anomaly.atomic import atomic_path
 
 CUSTOM_PREFIX = "esxi_anomaly."
 

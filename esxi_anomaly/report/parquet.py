@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from esxi_anomaly.report._atomic import atomic_path
+from esxi_anomaly.atomic import atomic_path
 
 
 def write_parquet(ranked: pd.DataFrame, path: str | os.PathLike) -> Path:
