@@ -45,9 +45,11 @@ class EnsembleDetector(BaseEstimator):
         self.threshold_ = float(np.quantile(train["score"].to_numpy(), self.threshold_quantile))
         return self
 
-    def components(self, X: pd.DataFrame) -> pd.DataFrame:
+    def components(self, X: pd.DataFrame, n_jobs=None) -> pd.DataFrame:
+        """score, forest_score, rule_score and the names of the rules fired, per row of `X`.
+        `n_jobs`: the forest's scoring threads for this call (None: the fitted `n_jobs`)."""
         X = X[list(self.feature_names_in_)]
-        pct = self.forest_.score(X.to_numpy())
+        pct = self.forest_.score(X.to_numpy(), n_jobs)
         return self._combine(pct, R.evaluate(self.rules_, X))
 
     def _combine(self, pct: np.ndarray, fired: np.ndarray, with_names: bool = True) -> pd.DataFrame:

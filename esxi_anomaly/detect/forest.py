@@ -238,13 +238,15 @@ class CalibratedForest(BaseEstimator):
             self._scorer = cached
         return cached[1]
 
-    def raw_score(self, X) -> np.ndarray:
+    def raw_score(self, X, n_jobs=None) -> np.ndarray:
         """The forest's anomaly score with the sign flipped: higher = more anomalous.
-        Equals ``-forest_.score_samples(X)``; 0 rows give an empty array."""
-        return self.scorer_.raw_score(X, scoring_threads(self.n_jobs))
+        Equals ``-forest_.score_samples(X)``; 0 rows give an empty array. `n_jobs`: scoring threads
+        for this call (None: the estimator's `n_jobs`); the caller's knob, so the fitted model is
+        never changed to suit an engine."""
+        return self.scorer_.raw_score(X, scoring_threads(self.n_jobs if n_jobs is None else n_jobs))
 
-    def score(self, X) -> np.ndarray:
-        return self.percentile(self.raw_score(X))
+    def score(self, X, n_jobs=None) -> np.ndarray:
+        return self.percentile(self.raw_score(X, n_jobs))
 
     def percentile(self, raw: np.ndarray) -> np.ndarray:
         grid = np.linspace(0.0, 1.0, CALIBRATION_POINTS)
