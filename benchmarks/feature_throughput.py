@@ -11,8 +11,8 @@ half of the days (not timed). Timed, on all connections and DNS answers:
                   `pipeline.extract` (baseline and management-plane features): the work each batch
                   of the local engine does between reading and the ensemble.
   cut by source   not feature work, timed apart: the connections and DNS answers cut into P
-                  partitions as the local engine cuts them (`batch.source_slot`, slots dealt by
-                  `batch.assign_partitions` into P partitions of about equal rows), each
+                  partitions as the local engine cuts them (`scoring.core.source_slot`, slots dealt by
+                  `core.assign_partitions` into P partitions of about equal rows), each
                   partition's frames taken in time order. The engines do this when they spill
                   their input, before any feature work.
   by source, P    P persistent worker processes, each already holding its own partition's frames
@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly.batch import N_SLOTS, assign_partitions, source_slot
+from esxi_anomaly.scoring.core import N_SLOTS, assign_partitions, source_slot
 from esxi_anomaly.features import pipeline
 from esxi_anomaly.features.baseline import EntityBaseline
 from esxi_anomaly.features.mgmt_plane import ManagementPlane
 from esxi_anomaly.synth import generate
-from esxi_anomaly.workers import tune_allocator
+from esxi_anomaly.scoring.workers import tune_allocator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _JOB: dict = {}  # inherited by forked workers: the frames and fitted pieces, never pickled
@@ -68,7 +68,7 @@ def time_one_process(repeat: int) -> tuple[float, float, pd.DataFrame]:
 
 def cut_by_source(processes: int) -> list[tuple[np.ndarray, pd.DataFrame, pd.DataFrame]]:
     """Per partition: its connection rows (positions in the whole frame) and its connection and DNS
-    frames, cut as the local engine cuts them (`batch.assign_partitions`)."""
+    frames, cut as the local engine cuts them (`scoring.core.assign_partitions`)."""
     conns, dns = _JOB["conns"], _JOB["dns"]
     conn_slot, dns_slot = source_slot(conns["src_ip"]), source_slot(dns["client_ip"])
     part_of = assign_partitions(np.bincount(conn_slot, minlength=N_SLOTS), np.bincount(dns_slot, minlength=N_SLOTS),

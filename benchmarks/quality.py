@@ -19,7 +19,7 @@ attack day (DNS answers from one hour before the day on are visible to the join)
 connections labelled "attack"; look-alikes and normal traffic are negatives.
 
 Methods (all scores: higher = more anomalous):
-  esxi-anomaly N=k   `DnsCalcDetector` from `train.train_environment` with `TrainConfig(trials=k)`
+  esxi-anomaly N=k   `DnsCalcDetector` from `training.train_environment` with `TrainConfig(trials=k)`
                      (its self-validation fit skipped: it does not change the model); Optuna injects
                      only `INJECTED` families into the newest slice of the training days, while the
                      attack day also carries the `HELD_OUT` families. "tuned AP" in the per-estate
@@ -58,12 +58,12 @@ from esxi_anomaly.evaluate import evaluate
 from esxi_anomaly.schema import Frames
 from esxi_anomaly.ingest import Quarantine, read_connections, read_dns
 from esxi_anomaly.synth import ATTACK_FAMILIES, generate, labels_5tuple, write_formats
-from esxi_anomaly.train import TrainConfig, fit_model, train_environment
+from esxi_anomaly.training import TrainConfig, fit_model, train_environment
 
 INJECTED = ("apt12", "low16_mgmt", "xor_key", "offset_key")
 HELD_OUT = ("aaaa_port", "txt_port", "nymaim_ip")
 EVAL_FAMILIES = INJECTED + HELD_OUT
-DNS_LOOKBACK_S = 3600.0        # DNS answers visible to the attack day's join (as train.split_holdout)
+DNS_LOOKBACK_S = 3600.0        # DNS answers visible to the attack day's join (as training.split_holdout)
 ALERT_FRACTION = 0.01
 RECALL_K = 1000           # issue #14's per-family bar between views: recall within the first 1000 rows
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -236,7 +236,8 @@ def run_detector(train: Frames, test: Frames, labels: pd.DataFrame, seed: int, t
     config = TrainConfig(env=env, seed=seed, trials=trials, inject_families=list(INJECTED),
                          study_storage=f"sqlite:///{(storage_dir / 'optuna.db').as_posix()}")
     if trials > 0:
-        model, _, tuning = train_environment(train, config, validation=False)
+        trained = train_environment(train, config, validation=False)
+        model, tuning = trained.model, trained.tuning
     else:   # the model train_environment returns for trials=0
         model, tuning = fit_model(train, config), {}
     m = metrics(detector_ranking(model, test), labels)

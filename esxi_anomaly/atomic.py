@@ -1,4 +1,4 @@
-"""Atomic file writes for the report writers: a reader never sees a half-written report."""
+"""Atomic file writes (outputs, roll-ups, verdicts, run records): a reader never sees a half-written file."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,6 @@
-"""Integrity-checked model bundles: one folder per environment and version under `models/<env>/`.
+"""Integrity-checked model bundles: a folder of artefacts and a manifest, verified before anything is loaded.
+
+Where bundles live (`models/<env>/<version>/`) is `registry`'s business; this module knows one folder.
 
 A bundle holds the joblib artefacts of a fitted model, optional text files (model card, JSON
 config) and `manifest.json`: the caller's manifest plus format version, creation time, library
@@ -36,8 +38,8 @@ JOBLIB_SUFFIX = ".joblib"
 TEXT_SUFFIXES = (".md", ".json")
 RESERVED_MANIFEST_KEYS = frozenset({"format_version", "created", "library_versions", "files"})
 
-_BUNDLE_NAME = re.compile(r"^(\d{8}T\d{6}Z)(?:-(\d+))?$")
-_ENV_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# A version folder's name: its UTC creation time, `-2`, `-3` ... when taken (`registry` lays them out)
+VERSION_NAME = re.compile(r"^(\d{8}T\d{6}Z)(?:-(\d+))?$")
 _HASH_CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 64 << 20   # a manifest lists files and metrics: kilobytes; refuse absurd ones unread
 MAX_MANIFEST_DEPTH = 64         # nesting of JSON arrays/objects; ours is a handful of levels
@@ -66,14 +68,8 @@ def library_versions() -> dict[str, str]:
 
 def _retrain_hint(directory: Path) -> str:
     # models/<env>/<timestamp> tells us the environment; elsewhere we cannot guess it.
-    env = directory.parent.name if _BUNDLE_NAME.match(directory.name) else "ENV"
+    env = directory.parent.name if VERSION_NAME.match(directory.name) else "ENV"
     return f"retrain with `esxi-anomaly train --env {env} ...`"
-
-
-def _check_env(env: str) -> str:
-    if not isinstance(env, str) or not _ENV_NAME.match(env):
-        raise ValueError(f"environment name {env!r} must be letters, digits, '.', '_' or '-' (no path separators)")
-    return env
 
 
 def _check_file_name(name: str) -> None:
@@ -120,7 +116,7 @@ def save_bundle(directory: str | os.PathLike, artifacts: dict[str, object], mani
     target = Path(directory)
     if target.exists():
         raise BundleExistsError(f"{target} already exists; bundles are never overwritten -- "
-                                f"use new_bundle_dir() for a fresh version folder")
+                                f"use registry.new_version_dir() for a fresh version folder")
     clash = RESERVED_MANIFEST_KEYS & set(manifest)
     if clash:
         raise ValueError(f"manifest keys {sorted(clash)} are set by save_bundle; remove them from the manifest")
@@ -163,33 +159,6 @@ def save_bundle(directory: str | os.PathLike, artifacts: dict[str, object], mani
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
-
-
-def new_bundle_dir(models_dir: str | os.PathLike, env: str, *, now: datetime | None = None) -> Path:
-    """A fresh, not yet existing folder `models_dir/<env>/<UTC timestamp>` (suffix -2, -3 ... if taken)."""
-    base = Path(models_dir) / _check_env(env)
-    stamp = (now or datetime.now(timezone.utc)).astimezone(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    candidate = base / stamp
-    counter = 2
-    while candidate.exists():
-        candidate = base / f"{stamp}-{counter}"
-        counter += 1
-    return candidate
-
-
-def newest_bundle(models_dir: str | os.PathLike, env: str) -> Path:
-    """The newest bundle folder of `env` (by its timestamp name); BundleError if there is none."""
-    base = Path(models_dir) / _check_env(env)
-    found: list[tuple[str, int, Path]] = []
-    if base.is_dir():
-        for child in base.iterdir():
-            match = _BUNDLE_NAME.match(child.name)
-            if match and child.is_dir() and (child / MANIFEST_NAME).is_file():
-                found.append((match.group(1), int(match.group(2) or 1), child))
-    if not found:
-        raise BundleError(f"no model bundle for environment {env!r} under {Path(models_dir)}; "
-                          f"train one with `esxi-anomaly train --env {env} ...`")
-    return max(found)[2]
 
 
 def _json_depth(data: bytes) -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
@@ -59,8 +58,9 @@ def finish_quarantine(quarantine: ingest.Quarantine, out: Path, strict: bool) ->
     """Write `<out>.quarantine.jsonl` (atomically) and say what it holds; a clean run removes the file
     an earlier run left, so it never describes another run."""
     from esxi_anomaly.atomic import atomic_path
+    from esxi_anomaly.scoring import quarantine_path
 
-    path = out.with_name(out.name + ".quarantine.jsonl")
+    path = quarantine_path(out)
     if not len(quarantine):
         path.unlink(missing_ok=True)
         return EXIT_OK
@@ -77,18 +77,8 @@ def finish_quarantine(quarantine: ingest.Quarantine, out: Path, strict: bool) ->
 
 # -- commands ------------------------------------------------------------------------------
 
-def _output_folder(path: Path) -> Path:
-    """Create the output folder `path` (and its parents); OSError naming it when that is impossible."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot create the output folder: {exc.strerror}", str(path)) from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, "the output folder is not writable", str(path))
-    return path
-
-
 def cmd_generate(args) -> int:
+    from esxi_anomaly.scoring import make_output_folder
     from esxi_anomaly.synth import generate, parse_formats, write_formats
 
     try:
@@ -96,7 +86,7 @@ def cmd_generate(args) -> int:
     except ValueError as exc:
         log(f"error: --formats: {exc}")
         return EXIT_USAGE
-    _output_folder(Path(args.out))   # before the minutes of generating
+    make_output_folder(Path(args.out))   # before the minutes of generating
     ds = generate(days=args.days, seed=args.seed, scenario=args.scenario, attack_days=args.attack_days)
     write_formats(ds, args.out, formats, zeek_format=args.format, gzip=args.gzip)
     log(f"wrote {len(ds.connections)} connections, {ds.dns_answers['event_id'].nunique()} DNS responses, "
@@ -105,78 +95,142 @@ def cmd_generate(args) -> int:
 
 
 def _config(args):
-    from esxi_anomaly.train import TrainConfig
+    """The training config of the command line: `--config` (checked before any input is read) with
+    --env, --trials, --seed and the environment's feedback file set."""
+    from esxi_anomaly import registry
+    from esxi_anomaly.training import TrainConfig
 
     cfg = TrainConfig.from_toml(args.config) if args.config else TrainConfig()
-    cfg.env = args.env
+    changes = {"env": args.env, "feedback_path": str(registry.feedback_path(args.models_dir, args.env))}
     if args.trials is not None:
-        cfg.trials = args.trials
+        changes["trials"] = args.trials
     if args.seed is not None:
-        cfg.seed = args.seed
-    cfg.feedback_path = str(Path(args.models_dir) / args.env / "feedback.csv")
-    return cfg
+        changes["seed"] = args.seed
+    return cfg.replace(**changes)
 
 
 def cmd_train(args) -> int:
-    from esxi_anomaly import train
+    from esxi_anomaly import registry, training
 
+    cfg = _config(args)   # a bad config is refused before the minutes of reading
     stages = Stages()
     frames, quarantine, _ = read_inputs(args, stages)
-    cfg = _config(args)
-    model, metrics, tuning = stages.run("fit", train.train_environment, frames, cfg,
-                                        allow_odd_history=args.allow_odd_history)
-    path = stages.run("write bundle", train.write_model, model, cfg, args.models_dir, metrics, tuning)
+    trained = stages.run("fit", training.train_environment, frames, cfg, allow_odd_history=args.allow_odd_history)
+    path = stages.run("write bundle", registry.write_model, trained.model, trained.config, args.models_dir,
+                      trained.metrics, trained.tuning)
     log(f"bundle written: {path}")
     print(printable(path))
     return finish_quarantine(quarantine, Path(path) / "training", args.strict)
 
 
 def cmd_refit(args) -> int:
-    from esxi_anomaly import bundle, train
+    from esxi_anomaly import registry, training
 
+    directory = registry.newest_version(args.models_dir, args.env)
+    model, manifest = registry.load_model(directory)
+    cfg = training.TrainConfig.from_manifest(manifest, str(directory))
     stages = Stages()
     frames, quarantine, _ = read_inputs(args, stages)
-    model, manifest = train.load_model(bundle.newest_bundle(args.models_dir, args.env))
-    cfg = train.TrainConfig(**{k: v for k, v in manifest["config"].items() if k in train.TrainConfig.__dataclass_fields__})
     if args.retune:
-        cfg.trials = args.trials or cfg.trials or 20
-        model, metrics, tuning = stages.run("fit", train.train_environment, frames, cfg,
-                                            allow_odd_history=args.allow_odd_history)
+        trained = stages.run("fit", training.train_environment, frames,
+                             cfg.replace(trials=args.trials or cfg.trials or 20),
+                             allow_odd_history=args.allow_odd_history)
+        model, metrics, tuning, cfg = trained
     else:
-        model = stages.run("refit", train.refit_model, model, frames, allow_odd_history=args.allow_odd_history)
+        model = stages.run("refit", training.refit_model, model, frames, allow_odd_history=args.allow_odd_history)
         metrics, tuning = manifest.get("metrics", {}), manifest.get("tuning", {})
-    path = train.write_model(model, cfg, args.models_dir, metrics, tuning)
+    path = registry.write_model(model, cfg, args.models_dir, metrics, tuning)
     print(printable(path))
     return finish_quarantine(quarantine, Path(path) / "training", args.strict)
 
 
 def _load_for_scoring(args):
-    from esxi_anomaly import bundle, train
+    from esxi_anomaly import registry
 
-    directory = Path(args.model) if args.model else bundle.newest_bundle(args.models_dir, args.env)
-    model, manifest = train.load_model(directory)
+    directory = Path(args.model) if args.model else registry.newest_version(args.models_dir, args.env)
+    model, manifest = registry.load_model(directory)
     log(f"model: {directory}")
     return model, manifest, directory
 
 
 def cmd_score(args) -> int:
-    from esxi_anomaly.workers import WorkerPool, default_workers
+    """`esxi-anomaly score`: either engine, through `scoring.score`. The output is checked, then
+    locked, before any input is read; the local engine's workers start first."""
+    from esxi_anomaly.scoring.workers import WorkerPool, default_workers
 
     if args.engine == "dask":
-        from esxi_anomaly.dask_engine import require_distributed
+        from esxi_anomaly.scoring.dask_engine import require_distributed
 
         require_distributed()
     # the local engine's workers start first: they import while this process loads the model
     workers = args.workers or default_workers()
     pool = WorkerPool(workers) if args.engine == "local" and workers > 1 else None
     try:
-        from esxi_anomaly import batch
-
         model, manifest, directory = _load_for_scoring(args)
-        return batch.score_command(args, model, manifest, directory, pool)
+        return _score(args, model, manifest, directory, pool)
     finally:
         if pool is not None:
             pool.close()
+
+
+def _suppressions(directory: Path) -> pd.DataFrame:
+    """Benign analyst verdicts of the bundle's environment (kept next to its versions): the
+    suppressions both engines apply."""
+    from esxi_anomaly.registry import bundle_feedback
+
+    return bundle_feedback(directory).suppressions()
+
+
+def _score(args, model, manifest: dict, directory: Path, pool) -> int:
+    import hashlib
+
+    from esxi_anomaly import scoring
+    from esxi_anomaly.atomic import atomic_path
+    from esxi_anomaly.scoring.output import check_output_paths, input_files
+
+    out = Path(args.out)
+    fmt = scoring.output_format(out, args.format)
+    check_output_paths(out, input_files(args.conn, args.dns, args.inventory, args.context))
+    with scoring.output_folder(out.parent), scoring.hold_output(out):
+        quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
+        inventory = ingest.read_inventory(args.inventory, quarantine, summary) if args.inventory else None
+        context = ingest.read_context(args.context, quarantine, summary) if args.context else None
+        html_extra = {"summary": {"model": str(directory), "env": manifest.get("env", ""),
+                                  "threshold": manifest.get("threshold")}} if fmt == "html" else {}
+        if args.engine == "dask":
+            options = {"scheduler": args.scheduler}
+        else:   # the bundle's identity (for --resume): its manifest lists the sha256 of every file of it
+            options = {"chunk_rows": args.chunk_rows, "resume": args.resume, "pool": pool,
+                       "model_id": hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()}
+        result = scoring.score(model, args.conn, args.dns, out, inventory=inventory, engine=args.engine,
+                               suppressions=_suppressions(directory), context=context, fmt=fmt, top=args.top,
+                               quarantine=quarantine, summary=summary, html_extra=html_extra,
+                               read_options=read_options(args), progress=not args.no_progress, **options)
+        for line in summary.lines():
+            log(line)
+        log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.__dict__.items()
+                        if k != "stages_s"} | {"stages_s": {k: round(v, 2) for k, v in result.stages_s.items()}}))
+        log(f"wrote {result.written} rows to {out} ({fmt})")
+        log(f"wrote {result.entities} entities to {scoring.rollup_path(out)} (entity roll-up of all scored "
+            "connections, csv)")
+        if getattr(args, "stats_json", None):
+            stats = {**result.__dict__, "engine": args.engine, "out": str(out), "format": fmt,
+                     "rollup": str(scoring.rollup_path(out)), "files": _file_records(summary)}
+            with atomic_path(args.stats_json) as tmp:
+                Path(tmp).write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+        return finish_quarantine(quarantine, out, args.strict)
+
+
+def _file_records(summary: ingest.ReadSummary) -> list[dict]:
+    """Each input file's outcome for the JSON run summary: its format's frame kind added, no NaN."""
+    import dataclasses
+
+    frame_of = {f.name: f.frame for f in ingest.formats()}
+    records = []
+    for stats in summary.outcomes():
+        record = {k: (None if isinstance(v, float) and v != v else v) for k, v in dataclasses.asdict(stats).items()}
+        records.append(record | {"frame": frame_of.get(stats.format, "")})
+    return records
 
 
 def cmd_evaluate(args) -> int:
@@ -266,10 +320,10 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from esxi_anomaly import feedback
+    from esxi_anomaly import feedback, registry
     from esxi_anomaly.report.csv import restore_formulas
 
-    store = feedback.FeedbackStore(args.models_dir, args.env)
+    store = registry.feedback_store(args.models_dir, args.env)
     if args.import_csv:
         n = store.import_csv(args.import_csv)
         log(f"imported {n} verdicts into {store.path}")
@@ -321,7 +375,7 @@ def cmd_demo(args) -> int:
 
 def _env_name(value: str) -> str:
     """argparse `type=` of every --env: it becomes a folder under --models-dir, so no path tricks."""
-    from esxi_anomaly.feedback import check_env_name
+    from esxi_anomaly.registry import check_env_name
 
     try:
         return check_env_name(value)
@@ -480,7 +534,7 @@ def _failure(exc: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) of a command that raised `exc`. Unusable inputs, bundles, configs
     and output paths are the user's to fix (EXIT_INPUT); anything else is a bug (EXIT_INTERNAL)."""
     from esxi_anomaly.bundle import BundleError
-    from esxi_anomaly.workers import WorkerError
+    from esxi_anomaly.scoring.workers import WorkerError
 
     if isinstance(exc, WorkerError) and exc.original is not None:
         exc = exc.original   # the job's own exception, raised in a worker process
@@ -507,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     with unwind_on_signals():
         try:
             args = build_parser().parse_args(argv)
-            from esxi_anomaly.workers import tune_allocator
+            from esxi_anomaly.scoring.workers import tune_allocator
 
             tune_allocator()
             return args.func(args)

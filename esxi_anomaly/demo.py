@@ -1,7 +1,8 @@
 """`esxi-anomaly demo`: generate an estate, train on its history, score its last day, report.
 
-It goes through the same files and commands a user would: Zeek logs on disk, read back by the
-ingest layer, a bundle written and verified, ranked CSV and HTML written.
+It goes through the same files and Python API a user's own job would (the commands call the same
+functions): Zeek logs on disk, read back by the ingest layer, a bundle written and verified, ranked
+CSV and HTML written.
 """
 from __future__ import annotations
 
@@ -12,8 +13,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from esxi_anomaly import cli
+from esxi_anomaly import registry, scoring, training
 from esxi_anomaly.console import log, printable
+from esxi_anomaly.evaluate import evaluate, read_labels
+from esxi_anomaly.ingest import read_connections, read_dns, read_inventory
+from esxi_anomaly.report import write_outputs
+from esxi_anomaly.schema import Frames
+from esxi_anomaly.scoring import make_output_folder
+from esxi_anomaly.scoring.workers import default_workers
+from esxi_anomaly.training import TrainConfig
 
 
 def _slice(ds, lo: float, hi: float):
@@ -29,7 +37,7 @@ def run(out: Path, seed: int = 7, days: int = 4) -> int:
     from esxi_anomaly.synth import generate, write_zeek
 
     t0 = time.perf_counter()
-    cli._output_folder(out)
+    make_output_folder(out)
     ds = generate(days=days, seed=seed, scenario="default", attack_days=1)
     history, today = out / "history", out / "today"
     write_zeek(_slice(ds, ds.start, ds.train_end), history)
@@ -37,23 +45,23 @@ def run(out: Path, seed: int = 7, days: int = 4) -> int:
     log(f"generated {len(ds.connections):,} connections over {days} days "
         f"({len(ds.inventory)} inventory entries) in {time.perf_counter() - t0:.0f} s")
     models = out / "models"
-    rc = cli.main(["train", "--env", "demo", "--conn", str(history / "conn.log"), "--dns", str(history / "dns.log"),
-                   "--inventory", str(history / "inventory.csv"), "--models-dir", str(models), "--seed", str(seed)])
-    if rc:
-        return rc
+    frames = Frames(read_connections(history / "conn.log"), read_dns(history / "dns.log"),
+                    read_inventory(history / "inventory.csv"))
+    config = TrainConfig().replace(env="demo", seed=seed, feedback_path=str(registry.feedback_path(models, "demo")))
+    trained = training.train_environment(frames, config)
+    bundle = registry.write_model(trained.model, trained.config, models, trained.metrics, trained.tuning)
+    log(f"bundle written: {bundle}")
+    model, _ = registry.load_model(bundle)   # verified, then loaded, as a scoring job does
     ranked_csv, report_html = out / "ranked.csv", out / "report.html"
-    rc = cli.main(["score", "--env", "demo", "--models-dir", str(models), "--conn", str(today / "conn.log"),
-                   "--dns", str(today / "dns.log"), "--inventory", str(today / "inventory.csv"),
-                   "--out", str(ranked_csv), "--no-progress"])
-    if rc:
-        return rc
+    result = scoring.score(model, [today / "conn.log"], [today / "dns.log"], ranked_csv,
+                           inventory=read_inventory(today / "inventory.csv"),
+                           suppressions=registry.bundle_feedback(bundle).suppressions(),
+                           progress=False, workers=default_workers())
+    log(f"scored {result.connections:,} connections: {result.alerts:,} alerts; wrote {ranked_csv}")
     ranked = pd.read_csv(ranked_csv, dtype="str", keep_default_na=False, low_memory=False)
     for col in ("rank", "score", "ts", "src_port", "dst_port", "dns_delay", "forest_score", "rule_score"):
         ranked[col] = pd.to_numeric(ranked[col], errors="coerce")
     # the analyst's report for the same run: the top 2000 rows with timelines from today's logs
-    from esxi_anomaly.ingest import read_connections, read_dns
-    from esxi_anomaly.report import write_outputs
-
     write_outputs(ranked.head(2000), report_html, "html", connections=read_connections(today / "conn.log"),
                   dns_answers=read_dns(today / "dns.log"),
                   summary={"env": "demo", "model": str(models), "connections": len(ranked)})
@@ -61,8 +69,6 @@ def run(out: Path, seed: int = 7, days: int = 4) -> int:
     for row in ranked.head(10).itertuples():   # names and explanations come from the logs: escaped
         print(printable(f"{row.rank:>3}  {row.score:.3f}  {row.src_name} -> {row.dst_ip}:{row.dst_port}/{row.proto}"))
         print(printable(f"       {row.explanation}"))
-    from esxi_anomaly.evaluate import evaluate, read_labels
-
     metrics = evaluate(ranked, read_labels(str(today / "labels.csv")))
     print("\nAgainst the generator's labels: " + json.dumps(
         {k: v for k, v in metrics.items() if k in ("attacks", "average_precision", "precision_at_10", "entity_recall")}))

@@ -1,9 +1,9 @@
 """Analyst verdicts per environment: labelled validation data for training, and suppressions.
 
-Verdicts live in `<models_dir>/<env>/feedback.csv` (event_id, verdict, note, labelled_at, and, when
-known from a scored file, src_ip, query, dst_port). `malicious` verdicts become positive labels in
-the next training's validation; `benign` ones become negatives and, with their (src_ip, query,
-dst_port), suppressions that scoring applies and the report shows.
+Verdicts live in `<models_dir>/<env>/feedback.csv` (where the registry says): event_id, verdict, note,
+labelled_at, and, when known from a scored file, src_ip, query, dst_port. `malicious` verdicts become
+positive labels in the next training's validation; `benign` ones become negatives and, with their
+(src_ip, query, dst_port), suppressions that scoring applies and the report shows.
 
 The file is safe to open in a spreadsheet and exact when read back: a cell starting with a formula
 trigger or with a single quote gets one leading quote on write, and every leading quote is removed
@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,19 +33,6 @@ VERDICTS = ("benign", "malicious")
 SUPPRESSION_FACTOR = 0.1  # a suppressed row keeps a tenth of its score: visible, never on top
 CONTEXT = ("src_ip", "query", "dst_port")  # what a benign verdict needs to suppress anything
 
-_ENV_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-
-
-def check_env_name(name: str) -> str:
-    """`name` when it is a safe environment name (it becomes a folder under the models directory),
-    else ValueError: letters, digits, '.', '_', '-', not starting with '.', at most 128 characters."""
-    if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
-        raise ValueError(f"environment name {name!r} is not allowed: use letters, digits, '.', '_' and '-', "
-                         "not starting with '.' (at most 128 characters); it names a folder under the "
-                         "models directory")
-    return name
-
-
 def _escape(values: pd.Series) -> pd.Series:
     """Formula-safe and reversible: a quote before every value that starts a formula or a quote."""
     values = values.astype(str)
@@ -59,11 +45,11 @@ def _unescape(values: pd.Series) -> pd.Series:
 
 
 class FeedbackStore:
-    def __init__(self, models_dir: str | os.PathLike, env: str):
-        # writing checks the name (`add_many`); reading does not: scoring opens the store next to any
-        # bundle given by folder (`--model ./b` has no environment folder), and a read creates nothing
-        self.env = env
-        self.path = Path(models_dir) / env / "feedback.csv"
+    def __init__(self, path: str | os.PathLike):
+        """The verdicts kept in the file `path`; `registry.feedback_store` opens an environment's (and
+        checks its name: the folder is created on the first write), `registry.bundle_feedback` the one
+        next to a bundle. Reading creates nothing."""
+        self.path = Path(path)
 
     def read(self) -> pd.DataFrame:
         if not self.path.exists():
@@ -77,7 +63,6 @@ class FeedbackStore:
 
     def add_many(self, rows: list[dict]) -> int:
         """Validate every row, then store all of them or none."""
-        check_env_name(self.env)  # the store's folder is created under the models directory
         table = pd.DataFrame(list(rows)).reindex(columns=COLUMNS)
         table = table.where(table.notna(), "").astype(str)
         bad_verdict = ~table["verdict"].isin(VERDICTS)
@@ -148,9 +133,7 @@ class FeedbackStore:
         path = getattr(config, "feedback_path", "")
         if not path or not Path(path).exists():
             return pd.DataFrame(columns=["event_id", "label", "family"])
-        store = FeedbackStore.__new__(FeedbackStore)
-        store.env, store.path = None, Path(path)   # read only
-        return store.labels()
+        return FeedbackStore(path).labels()
 
 
 def apply_suppressions(rows: pd.DataFrame, suppressions: pd.DataFrame) -> pd.DataFrame:

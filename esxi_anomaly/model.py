@@ -1,7 +1,11 @@
 """`DnsCalcDetector`: the whole fitted model, from canonical frames to ranked, explained rows.
 
 A scikit-learn estimator whose X is a `schema.Frames` (connections, dns_answers, inventory):
-params-only `__init__`, `fit` returns self, learned attributes end in `_`, seeded by `random_state`.
+params-only `__init__`, `fit` returns self, learned attributes end in `_`, seeded by `random_state`,
+`NotFittedError` before `fit`. The entry points taking `Frames` (`fit`, `features`, `refit_baseline`)
+check them against `schema.FRAMES` (`schema.check_frames`: a missing or uncastable column is refused
+by name, castable dtypes are cast). Engine choices (threads, workers) are arguments of the calls
+that use them, never parameters of the fitted model.
 
 Fitting avoids judging history by itself: the baseline used to build the forest's training features
 is fitted on the older part of the history (`baseline_split`), so novelty looks in training as it
@@ -14,14 +18,15 @@ import copy
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
-from esxi_anomaly.detect import explain, rules as R
+from esxi_anomaly.detect import rules as R
 from esxi_anomaly.detect.ensemble import EnsembleDetector
 from esxi_anomaly.features import dns_join, pipeline
 from esxi_anomaly.features.baseline import EntityBaseline
 from esxi_anomaly.features.stream_state import StreamState
 from esxi_anomaly.features.mgmt_plane import ManagementPlane
-from esxi_anomaly.schema import Frames
+from esxi_anomaly.schema import Frames, check_frames
 
 EARLIEST_PLAUSIBLE_TS = 946_684_800.0  # 2000-01-01 UTC
 MAX_HISTORY_DAYS = 400.0
@@ -67,13 +72,6 @@ def history_findings(ts: np.ndarray, now: float | None = None) -> tuple[list[str
     return odd, thin
 
 
-RANKED_COLUMNS = [
-    "rank", "score", "event_id", "ts", "src_ip", "src_port", "src_name", "src_kind", "esxi_host", "dst_ip",
-    "dst_port", "proto", "process", "query", "answer", "rtype", "dns_delay", "transform", "rules",
-    "forest_score", "rule_score", "seen_by", "explanation", "top_features",
-]
-
-
 class DnsCalcDetector(BaseEstimator):
     def __init__(self, min_window_s: float = 300.0, grace_s: float = 60.0, recent_responses: int = 4,
                  baseline_alpha: float = 5.0, baseline_split: float = 0.67, forest_weight: float = 0.6,
@@ -102,6 +100,7 @@ class DnsCalcDetector(BaseEstimator):
         return dns_join.JoinParams(self.min_window_s, self.grace_s, self.recent_responses, self.max_window_s)
 
     def fit(self, X: Frames, y=None):
+        X = check_frames(X, "DnsCalcDetector.fit")
         prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params())
         return self.fit_prepared(prepared, X.inventory)
 
@@ -144,6 +143,8 @@ class DnsCalcDetector(BaseEstimator):
 
     def refit_baseline(self, X: Frames):
         """Refit the per-entity baseline and management peers on new history; keep the detector."""
+        check_is_fitted(self, "detector_")
+        X = check_frames(X, "DnsCalcDetector.refit_baseline")
         prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params())
         self.baseline_ = EntityBaseline(alpha=self.baseline_alpha).fit(prepared.baseline_input)
         self.mgmt_ = ManagementPlane(extra_allow=tuple(self.mgmt_allow)).fit(X.inventory)
@@ -153,19 +154,26 @@ class DnsCalcDetector(BaseEstimator):
 
     # -- scoring ---------------------------------------------------------------------------
     def features(self, X: Frames, state: StreamState | None = None):
+        """(prepared batch, feature matrix) of `X`; `state` carries stream state across chunks."""
+        check_is_fitted(self, "detector_")
+        X = check_frames(X, "DnsCalcDetector.features")
         prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params(), state)
         return prepared, self.features_prepared(prepared, X.inventory)
 
     def features_prepared(self, prepared: pipeline.Prepared, inventory: pd.DataFrame | None) -> pd.DataFrame:
+        check_is_fitted(self, "detector_")
         mgmt = self.mgmt_ if inventory is None else ManagementPlane(tuple(self.mgmt_allow)).fit(inventory)
         return pipeline.extract(prepared, self.baseline_, mgmt)
 
     def score_samples(self, X: Frames) -> np.ndarray:
-        return self.detector_.score_samples(self.features(X)[1])
+        """The score of every connection of `X`, in batch order (higher = more anomalous)."""
+        feats = self.features(X)[1]
+        return self.detector_.score_samples(feats)
 
     def score(self, X: Frames, top: int | None = None, explain_top: int = 200,
               state: StreamState | None = None) -> pd.DataFrame:
-        """Ranked rows (RANKED_COLUMNS + components), most anomalous first; `top` keeps the first N."""
+        """Ranked rows (the columns of `schema.ranked_columns()`), most anomalous first; `top` keeps
+        the first N, `explain_top` are attributed. The engines of `scoring` give the same rows."""
         prepared, feats = self.features(X, state)
         rows = self.score_rows(prepared, feats)
         return self.finish(rows, feats, top=top, explain_top=explain_top)
@@ -177,6 +185,7 @@ class DnsCalcDetector(BaseEstimator):
         itself, which is built (`explain.sentences`) only for the rows that are kept: by `finish`,
         or by the batch writer block by block. `explain.SENTENCE_ONLY` columns are dropped then.
         `components`: `self.detector_.components(feats)` when the caller has it already."""
+        check_is_fitted(self, "detector_")
         comp = self.detector_.components(feats) if components is None else components
         c, ev, ent = prepared.conns, prepared.evidence, prepared.entities
         host = pd.Series(c["esxi_host"].array)
@@ -199,26 +208,16 @@ class DnsCalcDetector(BaseEstimator):
 
     def finish(self, rows: pd.DataFrame, feats: pd.DataFrame, top: int | None = None,
                explain_top: int = 200) -> pd.DataFrame:
-        """Sort (score desc, event_id asc), rank, keep `top`, explain the kept rows and attribute
-        the first `explain_top`. `feats` is row-aligned with `rows` (from `score_rows`)."""
-        order = np.lexsort((rows["event_id"].to_numpy(dtype=object).astype(str), -rows["score"].to_numpy()))
-        if top is not None:
-            order = order[:top]
-        out = rows.iloc[order].reset_index(drop=True)
-        out.insert(0, "rank", np.arange(1, len(out) + 1))
-        k = min(explain_top, len(out))
-        top_feats = np.full(len(out), "", dtype=object)
-        top_feats[:k] = self.detector_.attributions(feats.iloc[order[:k]])
-        explanation = explain.sentences(out, self.history_days_, self.detector_.rules_)
-        alert = out.pop("alert")
-        out = out.drop(columns=[c for c in explain.SENTENCE_ONLY if c in out.columns])
-        out["explanation"] = explanation.array
-        out["top_features"] = top_feats
-        out["alert"] = alert
-        return out
+        """Sort (`schema.RANK_ORDER`), rank, keep `top`, explain the kept rows and attribute the first
+        `explain_top`, as the scoring engines write them (`scoring.rank.ranked_frame`). `feats` is
+        row-aligned with `rows` (from `score_rows`)."""
+        from esxi_anomaly.scoring.rank import ranked_frame
+
+        return ranked_frame(self, rows, feats, top=top, explain_top=explain_top)
 
     @property
     def threshold_(self) -> float:
+        check_is_fitted(self, "detector_")
         return self.detector_.threshold_
 
 

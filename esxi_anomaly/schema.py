@@ -135,19 +135,62 @@ def conform(df: pd.DataFrame, kind: str) -> pd.DataFrame:
     df = df.reset_index(drop=True)  # align by position, whatever the input's index
     for col, dtype in spec.items():
         if col in df.columns:
-            values = df[col]
-            try:
-                if dtype == STR:
-                    out[col] = values.fillna("").astype(STR)
-                elif dtype.startswith("int"):
-                    out[col] = pd.to_numeric(values, errors="raise").fillna(_FILL[dtype]).astype(dtype)
-                else:
-                    out[col] = pd.to_numeric(values, errors="raise").astype(dtype)
-            except (TypeError, ValueError) as exc:
-                raise SchemaError(f"{kind}: column {col!r} cannot be cast to {dtype}: {exc}") from exc
+            out[col] = _cast(df[col], kind, col, dtype)
         else:
             out[col] = pd.Series(np.full(n, _FILL[dtype]) if dtype != STR else [""] * n, dtype=dtype)
     return pd.DataFrame(out, index=pd.RangeIndex(n))
+
+
+def _cast(values: pd.Series, kind: str, col: str, dtype: str) -> pd.Series:
+    """One column cast to its canonical dtype (missing text -> "", missing ints -> -1)."""
+    try:
+        if dtype == STR:
+            return values.fillna("").astype(STR)
+        if dtype.startswith("int"):
+            return pd.to_numeric(values, errors="raise").fillna(_FILL[dtype]).astype(dtype)
+        return pd.to_numeric(values, errors="raise").astype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise SchemaError(f"{kind}: column {col!r} cannot be cast to {dtype}: {exc}") from exc
+
+
+def _has_dtype(values: pd.Series, dtype: str) -> bool:
+    actual = values.dtype
+    if dtype == STR:   # any non-object string dtype (Arrow- or Python-backed) is used as it is
+        return pd.api.types.is_string_dtype(actual) and not pd.api.types.is_object_dtype(actual)
+    return str(actual) == dtype
+
+
+def check_frame(df: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """`df` itself when every canonical column of `kind` is there with its dtype (a dtype check
+    only: cheap enough per chunk); else a copy whose mismatched columns are cast (`conform`'s
+    casts; other columns, extra ones too, kept as they are). SchemaError naming the frame and the
+    column when a column is missing or cannot be cast."""
+    if not isinstance(df, pd.DataFrame):
+        raise SchemaError(f"{kind}: expected a pandas DataFrame, got {type(df).__name__}")
+    spec = FRAMES[kind]
+    missing = [c for c in spec if c not in df.columns]
+    if missing:
+        raise SchemaError(f"{kind}: missing column {missing[0]!r}"
+                          + (f" (and {', '.join(map(repr, missing[1:]))})" if len(missing) > 1 else ""))
+    wrong = [c for c, dtype in spec.items() if not _has_dtype(df[c], dtype)]
+    if not wrong:
+        return df
+    return df.assign(**{c: _cast(df[c], kind, c, spec[c]) for c in wrong})
+
+
+def check_frames(X, caller: str) -> Frames:
+    """The boundary check of an estimator taking `Frames` (`caller` names it in the TypeError):
+    each frame through `check_frame`; the inventory may be None. Returns `X` itself when nothing
+    needed casting."""
+    if not isinstance(X, Frames):
+        raise TypeError(f"{caller} expects a schema.Frames(connections, dns_answers, inventory), "
+                        f"got {type(X).__name__}")
+    conns = check_frame(X.connections, "connections")
+    dns = check_frame(X.dns_answers, "dns_answers")
+    inventory = None if X.inventory is None else check_frame(X.inventory, "inventory")
+    if conns is X.connections and dns is X.dns_answers and inventory is X.inventory:
+        return X
+    return Frames(conns, dns, inventory)
 
 
 def validate(df: pd.DataFrame, kind: str) -> None:
@@ -156,12 +199,8 @@ def validate(df: pd.DataFrame, kind: str) -> None:
     for col, dtype in spec.items():
         if col not in df.columns:
             raise SchemaError(f"{kind}: missing column {col!r}")
-        actual = df[col].dtype
-        if dtype == STR:
-            if not (pd.api.types.is_string_dtype(actual) and not pd.api.types.is_object_dtype(actual)):
-                raise SchemaError(f"{kind}: column {col!r} has dtype {actual}, expected {dtype}")
-        elif str(actual) != dtype:
-            raise SchemaError(f"{kind}: column {col!r} has dtype {actual}, expected {dtype}")
+        if not _has_dtype(df[col], dtype):
+            raise SchemaError(f"{kind}: column {col!r} has dtype {df[col].dtype}, expected {dtype}")
     if kind == "connections":
         bad = (df["dst_port"] < -1) | (df["dst_port"] > 65535)
         if bad.any():

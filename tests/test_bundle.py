@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 
 import numpy as np
 import pytest
@@ -14,8 +13,6 @@ from esxi_anomaly.bundle import (
     BUNDLE_FORMAT_VERSION,
     BundleError,
     load_bundle,
-    new_bundle_dir,
-    newest_bundle,
     save_bundle,
     verify_bundle,
 )
@@ -165,31 +162,6 @@ def test_scikit_learn_patch_difference_accepted(saved, monkeypatch):
     major, minor = sklearn.__version__.split(".")[:2]
     monkeypatch.setattr(sklearn, "__version__", f"{major}.{minor}.99")
     assert load_bundle(saved)[0]["thresholds"] == {"alert": 0.83}
-
-
-def test_new_bundle_dir_is_timestamped_and_unique(tmp_path):
-    now = datetime(2026, 11, 27, 22, 15, 0, tzinfo=timezone.utc)
-    first = new_bundle_dir(tmp_path, "prod", now=now)
-    assert first == tmp_path / "prod" / "20261127T221500Z"
-    save_bundle(first, {"x": 1}, {})
-    second = new_bundle_dir(tmp_path, "prod", now=now)
-    assert second.name == "20261127T221500Z-2"
-    with pytest.raises(ValueError, match="path separators"):
-        new_bundle_dir(tmp_path, "../etc", now=now)
-
-
-def test_newest_bundle_picks_latest_timestamp_and_suffix(tmp_path):
-    for name in ["20261127T221500Z", "20261128T080000Z", "20261128T080000Z-2", "20261128T080000Z-10",
-                 "20261126T000000Z"]:
-        save_bundle(tmp_path / "prod" / name, {"x": 1}, {})
-    (tmp_path / "prod" / "20991231T000000Z").mkdir()  # no manifest: not a bundle
-    (tmp_path / "prod" / "notes").mkdir()
-    assert newest_bundle(tmp_path, "prod").name == "20261128T080000Z-10"
-
-
-def test_newest_bundle_without_any_bundle_says_how_to_train(tmp_path):
-    with pytest.raises(BundleError, match=r"train one with `esxi-anomaly train --env staging"):
-        newest_bundle(tmp_path, "staging")
 
 
 def test_deeply_nested_manifest_refused_with_a_message_not_a_recursion_error(saved):

@@ -86,7 +86,8 @@ def tag():
 
 @pytest.fixture(scope="module")
 def bundle(small_day, tmp_path_factory):
-    from esxi_anomaly.train import TrainConfig, write_model
+    from esxi_anomaly.registry import write_model
+    from esxi_anomaly.training import TrainConfig
 
     return write_model(small_day[0], TrainConfig(env="t"), tmp_path_factory.mktemp("models"))
 

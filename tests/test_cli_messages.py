@@ -15,14 +15,15 @@ import pytest
 from esxi_anomaly import cli
 from esxi_anomaly.console import EXIT_INPUT, EXIT_INTERNAL, Interrupted
 from esxi_anomaly.ingest import IngestError
-from esxi_anomaly.workers import WorkerError
+from esxi_anomaly.scoring.workers import WorkerError
 
 HOSTILE = "x\x1b[2Jy.log"   # a file name that would clear the analyst's screen
 
 
 @pytest.fixture(scope="module")
 def bundle(small_day, tmp_path_factory):
-    from esxi_anomaly.train import TrainConfig, write_model
+    from esxi_anomaly.registry import write_model
+    from esxi_anomaly.training import TrainConfig
 
     return write_model(small_day[0], TrainConfig(env="t"), tmp_path_factory.mktemp("models"))
 
@@ -101,30 +102,24 @@ def test_control_characters_in_file_names_are_escaped_by_score_and_inspect(small
         assert "\x1b" not in text
 
 
-def test_demo_escapes_names_and_explanations_from_the_logs(small_day, bundle, tmp_path, monkeypatch, capsys):
-    from esxi_anomaly import demo, synth
+def test_demo_escapes_names_and_explanations_from_the_logs(tmp_path, monkeypatch, capsys):
+    from esxi_anomaly import demo, scoring, synth
 
-    real_generate, real_main = synth.generate, cli.main
+    real_generate, real_score = synth.generate, scoring.score
 
     def small_generate(**kw):
         return real_generate(**kw, scale=0.05)
 
-    def fake_main(argv):   # train: use the fixture's bundle; score: the real one, then a hostile VM name
-        if argv[0] == "train":
-            return 0
-        argv = list(argv)
-        argv[argv.index("--env"):argv.index("--env") + 2] = ["--model", str(bundle)]
-        argv[argv.index("--models-dir"):argv.index("--models-dir") + 2] = ["--workers", "1"]
-        rc = real_main(argv)
-        out = argv[argv.index("--out") + 1]
+    def hostile_score(model, conn, dns, out, **kw):   # the real run, then a hostile VM name in its output
+        result = real_score(model, conn, dns, out, **{**kw, "workers": 1})
         ranked = pd.read_csv(out, dtype="str", keep_default_na=False)
         ranked.loc[0, "src_name"] = "vm\x1b]0;owned\x07"
         ranked.loc[0, "explanation"] = "query \u202egnp.exe"
         ranked.to_csv(out, index=False)
-        return rc
+        return result
 
     monkeypatch.setattr(synth, "generate", small_generate)
-    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(scoring, "score", hostile_score)
     assert demo.run(tmp_path / "demo", seed=5, days=2) == 0
     captured = capsys.readouterr()
     assert "vm\\x1b]0;owned\\x07 -> " in captured.out and "query \\u202egnp.exe" in captured.out

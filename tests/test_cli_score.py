@@ -14,7 +14,8 @@ HOSTILE = "=HYPERLINK(\"http://x\")"
 
 @pytest.fixture(scope="module")
 def bundle(small_day, tmp_path_factory):
-    from esxi_anomaly.train import TrainConfig, write_model
+    from esxi_anomaly.registry import write_model
+    from esxi_anomaly.training import TrainConfig
 
     model, _ = small_day
     return write_model(model, TrainConfig(env="t"), tmp_path_factory.mktemp("models"))

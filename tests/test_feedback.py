@@ -7,10 +7,10 @@ import csv
 import pandas as pd
 import pytest
 
-from esxi_anomaly import train
+from esxi_anomaly import registry
 from esxi_anomaly.cli import main
 from esxi_anomaly.console import EXIT_INPUT, EXIT_OK, EXIT_USAGE
-from esxi_anomaly.feedback import FeedbackStore, apply_suppressions, check_env_name
+from esxi_anomaly.feedback import apply_suppressions
 from esxi_anomaly.report.csv import FORMULA_TRIGGERS, restore_formulas, write_csv
 
 FORMULA = "=cmd|' /C calc'!A0"
@@ -36,7 +36,7 @@ def test_benign_verdict_on_a_formula_name_suppresses_exactly_its_row(tmp_path):
     assert label(tmp_path, "--event-id", "E1", "--verdict", "benign", "--scores", str(tmp_path / "scored.csv")) == 0
     # an event id the writer escaped is found as it was scored
     assert label(tmp_path, "--event-id=-E4", "--verdict", "benign", "--scores", str(tmp_path / "scored.csv")) == 0
-    store = FeedbackStore(tmp_path / "models", "lab")
+    store = registry.feedback_store(tmp_path / "models", "lab")
     # feedback.csv is itself safe to open in a spreadsheet ...
     with open(store.path, newline="", encoding="utf-8") as fh:
         cells = [cell for row in csv.reader(fh) for cell in row]
@@ -50,7 +50,7 @@ def test_benign_verdict_on_a_formula_name_suppresses_exactly_its_row(tmp_path):
 
 
 def test_feedback_file_round_trips_every_text_exactly(tmp_path):
-    store = FeedbackStore(tmp_path, "lab")
+    store = registry.feedback_store(tmp_path, "lab")
     texts = [FORMULA, "'=already quoted", "'", "+1", "-", "@x", "\tTAB", "plain", "", "a,b\n\"c\""]
     for i, text in enumerate(texts):
         store.add(f"C{i}", "benign", text, {"src_ip": "10.0.0.1", "query": text, "dst_port": 53})
@@ -77,13 +77,13 @@ def test_environment_names_that_are_not_plain_folder_names_are_refused(tmp_path_
     csv_file = tmp_path_factory.mktemp("import") / "v.csv"
     csv_file.write_text("event_id,verdict\nE1,malicious\n")
     with pytest.raises(ValueError, match="environment name"):
-        check_env_name(name)
+        registry.check_env_name(name)
     with pytest.raises(ValueError, match="environment name"):
-        FeedbackStore(tmp_path / "models", name).add("E1", "malicious")
+        registry.feedback_store(tmp_path / "models", name).add("E1", "malicious")
     with pytest.raises(ValueError, match="environment name"):
-        FeedbackStore(tmp_path / "models", name).import_csv(str(csv_file))
+        registry.feedback_store(tmp_path / "models", name).import_csv(str(csv_file))
     with pytest.raises(ValueError, match="environment name"):
-        train.write_model(None, train.TrainConfig(env=name), tmp_path / "models")
+        registry.new_version_dir(tmp_path / "models", name)
     for argv in (["label", "--env", name, "--models-dir", str(tmp_path / "models"), "--event-id", "E1",
                   "--verdict", "malicious"],
                  ["score", "--env", name, "--models-dir", str(tmp_path / "models"), "--conn", "c", "--dns", "d",
@@ -98,17 +98,17 @@ def test_environment_names_that_are_not_plain_folder_names_are_refused(tmp_path_
 
 @pytest.mark.parametrize("name", ["prod", "lab-2", "eu_west.1", "A9", "-x"])
 def test_plain_environment_names_are_accepted(name):
-    assert check_env_name(name) == name
+    assert registry.check_env_name(name) == name
 
 
 def test_the_store_next_to_a_bundle_outside_any_environment_folder_reads_as_empty(tmp_path):
     """`score --model ./bundle`: the bundle's parent is no environment folder; nothing to suppress."""
-    assert len(FeedbackStore(tmp_path, "").suppressions()) == 0
+    assert len(registry.bundle_feedback(tmp_path / "bundle").suppressions()) == 0
 
 
 def test_benign_verdict_needs_the_scored_file_and_unknown_ids_are_refused(tmp_path, capsys):
     write_csv(scored_rows(), tmp_path / "scored.csv")
-    store = FeedbackStore(tmp_path / "models", "lab")
+    store = registry.feedback_store(tmp_path / "models", "lab")
     assert label(tmp_path, "--event-id", "E1", "--verdict", "benign") == EXIT_INPUT
     assert "needs --scores" in capsys.readouterr().err and not store.path.exists()
     assert label(tmp_path, "--event-id", "nope", "--verdict", "benign",
@@ -128,7 +128,7 @@ def test_benign_verdict_needs_the_scored_file_and_unknown_ids_are_refused(tmp_pa
 
 
 def test_import_stores_every_row_or_none(tmp_path, capsys):
-    store = FeedbackStore(tmp_path / "models", "lab")
+    store = registry.feedback_store(tmp_path / "models", "lab")
     store.add("E0", "malicious", "first")
     before = store.path.read_bytes()
     bad = tmp_path / "bad.csv"

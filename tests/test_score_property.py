@@ -27,7 +27,8 @@ ZEEK_HEADER_LINES = 8
 def material(small_day, tmp_path_factory):
     """A model bundle and the pieces the random folders are made of: Zeek conn and DNS logs' header and
     data lines (a few hundred of each, enough to score)."""
-    from esxi_anomaly.train import TrainConfig, write_model
+    from esxi_anomaly.registry import write_model
+    from esxi_anomaly.training import TrainConfig
 
     model, folder = small_day
     bundle = write_model(model, TrainConfig(env="t"), tmp_path_factory.mktemp("models"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
 from esxi_anomaly.detect import rules as R
 from esxi_anomaly.detect.forest import CalibratedForest
@@ -48,6 +49,7 @@ class EnsembleDetector(BaseEstimator):
     def components(self, X: pd.DataFrame, n_jobs=None) -> pd.DataFrame:
         """score, forest_score, rule_score and the names of the rules fired, per row of `X`.
         `n_jobs`: the forest's scoring threads for this call (None: the fitted `n_jobs`)."""
+        check_is_fitted(self, "forest_")
         X = X[list(self.feature_names_in_)]
         pct = self.forest_.score(X.to_numpy(), n_jobs)
         return self._combine(pct, R.evaluate(self.rules_, X))
@@ -69,6 +71,7 @@ class EnsembleDetector(BaseEstimator):
         """Per-row occlusion attribution of the forest score: how much the raw anomaly score drops
         when one feature is set to its training median. Costs rows x features forest evaluations,
         so call it for the top-ranked rows only."""
+        check_is_fitted(self, "forest_")
         X = X[list(self.feature_names_in_)].to_numpy(dtype="float64")
         if not len(X):
             return []

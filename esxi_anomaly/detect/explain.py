@@ -23,7 +23,8 @@ KEYED = {"P9_xor": "XOR", "P9_add": "+"}
 # columns `DnsCalcDetector.score_rows` carries for the sentence only (not part of the ranked output)
 SENTENCE_ONLY = ("consistency", "port_never_seen", "dst_never_seen", "dst_is_answer")
 _TEXT = pa.large_string()
-_NOT_DERIVED = ("I2_xor", "I3_add")     # describe says "<target> from <answer> via ..." without deriving
+# keyed transforms without a text of their own here: describe says "<target> from <answer> via ..."
+_NOT_DERIVED = tuple(t for t in T.KEYED_TRANSFORMS if t not in KEYED)
 _DIGITS = re.compile(r"[0-9]+")         # targets describe can int() the same way numpy does
 
 
@@ -114,23 +115,24 @@ def _numbers(values: np.ndarray) -> pa.Array:
 
 
 def _formula_text(t, octets: np.ndarray) -> pa.Array:
-    """`transforms._a_formula_text` for many answers of one transform: the formula with the
-    octets (or, for the bit windows, the 32-bit word in hex) filled in."""
-    if t.id.startswith("P7_"):
-        word = "N" if "_be_" in t.id else "L"
+    """What `transforms.describe` shows of an octet formula, for many answers of one transform:
+    `transforms.octet_formula` with the octets (or, for the bit windows, the 32-bit word in hex)
+    filled in."""
+    formula = T.octet_formula(t.id)
+    word = formula.word
+    if word is not None:
         u = octets.astype(np.uint32)
         value = (u[:, 0] << 24 | u[:, 1] << 16 | u[:, 2] << 8 | u[:, 3]) if word == "N" else \
             (u[:, 3] << 24 | u[:, 2] << 16 | u[:, 1] << 8 | u[:, 0])
         nibbles = (value[:, None] >> np.arange(28, -1, -4, dtype=np.uint32)) & 0xF
         digits = np.ascontiguousarray(np.array(list("0123456789ABCDEF"))[nibbles])
         hex_text = _cat("0x", pa.array(digits.view("<U8").ravel(), _TEXT))
-        pieces = t.formula.split(word)                       # str.replace(word, hex) of describe
+        pieces = formula.formula.split(word)                 # str.replace(word, hex) of describe
         parts: list = [pieces[0]]
         for piece in pieces[1:]:
             parts += [hex_text, piece]
     else:
-        base = T.TRANSFORMS[t.id[len("P11_v4_"):]] if t.id.startswith("P11_v4_") else t
-        pieces = re.split(r"\b([abcd])\b", base.formula)     # the letters transforms._LETTER replaces
+        pieces = re.split(r"\b([abcd])\b", formula.formula)  # the letters describe fills in
         parts = [pieces[0]]
         for k in range(1, len(pieces), 2):
             parts += [_numbers(octets[:, "abcd".index(pieces[k])]), pieces[k + 1]]
@@ -205,7 +207,7 @@ def describe_many(transforms, answers, targets) -> np.ndarray:
                 continue
             output, rtype = kind
             hit = _matched(codes[rows], tids, a[rows], p[rows], output, rtype)
-            a_formula = np.array([tr is not None and (tr.id in T._A_PORT_INDEX or tr.id.startswith("P11_v4_"))
+            a_formula = np.array([tr is not None and T.octet_formula(tr.id) is not None
                                   for tr in spec], dtype=bool)[codes[rows]]
             if a_formula.any():        # "<port> = <formula with octets>[ on embedded IPv4 a.b.c.d] (<name>)"
                 sub = rows[a_formula]
@@ -258,6 +260,14 @@ def _derivation(transform: pa.Array, answer: pa.Array, target: pa.Array) -> pa.A
 
 # -- sentences --------------------------------------------------------------------------------
 
+def _ip_transforms(transform: pa.Array) -> pa.Array:
+    """Per row, whether the transform derives an IP (`transforms.is_ip_transform`), decided once
+    per distinct id; null -> False."""
+    encoded = pc.dictionary_encode(transform)
+    flags = pa.array([T.is_ip_transform(v) for v in encoded.dictionary.to_pylist()], pa.bool_())
+    return pc.fill_null(flags.take(encoded.indices), False)
+
+
 def _is_one(values: pd.Series) -> np.ndarray:
     return np.asarray(values.to_numpy() == 1, dtype=bool)
 
@@ -271,7 +281,7 @@ def sentences(rows: pd.DataFrame, history_days: float, rules: list[dict] = ()) -
         return pd.Series([], dtype="str")
     transform, answer = _text(rows["transform"]), _text(rows["answer"])
     dst_ip, dst_port = _text(rows["dst_ip"]), _text(rows["dst_port"])
-    is_ip = pc.fill_null(pc.starts_with(transform, "I"), False)
+    is_ip = _ip_transforms(transform)
     deriv = _derivation(transform, answer, pc.if_else(is_ip, dst_ip, dst_port))
     has = pc.fill_null(pc.not_equal(deriv, ""), True).to_numpy(zero_copy_only=False)
     answered = _is_one(rows["dst_is_answer"])

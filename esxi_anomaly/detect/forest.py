@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.ensemble import IsolationForest
+from sklearn.utils.validation import check_is_fitted
 
 CALIBRATION_POINTS = 2001
 
@@ -232,6 +233,7 @@ class CalibratedForest(BaseEstimator):
     def scorer_(self) -> ForestScorer:
         """The scoring tables of `forest_`, built on first use and never pickled (bundles saved
         before they existed load and score as before)."""
+        check_is_fitted(self, "forest_")
         cached = self.__dict__.get("_scorer")
         if cached is None or cached[0] is not self.forest_:
             cached = (self.forest_, ForestScorer(self.forest_))
@@ -249,6 +251,8 @@ class CalibratedForest(BaseEstimator):
         return self.percentile(self.raw_score(X, n_jobs))
 
     def percentile(self, raw: np.ndarray) -> np.ndarray:
+        """Raw scores as the share of training rows less anomalous, in [0, 1]."""
+        check_is_fitted(self, "calibration_")
         grid = np.linspace(0.0, 1.0, CALIBRATION_POINTS)
         return np.interp(raw, self.calibration_, grid, left=0.0, right=1.0)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
 
 from esxi_anomaly.features.columns import distinct
 from esxi_anomaly.features.hashing import combine as _h, hash_column
@@ -94,6 +95,7 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
         return self
 
     def transform(self, X: pd.DataFrame) -> pd.DataFrame:
+        check_is_fitted(self, "entity_totals_")
         _check(X)
         ent, role, dst, domain = _hashed(X)
         port = X["dst_port"].to_numpy(dtype="int64")

@@ -28,6 +28,14 @@ def distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, first
 
 
+def gather(values: np.ndarray, rows: np.ndarray, fill) -> np.ndarray:
+    """values[rows] where rows >= 0, else `fill` (also when `values` is empty): the lookup of a
+    row number that may be -1 (no answer, no match)."""
+    if not len(values):
+        return np.full(len(rows), fill, dtype=np.asarray(fill).dtype)
+    return np.where(rows >= 0, values[np.maximum(rows, 0)], np.asarray(fill, dtype=values.dtype))
+
+
 def sorted_unique(values: np.ndarray) -> np.ndarray:
     """The distinct values, sorted (`np.unique` without its much slower hashing path)."""
     s = np.sort(values)

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from esxi_anomaly.features import transforms as T
-from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns, distinct, expand
+from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns, distinct, expand, gather
 from esxi_anomaly.features.dns_join import DnsJoin
 from esxi_anomaly.features.hashing import combine as _hash
 from esxi_anomaly.features.stream_state import StreamState, distinct_running_count
@@ -38,13 +38,6 @@ RELATIONSHIP_FEATURES = [
     "match_significance", "match_on_ip_answer", "arith_distance_log", "byte_match",
     "port_announced", "consistency_ports", "keyed_consistency", "ip_derived", "ip_significance",
 ]
-
-
-def _gather(values: np.ndarray, rows: np.ndarray, fill) -> np.ndarray:
-    """values[rows] where rows >= 0, else `fill` (also when `values` is empty)."""
-    if not len(values):
-        return np.full(len(rows), fill, dtype=np.asarray(fill).dtype)
-    return np.where(rows >= 0, values[np.maximum(rows, 0)], np.asarray(fill, dtype=values.dtype))
 
 
 def match_keys(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +77,7 @@ class _ATable:
         answers, and results equal to the answer itself (never offered as derivations)."""
         if self._ips is None:
             ips = T.a_record_ips(self.octets).astype(np.int64)
-            ips[ips == T._octets_to_int(self.octets)[:, None]] = -1
+            ips[ips == T.octets_to_int(self.octets)[:, None]] = -1
             ips[~self.valid] = -1
             self._ips = ips
         return self._ips
@@ -163,7 +156,7 @@ def _ip_hits(pc: np.ndarray, pa: np.ndarray, conns: ConnColumns, dns: DnsColumns
     is_a = dns.rtype.codes[pa] == dns.rtype.code_of("A")
     a_items = np.flatnonzero(is_a & dst_valid[conns.dst.codes[pc]])
     item, code = _dense_hits(dns.answer.codes[pa[a_items]], dst_int.astype(np.int64)[conns.dst.codes[pc[a_items]]],
-                             table.ips, 1 << 32, T._A_IP_CODES)
+                             table.ips, 1 << 32, T.A_IP_CODES)
     items, codes = [a_items[item]], [code.astype(np.int16)]
     other = np.flatnonzero(~is_a)
     if len(other):
@@ -223,15 +216,15 @@ def relationship_features(conns, dns, j: DnsJoin,
     delay = np.full(n, np.nan)
     delay[linked] = conn_ts[linked] - dns_ts[ip_row[linked]]
     feats["dns_delay_log"] = np.where(linked, np.log1p(np.maximum(delay, 0)), NO_DNS_DELAY_LOG)
-    feats["answer_ttl_log"] = np.log1p(np.nan_to_num(_gather(dns.ttl, ip_row, 0.0), nan=0.0))
-    feats["answer_count"] = _gather(dns.response_size.astype("float64"), ip_row, 0.0)
+    feats["answer_ttl_log"] = np.log1p(np.nan_to_num(gather(dns.ttl, ip_row, 0.0), nan=0.0))
+    feats["answer_count"] = gather(dns.response_size.astype("float64"), ip_row, 0.0)
     table = _ATable(dns)
-    feats["via_cname"] = _gather(_response_any(dns, dns.is_rtype("CNAME")), ip_row, 0.0)
-    feats["answer_checksum"] = _gather(_response_any(dns, _checksum_rows(dns, table)), ip_row, 0.0)
+    feats["via_cname"] = gather(_response_any(dns, dns.is_rtype("CNAME")), ip_row, 0.0)
+    feats["answer_checksum"] = gather(_response_any(dns, _checksum_rows(dns, table)), ip_row, 0.0)
 
     ev_transform = np.full(n, -1, dtype=np.int16)
     ev_answer_row = np.where(linked, ip_row, -1)
-    linked_query = _gather(qcode, ip_row, -1)  # the name that gave the destination IP
+    linked_query = gather(qcode, ip_row, -1)  # the name that gave the destination IP
 
     # --- exact port derivations over all candidate pairs -----------------------------------
     pc, pa = j.pairs_conn, j.pairs_answer
@@ -245,7 +238,7 @@ def relationship_features(conns, dns, j: DnsJoin,
             is_announced = np.isin(htrans, ANNOUNCED_CODES)
             announced[hconn[is_announced]] = 1.0
             tests_per_conn = np.bincount(pc, minlength=n) * T.N_TESTS_A
-            chance = T.port_chance(pd.Categorical.from_codes(htrans, dtype=T._transform_dtype(), validate=False),
+            chance = T.port_chance(pd.Categorical.from_codes(htrans, dtype=T.transform_dtype(), validate=False),
                                    dst_port[hconn])
             prior = T.TRANSFORM_PRIORS[htrans]
             p_corr = np.clip(chance * tests_per_conn[hconn] / np.maximum(prior, 1e-9), 1e-300, 1.0)
@@ -273,7 +266,7 @@ def relationship_features(conns, dns, j: DnsJoin,
     # --- arithmetic distance and byte encodings on the IP-link answer (A records) -------------
     dist = np.full(n, MAX_DISTANCE_LOG)
     byte = np.zeros(n)
-    a_linked = np.flatnonzero(linked & (_gather(dns.rtype.codes, ip_row, -1) == dns.rtype.code_of("A")))
+    a_linked = np.flatnonzero(linked & (gather(dns.rtype.codes, ip_row, -1) == dns.rtype.code_of("A")))
     if len(a_linked):
         value = dns.answer.codes[ip_row[a_linked]]
         key = value * PORT_SPAN + _port_slot(dst_port[a_linked])
@@ -340,10 +333,10 @@ def relationship_features(conns, dns, j: DnsJoin,
 
     evidence = pd.DataFrame({
         "transform": _TRANSFORM_TEXT.text(ev_transform),
-        "answer": dns.answer.text(_gather(dns.answer.codes, ev_answer_row, -1)),
-        "rtype": dns.rtype.text(_gather(dns.rtype.codes, ev_answer_row, -1)),
-        "query": dns.query.text(_gather(dns.query.codes, ev_answer_row, -1)),
-        "dns_delay": conn_ts - _gather(dns_ts, ev_answer_row, np.nan),
+        "answer": dns.answer.text(gather(dns.answer.codes, ev_answer_row, -1)),
+        "rtype": dns.rtype.text(gather(dns.rtype.codes, ev_answer_row, -1)),
+        "query": dns.query.text(gather(dns.query.codes, ev_answer_row, -1)),
+        "dns_delay": conn_ts - gather(dns_ts, ev_answer_row, np.nan),
         "consistency": np.maximum(consistency, keyed),
         "answer_row": ev_answer_row,
     })

@@ -13,6 +13,7 @@ from importlib import resources
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
 
 from esxi_anomaly.features.columns import Coded, ConnColumns, distinct
 from esxi_anomaly.features.hashing import combine
@@ -74,6 +75,7 @@ class ManagementPlane(BaseEstimator):
                   columns: ConnColumns | None = None) -> pd.DataFrame:
         """`entities`: the entity columns per connection, or just their `src_kind` coded; `columns`: the
         coded view of `conns` if the caller has one (`pipeline.prepare` does)."""
+        check_is_fitted(self, "allowlist_")
         n = len(conns)
         kinds = entities if isinstance(entities, Coded) else Coded.of(entities["src_kind"])
         source = kinds.isin(MGMT_KINDS)

@@ -13,8 +13,7 @@ import pandas as pd
 
 from esxi_anomaly.features import dns_join, dns_port, identity, merge
 from esxi_anomaly.features.baseline import BASELINE_FEATURES, RATE_WINDOW_S, EntityBaseline
-from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns
-from esxi_anomaly.features.dns_port import _gather
+from esxi_anomaly.features.columns import Coded, ConnColumns, DnsColumns, gather
 from esxi_anomaly.features.dns_side import DNS_SIDE_FEATURES, dns_side_features
 from esxi_anomaly.features.entities import entity_table, registered_domain
 from esxi_anomaly.features.hashing import hash_column
@@ -66,8 +65,8 @@ def prepare(conns: pd.DataFrame, dns: pd.DataFrame, inventory: pd.DataFrame | No
     # best derivation; evidence without a name of its own takes it too
     queries = dc.query
     empty = queries.code_of("")
-    link = _gather(queries.codes, j.ip_answer_row, -1)
-    behind = _gather(queries.codes, evidence.pop("answer_row").to_numpy(), -1)
+    link = gather(queries.codes, j.ip_answer_row, -1)
+    behind = gather(queries.codes, evidence.pop("answer_row").to_numpy(), -1)
     link[link == empty], behind[behind == empty] = -1, -1
     evidence["query"] = queries.text(np.where(behind >= 0, behind, link))
     names = np.append(queries.values, "")

@@ -106,7 +106,8 @@ def _ipv4_octets(answer) -> np.ndarray | None:
     return np.array([[int(x) for x in answer.split(".")]], dtype=np.uint8)
 
 
-def _octets_to_int(octets: np.ndarray) -> np.ndarray:
+def octets_to_int(octets: np.ndarray) -> np.ndarray:
+    """(n,4) octets a,b,c,d -> uint32 network-order N = a<<24|b<<16|c<<8|d."""
     o = octets.astype(np.uint32)
     return (o[:, 0] << 24) | (o[:, 1] << 16) | (o[:, 2] << 8) | o[:, 3]
 
@@ -119,7 +120,7 @@ def _int_to_octets(values: np.ndarray) -> np.ndarray:
 def ipv4_to_int(answers) -> tuple[np.ndarray, np.ndarray]:
     """Dotted quads -> (uint32 network-order N, valid mask); invalid rows are 0."""
     octets, valid = parse_ipv4(answers)
-    return _octets_to_int(octets), valid
+    return octets_to_int(octets), valid
 
 
 @functools.lru_cache(maxsize=1)
@@ -322,6 +323,50 @@ TRANSFORM_KEYS = pd.util.hash_array(TRANSFORM_IDS)  # = hashing.hash_column of t
 def transform_codes(ids) -> np.ndarray:
     """The integer codes of transform ids."""
     return np.array([_TRANSFORM_IDS.index(t) for t in ids], dtype=np.int16)
+
+
+def is_ip_transform(transform_id) -> bool:
+    """True when the transform derives an IP address (its target is the connection's dst_ip),
+    False for port transforms and for anything that is not a transform id."""
+    t = TRANSFORMS.get(transform_id) if isinstance(transform_id, str) else None
+    return t is not None and t.output == "ip"
+
+
+# Keyed variants: derived from a key constant across answers (`port_keys`, `ip_keys`), not from
+# one answer, so `describe` names them without deriving.
+KEYED_TRANSFORMS = ("P9_xor", "P9_add", "I2_xor", "I3_add")
+
+
+@dataclass(frozen=True)
+class OctetFormula:
+    """How a port transform reads an IPv4's octets, for explanations that fill in the numbers.
+
+    `formula` is written in the octet letters a, b, c, d, or, when `word` is "N" (network order)
+    or "L" (little-endian), in that 32-bit word, shown in hex; `embedded`: the IPv4 is h6:h7 of
+    an AAAA answer rather than an A record."""
+
+    formula: str
+    word: str | None
+    embedded: bool
+
+
+def _octet_formulas() -> dict[str, OctetFormula]:
+    out = {}
+    for t in A_PORT_TRANSFORMS:
+        word = ("N" if "_be_" in t.id else "L") if t.id.startswith("P7_") else None
+        out[t.id] = OctetFormula(t.formula, word, False)
+    for base in _P11_V4_BASES:
+        out[f"P11_v4_{base}"] = OctetFormula(TRANSFORMS[base].formula, None, True)
+    return out
+
+
+_OCTET_FORMULAS = _octet_formulas()
+
+
+def octet_formula(transform_id) -> OctetFormula | None:
+    """The octet formula of an A-record port transform (P1-P8) or of one on AAAA-embedded IPv4
+    (P11_v4_*); None for every other transform."""
+    return _OCTET_FORMULAS.get(transform_id) if isinstance(transform_id, str) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,18 +612,18 @@ def checksum_rows(words: np.ndarray, group: np.ndarray, min_records: int = 3) ->
 
 def a_checksum_rows(octets: np.ndarray, group: np.ndarray) -> np.ndarray:
     """P10 on A records: the checksum over the raw addresses (N) or over their Nymaim2 decodings."""
-    little = _byteswap32(_octets_to_int(octets))
-    return checksum_rows(_octets_to_int(octets), group) | checksum_rows(_nymaim2_forward(little), group)
+    little = _byteswap32(octets_to_int(octets))
+    return checksum_rows(octets_to_int(octets), group) | checksum_rows(_nymaim2_forward(little), group)
 
 
 def a_record_ips(octets: np.ndarray) -> np.ndarray:
     """(n,4) octets -> (n, len(A_IP_TRANSFORMS)) uint32 network-order IPs in A_IP_TRANSFORMS order."""
     octets = np.asarray(octets, dtype=np.uint8).reshape(-1, 4)
     out = np.empty((len(A_IP_TRANSFORMS), len(octets)), dtype=np.uint32)
-    out[0] = _octets_to_int(octets[:, ::-1])
+    out[0] = octets_to_int(octets[:, ::-1])
     for j, perm in enumerate(_PERMUTATIONS, start=1):
-        out[j] = _octets_to_int(octets[:, list(perm)])
-    little = _octets_to_int(octets[:, ::-1])  # L: a is the low byte
+        out[j] = octets_to_int(octets[:, list(perm)])
+    little = octets_to_int(octets[:, ::-1])  # L: a is the low byte
     # result v is written back little-endian, i.e. its low byte becomes the first dotted octet
     out[len(_PERMUTATIONS) + 1] = _byteswap32(_nymaim2_forward(little))
     out[len(_PERMUTATIONS) + 2] = _byteswap32(_nymaim2_inverse(little))
@@ -740,7 +785,9 @@ def _format_ipv6(groups: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=1)
-def _transform_dtype() -> pd.CategoricalDtype:
+def transform_dtype() -> pd.CategoricalDtype:
+    """The categorical dtype of transform ids, codes = positions in TRANSFORM_IDS (what
+    `derive_ports`/`derive_ips` return and `port_chance` takes)."""
     return pd.CategoricalDtype(categories=pd.Index(_TRANSFORM_IDS, dtype="str"))
 
 
@@ -749,7 +796,7 @@ def _port_frame(rows: np.ndarray, tcodes: np.ndarray, ports: np.ndarray) -> pd.D
     return pd.DataFrame(
         {
             "row": np.asarray(rows, dtype=np.int64),
-            "transform": pd.Categorical.from_codes(codes, dtype=_transform_dtype(), validate=False),
+            "transform": pd.Categorical.from_codes(codes, dtype=transform_dtype(), validate=False),
             "port": np.asarray(ports, dtype=np.int32),
         },
         copy=False,
@@ -762,7 +809,7 @@ def _ip_frame(rows: np.ndarray, tcodes: np.ndarray, ips) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "row": np.asarray(rows, dtype=np.int64),
-            "transform": pd.Categorical.from_codes(codes, dtype=_transform_dtype(), validate=False),
+            "transform": pd.Categorical.from_codes(codes, dtype=transform_dtype(), validate=False),
             "ip": pd.array(ip_values, dtype="str"),
         },
         copy=False,
@@ -770,7 +817,7 @@ def _ip_frame(rows: np.ndarray, tcodes: np.ndarray, ips) -> pd.DataFrame:
 
 
 A_PORT_CODES = transform_codes([t.id for t in A_PORT_TRANSFORMS])
-_A_IP_CODES = transform_codes([t.id for t in A_IP_TRANSFORMS])
+A_IP_CODES = transform_codes([t.id for t in A_IP_TRANSFORMS])   # the columns of a_record_ips
 _P11_GROUP_CODES = transform_codes([f"P11_g{i}" for i in range(8)])
 _P11_V4_CODES = transform_codes([f"P11_v4_{b}" for b in _P11_V4_BASES])
 
@@ -854,11 +901,11 @@ def derive_ips(rtype, answer) -> pd.DataFrame:
         if rt == "A":
             octets, valid = parse_ipv4(sub)
             ips = np.ascontiguousarray(a_record_ips(octets[valid]))
-            keep = ips != _octets_to_int(octets[valid])[:, None]
+            keep = ips != octets_to_int(octets[valid])[:, None]
             frames.append(
                 _ip_frame(
                     np.repeat(rows[valid], keep.sum(axis=1)),
-                    np.broadcast_to(_A_IP_CODES, ips.shape)[keep],
+                    np.broadcast_to(A_IP_CODES, ips.shape)[keep],
                     _octets_to_arrow(_int_to_octets(ips[keep])),
                 )
             )
@@ -885,11 +932,10 @@ _LETTER = re.compile(r"\b[abcd]\b")
 
 def _a_formula_text(t: Transform, octets: np.ndarray) -> str:
     values = {k: int(v[0]) for k, v in _octet_dict(octets).items()}
-    if t.id.startswith("P7_"):
-        word = "N" if "_be_" in t.id else "L"
-        return t.formula.replace(word, f"0x{values[word]:08X}")
-    base = TRANSFORMS[t.id[len("P11_v4_"):]] if t.id.startswith("P11_v4_") else t
-    return _LETTER.sub(lambda m: str(values[m.group(0)]), base.formula)
+    f = _OCTET_FORMULAS[t.id]
+    if f.word is not None:
+        return f.formula.replace(f.word, f"0x{values[f.word]:08X}")
+    return _LETTER.sub(lambda m: str(values[m.group(0)]), f.formula)
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -905,18 +951,18 @@ def describe(transform_id: str, answer: str, port_or_ip) -> str:
         octets = _ipv4_octets(answer)
         port = int(a_record_ports(octets)[0, _A_PORT_INDEX[transform_id]]) if octets is not None else -1
         got = [port] if port >= 1 else []
-    elif t.output == "port" and transform_id not in ("P9_xor", "P9_add"):
+    elif t.output == "port" and transform_id not in KEYED_TRANSFORMS:
         derived = derive_ports(rtype, [answer])
         got = derived.loc[derived["transform"] == transform_id, "port"].astype(int).tolist()
-    elif t.output == "ip" and transform_id not in ("I2_xor", "I3_add"):
+    elif t.output == "ip" and transform_id not in KEYED_TRANSFORMS:
         derived = derive_ips(rtype, [answer])
         got = derived.loc[derived["transform"] == transform_id, "ip"].tolist()
     else:
         return f"{port_or_ip} from {answer!r} via {t.formula} ({t.name})"
     target = int(port_or_ip) if t.output == "port" else str(port_or_ip)
     matched = target in got
-    if transform_id in _A_PORT_INDEX or transform_id.startswith("P11_v4_"):
-        if transform_id in _A_PORT_INDEX:
+    if transform_id in _OCTET_FORMULAS:
+        if not _OCTET_FORMULAS[transform_id].embedded:
             octets = _ipv4_octets(answer)
             valid = [octets is not None]
             where = ""

@@ -1,5 +1,8 @@
 """Writers for the ranked output of `esxi-anomaly score`: CSV, Parquet, ECS JSON lines and HTML.
 
+The ranked output's columns, order and dtypes are `schema.RANKED`; every writer takes them from
+there (`report.layout`), and the ECS and HTML tables of ranked columns are checked against it
+at import.
 Every writer writes atomically (temporary file in the target folder, then os.replace) and
 treats log-derived text as hostile: formulas are neutralised in CSV, text is escaped in HTML.
 """

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from esxi_anomaly.atomic import atomic_path
+from esxi_anomaly.report.layout import conform_ranked
 
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -255,8 +256,10 @@ def _write(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def write_csv(ranked: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write the ranked anomalies (all columns, in order) to `path` as formula-safe CSV."""
-    return _write(ranked, path)
+    """Write the ranked anomalies to `path` as formula-safe CSV: the columns of `schema.RANKED` in
+    its order and dtypes, extra columns after them (`layout.conform_ranked`); a frame that is not
+    a ranked output is written as it is."""
+    return _write(conform_ranked(ranked), path)
 
 
 def write_entity_rollup_csv(rollup: pd.DataFrame, path: str | os.PathLike) -> Path:

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from esxi_anomaly import schema
 from esxi_anomaly.atomic import atomic_path
+from esxi_anomaly.report.layout import check_names
 
 CUSTOM_PREFIX = "esxi_anomaly."
 
@@ -59,8 +61,8 @@ CUSTOM_TYPES: dict[str, str] = {
     "esxi_anomaly.seen_by": "str_list",
 }
 
-# ranked column -> (dotted field, converter kind)
-_DIRECT = [
+# ranked column -> (dotted field, converter kind), in document order
+DIRECT = [
     ("event_id", "event.id", "str"),
     ("src_ip", "source.ip", "str"),
     ("src_port", "source.port", "port"),
@@ -82,6 +84,36 @@ _DIRECT = [
     ("esxi_host", "esxi_anomaly.esxi_host", "str"),
     ("family", "esxi_anomaly.family", "str"),
 ]
+# Columns that are not in schema.RANKED but exported when a frame has them (evaluation labels).
+EXTRAS = ("family",)
+# The columns of schema.RANKED that `ecs_records` builds a field from other than one-to-one.
+COMPOSED = {
+    "ts": "@timestamp",
+    "score": "event.risk_score (0-100) besides esxi_anomaly.score",
+    "answer": "dns.answers[].data",
+    "rtype": "dns.answers[].type",
+    "rules": "rule.name (a list)",
+    "seen_by": "esxi_anomaly.seen_by (a list)",
+}
+# The columns of schema.RANKED deliberately left out of the documents, and why.
+NOT_EXPORTED = {
+    "alert": "not in the documents so far (event.kind is \"alert\" for every row); CSV/Parquet carry it",
+    "suppressed": "not in the documents so far: a suppressed row's score is already lowered; CSV/Parquet carry it",
+}
+
+
+def unmapped_columns(spec=None) -> list[str]:
+    """The ranked columns (`spec`, default `schema.RANKED`) that this writer neither exports nor
+    declares in NOT_EXPORTED: a column added to the spec must be given a place here."""
+    spec = schema.RANKED if spec is None else spec
+    mapped = {c for c, _, _ in DIRECT} | set(COMPOSED) | set(NOT_EXPORTED)
+    return [c for c in spec if c not in mapped]
+
+
+check_names([c for c, _, _ in DIRECT] + list(COMPOSED) + list(NOT_EXPORTED), "report.ecs", EXTRAS)
+if unmapped_columns():
+    raise RuntimeError(f"report.ecs has no ECS mapping for the ranked columns {unmapped_columns()} "
+                       "(map them, or list them in NOT_EXPORTED)")
 
 _TIMESTAMP = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 
@@ -124,7 +156,7 @@ def ecs_records(ranked: pd.DataFrame) -> list[dict]:
     """The ECS documents for `ranked`, in row order."""
     count = len(ranked)
     direct = [(tuple(field.split(".")[:-1]), field.split(".")[-1], _column_values(ranked, column, kind))
-              for column, field, kind in _DIRECT if column in ranked.columns]
+              for column, field, kind in DIRECT if column in ranked.columns]
     timestamps = _timestamps(ranked)
     scores = _column_values(ranked, "score", "float") if "score" in ranked.columns else [None] * count
     answers = _column_values(ranked, "answer", "str") if "answer" in ranked.columns else [None] * count

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from esxi_anomaly import schema
 from esxi_anomaly.atomic import atomic_path
 from esxi_anomaly.report.rollup import entity_rollup
+from esxi_anomaly.schema import STR
 
 DEFAULT_TOP = 2000
 MAX_TEXT = 1000              # characters kept per text cell; long TXT answers are cut
@@ -28,33 +30,58 @@ TIMELINE_WINDOW = 900.0      # seconds either side of the entity's top anomaly
 MAX_TIMELINE_CONNECTIONS = 200
 MAX_TIMELINE_DNS = 100
 
-# key, label, kind, css class, shown in table, shown in the expanded detail
-RANKED_COLUMNS = [
-    ("rank", "Rank", "int", "num", True, False),
-    ("score", "Score", "score", "", True, True),
-    ("ts", "Time (UTC)", "time", "mono", True, False),
-    ("src_name", "Source", "text", "", True, False),
-    ("src_ip", "Source IP", "text", "mono", True, False),
-    ("dst_ip", "Destination", "text", "mono", True, False),
-    ("dst_port", "Port", "int", "num", True, False),
-    ("query", "DNS query", "text", "mono clip", True, True),
-    ("answer", "Answer", "text", "mono clip", True, True),
-    ("explanation", "Why", "text", "why", True, True),
-    ("transform", "Transform", "text", "mono", True, True),
-    ("rules", "Rules", "text", "mono clip", True, True),
-    ("family", "Label", "text", "", True, True),
-    ("dns_delay", "DNS \u2192 conn (s)", "float", "num", True, True),
-    ("src_kind", "Kind", "text", "", True, True),
-    ("esxi_host", "ESXi host", "text", "", True, False),
-    ("seen_by", "Seen by", "text", "mono clip", True, True),   # the vantage points that logged it
-    ("process", "Process", "text", "", True, False),
-    ("proto", "Proto", "text", "", True, False),
-    ("rtype", "Type", "text", "", False, True),
-    ("top_features", "Top features", "text", "", False, True),
-    ("forest_score", "Forest score", "score", "", False, True),
-    ("rule_score", "Rule score", "score", "", False, True),
-    ("event_id", "Event id", "text", "", False, True),
-]
+# How the ranked table shows each column, keyed by its `schema.RANKED` name, in table order:
+# label, kind, css class, shown in the table, shown in the expanded detail.
+RANKED_DISPLAY: dict[str, tuple[str, str, str, bool, bool]] = {
+    "rank": ("Rank", "int", "num", True, False),
+    "score": ("Score", "score", "", True, True),
+    "ts": ("Time (UTC)", "time", "mono", True, False),
+    "src_name": ("Source", "text", "", True, False),
+    "src_ip": ("Source IP", "text", "mono", True, False),
+    "dst_ip": ("Destination", "text", "mono", True, False),
+    "dst_port": ("Port", "int", "num", True, False),
+    "query": ("DNS query", "text", "mono clip", True, True),
+    "answer": ("Answer", "text", "mono clip", True, True),
+    "explanation": ("Why", "text", "why", True, True),
+    "transform": ("Transform", "text", "mono", True, True),
+    "rules": ("Rules", "text", "mono clip", True, True),
+    "family": ("Label", "text", "", True, True),
+    "dns_delay": ("DNS \u2192 conn (s)", "float", "num", True, True),
+    "src_kind": ("Kind", "text", "", True, True),
+    "esxi_host": ("ESXi host", "text", "", True, False),
+    "seen_by": ("Seen by", "text", "mono clip", True, True),   # the vantage points that logged it
+    "process": ("Process", "text", "", True, False),
+    "proto": ("Proto", "text", "", True, False),
+    "rtype": ("Type", "text", "", False, True),
+    "top_features": ("Top features", "text", "", False, True),
+    "forest_score": ("Forest score", "score", "", False, True),
+    "rule_score": ("Rule score", "score", "", False, True),
+    "event_id": ("Event id", "text", "", False, True),
+}
+DISPLAY_EXTRAS = ("family",)            # display-only: an evaluation's labels, not a ranked output column
+NOT_SHOWN = ("src_port", "suppressed", "alert")   # ranked output columns the table leaves out
+# the kinds a column of each spec dtype may be shown as
+_KINDS = {"int64": ("int",), "int32": ("int",), "float64": ("score", "float", "time"), STR: ("text",),
+          "bool": ()}
+
+
+def display_problems(spec=None) -> list[str]:
+    """What keeps RANKED_DISPLAY from matching the ranked output spec (`spec`, default
+    `schema.RANKED`): names that are neither spec columns nor DISPLAY_EXTRAS, kinds the column's
+    dtype does not allow, spec columns neither shown nor in NOT_SHOWN. Checked at import."""
+    spec = schema.RANKED if spec is None else spec
+    problems = [f"{k!r} is not a ranked column" for k in [*RANKED_DISPLAY, *NOT_SHOWN]
+                if k not in spec and k not in DISPLAY_EXTRAS]
+    problems += [f"{k!r} is shown as {shown[1]!r}, which dtype {spec[k]} does not allow"
+                 for k, shown in RANKED_DISPLAY.items() if k in spec and shown[1] not in _KINDS.get(spec[k], ())]
+    problems += [f"{c!r} is neither shown nor in NOT_SHOWN" for c in spec if c not in RANKED_DISPLAY and c not in NOT_SHOWN]
+    return problems
+
+
+if display_problems():
+    raise RuntimeError("report.html's ranked table does not match schema.RANKED: " + "; ".join(display_problems()))
+# (key, label, kind, css class, in table, in detail): what `_table` takes
+RANKED_COLUMNS = [(key, *spec) for key, spec in RANKED_DISPLAY.items()]
 
 ENTITY_COLUMNS = [
     ("src_name", "Entity", "text", ""),

@@ -11,8 +11,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from esxi_anomaly.features.hashing import row_groups
+from esxi_anomaly.report.layout import check_names
 
 ENTITY_KEYS = ("src_ip", "src_name", "src_kind", "esxi_host")
+
+# the ranked output's columns (`schema.RANKED`) the roll-up reads; `family` only when a frame has it
+RANKED_INPUTS = (*ENTITY_KEYS, "rank", "score", "event_id", "ts", "transform", "explanation", "alert")
+check_names(RANKED_INPUTS, "report.rollup")
 
 ROLLUP_COLUMNS = ["src_ip", "src_name", "src_kind", "esxi_host", "max_score", "connections", "alerts",
                   "first_seen", "last_seen", "transforms", "families", "top_event_id", "top_ts",

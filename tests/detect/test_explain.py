@@ -35,7 +35,7 @@ def _field(row: dict, name: str) -> str:
 
 def reference(row: dict, history_days: float, rules: list[dict]) -> str:
     t = str(row["transform"])
-    is_ip = t.startswith("I")
+    is_ip = T.is_ip_transform(t)
     target = str(row["dst_ip"]) if is_ip else str(row["dst_port"])
     deriv = _derivation(t, str(row["answer"]), target) if t != "" else ""
     if deriv:
@@ -180,7 +180,7 @@ def test_describe_many_equals_describe_one_by_one(monkeypatch):
     assert matched > 40
     # describe runs one by one only for the rare cases: an A/AAAA formula that does not give the
     # port or an answer that does not parse, port targets that are not numbers, unknown transforms
-    a_formula = {x for x in triples if x[0] in T._A_PORT_INDEX or x[0].startswith("P11_v4_")}
+    a_formula = {x for x in triples if T.octet_formula(x[0]) is not None}
     batched = {x for x, text in zip(triples, expected) if x in a_formula and text.startswith(f"{x[2]} = ")}
     assert len(batched) > 20 and not batched & set(calls)
     assert all(c in a_formula or not c[2].isdigit() or c[0] not in T.TRANSFORMS for c in calls)

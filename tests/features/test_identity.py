@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from esxi_anomaly import batch, ingest, schema
+from esxi_anomaly import ingest, schema
+from esxi_anomaly.scoring import local, write
 from esxi_anomaly.features import identity, pipeline
 from esxi_anomaly.report.csv import write_csv
 from esxi_anomaly.schema import Frames
@@ -142,9 +143,9 @@ def test_batch_with_two_workers_equals_one_shot_on_named_clients(tmp_path, small
     sysmon, events = named_sysmon(folder, tmp_path / "sysmon.json")
     frames = Frames(c, ingest.read_dns([folder / "dns.log", sysmon]), inventory)
     write_csv(model.score(frames), tmp_path / "one.csv")
-    monkeypatch.setattr(batch, "WRITE_BLOCK", 1000)
+    monkeypatch.setattr(write, "WRITE_BLOCK", 1000)
     out = tmp_path / "two.csv"
-    two = batch.run(model, [folder / "conn.log"], [folder / "dns.log", sysmon], inventory, out, workers=2,
+    two = local.run(model, [folder / "conn.log"], [folder / "dns.log", sysmon], out, inventory=inventory, workers=2,
                     chunk_rows=800, bucket_s=1800, progress=False)
     assert two.partitions == 2
     got = pd.read_csv(out, dtype={"event_id": "str"}, keep_default_na=False)

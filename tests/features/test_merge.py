@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esxi_anomaly import batch, schema
+from esxi_anomaly import schema
+from esxi_anomaly.scoring import core, local
 from esxi_anomaly.features import identity, merge, pipeline
 from esxi_anomaly.features.stream_state import StreamState
 
@@ -122,9 +123,9 @@ def test_chunk_bounds_never_split_a_connection():
     conns = frame(conn(0.0, "esx01"), conn(1.0, "esx03"), conn(2.0, "esx01", src_port=2),
                   conn(3.0, "esx03", src_port=2), conn(4.0, "esx01", src_port=3), conn(5.0, "esx01", src_port=4))
     ts = conns["ts"].to_numpy()
-    assert batch.chunk_bounds(ts, 1) == [(i, i + 1) for i in range(6)]
-    assert batch.chunk_bounds(ts, 1, merge.connection_groups(conns)) == [(0, 2), (2, 4), (4, 5), (5, 6)]
-    assert batch.chunk_bounds(ts, 3, merge.connection_groups(conns)) == [(0, 4), (4, 6)]
+    assert core.chunk_bounds(ts, 1) == [(i, i + 1) for i in range(6)]
+    assert core.chunk_bounds(ts, 1, merge.connection_groups(conns)) == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    assert core.chunk_bounds(ts, 3, merge.connection_groups(conns)) == [(0, 4), (4, 6)]
 
 
 def dfw_line(ts: float, host: str, direction: str, src_port: int, reverse: bool = False) -> str:
@@ -148,7 +149,7 @@ def test_batch_engine_merges_a_pair_across_a_chunk_border_as_one_shot(tmp_path, 
     path.write_text("\n".join(lines) + "\n")
     one_shot = model.score(schema.Frames(read_connections(path), dns, None))
     out = tmp_path / "ranked.csv"
-    summary = batch.run(model, [path], [folder / "dns.log"], None, out, chunk_rows=chunk_rows, progress=False)
+    summary = local.run(model, [path], [folder / "dns.log"], out, chunk_rows=chunk_rows, progress=False)
     assert (summary.connections, summary.connections_merged, summary.written) == (24, 12, 12)
     streamed = pd.read_csv(out, dtype={"event_id": "str"}, keep_default_na=False)
     assert streamed["seen_by"].tolist() == ["nsx_dfw:esx-01 nsx_dfw:esx-03"] * 12
@@ -186,7 +187,7 @@ def test_batch_engine_merges_a_pair_across_a_bucket_border(tmp_path, small_day, 
     path.write_text("\n".join(lines) + "\n")
     one_shot = model.score(schema.Frames(read_connections(path), dns, None))
     out = tmp_path / "ranked.csv"
-    summary = batch.run(model, [path], [folder / "dns.log"], None, out, chunk_rows=1, bucket_s=1800, progress=False)
+    summary = local.run(model, [path], [folder / "dns.log"], out, chunk_rows=1, bucket_s=1800, progress=False)
     assert (summary.connections, summary.connections_merged) == (2 + more, 1 + more)
     streamed = pd.read_csv(out, dtype={"event_id": "str"}, keep_default_na=False)
     assert sorted(streamed["event_id"]) == sorted(one_shot["event_id"])

@@ -376,16 +376,16 @@ def test_snapshot_time_option_is_parsed_for_every_reading_command(capsys):
 
 
 def test_score_spill_workers_get_the_snapshot_time(tmp_path):
-    """The local engine reads in worker processes (`batch._spill_file`): the option reaches them."""
-    from esxi_anomaly import batch
-    from esxi_anomaly.workers import WorkerPool
+    """The local engine reads in worker processes (`local.spill_file`): the option reaches them."""
+    from esxi_anomaly.scoring import local
+    from esxi_anomaly.scoring.workers import WorkerPool
 
     path = _untimed(tmp_path)
     job = (str(path), True, "connections", tmp_path / "conn", 3600, "src_ip", 0, 1000)
-    assert batch._spill_file({}, *job)["summary"].files[0].quarantined == 2
+    assert local.spill_file({}, *job)["summary"].files[0].quarantined == 2
     pool = WorkerPool(1)
     try:
-        (result,) = pool.map(batch._spill_file, [job + ({"snapshot_time": T1},)])
+        (result,) = pool.map(local.spill_file, [job + ({"snapshot_time": T1},)])
     finally:
         pool.close()
     assert len(result["quarantine"]) == 0
@@ -396,7 +396,8 @@ def test_score_spill_workers_get_the_snapshot_time(tmp_path):
 
 def test_score_reads_untimed_snapshots_with_snapshot_time(tmp_path, small_day, capsys):
     from esxi_anomaly import cli
-    from esxi_anomaly.train import TrainConfig, write_model
+    from esxi_anomaly.registry import write_model
+    from esxi_anomaly.training import TrainConfig
 
     model, folder = small_day
     bundle = write_model(model, TrainConfig(env="t"), tmp_path / "models")

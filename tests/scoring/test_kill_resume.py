@@ -55,7 +55,8 @@ def million(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle(small_day, tmp_path_factory):
-    from esxi_anomaly.train import TrainConfig, write_model
+    from esxi_anomaly.registry import write_model
+    from esxi_anomaly.training import TrainConfig
 
     return write_model(small_day[0], TrainConfig(env="t"), tmp_path_factory.mktemp("models"))
 

@@ -1,39 +1,29 @@
-"""Per-environment training: configs, rule overrides, analyst feedback, Optuna studies."""
+"""Per-environment fitting: rule overrides, analyst feedback, the held-out slice, odd histories."""
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from esxi_anomaly import train
-from esxi_anomaly.feedback import FeedbackStore, apply_suppressions
+from esxi_anomaly import registry
+from esxi_anomaly.feedback import apply_suppressions
 from esxi_anomaly.schema import Frames
+from esxi_anomaly.training import TrainConfig, fit_model, refit_model, split_holdout, train_environment, validate
 
 
-@pytest.fixture(scope="module")
-def estate():
-    from esxi_anomaly.synth import generate
-
-    ds = generate(days=3, seed=2, scenario="default", attack_days=1, scale=0.05)
-    c, d = ds.connections, ds.dns_answers
-    history = Frames(c[c["ts"] < ds.train_end], d[d["ts"] < ds.train_end], ds.inventory)
-    today = Frames(c[c["ts"] >= ds.train_end], d[d["ts"] >= ds.train_end - 3700], ds.inventory)
-    return history, today
-
-
-def config(tmp_path, text: str = "") -> train.TrainConfig:
+def config(tmp_path, text: str = "") -> TrainConfig:
     path = tmp_path / "env.toml"
     path.write_text('env = "lab"\nseed = 3\n[model]\nn_estimators = 40\n' + text)
-    return train.TrainConfig.from_toml(path)
+    return TrainConfig.from_toml(path)
 
 
 def test_rule_override_from_config_changes_scores(tmp_path, estate):
     history, today = estate
-    base = train.fit_model(history, config(tmp_path)).score(today)
+    base = fit_model(history, config(tmp_path)).score(today)
     fired = base["rules"].str.contains("repeated_derivation")
     assert fired.any()
     off = config(tmp_path, "[rules.repeated_derivation]\nenabled = false\n")
-    changed = train.fit_model(history, off).score(today).set_index("event_id").loc[base["event_id"]]
+    changed = fit_model(history, off).score(today).set_index("event_id").loc[base["event_id"]]
     assert not changed["rules"].str.contains("repeated_derivation").any()
     # rows that fired the disabled rule lose score; rows that did not keep it exactly
     assert (changed["score"].to_numpy()[fired.to_numpy()] < base["score"].to_numpy()[fired.to_numpy()]).all()
@@ -41,28 +31,20 @@ def test_rule_override_from_config_changes_scores(tmp_path, estate):
                                   base["score"].to_numpy()[~fired.to_numpy()])
 
 
-def test_unknown_model_parameter_is_refused(tmp_path):
-    path = tmp_path / "bad.toml"
-    path.write_text("[model]\nn_trees = 5\n")
-    with pytest.raises(ValueError, match="n_trees"):
-        train.TrainConfig.from_toml(path)
-
-
 def test_feedback_changes_the_next_validation(tmp_path, estate):
     history, _ = estate
-    cfg = config(tmp_path)
-    cfg.feedback_path = str(tmp_path / "models" / "lab" / "feedback.csv")
-    before = train.validate(history, cfg)
-    _, holdout, _ = train.split_holdout(history, cfg.holdout_fraction)
+    cfg = config(tmp_path).replace(feedback_path=str(registry.feedback_path(tmp_path / "models", "lab")))
+    before = validate(history, cfg)
+    _, holdout, _ = split_holdout(history, cfg.holdout_fraction)
     event = holdout.connections["event_id"].iloc[len(holdout.connections) // 2]
-    FeedbackStore(tmp_path / "models", "lab").add(event, "malicious", "seen C2 from this VM")
-    after = train.validate(history, cfg)
+    registry.feedback_store(tmp_path / "models", "lab").add(event, "malicious", "seen C2 from this VM")
+    after = validate(history, cfg)
     assert after["attacks"] == before["attacks"] + 1
     assert after["average_precision"] != before["average_precision"]
 
 
 def test_benign_verdicts_become_suppressions(tmp_path):
-    store = FeedbackStore(tmp_path, "lab")
+    store = registry.feedback_store(tmp_path, "lab")
     store.add("C1", "benign", "backup agent", {"src_ip": "10.0.0.5", "query": "backup.corp", "dst_port": 9443})
     rows = pd.DataFrame({"score": [0.9, 0.5], "event_id": ["C1", "C2"], "alert": [True, False],
                          "src_ip": ["10.0.0.5", "10.0.0.6"], "query": ["backup.corp", "x.net"], "dst_port": [9443, 1117]})
@@ -71,33 +53,6 @@ def test_benign_verdicts_become_suppressions(tmp_path):
     assert out["score"].tolist() == [pytest.approx(0.09), 0.5]
     with pytest.raises(ValueError, match="verdict"):
         store.add("C3", "maybe")
-
-
-def test_tuning_resumes_its_study_to_the_total_and_never_repeats_parameters(tmp_path, estate):
-    """`trials` is the study's total: 2, then 4 resumes the same study with 2 new parameter sets (the
-    sampler is not re-seeded as in the first run), then 4 again runs nothing."""
-    import optuna
-
-    from esxi_anomaly.tuning import tune
-
-    history, _ = estate
-    cfg = config(tmp_path)
-    cfg.model["n_estimators"] = 50      # inside the space: the first trial draws nothing from the sampler
-    cfg.trials = 2
-    cfg.study_storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    best, first = tune(history, cfg)
-    assert first["trials"] == first["trials_run"] == 2 and set(best) >= {"forest_weight", "min_window_s"}
-    assert 0.0 <= first["best_average_precision"] <= 1.0
-    cfg.trials = 4
-    _, second = tune(history, cfg)
-    assert second["study"] == first["study"] and second["trials"] == 4 and second["trials_run"] == 2
-    trials = optuna.load_study(study_name=first["study"], storage=cfg.study_storage).trials
-    assert [t.number for t in trials] == [0, 1, 2, 3]
-    assert all(t.params not in [old.params for old in trials[:2]] for t in trials[2:])
-    assert trials[2].params != trials[3].params
-    _, third = tune(history, cfg)
-    assert third["study"] == first["study"] and third["trials"] == 4 and third["trials_run"] == 0
-    assert len(optuna.load_study(study_name=first["study"], storage=cfg.study_storage).trials) == 4
 
 
 def test_attacks_already_in_the_history_are_listed_and_known_labels_make_them_positives(tmp_path):
@@ -109,25 +64,25 @@ def test_attacks_already_in_the_history_are_listed_and_known_labels_make_them_po
     ds = generate(days=2, seed=2, scenario="small", attack_days=1, scale=0.3,
                   families=["apt12", "xor_key", "aaaa_port", "nymaim_ip"])
     frames = Frames(ds.connections, ds.dns_answers, ds.inventory)
-    cfg = train.TrainConfig(env="lab", seed=3, model={"n_estimators": 40}, holdout_fraction=0.5)
-    _, holdout, cut = train.split_holdout(frames, cfg.holdout_fraction)
+    cfg = TrainConfig(env="lab", seed=3, model={"n_estimators": 40}, holdout_fraction=0.5)
+    _, holdout, cut = split_holdout(frames, cfg.holdout_fraction)
     real = set(ds.labels.loc[ds.labels["label"] == "attack", "event_id"])
     n_real = int(holdout.connections["event_id"].isin(real).sum())
     assert cut <= ds.train_end and n_real == len(real) == 779      # the whole attack day is held out
 
-    unlabelled = train.validate(frames, cfg)
+    unlabelled = validate(frames, cfg)
     assert unlabelled["unlabelled_above_median_attack"] >= 100
     assert unlabelled["unlabelled_sources_above_median_attack"] <= 6
     c2_names = set(ds.campaigns["query"])
     assert len(unlabelled["unlabelled_examples"]) == 5
     assert all(e.split(" -> ")[1].rsplit(":", 1)[0] in c2_names for e in unlabelled["unlabelled_examples"])
     assert unlabelled["average_precision"] < 0.8
-    assert "outrank half of the injected attacks" in train.model_card(
-        train.fit_model(Frames(ds.connections[:2000], ds.dns_answers, ds.inventory), cfg), cfg, unlabelled)
+    assert "outrank half of the injected attacks" in registry.model_card(
+        fit_model(Frames(ds.connections[:2000], ds.dns_answers, ds.inventory), cfg), cfg, unlabelled)
 
     ds.labels.to_csv(tmp_path / "labels.csv", index=False)
-    cfg.labels_path = str(tmp_path / "labels.csv")
-    labelled = train.validate(frames, cfg)
+    cfg = cfg.replace(labels_path=str(tmp_path / "labels.csv"))
+    labelled = validate(frames, cfg)
     assert labelled["attacks"] == unlabelled["attacks"] + n_real
     assert labelled["average_precision"] >= 0.99
     assert labelled["unlabelled_above_median_attack"] == 0 and labelled["unlabelled_examples"] == []
@@ -147,13 +102,13 @@ def test_training_refuses_an_implausible_history_unless_allowed(tmp_path, estate
     odd = _moved(history, pd.Timestamp(f"{year}-06-01", tz="UTC").timestamp())
     cfg = config(tmp_path)
     with pytest.raises(ValueError, match=rf"{found}.*more than 400.*--allow-odd-history") as refused:
-        train.train_environment(odd, cfg, validation=False)
+        train_environment(odd, cfg, validation=False)
     assert f"{year}-06-01" in str(refused.value)
     with pytest.raises(ValueError, match=found):
-        train.refit_model(train.fit_model(history, cfg), odd)
-    model, _, _ = train.train_environment(odd, cfg, validation=False, allow_odd_history=True)
+        refit_model(fit_model(history, cfg), odd)
+    model = train_environment(odd, cfg, validation=False, allow_odd_history=True).model
     assert f"warning: {found}" in capsys.readouterr().err
-    card = (train.write_model(model, cfg, tmp_path / "models") / "model_card.md").read_text()
+    card = (registry.write_model(model, cfg, tmp_path / "models") / "model_card.md").read_text()
     warnings = card.split("## Warnings\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert len(warnings) == 2 and found in warnings[0] and "more than 400" in warnings[1]
 
@@ -165,15 +120,15 @@ def test_training_on_minutes_of_history_warns_in_stderr_and_model_card(tmp_path,
     frames = _moved(Frames(short, history.dns_answers[history.dns_answers["ts"] < short["ts"].max()],
                            history.inventory), c["ts"].min() + 300)
     cfg = config(tmp_path)
-    model, _, _ = train.train_environment(frames, cfg, validation=False)
+    model = train_environment(frames, cfg, validation=False).model
     err = capsys.readouterr().err
     assert "warning: the history spans only 5.0 minutes" in err and "under a day" in err
-    bundle = train.write_model(model, cfg, tmp_path / "models")
+    bundle = registry.write_model(model, cfg, tmp_path / "models")
     card = (bundle / "model_card.md").read_text()
     assert "## Warnings\n\n- the history spans only 5.0 minutes" in card
     # a normal history has no warnings section
-    model, _, _ = train.train_environment(history, cfg, validation=False)
-    assert "## Warnings" not in train.model_card(model, cfg, {}) and model.history_warnings_ == []
+    model = train_environment(history, cfg, validation=False).model
+    assert "## Warnings" not in registry.model_card(model, cfg, {}) and model.history_warnings_ == []
 
 
 def test_train_command_refuses_a_log_with_a_broken_clock_unless_allowed(tmp_path, capsys):
@@ -197,3 +152,20 @@ def test_train_command_refuses_a_log_with_a_broken_clock_unless_allowed(tmp_path
     assert "warning: 1 connections more than a day in the future" in capsys.readouterr().err
     card = next((tmp_path / "models" / "lab").glob("*/model_card.md")).read_text()
     assert "## Warnings" in card and "2090-06-01" in card
+
+
+def test_train_environment_leaves_the_callers_config_unchanged_and_returns_the_tuned_one(tmp_path, estate):
+    history, _ = estate
+    cfg = TrainConfig(env="lab", seed=3, model={"n_estimators": 40, "forest_weight": 0.45}, trials=1,
+                      study_storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    before = cfg.record()
+    trained = train_environment(history, cfg, validation=False)
+    assert cfg.record() == before and cfg.detector_params() == {"n_estimators": 40, "forest_weight": 0.45}
+    # the returned config holds the tuned parameters (n_estimators=40 lies outside the space: drawn anew)
+    tuned = trained.tuning["best_params"]
+    assert trained.config.detector_params() == {"n_estimators": 40, "forest_weight": 0.45, **tuned}
+    assert tuned["forest_weight"] == 0.45 and tuned["n_estimators"] != 40
+    assert {k: trained.model.get_params()[k] for k in tuned} == tuned
+    # and it is the one the bundle records
+    manifest = registry.load_model(registry.write_model(trained.model, trained.config, tmp_path / "models"))[1]
+    assert manifest["config"]["model"] == trained.config.detector_params()

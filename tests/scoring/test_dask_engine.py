@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esxi_anomaly import batch, dask_engine
+from esxi_anomaly.scoring import core, dask_engine, local
 
 distributed = pytest.importorskip("distributed")
 
@@ -17,10 +17,10 @@ def setting(small_day):
 
     model, folder = small_day
     inventory = read_inventory(folder / "inventory.csv")  # as the CLI reads it
-    local = folder / "local.csv"
-    batch.run(model, [folder / "conn.log"], [folder / "dns.log"], inventory, local, progress=False)
+    local_csv = folder / "local.csv"
+    local.run(model, [folder / "conn.log"], [folder / "dns.log"], local_csv, inventory=inventory, progress=False)
     counts = (len(read_connections(folder / "conn.log")), len(read_dns(folder / "dns.log")))
-    return model, folder, inventory, local, counts
+    return model, folder, inventory, local_csv, counts
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +35,14 @@ def read(path):
 
 
 def test_dask_equals_local_engine(tmp_path, setting, client):
-    model, folder, inventory, local, (n_conn, n_dns) = setting
+    model, folder, inventory, local_csv, (n_conn, n_dns) = setting
     out = tmp_path / "dask.csv"
-    summary = dask_engine.run(model, [folder / "conn.log"], [folder / "dns.log"], inventory, out,
+    summary = dask_engine.run(model, [folder / "conn.log"], [folder / "dns.log"], out, inventory=inventory,
                               scheduler=client, partitions=5)
     assert summary.connections == summary.written == n_conn
     assert summary.dns_records == n_dns
     assert summary.partitions == 5
-    expected = read(local)
+    expected = read(local_csv)
     assert summary.alerts == int(expected["alert"].sum()) > 0
     assert {"read+spill connections", "read+spill dns", "cluster+broadcast", "score", "rank+write"} <= set(summary.stages_s)
     pd.testing.assert_frame_equal(expected, read(out))
@@ -61,8 +61,9 @@ def test_dask_resolves_host_named_dns_clients_before_partitioning(tmp_path, sett
     model, folder, inventory, _, _ = setting
     sysmon, events = named_sysmon(folder, tmp_path / "sysmon.json")
     conn, dns = [folder / "conn.log"], [folder / "dns.log", sysmon]
-    batch.run(model, conn, dns, inventory, tmp_path / "local.csv", progress=False)
-    result = dask_engine.run(model, conn, dns, inventory, tmp_path / "dask.csv", scheduler=client, partitions=5)
+    local.run(model, conn, dns, tmp_path / "local.csv", inventory=inventory, progress=False)
+    result = dask_engine.run(model, conn, dns, tmp_path / "dask.csv", inventory=inventory, scheduler=client,
+                             partitions=5)
     assert result.partitions == 5
     expected, got = read(tmp_path / "local.csv"), read(tmp_path / "dask.csv")
     assert len(events) == 24 and named_joined(expected) == 8
@@ -71,15 +72,16 @@ def test_dask_resolves_host_named_dns_clients_before_partitioning(tmp_path, sett
 
 def test_cli_engine_dask_starts_its_own_cluster_parquet_top(tmp_path, setting):
     from esxi_anomaly import cli
-    from esxi_anomaly.train import TrainConfig, write_model
+    from esxi_anomaly.registry import write_model
+    from esxi_anomaly.training import TrainConfig
 
-    model, folder, _, local, _ = setting
+    model, folder, _, local_csv, _ = setting
     bundle = write_model(model, TrainConfig(env="t"), tmp_path / "models")
     out = tmp_path / "dask.parquet"
     assert cli.main(["score", "--model", str(bundle), "--conn", str(folder / "conn.log"), "--dns", str(folder / "dns.log"),
                      "--inventory", str(folder / "inventory.csv"), "--out", str(out), "--top", "50",
                      "--engine", "dask"]) == 0
-    got, expected = pd.read_parquet(out), read(local).head(50)
+    got, expected = pd.read_parquet(out), read(local_csv).head(50)
     assert got["rank"].tolist() == list(range(1, 51))
     assert got["event_id"].tolist() == expected["event_id"].tolist()
     np.testing.assert_allclose(got["score"].to_numpy(), expected["score"].to_numpy(), rtol=1e-12)
@@ -90,23 +92,23 @@ def test_cli_engine_dask_starts_its_own_cluster_parquet_top(tmp_path, setting):
 
 def test_source_slot_is_stable_and_shared_by_connections_and_dns():
     ips = np.array(["10.0.0.1", "10.0.0.2", "fe80::1", "10.0.0.1", ""], dtype=object)
-    slots = dask_engine.source_slot(ips)
-    assert slots.dtype == np.int32 and ((slots >= 0) & (slots < dask_engine.N_SLOTS)).all()
+    slots = core.source_slot(ips)
+    assert slots.dtype == np.int32 and ((slots >= 0) & (slots < core.N_SLOTS)).all()
     assert slots[0] == slots[3]
     # a value, not an accident of the process: pandas' stable hash, the same on every worker
-    again = dask_engine.source_slot(pd.Series(["10.0.0.1"], dtype="str").to_numpy(dtype=object))
+    again = core.source_slot(pd.Series(["10.0.0.1"], dtype="str").to_numpy(dtype=object))
     assert again[0] == slots[0]
-    assert len(set(dask_engine.source_slot(np.array([f"10.0.{i // 256}.{i % 256}" for i in range(4000)],
+    assert len(set(core.source_slot(np.array([f"10.0.{i // 256}.{i % 256}" for i in range(4000)],
                                                     dtype=object)).tolist())) > 3500
 
 
 def test_choose_partitions_balances_rows_and_skips_slots_without_connections():
-    conn = np.zeros(dask_engine.N_SLOTS, dtype="int64")
-    dns = np.zeros(dask_engine.N_SLOTS, dtype="int64")
+    conn = np.zeros(core.N_SLOTS, dtype="int64")
+    dns = np.zeros(core.N_SLOTS, dtype="int64")
     conn[[10, 20, 30, 40]] = 100
     dns[[10, 20, 30, 40, 50]] = 100  # slot 50: DNS of a source without connections
     ranges = dask_engine.choose_partitions(conn, dns, partitions=None, min_partitions=1, partition_rows=450)
-    assert ranges == [(0, 31), (31, dask_engine.N_SLOTS)]  # 900 rows -> 2 cuts at the weighted middle
+    assert ranges == [(0, 31), (31, core.N_SLOTS)]  # 900 rows -> 2 cuts at the weighted middle
     covered = [s for lo, hi in ranges for s in (10, 20, 30, 40) if lo <= s < hi]
     assert sorted(covered) == [10, 20, 30, 40]  # every source slot in exactly one partition
     assert sum(int(conn[lo:hi].sum()) for lo, hi in ranges) == 400
@@ -119,4 +121,4 @@ def test_choose_partitions_balances_rows_and_skips_slots_without_connections():
 
 def test_a_worker_that_cannot_see_the_work_folder_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="shared|filesystem"):
-        dask_engine.score_partition(None, None, str(tmp_path / "elsewhere"), 0, 0, dask_engine.N_SLOTS, 200)
+        dask_engine.score_partition(None, None, None, str(tmp_path / "elsewhere"), 0, 0, core.N_SLOTS, 200)

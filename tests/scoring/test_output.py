@@ -13,13 +13,15 @@ import time
 import pandas as pd
 import pytest
 
-from esxi_anomaly import batch, cli, ingest
+from esxi_anomaly import cli, ingest
+from esxi_anomaly.scoring import local, output, write
 from esxi_anomaly.console import EXIT_BUSY, EXIT_INPUT, EXIT_OK, EXIT_QUARANTINE
 
 
 @pytest.fixture(scope="module")
 def bundle(small_day, tmp_path_factory):
-    from esxi_anomaly.train import TrainConfig, write_model
+    from esxi_anomaly.registry import write_model
+    from esxi_anomaly.training import TrainConfig
 
     model, _ = small_day
     return write_model(model, TrainConfig(env="t"), tmp_path_factory.mktemp("models"))
@@ -39,8 +41,8 @@ def test_a_second_run_to_a_locked_output_exits_5_naming_the_owner(tmp_path, smal
     out = tmp_path / "ranked.csv"
     # another live run holds the lock: a process of its own (flock is per open file)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from esxi_anomaly import batch\n"
-         f"with batch.hold_output({str(out)!r}):\n    print('locked', flush=True); sys.stdin.read()"],
+        [sys.executable, "-c", "import sys; from esxi_anomaly.scoring import hold_output\n"
+         f"with hold_output({str(out)!r}):\n    print('locked', flush=True); sys.stdin.read()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
@@ -74,8 +76,8 @@ def test_a_stale_lock_is_taken_over(tmp_path, small_day, bundle, capsys):
 
 def test_the_lock_is_flock_held_for_the_run(tmp_path):
     out = tmp_path / "x.csv"
-    with batch.hold_output(out):
-        with batch.hold_output(out):   # re-entrant in one process (score_command, then run)
+    with output.hold_output(out):
+        with output.hold_output(out):   # re-entrant in one process (cmd_score, then the engine)
             fd = os.open(tmp_path / "x.csv.lock", os.O_RDWR)
             with pytest.raises(BlockingIOError):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -118,26 +120,26 @@ def test_disk_full_keeps_the_old_output_and_leaves_nothing(tmp_path, small_day, 
     _, folder = small_day
     out = tmp_path / "ranked.csv"
     out.write_text("the old output\n")
-    batch.rollup_path(out).write_text("the old roll-up\n")
+    output.rollup_path(out).write_text("the old roll-up\n")
 
     def full(self, parts):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
 
-    monkeypatch.setattr(batch._BlockWriter, "write_parts", full)
+    monkeypatch.setattr(write.BlockWriter, "write_parts", full)
     assert score(bundle, folder, out) == EXIT_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith("No space left on device") and "Traceback" not in "".join(err)
-    assert out.read_text() == "the old output\n" and batch.rollup_path(out).read_text() == "the old roll-up\n"
+    assert out.read_text() == "the old output\n" and output.rollup_path(out).read_text() == "the old roll-up\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ranked.csv", "ranked.entities.csv"]
 
 
 def test_a_run_missing_scored_rows_writes_nothing(tmp_path, small_day, monkeypatch):
     model, folder = small_day
     out = tmp_path / "ranked.csv"
-    real = batch._scored_paths
-    monkeypatch.setattr(batch, "_scored_paths", lambda work: real(work)[1:])   # as when another run cleared them
+    real = write.scored_paths
+    monkeypatch.setattr(write, "scored_paths", lambda work: real(work)[1:])   # as when another run cleared them
     with pytest.raises(RuntimeError, match="the scored files hold .* rows, not the .* connections scored"):
-        batch.run(model, [folder / "conn.log"], [folder / "dns.log"], None, out, chunk_rows=700, bucket_s=1800,
+        local.run(model, [folder / "conn.log"], [folder / "dns.log"], out, chunk_rows=700, bucket_s=1800,
                   progress=False)
     assert list(tmp_path.iterdir()) == []
 
@@ -166,7 +168,7 @@ def test_a_failed_run_removes_its_work_an_interrupted_one_keeps_it(tmp_path, sma
     model, folder = small_day
     out = tmp_path / "ranked.csv"
     calls = {"n": 0}
-    real = batch.write_scored
+    real = local.write_scored
 
     def fail(*args):   # after some groups are scored and checkpointed
         calls["n"] += 1
@@ -174,9 +176,9 @@ def test_a_failed_run_removes_its_work_an_interrupted_one_keeps_it(tmp_path, sma
             raise stop
         real(*args)
 
-    monkeypatch.setattr(batch, "write_scored", fail)
+    monkeypatch.setattr(local, "write_scored", fail)
     with pytest.raises(type(stop)):
-        batch.run(model, [folder / "conn.log"], [folder / "dns.log"], None, out, chunk_rows=700, bucket_s=1800,
+        local.run(model, [folder / "conn.log"], [folder / "dns.log"], out, chunk_rows=700, bucket_s=1800,
                   progress=False)
     assert not out.exists() and not (tmp_path / "ranked.csv.lock").exists()
     assert (tmp_path / "ranked.csv.work").is_dir() == kept

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esxi_anomaly import batch, ingest
+from esxi_anomaly import ingest
+from esxi_anomaly.scoring import core, local, output
 from esxi_anomaly.features.stream_state import StreamState
 
 
@@ -32,12 +33,13 @@ ARGS = dict(chunk_rows=700, bucket_s=1800, progress=False)
 
 def score(setting, out, quarantine=None, summary=None, **args):
     model, conn, dns, inventory = setting
-    return batch.run(model, [conn], [dns], inventory, out, quarantine=quarantine, summary=summary, **{**ARGS, **args})
+    return local.run(model, [conn], [dns], out, inventory=inventory, quarantine=quarantine, summary=summary,
+                     **{**ARGS, **args})
 
 
 def killed(setting, out, monkeypatch, after: int = 6, **args) -> None:
     """A run stopped (KeyboardInterrupt, as SIGINT/SIGTERM end one) after `after` progress reports."""
-    real, calls = batch.Progress.update, {"n": 0}
+    real, calls = local.Progress.update, {"n": 0}
 
     def update(self, n):
         calls["n"] += 1
@@ -45,10 +47,10 @@ def killed(setting, out, monkeypatch, after: int = 6, **args) -> None:
             raise KeyboardInterrupt("killed")
         real(self, n)
 
-    monkeypatch.setattr(batch.Progress, "update", update)
+    monkeypatch.setattr(local.Progress, "update", update)
     with pytest.raises(KeyboardInterrupt):
         score(setting, out, **{"progress": True, **args})
-    monkeypatch.setattr(batch.Progress, "update", real)
+    monkeypatch.setattr(local.Progress, "update", real)
     assert not out.exists() and (out.parent / (out.name + ".work") / "spill.json").exists()
 
 
@@ -59,7 +61,7 @@ def full(setting, tmp_path_factory):
     quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
     result = score(setting, out, quarantine, summary)
     assert result.quarantined == 2
-    return out.read_bytes(), batch.rollup_path(out).read_bytes(), quarantine, summary
+    return out.read_bytes(), output.rollup_path(out).read_bytes(), quarantine, summary
 
 
 @pytest.mark.parametrize("first, then", [(dict(workers=2), dict(workers=1, chunk_rows=300)),
@@ -71,7 +73,7 @@ def test_resume_with_other_workers_and_chunk_rows_gives_the_same_bytes(tmp_path,
     quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
     result = score(setting, out, quarantine, summary, resume=True, **then)
     assert result.chunks_resumed > 0 and result.partitions == (2 if first["workers"] == 2 else 1)
-    assert out.read_bytes() == full[0] and batch.rollup_path(out).read_bytes() == full[1]
+    assert out.read_bytes() == full[0] and output.rollup_path(out).read_bytes() == full[1]
     # the quarantine and read summary of the interrupted spill are reported again
     assert result.quarantined == 2
     pd.testing.assert_frame_equal(quarantine.to_frame(), full[2].to_frame())
@@ -88,16 +90,16 @@ def test_resume_refuses_other_inputs_model_or_options(tmp_path, setting, monkeyp
     st = conn.stat()
     os.utime(conn, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # the log was rewritten meanwhile
     try:
-        with pytest.raises(batch.ResumeRefused, match=r"--conn changed: .*conn.log modified.*rerun without --resume"):
+        with pytest.raises(output.ResumeRefused, match=r"--conn changed: .*conn.log modified.*rerun without --resume"):
             score(setting, out, resume=True)
     finally:
         os.utime(conn, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (work / "spill.json").exists() and not out.exists()   # refused: the work is kept
-    with pytest.raises(batch.ResumeRefused, match=r"--model changed"):
+    with pytest.raises(output.ResumeRefused, match=r"--model changed"):
         score(setting, out, resume=True, model_id="another bundle")
-    with pytest.raises(batch.ResumeRefused, match=r"--top changed: None -> 5"):
+    with pytest.raises(output.ResumeRefused, match=r"--top changed: None -> 5"):
         score(setting, out, resume=True, top=5)
-    with pytest.raises(batch.ResumeRefused, match=r"--inventory changed"):
+    with pytest.raises(output.ResumeRefused, match=r"--inventory changed"):
         score(setting[:3] + (setting[3].iloc[1:],), out, resume=True)
     assert score(setting, out, resume=True).chunks_resumed > 0   # the same run continues
     assert out.read_bytes() == full[0]
@@ -152,16 +154,16 @@ def test_checkpoint_and_stream_state_round_trip(tmp_path):
     rows = pd.DataFrame({"score": [0.9, 0.5], "event_id": ["C1", "C2"], "bucket": [3, 4], "row": [0, 7],
                          "query": ["a.example", None], "alert": [True, False]})
     feats = pd.DataFrame({"f1": [1.0, np.nan], "f2": [0, 3]})
-    cp = batch.Checkpoint(done_buckets=[-1, 0, 1], state=state, top_rows=rows, top_feats=feats, alerts=3,
+    cp = core.Checkpoint(done_buckets=[-1, 0, 1], state=state, top_rows=rows, top_feats=feats, alerts=3,
                           scored=11, files={"0.scored.arrow": 11})
     cp.to_files(tmp_path / "cp")
-    got = batch.Checkpoint.from_files(tmp_path / "cp")
+    got = core.Checkpoint.from_files(tmp_path / "cp")
     assert (got.version, got.done_buckets, got.alerts, got.scored, got.files) == \
-        (batch.CHECKPOINT_VERSION, [-1, 0, 1], 3, 11, {"0.scored.arrow": 11})
+        (core.CHECKPOINT_VERSION, [-1, 0, 1], 3, 11, {"0.scored.arrow": 11})
     pd.testing.assert_frame_equal(got.top_rows, rows)
     pd.testing.assert_frame_equal(got.top_feats, feats)
     np.testing.assert_array_equal(got.state.seen["ports"], state.seen["ports"])
-    assert batch.Checkpoint.from_files(_saved(tmp_path / "none", batch.Checkpoint())).top_rows is None
+    assert core.Checkpoint.from_files(_saved(tmp_path / "none", core.Checkpoint())).top_rows is None
     assert not list(tmp_path.rglob("*.pkl"))
 
 
@@ -174,7 +176,8 @@ def test_a_resumed_cli_run_prints_the_dns_coverage_of_the_interrupted_spill(tmp_
     """The coverage of the spill (connection sources, DNS clients per source) is kept in reads.json:
     `score --resume` prints the same coverage lines as the uninterrupted run, Sysmon names included."""
     from esxi_anomaly import cli
-    from esxi_anomaly.train import TrainConfig, write_model
+    from esxi_anomaly.registry import write_model
+    from esxi_anomaly.training import TrainConfig
     from tests.features.test_identity import named_sysmon
 
     model, conn, dns, _ = setting
@@ -191,7 +194,7 @@ def test_a_resumed_cli_run_prints_the_dns_coverage_of_the_interrupted_spill(tmp_
     assert code == 0 and expected == [
         "DNS source sysmon_dns: 8 of 8 clients (100.0 %) resolved to a connection source",
         "DNS source zeek_dns_tsv: 44 of 44 clients (100.0 %) resolved to a connection source"]
-    real, calls = batch.Progress.update, {"n": 0}
+    real, calls = local.Progress.update, {"n": 0}
 
     def update(self, n):
         calls["n"] += 1
@@ -199,9 +202,9 @@ def test_a_resumed_cli_run_prints_the_dns_coverage_of_the_interrupted_spill(tmp_
             raise KeyboardInterrupt("killed")
         real(self, n)
 
-    monkeypatch.setattr(batch.Progress, "update", update)
+    monkeypatch.setattr(local.Progress, "update", update)
     assert score_cli(tmp_path / "r.csv")[0] == 130
-    monkeypatch.setattr(batch.Progress, "update", real)
+    monkeypatch.setattr(local.Progress, "update", real)
     assert (tmp_path / "r.csv.work" / "spill.json").exists()
     code, resumed = score_cli(tmp_path / "r.csv", "--resume")
     assert code == 0 and resumed == expected

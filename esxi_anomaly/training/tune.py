@@ -1,10 +1,13 @@
 """Optuna tuning of a DnsCalcDetector on the environment's own traffic with injected attacks.
 
-The objective is average precision on the newest slice of history, into which `synth` injects the
-configured attack families (plus analyst verdicts when present). Preparation (DNS join and
-relationship features) depends only on the join window, so it is computed once per window setting
-and shared by all trials that use it. Studies persist in SQLite under `training/` by default; any
-SQLAlchemy URL works, so several machines can tune one study.
+The only module that imports Optuna (`fit.train_environment` imports it when `trials` > 0), so
+scoring never loads it. The objective is average precision on the newest slice of history, into
+which `synth` injects the configured attack families (plus analyst verdicts when present;
+`holdout.with_attacks`). Preparation (DNS join and relationship features) depends only on the join
+parameters, so it is computed once per join setting and shared by all trials that use it. The
+search space is the config's (`[tuning.search_space]`, `TrainConfig.search_space`). Studies persist
+in SQLite under `training/` by default; any SQLAlchemy URL works, so several machines can tune one
+study.
 
 A study is named by the environment and a fingerprint of everything its objective depends on (the
 data, the labels, the fixed parameters, the search space), never by the number of trials:
@@ -21,37 +24,26 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 from sklearn.metrics import average_precision_score
 
-import numpy as np
-
-from esxi_anomaly.features import pipeline
+from esxi_anomaly.features import pipeline, transforms as T
 from esxi_anomaly.model import take_rows
 from esxi_anomaly.schema import Frames
+from esxi_anomaly.training.config import TrainConfig
+from esxi_anomaly.training.holdout import split_holdout, with_attacks
 
 DEFAULT_STORAGE_DIR = Path("training")
 MAX_VALIDATION_NEGATIVES = 100_000  # per trial; negatives beyond this are sampled and weighted
 TRIAL_FOREST_ROWS = 100_000         # forest training rows per trial (the final fit uses the model's own)
 
 
-# The tuned parameters; a data scientist narrows or widens them here. Choices: a list; ranges:
-# (low, high, {suggest_float / suggest_int keyword arguments}).
-SPACE = {
-    # join parameters each cost one preparation of history and validation: keep their choices few
-    "min_window_s": [120.0, 300.0, 900.0],
-    "baseline_alpha": (0.5, 20.0, {"log": True}),
-    "forest_weight": (0.2, 0.9, {}),
-    "forest_floor": (0.8, 0.995, {}),
-    "n_estimators": (50, 300, {"step": 50}),
-    "max_samples": [128, 256, 512],
-}
-
-
-def search_space(trial: optuna.Trial) -> dict:
+def suggest(trial: optuna.Trial, space: dict) -> dict:
+    """One value per tuned parameter of `space` (`TrainConfig.search_space`), in its order."""
     out = {}
-    for name, spec in SPACE.items():
+    for name, spec in space.items():
         if isinstance(spec, list):
             out[name] = trial.suggest_categorical(name, spec)
         elif isinstance(spec[0], int) and isinstance(spec[1], int):
@@ -61,12 +53,12 @@ def search_space(trial: optuna.Trial) -> dict:
     return out
 
 
-def starting_point(config) -> dict:
+def starting_point(config: TrainConfig) -> dict:
     """The configured (or default) values of the tuned parameters that lie in the search space: the
     first trial of a new study, so tuning never returns worse than not tuning on its own objective."""
     params = config.detector().get_params()
     out = {}
-    for name, spec in SPACE.items():
+    for name, spec in config.search_space().items():
         value = params[name]
         inside = value in spec if isinstance(spec, list) else spec[0] <= value <= spec[1]
         if isinstance(spec, tuple) and "step" in spec[2]:
@@ -85,19 +77,17 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return min((t for t in done if t.value == top), key=lambda t: t.number)
 
 
-def storage_url(config) -> str:
+def storage_url(config: TrainConfig) -> str:
     if config.study_storage:
         return config.study_storage
     DEFAULT_STORAGE_DIR.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(DEFAULT_STORAGE_DIR / 'optuna.db').as_posix()}"
 
 
-def study_name(frames: Frames, config, labels: pd.DataFrame) -> str:
+def study_name(frames: Frames, config: TrainConfig, labels: pd.DataFrame) -> str:
     """`<env>-<fingerprint>`: the same data, labels, objective settings and search space give the same
     study, whatever `trials`. Tuned parameters set in the config only choose the first trial, and
     `trials`, storage and the feedback path's location do not change the objective: all left out."""
-    from esxi_anomaly.features import transforms as T
-
     digest = hashlib.sha256()
     for table in (frames.connections, frames.dns_answers, frames.inventory, labels):
         if table is not None:
@@ -107,9 +97,11 @@ def study_name(frames: Frames, config, labels: pd.DataFrame) -> str:
             except TypeError:  # unhashable cells (lists, dicts): their text then
                 hashed = pd.util.hash_pandas_object(table.astype(str), index=False)
             digest.update(hashed.to_numpy().tobytes())
+    space = config.search_space()
     settings = {"seed": config.seed, "holdout_fraction": config.holdout_fraction,
-                "inject_families": config.inject_families, "rules": config.rules, "mgmt_allow": config.mgmt_allow,
-                "model": {k: v for k, v in config.model.items() if k not in SPACE}, "space": SPACE,
+                "inject_families": config.inject_families, "rules": config.rules,
+                "mgmt_allow": [list(row) for row in config.mgmt_allow],
+                "model": {k: v for k, v in config.detector_params().items() if k not in space}, "space": space,
                 "trial_forest_rows": TRIAL_FOREST_ROWS, "validation_negatives": MAX_VALIDATION_NEGATIVES,
                 "transforms": T.TRANSFORM_LIBRARY_VERSION}
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -120,27 +112,22 @@ def completed(study: optuna.Study) -> int:
     return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
 
-def tune(frames: Frames, config) -> tuple[dict, dict]:
+def tune(frames: Frames, config: TrainConfig) -> tuple[dict, dict]:
     """Best parameters and a summary (trials, trials run now, best AP, study name and storage).
     `config.trials` is the study's total of completed trials: only the missing ones are run."""
-    from esxi_anomaly.synth import inject_attacks
-    from esxi_anomaly.train import feedback_labels, inventory_or_empty, split_holdout
-
     history, holdout, cut = split_holdout(frames, config.holdout_fraction)
-    end = float(frames.connections["ts"].max())
-    conns, dns, labels = inject_attacks(holdout.connections, holdout.dns_answers, inventory_or_empty(frames),
-                                        families=config.inject_families, start=cut, end=end, seed=config.seed)
-    labels = pd.concat([labels, feedback_labels(config)], ignore_index=True)
-    validation = Frames(conns, dns, frames.inventory)
+    validation, labels = with_attacks(frames, holdout, cut, config)
     positives = set(labels.loc[labels["label"] == "attack", "event_id"])
+    space = config.search_space()
     cache: dict = {}
 
     def prepared_for(params):
-        """Per join window, once: both preparations, the fitted baselines, and the validation rows
-        (every positive, a weighted sample of negatives: AP is estimated without scoring them all)."""
-        key = params["min_window_s"]
+        """Per join setting (and baseline split), once: both preparations, the fitted baselines, and the
+        validation rows (every positive, a weighted sample of negatives: AP is estimated without
+        scoring them all)."""
+        model = config.detector(**params)
+        key = (model.join_params(), model.baseline_split)
         if key not in cache:
-            model = config.detector(**params)
             jp = model.join_params()
             hist = pipeline.prepare(history.connections, history.dns_answers, history.inventory, jp)
             val = pipeline.prepare(validation.connections, validation.dns_answers, validation.inventory, jp)
@@ -153,7 +140,7 @@ def tune(frames: Frames, config) -> tuple[dict, dict]:
         return cache[key]
 
     def objective(trial):
-        params = search_space(trial)
+        params = suggest(trial, space)
         hist_prep, val_prep, y, weight, baselines = prepared_for(params)
         model = config.detector(**params, max_forest_rows=TRIAL_FOREST_ROWS)
         model.fit_prepared(hist_prep, history.inventory, baselines)

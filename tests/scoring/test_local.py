@@ -1,4 +1,4 @@
-"""Streaming batch scoring: chunked = one-shot, resume after an interruption, atomic outputs."""
+"""The local engine: chunked = one-shot, resume after an interruption, atomic outputs."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from esxi_anomaly import batch
+from esxi_anomaly.scoring import core, local, output, write
 from esxi_anomaly.report.csv import write_csv
 from esxi_anomaly.schema import Frames
 
@@ -28,12 +28,12 @@ def read(path):
 
 def test_chunked_stream_equals_one_shot(tmp_path, setting, monkeypatch):
     model, folder, frames = setting
-    monkeypatch.setattr(batch, "WRITE_BLOCK", 1000)   # many output blocks, prepared two at a time
+    monkeypatch.setattr(write, "WRITE_BLOCK", 1000)   # many output blocks, prepared two at a time
     one_shot = model.score(frames)
     write_csv(one_shot, tmp_path / "one.csv")
     out = tmp_path / "streamed.csv"
     # small chunks and half-hour buckets: many chunk borders, state carried across all of them
-    summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out,
+    summary = local.run(model, [folder / "conn.log"], [folder / "dns.log"], out, inventory=frames.inventory,
                         chunk_rows=600, bucket_s=1800, progress=False)
     assert summary.connections == len(frames.connections) == summary.written
     a, b = read(tmp_path / "one.csv"), read(out)
@@ -44,8 +44,8 @@ def test_chunked_stream_equals_one_shot(tmp_path, setting, monkeypatch):
 
 
 def killed_run(monkeypatch, model, folder, frames, out, **args) -> None:
-    """Run `batch.run` and kill it (KeyboardInterrupt) at its 5th chunk, as an interrupted job."""
-    calls, real = {"n": 0}, batch.score_partition.__globals__["_merge_top"]
+    """Run `local.run` and kill it (KeyboardInterrupt) at its 5th chunk, as an interrupted job."""
+    calls, real = {"n": 0}, local.merge_top
 
     def interrupt(*a, **k):
         calls["n"] += 1
@@ -53,24 +53,25 @@ def killed_run(monkeypatch, model, folder, frames, out, **args) -> None:
             raise KeyboardInterrupt("killed")
         return real(*a, **k)
 
-    monkeypatch.setitem(batch.score_partition.__globals__, "_merge_top", interrupt)
+    monkeypatch.setattr(local, "merge_top", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, **args)
-    monkeypatch.setitem(batch.score_partition.__globals__, "_merge_top", real)
+        local.run(model, [folder / "conn.log"], [folder / "dns.log"], out, inventory=frames.inventory, **args)
+    monkeypatch.setattr(local, "merge_top", real)
 
 
 def test_resume_after_interruption_gives_the_same_output(tmp_path, setting, monkeypatch):
     model, folder, frames = setting
     args = dict(chunk_rows=900, bucket_s=1800, progress=False)
     full = tmp_path / "full.csv"
-    batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, full, **args)
+    local.run(model, [folder / "conn.log"], [folder / "dns.log"], full, inventory=frames.inventory, **args)
 
     out = tmp_path / "resumed.csv"
     killed_run(monkeypatch, model, folder, frames, out, **args)
     assert not out.exists()  # never a half-written output under the final name
-    cp = batch.load_checkpoint(tmp_path / "resumed.csv.work", 0)
+    cp = core.load_checkpoint(tmp_path / "resumed.csv.work", 0)
     assert 0 < len(cp.done_buckets)
-    summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True, **args)
+    summary = local.run(model, [folder / "conn.log"], [folder / "dns.log"], out,
+                        inventory=frames.inventory, resume=True, **args)
     assert summary.chunks_resumed == len(cp.done_buckets)
     pd.testing.assert_frame_equal(read(full), read(out))
 
@@ -79,7 +80,8 @@ def test_resume_after_interruption_gives_the_same_output(tmp_path, setting, monk
 def test_other_formats_and_top(tmp_path, setting, fmt):
     model, folder, frames = setting
     out = tmp_path / f"top.{fmt}"
-    batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, top=50, progress=False)
+    local.run(model, [folder / "conn.log"], [folder / "dns.log"], out,
+              inventory=frames.inventory, top=50, progress=False)
     if fmt == "parquet":
         table = pd.read_parquet(out)
         assert table["rank"].tolist() == list(range(1, 51))
@@ -99,7 +101,7 @@ def test_entity_rollup_written_next_to_the_output_covers_every_row(tmp_path, set
 
     model, folder, frames = setting
     out = tmp_path / "ranked.csv"
-    summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, top=30,
+    summary = local.run(model, [folder / "conn.log"], [folder / "dns.log"], out, inventory=frames.inventory, top=30,
                         chunk_rows=700, bucket_s=1800, progress=False)
     assert summary.written == 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ranked.csv", "ranked.entities.csv"]  # no temp files
@@ -113,21 +115,22 @@ def test_entity_rollup_written_next_to_the_output_covers_every_row(tmp_path, set
 
 
 def test_rollup_path_and_switching_it_off(tmp_path, setting):
-    assert batch.rollup_path(tmp_path / "r.csv") == tmp_path / "r.entities.csv"
-    assert batch.rollup_path(tmp_path / "report.html") == tmp_path / "report.entities.csv"
-    assert batch.rollup_path(tmp_path / "out") == tmp_path / "out.entities.csv"
+    assert output.rollup_path(tmp_path / "r.csv") == tmp_path / "r.entities.csv"
+    assert output.rollup_path(tmp_path / "report.html") == tmp_path / "report.entities.csv"
+    assert output.rollup_path(tmp_path / "out") == tmp_path / "out.entities.csv"
     model, folder, frames = setting
-    summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, tmp_path / "r.jsonl",
-                        top=5, progress=False, rollup=False)
+    summary = local.run(model, [folder / "conn.log"], [folder / "dns.log"], tmp_path / "r.jsonl",
+                        inventory=frames.inventory, top=5, progress=False, rollup=False)
     assert summary.entities == 0 and [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]
 
 
 def test_html_output_holds_the_default_top_rows_explained_and_the_rollup_all(tmp_path, setting, monkeypatch):
     model, folder, frames = setting
-    monkeypatch.setattr(batch, "HTML_DEFAULT_TOP", 40)
-    monkeypatch.setattr(batch, "WRITE_BLOCK", 16)     # several blocks in flight, written in order
+    monkeypatch.setattr(write, "HTML_DEFAULT_TOP", 40)
+    monkeypatch.setattr(write, "WRITE_BLOCK", 16)     # several blocks in flight, written in order
     out = tmp_path / "report.html"
-    summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, progress=False)
+    summary = local.run(model, [folder / "conn.log"], [folder / "dns.log"], out,
+                        inventory=frames.inventory, progress=False)
     expected = model.score(frames, top=40)
     assert summary.written == 40 and summary.entities == frames.connections["src_ip"].nunique()
     page = out.read_text(encoding="utf-8")
@@ -140,18 +143,18 @@ def test_html_output_holds_the_default_top_rows_explained_and_the_rollup_all(tmp
 
 def test_chunk_bounds_never_split_equal_times():
     ts = np.array([1, 1, 2, 2, 2, 3, 4, 4, 5], dtype=float)
-    assert batch.chunk_bounds(ts, 2) == [(0, 2), (2, 5), (5, 8), (8, 9)]
-    assert batch.chunk_bounds(ts, 100) == [(0, 9)]
+    assert core.chunk_bounds(ts, 2) == [(0, 2), (2, 5), (5, 8), (8, 9)]
+    assert core.chunk_bounds(ts, 100) == [(0, 9)]
 
 
 def test_worker_processes_give_the_same_output(tmp_path, setting, monkeypatch):
     model, folder, frames = setting
-    monkeypatch.setattr(batch, "WRITE_BLOCK", 1000)   # several CSV blocks, built by the workers
+    monkeypatch.setattr(write, "WRITE_BLOCK", 1000)   # several CSV blocks, built by the workers
     args = dict(chunk_rows=800, bucket_s=1800, progress=False)
-    one = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, tmp_path / "one.csv",
-                    **args)
-    two = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, tmp_path / "two.csv",
-                    workers=2, **args)
+    one = local.run(model, [folder / "conn.log"], [folder / "dns.log"], tmp_path / "one.csv",
+                    inventory=frames.inventory, **args)
+    two = local.run(model, [folder / "conn.log"], [folder / "dns.log"], tmp_path / "two.csv",
+                    inventory=frames.inventory, workers=2, **args)
     assert (one.partitions, two.partitions) == (1, 2)
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
     assert (tmp_path / "one.entities.csv").read_bytes() == (tmp_path / "two.entities.csv").read_bytes()
@@ -159,25 +162,26 @@ def test_worker_processes_give_the_same_output(tmp_path, setting, monkeypatch):
 
 
 def test_partitions_balance_skewed_sources():
-    weight = np.zeros(batch.N_SLOTS, dtype="int64")
+    weight = np.zeros(core.N_SLOTS, dtype="int64")
     weight[[3, 70, 900, 4000, 65535]] = [100, 60, 50, 30, 20]
-    balanced = batch.assign_partitions(weight, np.zeros_like(weight), 2)
+    balanced = core.assign_partitions(weight, np.zeros_like(weight), 2)
     assert sorted(np.bincount(balanced, weights=weight)) == [130, 130]   # 100+30 and 60+50+20
     dns = np.zeros_like(weight)
     dns[[3, 5]] = [1000, 1000]   # answers to a source without connections weigh nothing
-    part_of = batch.assign_partitions(weight, dns, 2)
+    part_of = core.assign_partitions(weight, dns, 2)
     loads = np.bincount(part_of, weights=weight + np.where(weight > 0, dns, 0))
     assert sorted(loads) == [160, 1100]                   # the heavy source alone, the rest together
-    assert batch.assign_partitions(weight, dns, 8).max() == 4  # never more partitions than used slots
-    assert (batch.assign_partitions(weight, dns, 1) == 0).all()
+    assert core.assign_partitions(weight, dns, 8).max() == 4  # never more partitions than used slots
+    assert (core.assign_partitions(weight, dns, 1) == 0).all()
 
 
 def test_resume_with_workers_after_the_run_was_killed(tmp_path, setting, monkeypatch):
     model, folder, frames = setting
     args = dict(chunk_rows=700, bucket_s=1800, progress=True, workers=2)
-    batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, tmp_path / "full.csv", **args)
+    local.run(model, [folder / "conn.log"], [folder / "dns.log"], tmp_path / "full.csv",
+              inventory=frames.inventory, **args)
     out = tmp_path / "resumed.csv"
-    real, calls = batch.Progress.update, {"n": 0}
+    real, calls = local.Progress.update, {"n": 0}
 
     def killed(self, n):   # the parent is stopped while the workers are scoring
         calls["n"] += 1
@@ -185,15 +189,15 @@ def test_resume_with_workers_after_the_run_was_killed(tmp_path, setting, monkeyp
             raise KeyboardInterrupt("killed")
         real(self, n)
 
-    monkeypatch.setattr(batch.Progress, "update", killed)
+    monkeypatch.setattr(local.Progress, "update", killed)
     with pytest.raises(KeyboardInterrupt):
-        batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, **args)
+        local.run(model, [folder / "conn.log"], [folder / "dns.log"], out, inventory=frames.inventory, **args)
     assert not out.exists()
-    done = [cp.done_buckets for cp in (batch.load_checkpoint(tmp_path / "resumed.csv.work", k) for k in (0, 1)) if cp]
+    done = [cp.done_buckets for cp in (core.load_checkpoint(tmp_path / "resumed.csv.work", k) for k in (0, 1)) if cp]
     assert done and sum(map(len, done)) > 0
-    monkeypatch.setattr(batch.Progress, "update", real)
-    summary = batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True,
-                        **args)
+    monkeypatch.setattr(local.Progress, "update", real)
+    summary = local.run(model, [folder / "conn.log"], [folder / "dns.log"], out,
+                        inventory=frames.inventory, resume=True, **args)
     assert summary.chunks_resumed == sum(map(len, done)) and summary.partitions == 2
     assert (tmp_path / "full.csv").read_bytes() == out.read_bytes()
 
@@ -214,7 +218,7 @@ def test_workers_read_files_in_parallel_keeping_quarantine_and_errors(tmp_path, 
     for workers in (1, 2):
         quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
         out = tmp_path / f"w{workers}.csv"
-        result = batch.run(model, [logs], [folder / "dns.log"], frames.inventory, out, progress=False,
+        result = local.run(model, [logs], [folder / "dns.log"], out, inventory=frames.inventory, progress=False,
                            quarantine=quarantine, summary=summary, workers=workers)
         got[workers] = (out.read_bytes(), quarantine.to_frame(), [(f.path, f.kept, f.quarantined) for f in summary.files])
         assert result.connections == len(rows) and result.quarantined == 2
@@ -222,7 +226,7 @@ def test_workers_read_files_in_parallel_keeping_quarantine_and_errors(tmp_path, 
     pd.testing.assert_frame_equal(got[1][1], got[2][1])
     assert got[1][2] == got[2][2] and [q for _, _, q in got[2][2][:2]] == [1, 1]
     with pytest.raises(ingest.IngestError, match="dns.log.*not"):   # an explicit file of the wrong kind
-        batch.run(model, [folder / "dns.log"], [folder / "dns.log"], frames.inventory, tmp_path / "x.csv",
+        local.run(model, [folder / "dns.log"], [folder / "dns.log"], tmp_path / "x.csv", inventory=frames.inventory,
                   progress=False, workers=2)
 
 
@@ -234,10 +238,12 @@ def test_resume_refuses_a_damaged_scored_file(tmp_path, setting, monkeypatch):
     scored = sorted((tmp_path / "damaged.csv.work" / "scored").iterdir())
     scored[0].write_bytes(scored[0].read_bytes()[:100])   # what a machine crash can leave
     with pytest.raises(ValueError, match="damaged"):
-        batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True, **args)
+        local.run(model, [folder / "conn.log"], [folder / "dns.log"], out,
+                  inventory=frames.inventory, resume=True, **args)
     assert not (tmp_path / "damaged.csv.work").exists()   # refused and useless: removed
     killed_run(monkeypatch, model, folder, frames, out, **args)
     checkpoint = tmp_path / "damaged.csv.work" / "checkpoint-0.json"
     checkpoint.write_bytes(checkpoint.read_bytes()[:10])
     with pytest.raises(ValueError, match="checkpoint-0.json is damaged"):
-        batch.run(model, [folder / "conn.log"], [folder / "dns.log"], frames.inventory, out, resume=True, **args)
+        local.run(model, [folder / "conn.log"], [folder / "dns.log"], out,
+                  inventory=frames.inventory, resume=True, **args)

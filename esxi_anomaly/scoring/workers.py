@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 
-_PRELOAD = ["esxi_anomaly._forkserver_init", "esxi_anomaly.batch"]
+_PRELOAD = ["esxi_anomaly.scoring._forkserver_init", "esxi_anomaly.scoring.local"]
 _POLL_S = 0.5
 _PR_SET_NAME, _PR_SET_PDEATHSIG = 15, 1   # Linux prctl options
 WORKER_NAME = "esxi-worker-"     # a worker's process name (`comm`, at most 15 bytes): ps/top show it

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from esxi_anomaly.workers import WorkerError, WorkerPool, default_workers
+from esxi_anomaly.scoring.workers import WorkerError, WorkerPool, default_workers
 
 
 def add(env, a, b, progress=None):
@@ -69,7 +69,7 @@ def test_broadcast_reaches_every_worker_before_later_jobs_and_reports_nothing():
 
 CLOSE_WITH_QUEUED_JOBS = """
 import os, sys, time
-from esxi_anomaly.workers import WorkerError, WorkerPool
+from esxi_anomaly.scoring.workers import WorkerError, WorkerPool
 
 
 def slow(env, seconds, payload=None, progress=None):

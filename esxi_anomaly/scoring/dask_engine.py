@@ -15,10 +15,11 @@ a one-shot run over everything. The engine therefore:
    slot ranges of about `PARTITION_ROWS` rows (connections + DNS answers), at least two per worker
    thread; `partitions=` fixes the number instead.
 3. **Score** (workers): one task per partition loads its slot range (connections in (ts, event_id)
-   order, DNS in time order), runs `model.features` and `model.score_rows` (the model and inventory
-   are scattered to every worker once), writes `<work>/scored/<partition>.scored.arrow` (`bucket` =
+   order, DNS in time order) and scores it with `core.score_block`, as the local engine does, with
+   the same suppressions (the model, inventory and suppressions are scattered to every worker
+   once), writes `<work>/scored/<partition>.scored.arrow` (`bucket` =
    partition, `row` = row in the partition) and returns its top `explain_top` rows and features.
-4. **Rank and write** (client process): `batch.rank_and_write`, as the local engine does.
+4. **Rank and write** (client process): `write.rank_and_write`, as the local engine does.
 
 The work folder is written by the client and read/written by the workers: on a remote cluster it
 must be on a filesystem they share (see docs/dask.md).
@@ -35,16 +36,20 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from esxi_anomaly import batch, ingest, schema
-from esxi_anomaly.batch import N_SLOTS, source_slot
+from esxi_anomaly import ingest, schema
 from esxi_anomaly.console import EXIT_INPUT
 from esxi_anomaly.features import identity
 from esxi_anomaly.schema import Frames
+from esxi_anomaly.scoring.core import (N_SLOTS, SCORED_SUFFIX, SLOT_COLUMN, Checkpoint, RunSummary, merge_top,
+                                       score_block, source_slot, write_scored)
+from esxi_anomaly.scoring.output import (check_output_paths, hold_output, input_files, output_format, rollup_path,
+                                         work_path)
+from esxi_anomaly.scoring.write import rank_and_write
 
 PARTITION_ROWS = 500_000       # connections + DNS answer rows per task (bounds a worker's memory)
 ROW_GROUP_ROWS = 16_384        # small row groups: a slot-range read skips most of each spill file
 SPILL_CHUNK_ROWS = 500_000
-_SLOT, _SEQ = "_slot", "_seq"  # spill-only columns: source slot, global read order
+_SEQ = "_seq"                  # spill-only column (besides `core.SLOT_COLUMN`): global read order
 
 
 class DaskMissing(ImportError):
@@ -74,7 +79,7 @@ def _spill(chunks: Iterator[pd.DataFrame], folder: Path, key: str) -> np.ndarray
         slot = source_slot(chunk[key])
         order = np.argsort(slot, kind="stable")
         rows = chunk.iloc[order].reset_index(drop=True)
-        rows[_SLOT] = slot[order]
+        rows[SLOT_COLUMN] = slot[order]
         rows[_SEQ] = seq + order.astype("int64")
         seq += len(chunk)
         counts += np.bincount(slot, minlength=N_SLOTS)
@@ -111,16 +116,16 @@ def choose_partitions(conn_counts: np.ndarray, dns_counts: np.ndarray, partition
 
 def _read_range(folder: Path, lo: int, hi: int) -> pd.DataFrame | None:
     parts = sorted(folder.glob("part-*.parquet"), key=lambda p: int(p.stem.split("-")[1]))
-    filters = [(_SLOT, ">=", lo), (_SLOT, "<", hi)]
+    filters = [(SLOT_COLUMN, ">=", lo), (SLOT_COLUMN, "<", hi)]
     frames = [t.to_pandas() for t in (pq.read_table(p, filters=filters) for p in parts) if t.num_rows]
     if not frames:
         return None
     return pd.concat(frames, ignore_index=True)
 
 
-def score_partition(model, inventory: pd.DataFrame | None, work: str, partition: int, lo: int, hi: int,
-                    explain_top: int) -> dict:
-    """Score the sources of slots [lo, hi): the same pandas code as the local engine, one batch."""
+def score_partition(model, inventory: pd.DataFrame | None, suppressions: pd.DataFrame | None, work: str,
+                    partition: int, lo: int, hi: int, explain_top: int) -> dict:
+    """Score the sources of slots [lo, hi) in one block (`core.score_block`, as the local engine)."""
     t0 = time.perf_counter()
     work = Path(work)
     if not (work / "conn").is_dir():
@@ -130,23 +135,21 @@ def score_partition(model, inventory: pd.DataFrame | None, work: str, partition:
     if conns is None:
         return {"partition": partition, "rows": 0, "read": 0, "alerts": 0, "top_rows": None, "top_feats": None, "seconds": 0.0}
     conns = conns.sort_values(["ts", "event_id", _SEQ], kind="stable", ignore_index=True)
-    conns = conns.drop(columns=[_SLOT, _SEQ])
+    conns = conns.drop(columns=[SLOT_COLUMN, _SEQ])
     dns = _read_range(work / "dns", lo, hi)
     if dns is None:
         dns = schema.empty("dns_answers")
     else:
-        dns = dns.sort_values(["ts", _SEQ], kind="stable", ignore_index=True).drop(columns=[_SLOT, _SEQ])
+        dns = dns.sort_values(["ts", _SEQ], kind="stable", ignore_index=True).drop(columns=[SLOT_COLUMN, _SEQ])
     # Dask already runs one task per worker core: the forest scores on this task's thread only
     # (scores do not depend on the thread count)
-    model.detector_.forest_.n_jobs = 1
-    prepared, feats = model.features(Frames(conns, dns, inventory))
-    rows = model.score_rows(prepared, feats)
+    rows, feats = score_block(model, Frames(conns, dns, inventory), None, suppressions, n_jobs=1)
     rows["bucket"] = partition
-    top = batch.Checkpoint()
-    batch._merge_top(top, rows, feats, explain_top)
+    top = Checkpoint()
+    merge_top(top, rows, feats, explain_top)
     out_dir = work / "scored"
     out_dir.mkdir(exist_ok=True)
-    batch.write_scored(rows, out_dir / f"{partition}{batch.SCORED_SUFFIX}")
+    write_scored(rows, out_dir / f"{partition}{SCORED_SUFFIX}")
     return {"partition": partition, "rows": len(rows), "read": len(conns), "alerts": int(rows["alert"].sum()),
             "top_rows": top.top_rows, "top_feats": top.top_feats, "seconds": time.perf_counter() - t0}
 
@@ -166,31 +169,31 @@ def _connect(scheduler):
     return Client(cluster), cluster, True
 
 
-def run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path, *args, rollup: bool = True,
-        **kwargs) -> batch.RunSummary:
-    """Score like `batch.run`, with the per-partition work on a Dask cluster; same outputs.
-
-    `scheduler`: a scheduler address (``tcp://host:8786``), a `distributed.Client`, or None for a
-    LocalCluster started (and closed) here. `partitions`: number of tasks (default: by size).
-    `context`: ESXi events for the explanations; `rollup`: also write `batch.rollup_path(out)`.
-    Like `batch.run`, the output is locked for the run and checked before any input is read."""
-    with batch.hold_output(Path(out)):   # one run per output: its work folder is the output's
-        batch.check_output_paths(Path(out), batch._input_files(conn_paths, dns_paths), rollup)
-        return _run(model, conn_paths, dns_paths, inventory, out, *args, rollup=rollup, **kwargs)
-
-
-def _run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path, fmt: str | None = "csv",
-         top: int | None = None, scheduler=None, quarantine: ingest.Quarantine | None = None,
-         summary: ingest.ReadSummary | None = None, html_extra: dict | None = None,
-         partitions: int | None = None, explain_top: int = 200, work: Path | None = None,
-         partition_rows: int = PARTITION_ROWS, context: pd.DataFrame | None = None,
-         rollup: bool = True, read_options: dict | None = None) -> batch.RunSummary:
-    require_distributed()
+def run(model, conn_paths, dns_paths, out: Path, *, inventory: pd.DataFrame | None = None, fmt: str | None = None,
+        top: int | None = None, explain_top: int = 200, suppressions: pd.DataFrame | None = None,
+        context: pd.DataFrame | None = None, rollup: bool = True, quarantine: ingest.Quarantine | None = None,
+        summary: ingest.ReadSummary | None = None, html_extra: dict | None = None, read_options: dict | None = None,
+        progress: bool = True, scheduler=None, partitions: int | None = None, partition_rows: int = PARTITION_ROWS,
+        work: Path | None = None) -> RunSummary:
+    """Score like `local.run` (the same arguments, the same outputs), with the per-partition work on
+    a Dask cluster. `scheduler`: a scheduler address (``tcp://host:8786``), a `distributed.Client`,
+    or None for a LocalCluster started (and closed) here. `partitions`: number of tasks (default: by
+    size, `partition_rows`). `progress`: unused (the Dask dashboard shows the tasks). Like
+    `local.run`, the output is locked for the run and checked before any input is read."""
     out = Path(out)
-    fmt = batch.output_format(out, fmt)
-    work = (Path(work) if work else out.with_name(out.name + ".work")).resolve()
+    with hold_output(out):   # one run per output: its work folder is the output's
+        check_output_paths(out, input_files(conn_paths, dns_paths), rollup)
+        return _run(model, conn_paths, dns_paths, out, inventory, fmt, top, explain_top, suppressions, context,
+                    rollup, quarantine, summary, html_extra, read_options, scheduler, partitions, partition_rows, work)
+
+
+def _run(model, conn_paths, dns_paths, out: Path, inventory, fmt, top, explain_top, suppressions, context, rollup,
+         quarantine, summary, html_extra, read_options, scheduler, partitions, partition_rows, work) -> RunSummary:
+    require_distributed()
+    fmt = output_format(out, fmt)
+    work = (Path(work) if work else work_path(out)).resolve()
     quarantine = quarantine if quarantine is not None else ingest.Quarantine()
-    result = batch.RunSummary()
+    result = RunSummary()
     stages = result.stages_s
     if work.exists():
         shutil.rmtree(work)
@@ -217,14 +220,16 @@ def _run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path
         ranges = choose_partitions(c_counts, d_counts, partitions, 2 * threads, partition_rows)
         model_f = client.scatter(model, broadcast=True)
         inventory_f = client.scatter(inventory, broadcast=True) if inventory is not None else None
+        suppressions_f = client.scatter(suppressions, broadcast=True) if suppressions is not None else None
         stages["cluster+broadcast"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         from distributed import as_completed
 
-        futures = [client.submit(score_partition, model_f, inventory_f, str(work), p, lo, hi, explain_top, pure=False)
+        futures = [client.submit(score_partition, model_f, inventory_f, suppressions_f, str(work), p, lo, hi,
+                                 explain_top, pure=False)
                    for p, (lo, hi) in enumerate(ranges)]
-        cp = batch.Checkpoint()
+        cp = Checkpoint()
         task_s = 0.0
         for future in as_completed(futures):
             part = future.result()
@@ -234,7 +239,7 @@ def _run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path
             cp.kept += part["rows"]
             task_s += part["seconds"]
             if part["top_rows"] is not None:
-                batch._merge_top(cp, part["top_rows"], part["top_feats"], explain_top)
+                merge_top(cp, part["top_rows"], part["top_feats"], explain_top)
         cp.done_buckets = list(range(len(ranges)))
         stages["score"] = time.perf_counter() - t0
         stages["score (sum of tasks)"] = task_s
@@ -243,9 +248,9 @@ def _run(model, conn_paths, dns_paths, inventory: pd.DataFrame | None, out: Path
         result.connections_merged = cp.kept
 
         t0 = time.perf_counter()
-        result.written, result.entities = batch.rank_and_write(
+        result.written, result.entities = rank_and_write(
             model, work, cp, out, fmt, top, explain_top, html_extra or {}, context,
-            rollup_out=batch.rollup_path(out) if rollup else None, stages=stages, expect_rows=cp.kept)
+            rollup_out=rollup_path(out) if rollup else None, stages=stages, expect_rows=cp.kept)
         stages["rank+write"] = time.perf_counter() - t0
         result.alerts = cp.alerts
         result.quarantined = len(quarantine)

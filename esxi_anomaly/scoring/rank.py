@@ -1,0 +1,70 @@
+"""The ranking and the ranked row: what `model.score` shares with both scoring engines.
+
+`rank_order` is the one ranking (`schema.RANK_ORDER`); `ranked_block` the one place a scored row
+becomes an output row (rank, explanation, attribution, the columns of `schema.RANKED`). The engines
+write through it block by block (`write`), `model.score` through `ranked_frame`. It needs nothing
+of the engines (no inputs, no verdicts, no files), so the estimator can use it.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from esxi_anomaly import schema
+from esxi_anomaly.detect import explain
+from esxi_anomaly.detect.explain import context_clauses
+
+# what `explain.sentences` reads from a scored row; the sentence-only ones are not written out
+SENTENCE_COLUMNS = ["dst_port", "dst_ip", "src_name", "rules", "query", "transform", "answer", "rtype", "dns_delay",
+                    "seen_by", *explain.SENTENCE_ONLY]
+
+
+def rank_order(score, event_id) -> np.ndarray:
+    """Positions in rank order (`schema.RANK_ORDER`: score descending, then event_id ascending), the
+    ranking everywhere. Stable: equal keys keep their order."""
+    keys = pa.table({"score": pa.array(score), "event_id": pa.array(event_id)})
+    return pc.sort_indices(keys, sort_keys=list(schema.RANK_ORDER)).to_numpy()
+
+
+def ranked_block(model, block: pa.Table, ranks: np.ndarray, explain_top: int, attribution: Mapping[str, str],
+                 context: pd.DataFrame | None = None) -> pa.Table:
+    """The ranked output of scored rows (`block`, any order; `ranks`: their ranks, 1 = first): the
+    columns of `schema.ranked_columns` in order, each row explained (`explain.sentences`, and the
+    `context` clauses when given), the rows ranked up to `explain_top` attributed (`attribution`:
+    event_id -> top features). The one place that does this, for both engines and `model.score`."""
+    sentence = explanations(model, block, context)
+    top_features = np.full(len(ranks), "", dtype=object)
+    first = np.flatnonzero(ranks <= explain_top)
+    top_features[first] = [attribution.get(e, "") for e in block["event_id"].take(pa.array(first)).to_pylist()]
+    made = {"rank": pa.array(ranks), "explanation": pa.array(sentence.array, pa.large_string()),
+            "top_features": pa.array(top_features, pa.large_string())}
+    names = schema.ranked_columns(suppressed="suppressed" in block.column_names)
+    return pa.table({c: made[c] if c in made else block[c] for c in names})
+
+
+def explanations(model, rows: pa.Table, context: pd.DataFrame | None = None) -> pd.Series:
+    """The explanation sentence of each scored row (`explain.sentences`), with the ESXi `context`
+    clauses when given."""
+    sentence = explain.sentences(rows.select(SENTENCE_COLUMNS).to_pandas(), model.history_days_,
+                                 model.detector_.rules_)
+    if context is not None:
+        sentence = sentence + context_clauses(rows.select(["ts", "src_name", "esxi_host"]).to_pandas(), context)
+    return sentence
+
+
+def ranked_frame(model, rows: pd.DataFrame, feats: pd.DataFrame, top: int | None = None,
+                 explain_top: int = 200, context: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Scored rows of one batch (`model.score_rows`; `feats` row-aligned) ranked in memory: sorted
+    (`rank_order`), the first `top` kept (all when None), explained and attributed by
+    `ranked_block`, as the engines write them."""
+    order = rank_order(rows["score"].to_numpy(), rows["event_id"].array)
+    if top is not None:
+        order = order[:top]
+    first = order[:min(explain_top, len(order))]
+    attribution = dict(zip(rows["event_id"].take(first), model.detector_.attributions(feats.iloc[first])))
+    block = pa.Table.from_pandas(rows, preserve_index=False).take(pa.array(order))
+    return ranked_block(model, block, np.arange(1, len(order) + 1), explain_top, attribution, context).to_pandas()
