@@ -75,6 +75,29 @@ def finish_quarantine(quarantine: ingest.Quarantine, out: Path, strict: bool) ->
     return EXIT_QUARANTINE if strict else EXIT_OK
 
 
+def finish_diagnostics(lines: list[str], strict: bool) -> int:
+    """EXIT_QUARANTINE when `strict` and the run or training found blind spots (`features.scope.
+    diagnostic_lines`: low DNS coverage, encrypted DNS, a short history, odd times, duplicates),
+    which were logged as warnings already; else EXIT_OK."""
+    if strict and lines:
+        log(f"--strict: {len(lines)} coverage or sanity finding{'s' if len(lines) > 1 else ''} (warnings above)")
+        return EXIT_QUARANTINE
+    return EXIT_OK
+
+
+def scope_option(args, default):
+    """The scope of the command line: `default` (a `features.scope.Scope`: the model's, or the
+    config's) with --local-nets and --all-directions applied when given."""
+    from dataclasses import replace
+
+    changes = {}
+    if getattr(args, "local_nets", None):
+        changes["local_nets"] = tuple(args.local_nets)
+    if getattr(args, "all_directions", False):
+        changes["all_directions"] = True
+    return replace(default, **changes) if changes else default
+
+
 # -- commands ------------------------------------------------------------------------------
 
 def cmd_generate(args) -> int:
@@ -106,6 +129,10 @@ def _config(args):
         changes["trials"] = args.trials
     if args.seed is not None:
         changes["seed"] = args.seed
+    scope = scope_option(args, cfg.scope.scope())
+    if scope != cfg.scope.scope():
+        changes["scope"] = {**cfg.scope.model_dump(), "local_nets": list(scope.local_nets),
+                            "all_directions": scope.all_directions}
     return cfg.replace(**changes)
 
 
@@ -120,7 +147,11 @@ def cmd_train(args) -> int:
                       trained.metrics, trained.tuning)
     log(f"bundle written: {path}")
     print(printable(path))
-    return finish_quarantine(quarantine, Path(path) / "training", args.strict)
+    from esxi_anomaly.features.scope import diagnostic_lines
+
+    rc = finish_quarantine(quarantine, Path(path) / "training", args.strict)
+    return rc or finish_diagnostics(diagnostic_lines(trained.model.scope_counts_, len(frames.dns_answers)),
+                                    args.strict)
 
 
 def cmd_refit(args) -> int:
@@ -186,6 +217,7 @@ def _score(args, model, manifest: dict, directory: Path, pool) -> int:
 
     from esxi_anomaly import scoring
     from esxi_anomaly.atomic import atomic_path
+    from esxi_anomaly.scoring.core import model_scope
     from esxi_anomaly.scoring.output import check_output_paths, input_files
 
     out = Path(args.out)
@@ -202,23 +234,29 @@ def _score(args, model, manifest: dict, directory: Path, pool) -> int:
         else:   # the bundle's identity (for --resume): its manifest lists the sha256 of every file of it
             options = {"chunk_rows": args.chunk_rows, "resume": args.resume, "pool": pool,
                        "model_id": hashlib.sha256(json.dumps(manifest, sort_keys=True, default=str).encode()).hexdigest()}
+        options["scope"] = scope_option(args, model_scope(model))   # the model's, unless given
         result = scoring.score(model, args.conn, args.dns, out, inventory=inventory, engine=args.engine,
                                suppressions=_suppressions(directory), context=context, fmt=fmt, top=args.top,
                                quarantine=quarantine, summary=summary, html_extra=html_extra,
-                               read_options=read_options(args), progress=not args.no_progress, **options)
-        for line in summary.lines():
+                               read_options=read_options(args), progress=not args.no_progress,
+                               alerts_only=args.alerts_only, alert_budget=args.alert_budget, incidents=args.incidents,
+                               **options)
+        for line in summary.lines() + result.scope_lines() + [f"warning: {w}" for w in result.level_warnings()]:
             log(line)
         log(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in result.__dict__.items()
                         if k != "stages_s"} | {"stages_s": {k: round(v, 2) for k, v in result.stages_s.items()}}))
-        log(f"wrote {result.written} rows to {out} ({fmt})")
+        log(f"wrote {result.written} {'incidents' if args.incidents else 'rows'}"
+            f"{' (alerts only)' if args.alerts_only else ''} to {out} ({fmt})")
         log(f"wrote {result.entities} entities to {scoring.rollup_path(out)} (entity roll-up of all scored "
             "connections, csv)")
+        log(f"wrote {result.incidents} incidents to {scoring.incidents_path(out)} (all scored connections, csv)")
         if getattr(args, "stats_json", None):
             stats = {**result.__dict__, "engine": args.engine, "out": str(out), "format": fmt,
-                     "rollup": str(scoring.rollup_path(out)), "files": _file_records(summary)}
+                     "rollup": str(scoring.rollup_path(out)), "incidents_file": str(scoring.incidents_path(out)),
+                     "files": _file_records(summary)}
             with atomic_path(args.stats_json) as tmp:
                 Path(tmp).write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
-        return finish_quarantine(quarantine, out, args.strict)
+        return finish_quarantine(quarantine, out, args.strict) or finish_diagnostics(result.diagnostics, args.strict)
 
 
 def _file_records(summary: ingest.ReadSummary) -> list[dict]:
@@ -391,6 +429,15 @@ def _inputs(p, required=True):
     _snapshot_time_arg(p)
 
 
+def _scope_args(p) -> None:
+    p.add_argument("--local-nets", nargs="+", metavar="CIDR",
+                   help="the monitored networks: connections their addresses initiate are scored (with those of the "
+                        "inventory and Zeek local_orig); default: RFC 1918 and ULA, or the model's (score)")
+    p.add_argument("--all-directions", action="store_true",
+                   help="score every connection: inbound, ICMP/IGMP, multicast, broadcast, link-local, DNS lookups "
+                        "(out of scope, and counted by reason, otherwise)")
+
+
 def _snapshot_time_arg(p) -> None:
     p.add_argument("--snapshot-time", type=_snapshot_time, metavar="TIME",
                    help="time of the esxcli connection tables that carry none (no '# <ISO time>' or `date` line "
@@ -456,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Optuna trials in total (0 = no tuning): the environment's study for the same data, "
                             "config and search space is resumed and only the trials it lacks are run")
         p.add_argument("--seed", type=int)
+        if name == "train":   # refit keeps the model's scope
+            _scope_args(p)
         p.add_argument("--allow-odd-history", action="store_true",
                        help="train even on times before 2000, more than a day ahead, or spanning over 400 days "
                             "(refused otherwise: usually a broken clock or time unit); warns instead")
@@ -471,12 +520,17 @@ def build_parser() -> argparse.ArgumentParser:
     _inputs(p)
     p.add_argument("--out", required=True,
                    help="ranked output; the per-entity roll-up (one row per VM/host, over all scored "
-                        "connections, whatever --top) is written next to it as <out stem>.entities.csv")
+                        "connections, whatever --top) is written next to it as <out stem>.entities.csv, the "
+                        "incidents (one per source, C2 name and derivation) as <out stem>.incidents.csv")
     p.add_argument("--context", nargs="+", help="ESXi/vCenter syslog (hostd, vobd, shell, ...) shown in explanations")
     p.add_argument("--format", choices=["csv", "parquet", "jsonl", "html"])
     p.add_argument("--engine", choices=["local", "dask"], default="local")
     p.add_argument("--scheduler", help="Dask scheduler address (default: a LocalCluster)")
     p.add_argument("--top", type=int, help="write only the N best-ranked rows (the roll-up still covers all)")
+    _scope_args(p)
+    p.add_argument("--alerts-only", action="store_true", help="write only alerts (rows, or incidents with --incidents)")
+    p.add_argument("--incidents", action="store_true", help="write one ECS document per incident to --out (JSON lines)")
+    p.add_argument("--alert-budget", type=int, metavar="N", help="at most N alerts a day, the best ranked; the others stay ranked as non-alerts")
     p.add_argument("--chunk-rows", type=int, default=500_000,
                    help="connections scored at once, over all workers (bounds memory)")
     p.add_argument("--workers", type=int,

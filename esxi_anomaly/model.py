@@ -24,6 +24,7 @@ from esxi_anomaly.detect import rules as R
 from esxi_anomaly.detect.ensemble import EnsembleDetector
 from esxi_anomaly.features import dns_join, pipeline
 from esxi_anomaly.features.baseline import EntityBaseline
+from esxi_anomaly.features.scope import Scope, diagnostic_lines, resolvers_seen, scope_line, scoped_history
 from esxi_anomaly.features.stream_state import StreamState
 from esxi_anomaly.features.mgmt_plane import ManagementPlane
 from esxi_anomaly.schema import Frames, check_frames
@@ -72,6 +73,14 @@ def history_findings(ts: np.ndarray, now: float | None = None) -> tuple[list[str
     return odd, thin
 
 
+def level_findings(level: float, top_score: float) -> list[str]:
+    """A warning when the alert level is above the top training score (no training row can alert)."""
+    if not level > top_score:
+        return []
+    return [f"the alert level {level:.4f} is above the top training score {top_score:.4f}: no training row "
+            "can alert. Check the history (mostly one kind of traffic?) and the rule overrides"]
+
+
 class DnsCalcDetector(BaseEstimator):
     def __init__(self, min_window_s: float = 300.0, grace_s: float = 60.0, recent_responses: int = 4,
                  baseline_alpha: float = 5.0, baseline_split: float = 0.67, forest_weight: float = 0.6,
@@ -99,10 +108,26 @@ class DnsCalcDetector(BaseEstimator):
     def join_params(self) -> dns_join.JoinParams:
         return dns_join.JoinParams(self.min_window_s, self.grace_s, self.recent_responses, self.max_window_s)
 
-    def fit(self, X: Frames, y=None):
+    def fit(self, X: Frames, y=None, scope: Scope | None = None):
+        """Fit on the history `X` cut to `scope` (`features.scope`; None: `Scope()`), as scoring cuts
+        each day. The scope is kept (`scope_`: the default of this model's scoring); the rows out of
+        scope and the history's coverage are counted (`scope_counts_`), and its blind spots (few
+        connections joined to a DNS answer, encrypted DNS, duplicates) join its warnings."""
         X = check_frames(X, "DnsCalcDetector.fit")
+        scope = Scope() if scope is None else scope
+        X, counts = scoped_history(X, scope)
+        if not len(X.connections):
+            raise ValueError(f"no connection of the history is in scope ({scope_line(counts)}): name the monitored "
+                             "networks (--local-nets, [scope] local_nets) or keep every row (--all-directions)")
         prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params())
-        return self.fit_prepared(prepared, X.inventory)
+        self.fit_prepared(prepared, X.inventory)
+        counts.update(scored=len(prepared.conns), joined_dns=int((prepared.evidence["query"] != "").sum()))
+        # the resolvers of this history stay known: a day scored without its DNS log still leaves their lookups out
+        self.scope_, self.scope_counts_ = scope.with_resolvers(resolvers_seen(X.dns_answers)), counts
+        # the history's own span is among its warnings already (`history_findings`)
+        self.history_warnings_ = [*self.history_warnings_,
+                                  *diagnostic_lines(counts, len(X.dns_answers), times=False)]
+        return self
 
     def fitted_baselines(self, prepared: pipeline.Prepared) -> tuple[EntityBaseline, EntityBaseline]:
         """The baseline of the older history (for the forest's training features) and of all of it."""
@@ -125,6 +150,7 @@ class DnsCalcDetector(BaseEstimator):
             baselines = self.fitted_baselines(prepared)
         early_baseline, full_baseline = (copy.copy(b).set_params(alpha=self.baseline_alpha) for b in baselines)
         features = pipeline.extract(take_rows(prepared, late_idx), early_baseline, self.mgmt_)
+        late_rows = len(features)
         if len(features) > self.max_forest_rows:
             rng = np.random.default_rng(self.random_state)
             features = features.iloc[np.sort(rng.choice(len(features), self.max_forest_rows, replace=False))]
@@ -134,10 +160,16 @@ class DnsCalcDetector(BaseEstimator):
             n_estimators=self.n_estimators, max_samples=self.max_samples,
             threshold_quantile=self.threshold_quantile, random_state=self.random_state,
         ).fit(features.reset_index(drop=True))
+        # alerts a day on the history the detector was fitted on (the later part, judged by the older
+        # part's baseline, as scoring judges a new day), scaled up when the forest rows were sampled
+        late_days = (ts.max() - ts[late_idx].min()) / 86_400.0 if len(late_idx) else 0.0
+        self.training_alerts_per_day_ = (self.detector_.train_alerts_ * late_rows / max(len(features), 1)
+                                         / late_days if late_days > 0 else float("nan"))
         self.baseline_ = full_baseline
         self.history_days_ = self.baseline_.history_days_
         self.training_window_ = (float(ts.min()), float(ts.max())) if len(ts) else (0.0, 0.0)
         self.history_warnings_ = [w for part in history_findings(ts) for w in part]  # for the model card
+        self.level_warnings_ = level_findings(self.detector_.threshold_, self.detector_.train_max_score_)
         self.feature_names_ = list(pipeline.FEATURES)
         return self
 
@@ -145,6 +177,7 @@ class DnsCalcDetector(BaseEstimator):
         """Refit the per-entity baseline and management peers on new history; keep the detector."""
         check_is_fitted(self, "detector_")
         X = check_frames(X, "DnsCalcDetector.refit_baseline")
+        X = scoped_history(X, self.scope_)[0]
         prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params())
         self.baseline_ = EntityBaseline(alpha=self.baseline_alpha).fit(prepared.baseline_input)
         self.mgmt_ = ManagementPlane(extra_allow=tuple(self.mgmt_allow)).fit(X.inventory)
@@ -171,9 +204,13 @@ class DnsCalcDetector(BaseEstimator):
         return self.detector_.score_samples(feats)
 
     def score(self, X: Frames, top: int | None = None, explain_top: int = 200,
-              state: StreamState | None = None) -> pd.DataFrame:
-        """Ranked rows (the columns of `schema.ranked_columns()`), most anomalous first; `top` keeps
-        the first N, `explain_top` are attributed. The engines of `scoring` give the same rows."""
+              state: StreamState | None = None, scope: Scope | None = None) -> pd.DataFrame:
+        """Ranked rows (the columns of `schema.ranked_columns()`), alerts first, then by score
+        (`schema.RANK_ORDER`); `top` keeps the first N, `explain_top` are attributed. Only the
+        connections of `scope` (None: the model's, `scope_`) are scored, as the engines of `scoring`
+        do: they give the same rows."""
+        check_is_fitted(self, "detector_")
+        X = scoped_history(check_frames(X, "DnsCalcDetector.score"), self.scope_ if scope is None else scope)[0]
         prepared, feats = self.features(X, state)
         rows = self.score_rows(prepared, feats)
         return self.finish(rows, feats, top=top, explain_top=explain_top)
@@ -203,7 +240,7 @@ class DnsCalcDetector(BaseEstimator):
             "dst_never_seen": feats["dst_never_seen"].to_numpy(), "dst_is_answer": feats["dst_is_answer"].to_numpy(),
             "seen_by": c["seen_by"].array,   # vantage points of the merged connection (`features.merge`)
         })
-        out["alert"] = out["score"].to_numpy() >= self.detector_.threshold_
+        out["alert"] = self.detector_.alerts(comp)   # evidence, and a score at the level
         return out
 
     def finish(self, rows: pd.DataFrame, feats: pd.DataFrame, top: int | None = None,

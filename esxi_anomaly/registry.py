@@ -19,6 +19,7 @@ import pandas as pd
 
 from esxi_anomaly import bundle as B
 from esxi_anomaly.features import transforms as T
+from esxi_anomaly.features.scope import scope_line
 from esxi_anomaly.feedback import FeedbackStore
 from esxi_anomaly.model import DnsCalcDetector
 
@@ -85,6 +86,19 @@ def bundle_feedback(directory: str | os.PathLike) -> FeedbackStore:
 
 # -- writing and loading -----------------------------------------------------------------------
 
+def fit_warnings(model: DnsCalcDetector) -> list[str]:
+    """What fitting warned about: the history's times, and an alert level above every training score."""
+    return [*model.history_warnings_, *model.level_warnings_]
+
+
+def _per_day(model: DnsCalcDetector) -> str:
+    """Alerts a day on the training history, as the model card says it."""
+    rate = model.training_alerts_per_day_
+    if rate != rate:
+        return "unknown (the history the detector was fitted on spans no time)"
+    return f"{rate:,.1f} (alerts the model raises on its own training history, per day)"
+
+
 def model_card(model: DnsCalcDetector, config, metrics: dict) -> str:
     """The bundle's `model_card.md`: what was trained on what, how well, and what to look at."""
     start, end = model.training_window_
@@ -93,12 +107,16 @@ def model_card(model: DnsCalcDetector, config, metrics: dict) -> str:
         f"- training window: {pd.Timestamp(start, unit='s')} to {pd.Timestamp(end, unit='s')} UTC "
         f"({model.history_days_:.1f} days)",
         f"- transform library: {T.TRANSFORM_LIBRARY_VERSION}",
-        f"- alert threshold (score): {model.threshold_:.4f} (quantile {model.threshold_quantile} of training scores)",
+        f"- alert level (score): {model.threshold_:.4f} (quantile {model.threshold_quantile} of the training "
+        "scores of rows without evidence); a row is an alert only when DNS-calculation or management-plane "
+        "evidence backs it and its score reaches the level",
+        f"- expected alerts per day on the training history: {_per_day(model)}",
         f"- features: {len(model.feature_names_)}; rules: {', '.join(r['id'] for r in model.detector_.rules_)}",
+        f"- {scope_line(model.scope_counts_)} ({model.scope_.describe()})",   # the training history's scope
         f"- config hash: {config.digest()}", "", "## Metrics", "",
     ]
     lines += [f"- {k}: {v}" for k, v in metrics.items()] or ["- (none measured)"]
-    warnings = getattr(model, "history_warnings_", [])
+    warnings = fit_warnings(model)
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
     if metrics.get("unlabelled_above_median_attack"):
@@ -128,7 +146,7 @@ def write_model(model: DnsCalcDetector, config, models_dir: str | os.PathLike,
         "threshold": model.threshold_,
         "metrics": metrics,
         "tuning": tuning or {},
-        "warnings": list(getattr(model, "history_warnings_", [])),
+        "warnings": fit_warnings(model),
     }
     return B.save_bundle(target, {"model": model, "model_card.md": model_card(model, config, metrics)}, manifest)
 
@@ -144,4 +162,7 @@ def load_model(directory: str | os.PathLike) -> tuple[DnsCalcDetector, dict]:
         raise B.BundleError(
             f"{directory}: fitted with transform library {manifest.get('transform_library_version')}, "
             f"this installation has {T.TRANSFORM_LIBRARY_VERSION}; retrain with `esxi-anomaly train`")
+    if not hasattr(model.detector_, "evidence_kinds_"):   # its level counts forest-only rows, its rules no evidence
+        raise B.BundleError(f"{directory}: fitted before alerts needed evidence (its alert level and rules are of "
+                            "an older version); retrain with `esxi-anomaly train`")
     return model, manifest

@@ -27,6 +27,9 @@ CONNECTIONS: dict[str, str] = {
     "packets_out": "float64",
     "packets_in": "float64",
     "conn_state": STR,
+    "local_orig": STR,    # Zeek: "T" when the originator is in its Site::local_nets, "F" not, "" unknown
+    "local_resp": STR,    # the same for the responder (a re-oriented flow swaps the two)
+    "history": STR,       # Zeek's state history ("^...": Zeek flipped the direction itself); "" elsewhere
     "process": STR,       # ESXi world / Windows image when known
     "esxi_host": STR,
     "source": STR,        # format it came from, e.g. "zeek_conn_tsv"
@@ -65,10 +68,11 @@ CONTEXT: dict[str, str] = {
 
 INVENTORY_KINDS = ("vm", "esxi_mgmt", "vcenter", "infra", "unknown")
 
-# The ranked output of `score`: one row per scored connection, most anomalous first. Every writer
-# (CSV, Parquet, ECS JSON lines, HTML) takes its columns, their order and dtypes from here.
+# The ranked output of `score`: one row per scored connection, alerts first, then most anomalous first
+# (`RANK_ORDER`). Every writer (CSV, Parquet, ECS JSON lines, HTML) takes its columns, their order and
+# dtypes from here.
 RANKED: dict[str, str] = {
-    "rank": "int64",          # 1 = most anomalous
+    "rank": "int64",          # 1 = first in `RANK_ORDER` (alerts, then score)
     "score": "float64",       # higher = more anomalous
     "event_id": STR,
     "ts": "float64",
@@ -96,7 +100,9 @@ RANKED: dict[str, str] = {
     "alert": "bool",
 }
 RANKED_OPTIONAL = ("suppressed",)   # absent from runs without suppressions: their outputs stay as they were
-RANK_ORDER = (("score", "descending"), ("event_id", "ascending"))   # the ranking, everywhere
+# the ranking, everywhere: alerts (evidence at the level) first, then by score; the rest of a tie by id
+RANK_ORDER = (("alert", "descending"), ("score", "descending"), ("event_id", "ascending"))
+RANK_KEYS = tuple(name for name, _ in RANK_ORDER)   # the columns the ranking reads
 
 
 def ranked_columns(suppressed: bool = False) -> list[str]:

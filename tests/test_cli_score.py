@@ -34,7 +34,8 @@ def test_score_writes_rollup_next_to_any_output_and_stats_json(tmp_path, small_d
                    "--inventory", str(tmp_path / "inventory.csv"), "--out", str(out), "--top", "10",
                    "--no-progress", "--stats-json", str(stats)])
     assert rc == 0
-    assert sorted(p.name for p in out.parent.iterdir()) == ["ranked.entities.csv", "ranked.parquet"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ranked.entities.csv", "ranked.incidents.csv",
+                                                             "ranked.parquet"]
     assert len(pd.read_parquet(out)) == 10
     with open(out.parent / "ranked.entities.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))

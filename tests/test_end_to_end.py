@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pandas as pd
@@ -53,7 +54,10 @@ def test_ranked_output_shape_and_explanations(scored):
     _, _, ranked = scored
     assert list(ranked.columns) == ranked_columns()
     assert ranked["rank"].tolist() == list(range(1, len(ranked) + 1))
-    assert ranked["score"].is_monotonic_decreasing and ranked["score"].between(0, 1).all()
+    assert ranked["score"].between(0, 1).all()
+    alerts = int(ranked["alert"].sum())   # alerts first (schema.RANK_ORDER), each part by score
+    assert alerts and ranked["alert"].iloc[:alerts].all()
+    assert ranked["score"].iloc[:alerts].is_monotonic_decreasing and ranked["score"].iloc[alerts:].is_monotonic_decreasing
     top = ranked.iloc[0]
     assert top["explanation"] and top["query"] and top["transform"]
     assert "answered" in top["explanation"] and top["top_features"]
@@ -89,17 +93,23 @@ def test_cli_train_and_score_on_real_zeek(samples, tmp_path, folder, capsys):
     models = tmp_path / "models"
     # test9's times start at 0 s (1970: a pcap replayed without its clock): training refuses it unless allowed
     odd = ["--allow-odd-history"] if folder == "test9-mixed-zeek-dir" else []
+    # test10's university network has public addresses and no local_orig: name it (else nothing is in scope)
+    odd += ["--local-nets", "147.32.0.0/16", "2001:718::/32"] if folder == "test10-mixed-zeek-dir" else []
     rc = cli.main(["train", "--env", "real", "--conn", str(base / "conn.log"), "--dns", str(base / "dns.log"),
                    "--models-dir", str(models), "--trials", "0", *odd])
     assert rc == 0
-    out = tmp_path / "ranked.csv"
+    out, stats = tmp_path / "ranked.csv", tmp_path / "stats.json"
     rc = cli.main(["score", "--env", "real", "--models-dir", str(models), "--conn", str(base / "conn.log"),
-                   "--dns", str(base / "dns.log"), "--out", str(out), "--no-progress",
+                   "--dns", str(base / "dns.log"), "--out", str(out), "--no-progress", "--stats-json", str(stats),
                    "--context", str(samples / "vsphere-elastic-integrations" / "test-format-common.log")])
     assert rc == 0
     ranked = pd.read_csv(out, dtype={"event_id": "str"}, keep_default_na=False)
+    summary = json.loads(stats.read_text())
     n = {"test10-mixed-zeek-dir": 117, "test9-mixed-zeek-dir": 576}[folder]
-    assert len(ranked) == n and ranked["rank"].tolist() == list(range(1, n + 1))
+    # every row read is ranked or counted out of scope (multicast, broadcast, ICMP, the DNS lookups, ...)
+    assert summary["connections"] == n == summary["in_scope"] + sum(summary["out_of_scope"].values())
+    assert len(ranked) == summary["written"] == summary["in_scope"] > 0
+    assert ranked["rank"].tolist() == list(range(1, len(ranked) + 1))
     assert set(ranked_columns()) <= set(ranked.columns)
     assert (ranked["explanation"] != "").all()
 

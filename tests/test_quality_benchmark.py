@@ -136,3 +136,24 @@ def test_tables_smoke(q, smoke):
     readme = q.readme_table(mean)
     assert readme.splitlines()[0] == "| method | small 2d: AP (held-out) |"
     assert q.verdict(mean) == []   # no esxi-anomaly rows
+
+
+def test_alert_recall_and_precision_smoke(q, smoke, tmp_path):
+    ds, train, test, _ = smoke
+    m = q.run_detector(train, test, ds.labels, seed=0, trials=0, env="smoke", storage_dir=tmp_path)
+    assert m["alerts"] > 0 and 0.0 <= m["alert_recall"] <= 1.0 and 0.0 <= m["alert_precision"] <= 1.0
+    assert set(m["alert_recall_family"]) == set(q.EVAL_FAMILIES)
+    rows = [{"method": "esxi-anomaly N=0", "view": "zeek", "scenario": "small 2d", "seed": 0, **m},
+            {"method": "esxi-anomaly N=0" + q.HISTORY_ATTACKS, "view": "zeek", "scenario": "small 2d", "seed": 0,
+             **{**m, "alert_recall": 0.5}}]
+    table, checks = q.alerts_table(rows)
+    assert table.count("\n") == 3 and len(checks) == 2
+    assert checks[1].startswith("- small 2d, esxi-anomaly N=0 attacks in history [zeek]: alert recall 0.500")
+    assert checks[1].split(" -> target ")[1].startswith("NOT met")
+
+
+def test_the_history_attacks_estate_trains_on_a_day_of_attacks(q):
+    ds, train_end = q.history_attacks_estate(q.Scenario("small", 3), seed=0)
+    attacks = ds.labels[ds.labels["label"] == "attack"]
+    ts = ds.connections.set_index("event_id").loc[attacks["event_id"], "ts"]
+    assert (ts < train_end).sum() > 0 and (ts >= train_end).sum() > 0 and train_end == ds.end - 86_400

@@ -78,3 +78,13 @@ def test_loading_refuses_a_bundle_of_another_transform_library_or_without_a_mode
     other = save_bundle(tmp_path / "models" / "lab" / "20200101T000000Z", {"thresholds": {"alert": 1}}, {})
     with pytest.raises(BundleError, match="holds no DnsCalcDetector"):
         registry.load_model(other)
+
+
+def test_loading_refuses_a_model_fitted_before_alerts_needed_evidence(tmp_path, small_day):
+    import copy
+
+    old = copy.deepcopy(small_day[0])
+    del old.detector_.evidence_kinds_   # as pickled by earlier versions: every alert was forest-only
+    path = registry.write_model(old, TrainConfig(env="lab"), tmp_path / "models")
+    with pytest.raises(BundleError, match="fitted before alerts needed evidence.*retrain with `esxi-anomaly train`"):
+        registry.load_model(path)

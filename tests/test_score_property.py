@@ -191,7 +191,9 @@ def test_score_ends_and_accounts_for_every_file_and_record(material, tmp_path_fa
                     assert own[0]["outcome"] in ("unreadable", "partly read") and kept == 0, own
         assert stats["connections"] == sum(r["kept"] for r in stats["files"] if r["frame"] == "connections")
         ranked = pd.read_csv(base / "out" / "ranked.csv", dtype="str", keep_default_na=False)
-        assert len(ranked) == stats["written"] == stats["connections"] > 0
+        # every record read is scored or counted out of scope; one row per connection (duplicates merged)
+        assert stats["connections"] == stats["in_scope"] + sum(stats["out_of_scope"].values())
+        assert len(ranked) == stats["written"] == stats["in_scope"] - stats["coverage"]["duplicates"] > 0
         leftovers = [p.name for p in (base / "out").iterdir()
                      if p.name not in ("ranked.csv", "ranked.entities.csv", "ranked.csv.quarantine.jsonl", "stats.json")]
         assert not leftovers

@@ -3,7 +3,12 @@
 score = 1 - (1 - forest_weight * f) * prod(1 - w_r for fired rules r), with f the forest percentile
 rescaled above `forest_floor` (ordinary traffic contributes nothing), plus a tiny forest tie-break
 so that rows no rule touches are still ranked. Higher = more anomalous, everywhere.
-The alert threshold is fitted separately (a quantile of training scores) and stored with the model.
+
+Alert = evidence: a row is an alert only when an evidence rule fired (`rules.EVIDENCE_KINDS`: a
+DNS calculation or a management-plane violation) and its score reaches the alert level
+`threshold_`. The level is the `threshold_quantile` quantile of the training rows *without*
+evidence: what the forest and the weak rules reach on the history by themselves. Attacks in the
+history carry evidence, so they cannot raise it; an evidence row must outscore ordinary traffic.
 """
 from __future__ import annotations
 
@@ -42,12 +47,17 @@ class EnsembleDetector(BaseEstimator):
         )
         train_raw = self.forest_.fit_raw_scores(X.to_numpy())
         self.feature_median_ = X.median().to_numpy()
+        self.evidence_kinds_ = np.array([r.get("evidence") or "" for r in self.rules_], dtype=object)
         train = self._combine(self.forest_.percentile(train_raw), R.evaluate(self.rules_, X), with_names=False)
-        self.threshold_ = float(np.quantile(train["score"].to_numpy(), self.threshold_quantile))
+        score, evidence = train["score"].to_numpy(), train["evidence"].to_numpy()
+        self.threshold_ = alert_level(score[~evidence], self.threshold_quantile)
+        self.train_max_score_ = float(score.max()) if len(score) else 0.0
+        self.train_alerts_ = int((evidence & (score >= self.threshold_)).sum())   # alerts on the rows fitted
         return self
 
     def components(self, X: pd.DataFrame, n_jobs=None) -> pd.DataFrame:
-        """score, forest_score, rule_score and the names of the rules fired, per row of `X`.
+        """score, forest_score, rule_score, evidence (an evidence rule fired) and the names of the
+        rules fired, per row of `X`.
         `n_jobs`: the forest's scoring threads for this call (None: the fitted `n_jobs`)."""
         check_is_fitted(self, "forest_")
         X = X[list(self.feature_names_in_)]
@@ -59,10 +69,16 @@ class EnsembleDetector(BaseEstimator):
         rule = R.rule_score(self.rules_, fired)
         combined = 1.0 - (1.0 - self.forest_weight * f) * (1.0 - rule)
         score = (1.0 - TIE_BREAK) * combined + TIE_BREAK * pct
-        out = pd.DataFrame({"score": score, "forest_score": pct, "rule_score": rule})
+        evidence = (fired & R.evidence_mask(self.rules_)).any(axis=1)
+        out = pd.DataFrame({"score": score, "forest_score": pct, "rule_score": rule, "evidence": evidence})
         if with_names:
             out["rules"] = _fired_names(np.array([r["id"] for r in self.rules_], dtype=object), fired)
         return out
+
+    def alerts(self, components: pd.DataFrame) -> np.ndarray:
+        """Which rows of `components` (from `components`) are alerts: evidence, and a score at the level."""
+        check_is_fitted(self, "forest_")
+        return components["evidence"].to_numpy(dtype=bool) & (components["score"].to_numpy() >= self.threshold_)
 
     def score_samples(self, X: pd.DataFrame) -> np.ndarray:
         return self.components(X)["score"].to_numpy()
@@ -87,6 +103,12 @@ class EnsembleDetector(BaseEstimator):
             best = np.argsort(-row)[:top]
             out.append("; ".join(f"{names[k]}={row[k]:+.3f}" for k in best if row[k] > 0))
         return out
+
+
+def alert_level(plain_scores: np.ndarray, quantile: float) -> float:
+    """The alert level from the training scores of rows without evidence: their `quantile`
+    quantile. No such rows: 0 (evidence alone decides)."""
+    return float(np.quantile(plain_scores, quantile)) if len(plain_scores) else 0.0
 
 
 def _fired_names(ids: np.ndarray, fired: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from esxi_anomaly.detect.rules import EVIDENCE_KINDS
 from esxi_anomaly.features import transforms as T
 from esxi_anomaly.features.hashing import row_groups
 
@@ -275,7 +276,8 @@ def _is_one(values: pd.Series) -> np.ndarray:
 def sentences(rows: pd.DataFrame, history_days: float, rules: list[dict] = ()) -> pd.Series:
     """`rows` carries: transform, answer, rtype, query, dns_delay, consistency, dst_port, dst_ip,
     src_name, port_never_seen, dst_never_seen, dst_is_answer, rules (and seen_by, when there); `rules`
-    are the model's rule definitions, whose `explain` templates are appended for the rules that fired."""
+    are the model's rule definitions, whose `explain` templates are appended for the rules that fired,
+    and which say which rules are evidence: a row none of them backs says it cannot be an alert."""
     n = len(rows)
     if not n:
         return pd.Series([], dtype="str")
@@ -318,10 +320,29 @@ def sentences(rows: pd.DataFrame, history_days: float, rules: list[dict] = ()) -
             if len(j):
                 take = pa.array(j)
                 pieces.append((j, _cat("; ", src_name.take(take), middle, what.take(take), " in " + days)))
-    text = _cat(part1, _scatter(n, pieces), _rule_clauses(rows, rules), _seen_by_clause(rows))
+    text = _cat(part1, _scatter(n, pieces), _rule_clauses(rows, rules), _evidence_clause(rows, rules),
+                _seen_by_clause(rows))
     out = text.to_pandas()
     out.index = rows.index
     return out.astype("str")
+
+
+NO_EVIDENCE = "; no DNS-calculation evidence: not an alert, ranked by the forest alone"
+NO_EVIDENCE_WEAK = "; no DNS-calculation evidence: not an alert, ranked by the forest and weak rules"
+
+
+def _evidence_clause(rows: pd.DataFrame, rules: list[dict]) -> pa.Array:
+    """`NO_EVIDENCE` (or `NO_EVIDENCE_WEAK` when rules that are not evidence fired) on the rows no
+    evidence rule backs (`rules.EVIDENCE_KINDS`), which can never be alerts; "" elsewhere, and
+    everywhere when no rule definitions are given. Decided once per distinct `rules` value."""
+    n = len(rows)
+    if not rules:
+        return _const("", n)
+    evidence_ids = {r["id"] for r in rules if r.get("evidence") in EVIDENCE_KINDS}
+    codes, distinct = pd.factorize(rows["rules"].astype("str"), use_na_sentinel=False)
+    fired = [[i for i in str(v).split(";") if i] for v in distinct]
+    texts = [("" if evidence_ids.intersection(ids) else NO_EVIDENCE_WEAK if ids else NO_EVIDENCE) for ids in fired]
+    return pa.array(texts, _TEXT).take(pa.array(codes))
 
 
 def _seen_by_clause(rows: pd.DataFrame) -> pa.Array:

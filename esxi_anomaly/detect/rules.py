@@ -2,6 +2,8 @@
 
 The default rules ship in `esxi_anomaly/data/rules.toml`; environments override them by id.
 Conditions are (feature, operator, value) triples evaluated with numpy, never `eval`.
+A rule's `evidence` names the kind of evidence it is (`EVIDENCE_KINDS`); a row is an alert only when
+such a rule fired (`ensemble`). Rules without it (weak signals) only move the score.
 """
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ OPERATORS = {"==": operator.eq, "!=": operator.ne, ">": operator.gt, ">=": opera
              "<": operator.lt, "<=": operator.le}
 
 
+# what may back an alert: a DNS-calculation (the port or address derived from an answer the source
+# got, beyond chance) or an ESXi management-plane violation
+EVIDENCE_KINDS = ("dns_calculation", "mgmt_plane")
+
+
 class RuleError(ValueError):
     pass
 
@@ -27,7 +34,7 @@ def default_rules() -> list[dict]:
 
 
 def apply_overrides(rules: list[dict], overrides: dict | None) -> list[dict]:
-    """Override rules by id ({id: {weight, enabled, when, explain}}); unknown ids add new rules."""
+    """Override rules by id ({id: {weight, enabled, when, explain, evidence}}); unknown ids add new rules."""
     rules = copy.deepcopy(rules)
     by_id = {r["id"]: r for r in rules}
     for rid, change in (overrides or {}).items():
@@ -54,6 +61,9 @@ def validate_rules(rules: list[dict], features: list[str]) -> None:
                 raise RuleError(f"rule {rid}: unknown feature {cond[0]!r}")
         if not r.get("when"):
             raise RuleError(f"rule {rid}: no conditions")
+        if r.get("evidence") not in (None, "", *EVIDENCE_KINDS):
+            raise RuleError(f"rule {rid}: evidence {r['evidence']!r} is not one of {', '.join(EVIDENCE_KINDS)} "
+                            "(leave it out, or \"\" in an override, for a rule that is not evidence)")
 
 
 def evaluate(rules: list[dict], X: pd.DataFrame) -> np.ndarray:
@@ -63,6 +73,11 @@ def evaluate(rules: list[dict], X: pd.DataFrame) -> np.ndarray:
         for feature, op, value in r["when"]:
             fired[:, k] &= OPERATORS[op](X[feature].to_numpy(), float(value))
     return fired
+
+
+def evidence_mask(rules: list[dict]) -> np.ndarray:
+    """Per rule, whether it is evidence (any of `EVIDENCE_KINDS`)."""
+    return np.array([r.get("evidence") in EVIDENCE_KINDS for r in rules], dtype=bool)
 
 
 def rule_score(rules: list[dict], fired: np.ndarray) -> np.ndarray:

@@ -236,6 +236,35 @@ def _seen_by(conns: pd.DataFrame, rows: np.ndarray, group: np.ndarray, starts: n
     return _text_series(pc.binary_join_element_wise(*pieces, pa.scalar(" ", pa.large_string()), null_handling="skip"))
 
 
+def duplicate_records(conns: pd.DataFrame) -> np.ndarray:
+    """Per row: does it repeat an earlier row of the same vantage point (same 5-tuple, start time,
+    source and host) of a source that logs each connection once? A log written twice, or two
+    sensors' files merged, gives such rows under another uid; they are one connection, the row of
+    the lowest event_id kept (whatever the order the rows come in: a chunked run and a one-shot one
+    keep the same). DFW and esxcli rows repeat by design (`REPEATING_SOURCES`): `merge_connections`
+    merges those."""
+    n = len(conns)
+    if n < 2:
+        return np.zeros(n, dtype=bool)
+    codes, uniques = pd.factorize(conns["source"], use_na_sentinel=False)
+    once = ~np.isin(np.asarray(uniques, dtype=object).astype(str), REPEATING_SOURCES)[codes]
+    if not once.any():
+        return np.zeros(n, dtype=bool)
+    # candidates first, on the numeric columns alone (cheap): the full key only for those
+    numeric = combine(conns["ts"].to_numpy(dtype="float64").view("int64"), conns["src_port"].to_numpy(),
+                      conns["dst_port"].to_numpy())
+    candidate = np.flatnonzero(pd.Series(numeric).duplicated(keep=False).to_numpy() & once)
+    duplicate = np.zeros(n, dtype=bool)
+    if not len(candidate):
+        return duplicate
+    rows = conns.iloc[candidate]
+    key = combine(numeric[candidate], *(rows[c] for c in ("src_ip", "dst_ip", "proto", "source", "esxi_host")))
+    event = pd.factorize(rows["event_id"], sort=True, use_na_sentinel=False)[0]
+    order = np.lexsort((event, key))
+    duplicate[candidate[order]] = pd.Series(key[order]).duplicated().to_numpy()
+    return duplicate
+
+
 def merge_dns(dns: pd.DataFrame) -> pd.DataFrame:
     """The DNS answers, the same answer logged by several sources within `TOLERANCE_S` kept once
     (the earliest row), in the frame's order."""

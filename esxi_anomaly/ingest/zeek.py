@@ -41,7 +41,9 @@ CONN_SPEC = {
     "ts": "time", "uid": "str", "id.orig_h": "str", "id.orig_p": "port", "id.resp_h": "str",
     "id.resp_p": "port", "proto": "str", "duration": "float", "orig_bytes": "float",
     "resp_bytes": "float", "orig_pkts": "float", "resp_pkts": "float", "conn_state": "str",
+    "local_orig": "str", "local_resp": "str", "history": "str",
 }
+_FLAGS = ("local_orig", "local_resp")   # JSON writes them as true/false, TSV as T/F
 CONN_REQUIRED = ("ts", "id.orig_h", "id.resp_h")
 DNS_SPEC = {
     "ts": "time", "uid": "str", "id.orig_h": "str", "id.orig_p": "port", "id.resp_h": "str",
@@ -624,6 +626,9 @@ def _conn_frame(parsed: _Parsed, source: str, path: str) -> pd.DataFrame:
     for zeek_name in ("duration", "orig_bytes", "resp_bytes", "orig_pkts", "resp_pkts"):
         cols[_CONN_RENAME.get(zeek_name, zeek_name)] = number(zeek_name)
     cols["conn_state"] = _text(t, "conn_state", n)
+    for flag in _FLAGS:
+        cols[flag] = _text(t, flag, n)
+    cols["history"] = _text(t, "history", n)
     blank = _const(n, "", pa.large_string())
     cols["process"] = blank
     cols["esxi_host"] = blank
@@ -900,6 +905,11 @@ def _json_values(records: list[dict], name: str, kind: str) -> tuple[pa.Array, n
             out = np.where(bad, np.nan, out)
             return pa.array(out, pa.float64(), from_pandas=True).cast(pa.int32()), bad
         return pa.array(np.where(bad, np.nan, out), pa.float64(), from_pandas=True), bad
+    if kind == "flag":   # a bool as Zeek's TSV writes it (T/F); T/F text kept
+        flags = {True: "T", False: "F", "T": "T", "F": "F", None: None}
+        clean = [flags.get(v) if type(v) in (bool, str) or v is None else None for v in values]
+        bad = np.array([v is not None and c is None for v, c in zip(values, clean)], bool)
+        return pa.array(clean, pa.string()), bad
     if kind == "str":
         clean = []
         for i, v in enumerate(values):
@@ -932,7 +942,7 @@ def _json_reader(kind: str, source: str):
         reason = np.full(n, "", dtype=object)
         cols = {}
         for name, vkind in spec.items():
-            values, bad = _json_values(records, name, vkind)
+            values, bad = _json_values(records, name, "flag" if name in _FLAGS else vkind)
             _note(reason, bad, f"{name} has the wrong type")
             cols[name] = values
         for name in required:

@@ -1,5 +1,10 @@
-"""JSON lines in Elastic Common Schema (ECS): one alert document per ranked connection.
+"""JSON lines in Elastic Common Schema (ECS) 9.4: one document per ranked connection
+(`ecs_records`), or per incident (`incident_records`).
 
+`event.kind` is "alert" only for alerts (evidence-backed rows, `alert`), "event" otherwise, so a
+SIEM's alert queue holds only what the detector stands behind; alerts carry the MITRE ATT&CK
+technique they detect (`threat.*`: DNS Calculation, T1568.003, a sub-technique of Dynamic
+Resolution T1568, tactic Command and Control TA0011).
 Documents are nested objects, as Elasticsearch stores them; `ECS_FIELDS` lists the dotted ECS
 names used, and everything of our own lives under `esxi_anomaly.*` (ECS's rule for custom
 fields). Empty values (empty text, NaN, unknown port -1) are left out rather than written as
@@ -22,6 +27,18 @@ from esxi_anomaly.atomic import atomic_path
 from esxi_anomaly.report.layout import check_names
 
 CUSTOM_PREFIX = "esxi_anomaly."
+ECS_VERSION = "9.4.0"
+# What an alert detects (MITRE ATT&CK): ECS puts a sub-technique's id under
+# threat.technique.subtechnique.*, its parent technique under threat.technique.*
+THREAT = {
+    "framework": "MITRE ATT&CK",
+    "tactic": {"id": ["TA0011"], "name": ["Command and Control"],
+               "reference": ["https://attack.mitre.org/tactics/TA0011/"]},
+    "technique": {"id": ["T1568"], "name": ["Dynamic Resolution"],
+                  "reference": ["https://attack.mitre.org/techniques/T1568/"],
+                  "subtechnique": {"id": ["T1568.003"], "name": ["DNS Calculation"],
+                                   "reference": ["https://attack.mitre.org/techniques/T1568/003/"]}},
+}
 
 # Dotted ECS name -> expected JSON type: "str", "int", "float", "ip", "port", "timestamp",
 # "str_list" or "dns_answers".
@@ -33,6 +50,20 @@ ECS_TYPES: dict[str, str] = {
     "event.type": "str_list",
     "event.module": "str",
     "event.risk_score": "float",
+    "event.start": "timestamp",
+    "event.end": "timestamp",
+    "ecs.version": "str",
+    "threat.framework": "str",
+    "threat.tactic.id": "str_list",
+    "threat.tactic.name": "str_list",
+    "threat.tactic.reference": "str_list",
+    "threat.technique.id": "str_list",
+    "threat.technique.name": "str_list",
+    "threat.technique.reference": "str_list",
+    "threat.technique.subtechnique.id": "str_list",
+    "threat.technique.subtechnique.name": "str_list",
+    "threat.technique.subtechnique.reference": "str_list",
+    "related.ip": "ip_list",
     "source.ip": "ip",
     "source.port": "port",
     "destination.ip": "ip",
@@ -59,6 +90,13 @@ CUSTOM_TYPES: dict[str, str] = {
     "esxi_anomaly.esxi_host": "str",
     "esxi_anomaly.family": "str",
     "esxi_anomaly.seen_by": "str_list",
+    # incidents (`incident_records`)
+    "esxi_anomaly.connections": "int",
+    "esxi_anomaly.alerts": "int",
+    "esxi_anomaly.dst_ports": "port_list",
+    "esxi_anomaly.answers": "str_list",
+    "esxi_anomaly.event_ids": "str_list",
+    "esxi_anomaly.top_event_id": "str",
 }
 
 # ranked column -> (dotted field, converter kind), in document order
@@ -94,10 +132,10 @@ COMPOSED = {
     "rtype": "dns.answers[].type",
     "rules": "rule.name (a list)",
     "seen_by": "esxi_anomaly.seen_by (a list)",
+    "alert": "event.kind (\"alert\" for alerts, else \"event\") and threat.* on alerts",
 }
 # The columns of schema.RANKED deliberately left out of the documents, and why.
 NOT_EXPORTED = {
-    "alert": "not in the documents so far (event.kind is \"alert\" for every row); CSV/Parquet carry it",
     "suppressed": "not in the documents so far: a suppressed row's score is already lowered; CSV/Parquet carry it",
 }
 
@@ -164,14 +202,15 @@ def ecs_records(ranked: pd.DataFrame) -> list[dict]:
     rules = (ranked["rules"].fillna("").astype(str).tolist() if "rules" in ranked.columns else [""] * count)
     seen_by = (ranked["seen_by"].fillna("").astype(str).str.split().tolist() if "seen_by" in ranked.columns
                else [[]] * count)
+    alerts = _alerts(ranked)
 
     records = []
     for i in range(count):
         document: dict = {}
         if timestamps[i] is not None:
             document["@timestamp"] = timestamps[i]
-        document["event"] = {"kind": "alert", "module": "esxi_anomaly", "category": ["network"],
-                             "type": ["connection"]}
+        document["event"] = {"kind": "alert" if alerts[i] else "event", "module": "esxi_anomaly",
+                             "category": ["network"], "type": ["connection"]}
         if scores[i] is not None:
             document["event"]["risk_score"] = round(min(max(scores[i], 0.0), 1.0) * 100.0, 2)
         for parents, leaf, values in direct:
@@ -192,6 +231,72 @@ def ecs_records(ranked: pd.DataFrame) -> list[dict]:
             _put(document, "rule.name", fired)
         if seen_by[i]:   # the vantage points ("<source>:<esxi_host>"), space-separated in the ranked rows
             _put(document, "esxi_anomaly.seen_by", seen_by[i])
+        _finish(document, alerts[i])
+        records.append(document)
+    return records
+
+
+def _alerts(frame: pd.DataFrame) -> list[bool]:
+    """Each row's alert flag (False for all when the frame has none: only a flagged row alerts)."""
+    if "alert" not in frame.columns:
+        return [False] * len(frame)
+    return frame["alert"].fillna(False).astype(bool).tolist()
+
+
+def _finish(document: dict, alert: bool) -> None:
+    """The fields every document ends with: the ECS version, and on alerts what they detect."""
+    if alert:
+        document["threat"] = json.loads(json.dumps(THREAT))   # a copy per document
+    document["ecs"] = {"version": ECS_VERSION}
+
+
+def incident_records(incidents: pd.DataFrame) -> list[dict]:
+    """One ECS document per incident (`report.incidents`: the frames its `finish` yields), in row
+    order: the C2 name, source, destinations and ports, time span, connection count, all event ids."""
+    count = len(incidents)
+    text = {c: _column_values(incidents, c, "str") if c in incidents.columns else [None] * count
+            for c in ("incident_id", "src_ip", "src_name", "query", "transform", "rules", "explanation",
+                      "src_kind", "esxi_host", "top_event_id")}
+    lists = {c: incidents[c].fillna("").astype(str).str.split().tolist() if c in incidents.columns
+             else [[]] * count for c in ("dst_ips", "dst_ports", "answers", "event_ids")}
+    numbers = {c: _column_values(incidents, c, kind) if c in incidents.columns else [None] * count
+               for c, kind in (("rank", "int"), ("score", "float"), ("connections", "int"), ("alerts", "int"))}
+    starts, ends = (_timestamps(incidents.assign(ts=incidents[c]) if c in incidents.columns
+                                else incidents.iloc[:, :0]) for c in ("first_ts", "last_ts"))
+    alerts = _alerts(incidents)
+    records = []
+    for i in range(count):
+        document: dict = {}
+        if starts[i] is not None:
+            document["@timestamp"] = starts[i]
+        event = {"kind": "alert" if alerts[i] else "event", "module": "esxi_anomaly", "category": ["network"],
+                 "type": ["connection"]}
+        for field, value in (("id", text["incident_id"][i]), ("start", starts[i]), ("end", ends[i])):
+            if value is not None:
+                event[field] = value
+        if numbers["score"][i] is not None:
+            event["risk_score"] = round(min(max(numbers["score"][i], 0.0), 1.0) * 100.0, 2)
+        document["event"] = event
+        for dotted, value in (("source.ip", text["src_ip"][i]), ("host.name", text["src_name"][i]),
+                              ("dns.question.name", text["query"][i]), ("message", text["explanation"][i])):
+            if value is not None:
+                _put(document, dotted, value)
+        if len(lists["dst_ips"][i]) == 1:
+            _put(document, "destination.ip", lists["dst_ips"][i][0])
+        related = list(dict.fromkeys(([text["src_ip"][i]] if text["src_ip"][i] else []) + lists["dst_ips"][i]))
+        if related:
+            _put(document, "related.ip", related)
+        fired = [r.strip() for r in (text["rules"][i] or "").split(";") if r.strip()]
+        if fired:
+            _put(document, "rule.name", fired)
+        custom = {"rank": numbers["rank"][i], "score": numbers["score"][i], "transform": text["transform"][i],
+                  "connections": numbers["connections"][i], "alerts": numbers["alerts"][i],
+                  "src_kind": text["src_kind"][i], "esxi_host": text["esxi_host"][i],
+                  "top_event_id": text["top_event_id"][i],
+                  "dst_ports": [int(p) for p in lists["dst_ports"][i]] or None,
+                  "answers": lists["answers"][i] or None, "event_ids": lists["event_ids"][i] or None}
+        document["esxi_anomaly"] = {k: v for k, v in custom.items() if v is not None}
+        _finish(document, alerts[i])
         records.append(document)
     return records
 
@@ -227,13 +332,15 @@ def _type_problem(dotted: str, kind: str, value: object) -> str | None:
         "port": lambda v: is_int(v) and 0 <= v <= 65535,
         "timestamp": lambda v: isinstance(v, str) and bool(_TIMESTAMP.match(v)),
         "str_list": lambda v: isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v),
+        "port_list": lambda v: isinstance(v, list) and bool(v) and all(is_int(x) and 0 <= x <= 65535 for x in v),
         "dns_answers": lambda v: isinstance(v, list) and bool(v) and all(
             isinstance(a, dict) and set(a) <= {"data", "type"} and isinstance(a.get("data"), str)
             and isinstance(a.get("type", ""), str) for a in v),
     }
-    if kind == "ip":
+    if kind in ("ip", "ip_list"):
         try:
-            ipaddress.ip_address(value)
+            for one in (value if kind == "ip_list" and isinstance(value, list) and value else [value]):
+                ipaddress.ip_address(one)
             return None
         except (TypeError, ValueError):
             return f"{dotted}={value!r} is not an IP address"

@@ -1,5 +1,8 @@
-"""Self-contained HTML report for analysts: summary, sortable/filterable ranked table with
-per-row explanations, per-entity roll-up, and SVG timelines of the top entities.
+"""Self-contained HTML report for analysts: summary, score histogram with the alert level, the
+incident table (it opens on it: rows expand to their connections; an analyst marks incidents
+benign or malicious and downloads the verdicts as the CSV `esxi-anomaly label --import-csv`
+reads), sortable/filterable ranked table with per-row explanations, per-entity roll-up, and SVG
+timelines of the top entities.
 
 One file, no external requests (inline CSS and JS, no fonts, no images by URL). The data is
 embedded as JSON in a `<script type="application/json">` block with `<`, `>` and `&` escaped,
@@ -20,6 +23,7 @@ import pandas as pd
 
 from esxi_anomaly import schema
 from esxi_anomaly.atomic import atomic_path
+from esxi_anomaly.report.incidents import EVENT_PORTS, incident_frame, incident_ids
 from esxi_anomaly.report.rollup import entity_rollup
 from esxi_anomaly.schema import STR
 
@@ -29,6 +33,9 @@ TIMELINE_ENTITIES = 8
 TIMELINE_WINDOW = 900.0      # seconds either side of the entity's top anomaly
 MAX_TIMELINE_CONNECTIONS = 200
 MAX_TIMELINE_DNS = 100
+MAX_INCIDENTS = 500          # incidents in the table (all of them are in <out>.incidents.csv)
+MAX_INCIDENT_EVENTS = 5000   # event ids (and ports) per incident a verdict download covers
+HISTOGRAM_BINS = 50
 
 # How the ranked table shows each column, keyed by its `schema.RANKED` name, in table order:
 # label, kind, css class, shown in the table, shown in the expanded detail.
@@ -98,6 +105,22 @@ ENTITY_COLUMNS = [
     ("top_explanation", "Top explanation", "text", "why"),
 ]
 
+INCIDENT_COLUMNS = [
+    ("rank", "Rank", "int", "num"),
+    ("alert", "Alert", "text", ""),
+    ("score", "Score", "score", ""),
+    ("src_name", "Source", "text", ""),
+    ("src_ip", "Source IP", "text", "mono"),
+    ("query", "C2 name", "text", "mono clip"),
+    ("dst_ips", "Destinations", "text", "mono clip"),
+    ("dst_ports", "Ports", "text", "mono clip"),
+    ("transform", "Transform", "text", "mono"),
+    ("connections", "Connections", "int", "num"),
+    ("first_ts", "First (UTC)", "time", "mono"),
+    ("last_ts", "Last (UTC)", "time", "mono"),
+    ("explanation", "Why", "text", "why"),
+]
+
 _PAGE = """<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -114,7 +137,15 @@ style-src '@STYLE_HASH@'; img-src data:; base-uri 'none'; form-action 'none'">
 <header><h1 id="title">esxi-anomaly report</h1><div class="sub" id="subtitle"></div></header>
 <main>
 <noscript><p>This report renders its tables with JavaScript; the same rows are in the CSV/JSON outputs.</p></noscript>
-<section id="summary-section"><h2>Summary</h2><div id="summary"></div></section>
+<section id="summary-section"><h2>Summary</h2><div id="summary"></div>
+<div id="histogram"></div></section>
+<section id="incidents-section"><h2>Incidents</h2>
+<div class="legend">One row per source, C2 name (or destination) and derivation, alerts first. Expand a row for \
+its connections; mark incidents benign or malicious and download the verdicts for \
+<code>esxi-anomaly label --import-csv</code>.</div>
+<div class="toolbar"><button id="download-verdicts" type="button">Download verdicts (CSV)</button>\
+<span class="count" id="verdict-count"></span></div>
+<div class="scroll"><table id="incidents"></table></div></section>
 <section id="ranked-section"><h2>Ranked connections</h2>
 <div class="toolbar"><input id="filter" type="search" placeholder="Filter rows (any text: VM, IP, domain, rule...)" \
 aria-label="filter rows"><span class="count" id="count"></span></div>
@@ -181,14 +212,14 @@ def _iso(ts: float) -> str:
     return pd.Timestamp(ts, unit="s", tz="UTC").strftime("%Y-%m-%d %H:%M:%SZ") if np.isfinite(ts) else ""
 
 
-def _summary(ranked: pd.DataFrame, shown: int, rollup: pd.DataFrame, summary: dict | None) -> dict:
+def _summary(ranked: pd.DataFrame, shown: int, rollup: pd.DataFrame, summary: dict | None,
+             incidents: int) -> dict:
     summary = dict(summary or {})
-    threshold = summary.get("threshold")
     scored = summary.pop("connections", len(ranked))  # a run passes its total; the table may be its top N
     cards = [["connections scored", f"{int(scored):,}"], ["rows in table", f"{shown:,}"],
-             ["entities", f"{len(rollup):,}"]]
-    if isinstance(threshold, (int, float)) and "score" in ranked.columns:
-        cards.append([f"alerts (score \u2265 {threshold:.3g})", f"{int((ranked['score'] >= threshold).sum()):,}"])
+             ["entities", f"{len(rollup):,}"], ["incidents", f"{incidents:,}"]]
+    if "alerts" in rollup.columns:   # the roll-up counts every row's alert flag, not only the rows shown
+        cards.append(["alerts", f"{int(rollup['alerts'].sum()):,}"])
     if "score" in ranked.columns and len(ranked):
         cards.append(["top score", f"{ranked['score'].max():.3f}"])
     details = []
@@ -273,19 +304,71 @@ def _timelines(ranked: pd.DataFrame, rollup: pd.DataFrame, connections: pd.DataF
     return timelines
 
 
+def _row_incidents(rows: pd.DataFrame) -> list:
+    """The incident id of each ranked row (`incidents.incident_ids`)."""
+    if not len(rows) or "src_ip" not in rows.columns:
+        return [""] * len(rows)
+    text = {c: rows[c].fillna("").astype(str) if c in rows.columns else pd.Series("", index=rows.index)
+            for c in ("src_ip", "query", "dst_ip", "transform")}
+    key = text["query"].where(text["query"] != "", text["dst_ip"])
+    return incident_ids(text["src_ip"], key, text["transform"]).tolist()
+
+
+def _incidents(incidents: pd.DataFrame) -> dict:
+    """The incident table, and for each incident its event ids and their ports (for the verdicts)."""
+    incidents = incidents.head(MAX_INCIDENTS)
+    shown = incidents.assign(alert=np.where(incidents["alert"].astype(bool), "alert", ""))
+    table = _table(shown, [(*c, True, False) for c in INCIDENT_COLUMNS])
+    events = incidents["event_ids"].fillna("").astype(str).str.split(" ", n=MAX_INCIDENT_EVENTS).str.slice(
+        0, MAX_INCIDENT_EVENTS)
+    ports = incidents[EVENT_PORTS].fillna("").astype(str).str.split(" ", n=MAX_INCIDENT_EVENTS).str.slice(
+        0, MAX_INCIDENT_EVENTS) if EVENT_PORTS in incidents.columns else [[] for _ in range(len(incidents))]
+    table["id"] = incidents["incident_id"].astype(str).tolist()
+    table["events"] = [[e for e in ids if e] for ids in events]
+    table["ports"] = [[p for p in ps if p] for ps in ports]
+    table["queries"] = incidents["query"].fillna("").astype(str).tolist()
+    return table
+
+
+def _histogram(ranked: pd.DataFrame, counts: list | None, level: float | None) -> dict:
+    """Score counts in HISTOGRAM_BINS equal bins over 0..1 (`counts`: of a whole run; else of
+    `ranked`), and the alert level."""
+    if counts is None:
+        scores = pd.to_numeric(ranked["score"], errors="coerce").dropna().clip(0.0, 1.0) if "score" in ranked \
+            else pd.Series(dtype="float64")
+        counts = np.histogram(scores.to_numpy(), bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0].tolist()
+    level = float(level) if isinstance(level, (int, float)) and np.isfinite(level) else None
+    return {"counts": [int(c) for c in counts], "level": level}
+
+
 def render_html(ranked: pd.DataFrame, *, dns_answers: pd.DataFrame | None = None,
                 connections: pd.DataFrame | None = None, summary: dict | None = None, top: int | None = None,
-                timeline_entities: int = TIMELINE_ENTITIES, timeline_window: float = TIMELINE_WINDOW) -> str:
+                timeline_entities: int = TIMELINE_ENTITIES, timeline_window: float = TIMELINE_WINDOW,
+                rollup: pd.DataFrame | None = None, incidents: pd.DataFrame | None = None,
+                incident_count: int | None = None, score_histogram: list | None = None,
+                alert_level: float | None = None) -> str:
     """The report as one HTML string (see write_html)."""
     top = DEFAULT_TOP if top is None else int(top)
     order = ["rank"] if "rank" in ranked.columns else ["score"]
     ordered = ranked.sort_values(order, ascending="rank" in ranked.columns, kind="stable")
     threshold = (summary or {}).get("threshold")
-    rollup = entity_rollup(ranked, threshold=threshold if isinstance(threshold, (int, float)) else None)
+    if rollup is None:   # alerts: the rows flagged when there is an alert column, else by the threshold
+        use_threshold = "alert" not in ranked.columns and isinstance(threshold, (int, float))
+        rollup = entity_rollup(ranked, threshold=threshold if use_threshold else None)
+    if incidents is None:
+        incidents = incident_frame(ranked) if {"src_ip", "score", "event_id"} <= set(ranked.columns) \
+            else pd.DataFrame(columns=["rank", "incident_id", "alert", "event_ids", "query"])
+        incident_count = len(incidents)
     shown = ordered.head(top)
+    level = alert_level if alert_level is not None else threshold
+    rows = _table(shown, RANKED_COLUMNS)
+    rows["incident"] = _row_incidents(shown)
     data = {
-        "summary": _summary(ranked, len(shown), rollup, summary),
-        "ranked": _table(shown, RANKED_COLUMNS),
+        "summary": _summary(ranked, len(shown), rollup, summary,
+                            len(incidents) if incident_count is None else incident_count),
+        "histogram": _histogram(ranked, score_histogram, level),
+        "incidents": _incidents(incidents),
+        "ranked": rows,
         "entities": _table(rollup, [(*c, True, False) for c in ENTITY_COLUMNS]),
         "timelines": _timelines(ranked, rollup, connections, dns_answers, timeline_entities, timeline_window),
     }
@@ -306,17 +389,24 @@ def render_html(ranked: pd.DataFrame, *, dns_answers: pd.DataFrame | None = None
 
 def write_html(ranked: pd.DataFrame, path: str | os.PathLike, *, dns_answers: pd.DataFrame | None = None,
                connections: pd.DataFrame | None = None, summary: dict | None = None, top: int | None = None,
-               timeline_entities: int = TIMELINE_ENTITIES, timeline_window: float = TIMELINE_WINDOW) -> Path:
+               timeline_entities: int = TIMELINE_ENTITIES, timeline_window: float = TIMELINE_WINDOW,
+               rollup: pd.DataFrame | None = None, incidents: pd.DataFrame | None = None,
+               incident_count: int | None = None, score_histogram: list | None = None,
+               alert_level: float | None = None) -> Path:
     """Write the self-contained HTML report to `path`, atomically.
 
-    The table holds the `top` best-ranked rows (default 2000); the roll-up covers every row;
-    timelines show the `timeline_entities` worst entities, `timeline_window` seconds either
-    side of their top anomaly, from `connections`/`dns_answers` when given (canonical frames),
-    else from the ranked rows themselves. `summary` (model/env info, optional "threshold" and
-    "title") is shown as key/value pairs.
+    The table holds the `top` best-ranked rows (default 2000); timelines show the
+    `timeline_entities` worst entities, `timeline_window` seconds either side of their top
+    anomaly, from `connections`/`dns_answers` when given (canonical frames), else from the ranked
+    rows themselves. `summary` (model/env info, optional "threshold" and "title") is shown as
+    key/value pairs. A run passes what it knows of *all* its rows: the entity `rollup`, the first
+    `incidents` (`report.incidents` frames) of `incident_count`, the `score_histogram` (counts in
+    HISTOGRAM_BINS bins over 0..1) and the `alert_level`; without them they are made from `ranked`.
     """
     page = render_html(ranked, dns_answers=dns_answers, connections=connections, summary=summary, top=top,
-                       timeline_entities=timeline_entities, timeline_window=timeline_window)
+                       timeline_entities=timeline_entities, timeline_window=timeline_window, rollup=rollup,
+                       incidents=incidents, incident_count=incident_count, score_histogram=score_histogram,
+                       alert_level=alert_level)
     with atomic_path(path) as staging:
         staging.write_text(page, encoding="utf-8")
     return Path(path)

@@ -80,7 +80,7 @@
         var td0 = el("td"), button = el("button", "toggle", "+");
         button.type = "button";
         button.setAttribute("aria-expanded", "false");
-        button.title = "show why this row ranked here";
+        button.title = opts.detailTitle || "show why this row ranked here";
         button.addEventListener("click", function (ev) {
           ev.stopPropagation();
           if (item.detail) {
@@ -89,7 +89,7 @@
           } else {
             item.detail = el("tr", "detail");
             var td = el("td");
-            td.colSpan = opts.columns.length + 1;
+            td.colSpan = opts.columns.length + 1 + (opts.extra ? 1 : 0);
             td.appendChild(opts.detail(row));
             item.detail.appendChild(td);
             tr.after(item.detail);
@@ -99,6 +99,7 @@
         td0.appendChild(button);
         tr.appendChild(td0);
       }
+      if (opts.extra) tr.appendChild(opts.extra(row, order));
       opts.columns.forEach(function (c) {
         var v = row[opts.index[c.key]], td = el("td", c.cls || "");
         td.setAttribute("data-col", c.key);
@@ -114,6 +115,7 @@
       return item;
     });
     if (opts.detail) headRow.appendChild(el("th", "", ""));
+    if (opts.extra) headRow.appendChild(el("th", "", opts.extraLabel || ""));
     var state = {key: null, dir: 1};
     opts.columns.forEach(function (c) {
       var th = el("th", "", c.label);
@@ -179,6 +181,147 @@
   }
   filterBox.addEventListener("input", applyFilter);
   applyFilter();
+
+  // ---- score histogram -------------------------------------------------------------------
+  function renderHistogram() {
+    var h = DATA.histogram, box = document.getElementById("histogram");
+    if (!h || !h.counts.length) return;
+    var W = 1000, H = 170, L = 56, R = 20, top = 14, bottom = H - 30, n = h.counts.length;
+    var peak = Math.max.apply(null, h.counts.concat([1]));
+    function x(v) { return L + (W - L - R) * v; }
+    function y(c) { return c <= 0 ? bottom : bottom - (bottom - top) * Math.log10(1 + c) / Math.log10(1 + peak); }
+    var s = svg("svg", {viewBox: "0 0 " + W + " " + H, width: "100%", role: "img", id: "score-histogram"});
+    s.appendChild(svg("title", {}, "scores of all scored connections (log scale) and the alert level"));
+    s.appendChild(svg("line", {x1: L, x2: W - R, y1: bottom, y2: bottom, stroke: "#8a94a3"}));
+    [0, 0.2, 0.4, 0.6, 0.8, 1].forEach(function (v) {
+      s.appendChild(svg("text", {x: x(v), y: bottom + 14, "text-anchor": "middle"}, v.toFixed(1)));
+    });
+    s.appendChild(svg("text", {x: L - 6, y: top + 8, "text-anchor": "end"}, String(peak)));
+    s.appendChild(svg("text", {x: (L + W - R) / 2, y: H - 2, "text-anchor": "middle"}, "score"));
+    h.counts.forEach(function (c, i) {
+      if (c <= 0) return;
+      var g = svg("g", {"class": "bin"});
+      var lo = i / n, hi = (i + 1) / n;
+      g.appendChild(svg("rect", {x: x(lo) + 0.5, y: y(c), width: Math.max(1, x(hi) - x(lo) - 1), height: bottom - y(c),
+        fill: h.level !== null && lo >= h.level ? "#c62828" : "#6b8fb3"}));
+      g.appendChild(svg("title", {}, c + " connections scored " + lo.toFixed(2) + "\u2013" + hi.toFixed(2)));
+      s.appendChild(g);
+    });
+    if (h.level !== null) {
+      s.appendChild(svg("line", {x1: x(h.level), x2: x(h.level), y1: top - 6, y2: bottom, stroke: "#c62828",
+        "stroke-dasharray": "4 3", id: "alert-level"}));
+      s.appendChild(svg("text", {x: x(h.level) + 4, y: top + 2}, "alert level " + h.level.toFixed(3)));
+    }
+    box.appendChild(s);
+  }
+
+  // ---- incidents ----------------------------------------------------------------------
+  var rowsOfIncident = {};
+  (DATA.ranked.incident || []).forEach(function (id, i) {
+    (rowsOfIncident[id] = rowsOfIncident[id] || []).push(i);
+  });
+  var incidents = DATA.incidents, incidentIndex = {}, verdicts = {};
+  incidents.columns.forEach(function (c, i) { incidentIndex[c.key] = i; });
+  var positionOf = new Map();
+  incidents.rows.forEach(function (row, i) { positionOf.set(row, i); });
+
+  function incidentDetail(row) {
+    var i = positionOf.get(row), box = el("div", "incident-detail");
+    var mine = rowsOfIncident[incidents.id[i]] || [], total = row[incidentIndex.connections];
+    var cols = ["ts", "dst_ip", "dst_port", "answer", "score", "explanation"].filter(function (k) {
+      return rankedIndex[k] !== undefined;
+    });
+    if (mine.length) {
+      var table = el("table", "connections"), head = el("tr");
+      cols.forEach(function (k) { head.appendChild(el("th", "", labelOf[k])); });
+      table.appendChild(el("thead")).appendChild(head);
+      var body = el("tbody");
+      mine.forEach(function (r) {
+        var tr = el("tr"), values = DATA.ranked.rows[r];
+        cols.forEach(function (k) {
+          var td = el("td", k === "explanation" ? "why" : "");
+          td.textContent = formatValue(kindOf[k], values[rankedIndex[k]]);
+          tr.appendChild(td);
+        });
+        body.appendChild(tr);
+      });
+      table.appendChild(body);
+      box.appendChild(table);
+    }
+    var shown = mine.length, ids = incidents.events[i];
+    box.appendChild(el("div", "legend", shown + " of " + total + " connections are in this report's ranked " +
+      "table" + (shown < total ? "; every event id is in the incidents CSV (<out>.incidents.csv)" : "") + "."));
+    if (shown < total && ids.length) {
+      box.appendChild(el("div", "ids", "event ids: " + ids.slice(0, 200).join(" ") + (ids.length > 200 ? " \u2026" : "")));
+    }
+    return box;
+  }
+  var labelOf = {}, kindOf = {};
+  DATA.ranked.columns.forEach(function (c) { labelOf[c.key] = c.label; kindOf[c.key] = c.kind; });
+
+  function verdictCell(row, order) {
+    var td = el("td", "verdict"), select = el("select");
+    select.setAttribute("aria-label", "verdict for incident " + incidents.id[order]);
+    select.setAttribute("data-incident", incidents.id[order]);
+    [["", "\u2014"], ["malicious", "malicious"], ["benign", "benign"]].forEach(function (o) {
+      var option = el("option", "", o[1]);
+      option.value = o[0];
+      select.appendChild(option);
+    });
+    select.addEventListener("click", function (ev) { ev.stopPropagation(); });
+    select.addEventListener("change", function () {
+      if (select.value) verdicts[order] = select.value; else delete verdicts[order];
+      updateVerdictCount();
+    });
+    td.appendChild(select);
+    return td;
+  }
+  var TRIGGERS = ["=", "+", "-", "@", "\t", "\r"];
+  function csvCell(v) {   // formula-safe, as the CSV files of esxi-anomaly are (label --import-csv reads it so)
+    v = v === null || v === undefined ? "" : String(v);
+    if (v !== "" && TRIGGERS.indexOf(v.charAt(0)) >= 0) v = "'" + v;
+    return /[",\r\n]/.test(v) ? "\"" + v.replace(/"/g, "\"\"") + "\"" : v;
+  }
+  function verdictLines() {
+    var lines = ["event_id,verdict,note,src_ip,query,dst_port"];
+    Object.keys(verdicts).map(Number).sort(function (a, b) { return a - b; }).forEach(function (i) {
+      var row = incidents.rows[i], note = "incident " + incidents.id[i];
+      incidents.events[i].forEach(function (eventId, k) {
+        lines.push([eventId, verdicts[i], note, row[incidentIndex.src_ip], incidents.queries[i],
+          incidents.ports[i][k] || ""].map(csvCell).join(","));
+      });
+    });
+    return lines;
+  }
+  function updateVerdictCount() {
+    var marked = Object.keys(verdicts).length;
+    document.getElementById("verdict-count").textContent = marked + " incident" + (marked === 1 ? "" : "s") +
+      " marked, " + (verdictLines().length - 1) + " verdict lines";
+  }
+  document.getElementById("download-verdicts").addEventListener("click", function () {
+    var link = el("a");   // a data: link: no object URL to revoke, nothing fetched
+    link.href = "data:text/csv;charset=utf-8," + encodeURIComponent(verdictLines().join("\r\n") + "\r\n");
+    link.download = "verdicts.csv";
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+  });
+  makeTable({
+    table: document.getElementById("incidents"),
+    columns: incidents.columns,
+    rows: incidents.rows,
+    index: incidentIndex,
+    detail: incidentDetail,
+    detailTitle: "show this incident's connections",
+    extra: verdictCell,
+    extraLabel: "Verdict",
+    onRow: null
+  });
+  if (!incidents.rows.length) {
+    document.getElementById("incidents").after(el("p", "empty", "No incidents (no scored rows)."));
+  }
+  updateVerdictCount();
+  renderHistogram();
 
   // ---- entity roll-up -------------------------------------------------------------------
   var entityIndex = {};

@@ -33,7 +33,8 @@ def _distinct_joined(frame: pd.DataFrame, keys: list[str], column: str) -> pd.Se
 def entity_rollup(ranked: pd.DataFrame, threshold: float | None = None) -> pd.DataFrame:
     """One row per source entity (src_ip, src_name, src_kind, esxi_host), sorted by max_score descending.
 
-    alerts counts rows with score >= threshold (0 when threshold is None); transforms and families
+    alerts counts rows with score >= threshold (without one: the rows whose `alert` is set, 0 without
+    that column); transforms and families
     are the distinct non-empty values, "; "-joined (families only when `ranked` has a family column);
     top_* describe the entity's highest-scoring row (lowest rank on ties).
     """
@@ -47,7 +48,8 @@ def entity_rollup(ranked: pd.DataFrame, threshold: float | None = None) -> pd.Da
         return pd.DataFrame(columns=columns)
 
     frame = ranked.copy()
-    frame["_alert"] = (frame["score"] >= threshold) if threshold is not None else False
+    frame["_alert"] = (frame["score"] >= threshold) if threshold is not None else \
+        (frame["alert"].fillna(False).astype(bool) if "alert" in frame.columns else False)
     order = ["score", "rank"] if "rank" in frame.columns else ["score"]
     frame = frame.sort_values(order, ascending=[False] + [True] * (len(order) - 1), kind="stable",
                               na_position="last")
@@ -107,7 +109,8 @@ class StreamingRollup:
                          dtype="int64")
         return local[encoded.indices.to_numpy(zero_copy_only=False)]
 
-    def add(self, table: pa.Table) -> None:
+    def add(self, table: pa.Table, held: np.ndarray | None = None) -> None:
+        """Count the rows of `table`; `held`: rows whose alert the alert budget held back (not alerts)."""
         if self.keys is None:
             self.keys = [k for k in ENTITY_KEYS if k in table.column_names]
             if "src_ip" not in self.keys:
@@ -132,6 +135,8 @@ class StreamingRollup:
             self._last = np.r_[self._last, np.full(grow, np.nan)]
         self._connections += np.bincount(entity, minlength=size)
         alert = table["alert"].to_numpy().astype(bool) if "alert" in table.column_names else np.zeros(n, bool)
+        if held is not None:
+            alert &= ~held
         self._alerts += np.bincount(entity, weights=alert, minlength=size).astype("int64")
         ts = pd.Series(table["ts"].to_numpy(), dtype="float64").groupby(entity)
         lo, hi = ts.min(), ts.max()

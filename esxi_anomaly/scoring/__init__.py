@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 ENGINES = ("local", "dask")
 _FROM_CORE = ("RunSummary", "score_block")
 _FROM_OUTPUT = ("OutputBusy", "OutputError", "ResumeRefused", "hold_output", "make_output_folder", "output_folder",
-                "output_format", "quarantine_path", "rollup_path")
+                "output_format", "quarantine_path", "rollup_path", "incidents_path")
 
 __all__ = ["ENGINES", "score", *_FROM_CORE, *_FROM_OUTPUT]
 
@@ -51,6 +51,7 @@ def score(model, conn_paths, dns_paths, out: Path, *, inventory: pd.DataFrame | 
           top: int | None = None, explain_top: int = 200, rollup: bool = True,
           quarantine: ingest.Quarantine | None = None, summary: ingest.ReadSummary | None = None,
           html_extra: dict | None = None, read_options: dict | None = None, progress: bool = True,
+          alerts_only: bool = False, alert_budget: int | None = None, incidents: bool = False,
           **engine_options) -> RunSummary:
     """Score the connections of `conn_paths` against the DNS answers of `dns_paths` (files, globs or
     folders) with a fitted `model` into `out` (ranked rows, `fmt` or the format its name implies),
@@ -60,9 +61,21 @@ def score(model, conn_paths, dns_paths, out: Path, *, inventory: pd.DataFrame | 
     `suppressions`: analysts' benign verdicts (`FeedbackStore.suppressions`), which sink the rows
     they match; `top`: rows written (all when None); `explain_top`: rows attributed; `quarantine`,
     `summary`: collect what the readers refused and read; `read_options`: of `ingest.iter_file`.
+    With `rollup`, the incidents of every scored row go to `incidents_path(out)` too. `alert_budget`:
+    at most that many alerts a day (the best ranked; the others stay ranked as non-alerts);
+    `alerts_only`: only alerts written; `incidents`: `out` holds one ECS document per incident
+    (`fmt` jsonl) instead of rows (`write.rank_and_write`).
     The output does not depend on `engine` nor on its options (`engine_options`):
     local (`local.run`): chunk_rows, workers, pool, resume, model_id, work, bucket_s;
     dask (`dask_engine.run`): scheduler, partitions, partition_rows, work."""
+    if alert_budget is not None and alert_budget < 0:
+        raise ValueError(f"the alert budget is a number of alerts a day (0 or more), not {alert_budget}")
+    if incidents:
+        from esxi_anomaly.scoring.output import output_format
+
+        if output_format(Path(out), fmt) != "jsonl":
+            raise ValueError("incidents as the output are ECS documents: write them as JSON lines "
+                             "(--format jsonl, or an --out ending in .jsonl)")
     if engine == "local":
         from esxi_anomaly.scoring.local import run
     elif engine == "dask":
@@ -71,4 +84,6 @@ def score(model, conn_paths, dns_paths, out: Path, *, inventory: pd.DataFrame | 
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     return run(model, conn_paths, dns_paths, out, inventory=inventory, suppressions=suppressions, context=context,
                fmt=fmt, top=top, explain_top=explain_top, rollup=rollup, quarantine=quarantine, summary=summary,
-               html_extra=html_extra, read_options=read_options, progress=progress, **engine_options)
+               html_extra=html_extra, read_options=read_options, progress=progress,
+               output_options={"alerts_only": alerts_only, "alert_budget": alert_budget, "incidents": incidents},
+               **engine_options)

@@ -23,14 +23,18 @@ import pyarrow as pa
 from esxi_anomaly import schema
 from esxi_anomaly.atomic import atomic_path
 from esxi_anomaly.features.hashing import hash_column
+from esxi_anomaly.features.merge import duplicate_records
+from esxi_anomaly.features.scope import (Scope, add_counts, apply_scope, coverage, diagnostic_lines, out_of_scope,
+                                         resolvers_seen, scope_line)
 from esxi_anomaly.features.stream_state import StreamState, read_frame, write_frame
 from esxi_anomaly.feedback import apply_suppressions
-from esxi_anomaly.scoring.rank import rank_order
+from esxi_anomaly.scoring.rank import rank_order, top_positions
 
-CHECKPOINT_VERSION = 6            # 2: scored rows carry sentence inputs; 3: one checkpoint per partition;
+CHECKPOINT_VERSION = 7            # 2: scored rows carry sentence inputs; 3: one checkpoint per partition;
                                   # 4: checkpoints as plain files (no pickles), run fingerprint;
                                   # 5: merged connections (`seen_by`, rows kept besides rows read);
                                   # 6: merge state keyed by the unordered endpoint pair (reversed twins)
+                                  # 7: scope and coverage counts (`counts`)
 SLOT_BITS = 16
 N_SLOTS = 1 << SLOT_BITS
 SLOT_COLUMN = "_slot"             # spill-only column (both engines): the row's source slot
@@ -66,23 +70,48 @@ def assign_partitions(conn_counts: np.ndarray, dns_counts: np.ndarray, n: int) -
 # -- features to scored rows ------------------------------------------------------------------
 
 def score_block(model, frames: schema.Frames, state: StreamState | None, suppressions: pd.DataFrame | None,
-                n_jobs: int | None = None, stages: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                n_jobs: int | None = None, stages: dict | None = None, scope: Scope | None = None,
+                counts: dict | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Scored rows (`model.score_rows`, analysts' benign verdicts applied) and the feature matrix of
-    one block of `frames`: the one path from inputs to scored rows, whatever the engine. `state`:
-    the stream state carried from the previous block (None: the block is everything). `n_jobs`:
-    the forest's scoring threads for this call (1 where each core already scores a partition); the
-    fitted model is not changed. `stages`: seconds per step are added to it."""
+    the connections in `scope` of one block of `frames`: the one path from inputs to scored rows,
+    whatever the engine. `scope`: what is scored (`features.scope`; None: the model's, with the
+    resolvers the block's DNS answers name; the engines pass the run's, whose resolvers are those of
+    all its answers, so that a row's scope does not depend on the block it falls in). Rows out of
+    scope and duplicate records are counted into `counts` (`features.scope.COUNTS`), as are the
+    scored rows and those joined to a DNS answer. `state`: the stream state carried from the
+    previous block (None: the block is everything). `n_jobs`: the forest's scoring threads for this
+    call (1 where each core already scores a partition); the fitted model is not changed. `stages`:
+    seconds per step are added to it."""
     stages = {} if stages is None else stages
     t = time.perf_counter()
-    prepared, feats = model.features(frames, state)
+    if scope is None:
+        scope = model_scope(model).with_resolvers(resolvers_seen(frames.dns_answers))
+    scoped = apply_scope(frames.connections, frames.inventory, scope)
+    conns = scoped.connections
+    duplicate = duplicate_records(conns)
+    if duplicate.any():   # one connection: the row of the lowest event_id is kept
+        conns = conns[~duplicate].reset_index(drop=True)
+    t = lap(stages, "score: scope", t)
+    prepared, feats = model.features(schema.Frames(conns, frames.dns_answers, frames.inventory), state)
     t = lap(stages, "score: features", t)
     components = model.detector_.components(feats, n_jobs=n_jobs)
     t = lap(stages, "score: forest+rules", t)
     rows = model.score_rows(prepared, feats, components)
     if suppressions is not None:
         rows = apply_suppressions(rows, suppressions)
+    if counts is not None:
+        add_counts(counts, scoped)
+        add_counts(counts, {"duplicates": int(duplicate.sum()), "scored": len(rows),
+                            "joined_dns": int((rows["query"] != "").sum())})
     lap(stages, "score: rows", t)
     return rows, feats
+
+
+def model_scope(model) -> Scope:
+    """The scope `model` was trained on (`DnsCalcDetector.scope_`), the default for its scoring;
+    `Scope()` for a model fitted before scopes were recorded."""
+    recorded = getattr(model, "scope_", None)
+    return recorded if isinstance(recorded, Scope) else Scope()
 
 
 def lap(stages: dict, name: str, t0: float) -> float:
@@ -95,18 +124,17 @@ def lap(stages: dict, name: str, t0: float) -> float:
 # -- the running top rows --------------------------------------------------------------------------
 
 def merge_top(cp: "Checkpoint", rows: pd.DataFrame, feats: pd.DataFrame, k: int) -> None:
-    """Keep the `k` best rows (and their features) of everything seen so far in `cp`."""
-    score = rows["score"].to_numpy()
-    if len(score) > k > 0:   # only rows scoring at least the k-th best can make it (ties kept)
-        kth = -np.partition(-score, k - 1)[k - 1]
-        keep = np.flatnonzero(score >= kth)
+    """Keep the `k` best rows in rank order (`rank.rank_order`) and their features of everything
+    seen so far in `cp`."""
+    if len(rows) > k > 0:   # only rows ranking at least as the k-th can make it (ties kept)
+        keep = top_positions(rows, k)
         rows, feats = rows.iloc[keep], feats.iloc[keep]
     rows = rows.reset_index(drop=True)
     feats = feats.reset_index(drop=True)
     if cp.top_rows is not None:
         rows = pd.concat([cp.top_rows, rows], ignore_index=True)
         feats = pd.concat([cp.top_feats, feats], ignore_index=True)
-    order = rank_order(rows["score"].to_numpy(), rows["event_id"].array)[:k]
+    order = rank_order(rows)[:k]
     cp.top_rows = rows.iloc[order].reset_index(drop=True)
     cp.top_feats = feats.iloc[order].reset_index(drop=True)
 
@@ -156,7 +184,7 @@ def write_scored(rows: pd.DataFrame, path: Path) -> None:
     in rank order with `row` = position in the file: an output block then takes one run of
     consecutive rows from each file (sequential reads of the memory map, each page once)."""
     table = pa.Table.from_pandas(rows.drop(columns=["row"], errors="ignore"), preserve_index=False)
-    table = table.take(pa.array(rank_order(rows["score"].to_numpy(), rows["event_id"].array)))  # Arrow: 50x pandas here
+    table = table.take(pa.array(rank_order(table)))  # Arrow: 50x pandas here
     table = table.append_column("row", pa.array(np.arange(len(rows))))
     with atomic_path(path, durable=False) as tmp:   # a resumed run checks it is whole
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -179,9 +207,11 @@ class Checkpoint:
     top_rows: pd.DataFrame | None = None      # running top-K rows (score, event_id, bucket, row)
     top_feats: pd.DataFrame | None = None
     alerts: int = 0
+    max_score: float | None = None            # the highest score of the rows scored (None: no rows yet)
     scored: int = 0                           # connections read and scored (before merging)
     kept: int = 0                             # rows written: one per connection (`features.merge`)
     files: dict[str, int] = field(default_factory=dict)   # scored file name -> rows, checked on resume
+    counts: dict[str, int] = field(default_factory=dict)  # out of scope per reason, coverage (`score_block`)
 
     def to_files(self, folder: Path) -> None:
         """Write into `folder` (created): JSON for the scalars, Arrow IPC for the top rows, and the
@@ -193,8 +223,10 @@ class Checkpoint:
                 write_frame(getattr(self, name), folder / f"{name}.arrow")
         self.state.to_files(folder / "state")
         meta = {"version": self.version, "done_buckets": [int(b) for b in self.done_buckets],
-                "alerts": int(self.alerts), "scored": int(self.scored), "kept": int(self.kept),
+                "alerts": int(self.alerts), "max_score": self.max_score,
+                "scored": int(self.scored), "kept": int(self.kept),
                 "files": {str(k): int(v) for k, v in self.files.items()},
+                "counts": {str(k): int(v) for k, v in self.counts.items()},
                 "top": self.top_rows is not None}
         (folder / "checkpoint.json").write_text(json.dumps(meta), encoding="utf-8")   # last: the folder is whole
 
@@ -204,8 +236,10 @@ class Checkpoint:
         folder = Path(folder)
         meta = json.loads((folder / "checkpoint.json").read_text(encoding="utf-8"))
         cp = cls(version=int(meta["version"]), done_buckets=[int(b) for b in meta["done_buckets"]],
-                 alerts=int(meta["alerts"]), scored=int(meta["scored"]), kept=int(meta.get("kept", 0)),
-                 files={str(k): int(v) for k, v in meta["files"].items()})
+                 alerts=int(meta["alerts"]), max_score=meta.get("max_score"), scored=int(meta["scored"]),
+                 kept=int(meta.get("kept", 0)),
+                 files={str(k): int(v) for k, v in meta["files"].items()},
+                 counts={str(k): int(v) for k, v in meta.get("counts", {}).items()})
         if cp.version != CHECKPOINT_VERSION or scalars_only:
             return cp
         if meta["top"]:
@@ -251,6 +285,15 @@ def load_checkpoint(work: Path, partition: int, scalars_only: bool = False) -> C
 
 # -- the run's summary ---------------------------------------------------------------------------
 
+def higher_score(best: float | None, scores) -> float | None:
+    """The highest of `best` (None: none yet) and `scores` (an array of scores, or one score or None)."""
+    values = np.asarray([] if scores is None else scores, dtype="float64").ravel()
+    if not len(values):
+        return best
+    top = float(np.nanmax(values)) if not np.isnan(values).all() else None
+    return top if best is None or (top is not None and top > best) else best
+
+
 @dataclass
 class RunSummary:
     connections: int = 0         # connection rows read
@@ -262,4 +305,50 @@ class RunSummary:
     chunks_resumed: int = 0
     partitions: int = 0          # partitions of the sources scored (local: one per worker; Dask: tasks)
     entities: int = 0            # rows of the entity roll-up CSV (0: not written)
+    incidents: int = 0           # rows of the incidents CSV (0: not written)
+    alerts_held_back: int = 0    # alerts the alert budget (`--alert-budget`) turned into non-alerts
+    max_score: float | None = None   # the highest score of the connections scored (None: none scored)
+    in_scope: int = 0            # connection rows in scope (`features.scope`): connections = in_scope + out of scope
+    out_of_scope: dict = field(default_factory=dict)   # rows out of scope per reason (`scope.REASONS`)
+    coverage: dict = field(default_factory=dict)       # `scope.coverage`: DNS share, encrypted DNS, duplicates, ...
+    diagnostics: list = field(default_factory=list)    # the blind spots in plain words (`--strict` fails on any)
+    scope: dict = field(default_factory=dict)          # the scope applied (`Scope.record`, resolvers included)
+    alert_level: float | None = None  # the model's alert level (`threshold_`)
     stages_s: dict = field(default_factory=dict)
+
+    def add_scope(self, counts: dict, history_days: float | None = None) -> None:
+        """Fill the scope and coverage fields from the run's `counts` (`score_block`); RuntimeError
+        when rows read are not all accounted for (in scope or out of it, by reason)."""
+        self.out_of_scope = out_of_scope(counts)
+        self.coverage = coverage(counts)
+        self.in_scope = self.coverage["in_scope"]
+        if self.in_scope + sum(self.out_of_scope.values()) != self.connections:
+            raise RuntimeError(f"{self.connections} connections read, {self.in_scope} in scope and "
+                               f"{sum(self.out_of_scope.values())} out of scope")
+        self.diagnostics = diagnostic_lines(counts, self.dns_records, history_days)
+
+    def scope_lines(self) -> list[str]:
+        """The run's scope and diagnostics, as log lines."""
+        counts = {**self.out_of_scope, "read": self.connections, "in_scope": self.in_scope,
+                  "reoriented": self.coverage.get("reoriented", 0)}
+        cov = self.coverage
+        share = "" if cov.get("dns_share") is None else (
+            f"; {100 * cov['dns_share']:.0f} % of the connections scored were joined to a DNS answer")
+        return [scope_line(counts) + share] + [f"warning: {line}" for line in self.diagnostics]
+
+    def report_summary(self) -> dict:
+        """The numbers the HTML report's header shows (`html_extra["summary"]`): `connections` scored
+        (one per connection), rows read, in scope and out of scope per reason, the DNS coverage."""
+        return {"connections": self.connections_merged, "connections_read": self.connections, "in_scope": self.in_scope,
+                "out_of_scope": dict(self.out_of_scope),
+                "dns_share": self.coverage.get("dns_share"), "encrypted_dns": self.coverage.get("dns_over_tls", 0)
+                + self.coverage.get("doh", 0), "duplicates": self.coverage.get("duplicates", 0),
+                "diagnostics": list(self.diagnostics)}
+
+    def level_warnings(self) -> list[str]:
+        """A warning when the alert level is above every score of the run: no row could alert."""
+        if self.alert_level is None or self.max_score is None or not self.alert_level > self.max_score:
+            return []
+        return [f"the alert level {self.alert_level:.4f} is above every score of this run (top "
+                f"{self.max_score:.4f}): no connection could alert, whatever its evidence. Check that the "
+                "model was trained on this environment's traffic"]

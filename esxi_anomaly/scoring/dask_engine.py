@@ -39,9 +39,10 @@ import pyarrow.parquet as pq
 from esxi_anomaly import ingest, schema
 from esxi_anomaly.console import EXIT_INPUT
 from esxi_anomaly.features import identity
+from esxi_anomaly.features.scope import Scope, add_counts, initiators, resolvers_seen
 from esxi_anomaly.schema import Frames
-from esxi_anomaly.scoring.core import (N_SLOTS, SCORED_SUFFIX, SLOT_COLUMN, Checkpoint, RunSummary, merge_top,
-                                       score_block, source_slot, write_scored)
+from esxi_anomaly.scoring.core import (N_SLOTS, SCORED_SUFFIX, SLOT_COLUMN, Checkpoint, RunSummary, higher_score,
+                                       merge_top, model_scope, score_block, source_slot, write_scored)
 from esxi_anomaly.scoring.output import (check_output_paths, hold_output, input_files, output_format, rollup_path,
                                          work_path)
 from esxi_anomaly.scoring.write import rank_and_write
@@ -68,15 +69,17 @@ def require_distributed() -> None:
 
 # -- spill ----------------------------------------------------------------------------------
 
-def _spill(chunks: Iterator[pd.DataFrame], folder: Path, key: str) -> np.ndarray:
-    """Write each chunk, sorted by slot (stable), to folder/part-N.parquet; rows per slot."""
+def _spill(chunks: Iterator[pd.DataFrame], folder: Path, key: str, scope: Scope | None = None) -> np.ndarray:
+    """Write each chunk, sorted by slot (stable), to folder/part-N.parquet; rows per slot. With
+    `scope` (connections), the slot is that of the address each row is scored from
+    (`scope.initiators`), as in the local engine."""
     folder.mkdir(parents=True, exist_ok=True)
     counts = np.zeros(N_SLOTS, dtype="int64")
     seq = 0
     for part, chunk in enumerate(chunks):
         if not len(chunk):
             continue
-        slot = source_slot(chunk[key])
+        slot = source_slot(chunk[key] if scope is None else initiators(chunk, scope))
         order = np.argsort(slot, kind="stable")
         rows = chunk.iloc[order].reset_index(drop=True)
         rows[SLOT_COLUMN] = slot[order]
@@ -92,6 +95,12 @@ def _resolved(chunks: Iterator[pd.DataFrame], inventory: pd.DataFrame | None) ->
     """DNS chunks with host-named clients replaced by their entity's IPs (`identity.resolve_clients`)."""
     lookup = identity.Identity.from_inventory(inventory)   # built once, not per chunk
     return (identity.resolve_clients(chunk, inventory, lookup) for chunk in chunks)
+
+
+def _noting_resolvers(chunks: Iterator[pd.DataFrame], resolvers: set) -> Iterator[pd.DataFrame]:
+    for chunk in chunks:
+        resolvers.update(resolvers_seen(chunk))
+        yield chunk
 
 
 def choose_partitions(conn_counts: np.ndarray, dns_counts: np.ndarray, partitions: int | None,
@@ -124,8 +133,9 @@ def _read_range(folder: Path, lo: int, hi: int) -> pd.DataFrame | None:
 
 
 def score_partition(model, inventory: pd.DataFrame | None, suppressions: pd.DataFrame | None, work: str,
-                    partition: int, lo: int, hi: int, explain_top: int) -> dict:
-    """Score the sources of slots [lo, hi) in one block (`core.score_block`, as the local engine)."""
+                    partition: int, lo: int, hi: int, explain_top: int, scope: Scope | None = None) -> dict:
+    """Score the sources of slots [lo, hi) in one block (`core.score_block`, as the local engine),
+    the connections of `scope` (the run's: the same resolvers in every task)."""
     t0 = time.perf_counter()
     work = Path(work)
     if not (work / "conn").is_dir():
@@ -133,7 +143,8 @@ def score_partition(model, inventory: pd.DataFrame | None, suppressions: pd.Data
                                 "cluster it must be on a filesystem the workers mount at the same path")
     conns = _read_range(work / "conn", lo, hi)
     if conns is None:
-        return {"partition": partition, "rows": 0, "read": 0, "alerts": 0, "top_rows": None, "top_feats": None, "seconds": 0.0}
+        return {"partition": partition, "rows": 0, "read": 0, "alerts": 0, "max_score": None, "top_rows": None,
+                "top_feats": None, "seconds": 0.0, "counts": {}}
     conns = conns.sort_values(["ts", "event_id", _SEQ], kind="stable", ignore_index=True)
     conns = conns.drop(columns=[SLOT_COLUMN, _SEQ])
     dns = _read_range(work / "dns", lo, hi)
@@ -143,7 +154,9 @@ def score_partition(model, inventory: pd.DataFrame | None, suppressions: pd.Data
         dns = dns.sort_values(["ts", _SEQ], kind="stable", ignore_index=True).drop(columns=[SLOT_COLUMN, _SEQ])
     # Dask already runs one task per worker core: the forest scores on this task's thread only
     # (scores do not depend on the thread count)
-    rows, feats = score_block(model, Frames(conns, dns, inventory), None, suppressions, n_jobs=1)
+    counts: dict = {}
+    rows, feats = score_block(model, Frames(conns, dns, inventory), None, suppressions, n_jobs=1, scope=scope,
+                              counts=counts)
     rows["bucket"] = partition
     top = Checkpoint()
     merge_top(top, rows, feats, explain_top)
@@ -151,7 +164,9 @@ def score_partition(model, inventory: pd.DataFrame | None, suppressions: pd.Data
     out_dir.mkdir(exist_ok=True)
     write_scored(rows, out_dir / f"{partition}{SCORED_SUFFIX}")
     return {"partition": partition, "rows": len(rows), "read": len(conns), "alerts": int(rows["alert"].sum()),
-            "top_rows": top.top_rows, "top_feats": top.top_feats, "seconds": time.perf_counter() - t0}
+            "max_score": higher_score(None, rows["score"].to_numpy()),
+            "top_rows": top.top_rows, "top_feats": top.top_feats, "seconds": time.perf_counter() - t0,
+            "counts": counts}
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -174,7 +189,7 @@ def run(model, conn_paths, dns_paths, out: Path, *, inventory: pd.DataFrame | No
         context: pd.DataFrame | None = None, rollup: bool = True, quarantine: ingest.Quarantine | None = None,
         summary: ingest.ReadSummary | None = None, html_extra: dict | None = None, read_options: dict | None = None,
         progress: bool = True, scheduler=None, partitions: int | None = None, partition_rows: int = PARTITION_ROWS,
-        work: Path | None = None) -> RunSummary:
+        work: Path | None = None, output_options: dict | None = None, scope: Scope | None = None) -> RunSummary:
     """Score like `local.run` (the same arguments, the same outputs), with the per-partition work on
     a Dask cluster. `scheduler`: a scheduler address (``tcp://host:8786``), a `distributed.Client`,
     or None for a LocalCluster started (and closed) here. `partitions`: number of tasks (default: by
@@ -184,11 +199,13 @@ def run(model, conn_paths, dns_paths, out: Path, *, inventory: pd.DataFrame | No
     with hold_output(out):   # one run per output: its work folder is the output's
         check_output_paths(out, input_files(conn_paths, dns_paths), rollup)
         return _run(model, conn_paths, dns_paths, out, inventory, fmt, top, explain_top, suppressions, context,
-                    rollup, quarantine, summary, html_extra, read_options, scheduler, partitions, partition_rows, work)
+                    rollup, quarantine, summary, html_extra, read_options, scheduler, partitions, partition_rows, work,
+                    output_options or {}, scope)
 
 
 def _run(model, conn_paths, dns_paths, out: Path, inventory, fmt, top, explain_top, suppressions, context, rollup,
-         quarantine, summary, html_extra, read_options, scheduler, partitions, partition_rows, work) -> RunSummary:
+         quarantine, summary, html_extra, read_options, scheduler, partitions, partition_rows, work,
+         output_options: dict | None = None, scope: Scope | None = None) -> RunSummary:
     require_distributed()
     fmt = output_format(out, fmt)
     work = (Path(work) if work else work_path(out)).resolve()
@@ -202,13 +219,16 @@ def _run(model, conn_paths, dns_paths, out: Path, inventory, fmt, top, explain_t
     close = False
     try:
         t0 = time.perf_counter()
+        scope = scope if scope is not None else model_scope(model)
         c_counts = _spill(ingest.iter_connections(conn_paths, quarantine, summary, SPILL_CHUNK_ROWS, read_options),
-                          work / "conn", "src_ip")
+                          work / "conn", "src_ip", scope)
         stages["read+spill connections"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         # named clients (Sysmon EID 22) to their IPs before the slot is taken from them, as the local engine does
-        d_counts = _spill(_resolved(ingest.iter_dns(dns_paths, quarantine, summary, SPILL_CHUNK_ROWS), inventory),
-                          work / "dns", "client_ip")
+        resolvers: set[str] = set()   # the resolvers all the answers name, for every task's scope
+        d_counts = _spill(_noting_resolvers(_resolved(ingest.iter_dns(dns_paths, quarantine, summary, SPILL_CHUNK_ROWS),
+                                                      inventory), resolvers), work / "dns", "client_ip")
+        scope = scope.with_resolvers(sorted(resolvers))
         stages["read+spill dns"] = time.perf_counter() - t0
         result.connections, result.dns_records = int(c_counts.sum()), int(d_counts.sum())
         if not result.connections:
@@ -227,7 +247,7 @@ def _run(model, conn_paths, dns_paths, out: Path, inventory, fmt, top, explain_t
         from distributed import as_completed
 
         futures = [client.submit(score_partition, model_f, inventory_f, suppressions_f, str(work), p, lo, hi,
-                                 explain_top, pure=False)
+                                 explain_top, scope, pure=False)
                    for p, (lo, hi) in enumerate(ranges)]
         cp = Checkpoint()
         task_s = 0.0
@@ -235,8 +255,10 @@ def _run(model, conn_paths, dns_paths, out: Path, inventory, fmt, top, explain_t
             part = future.result()
             future.release()
             cp.alerts += part["alerts"]
+            cp.max_score = higher_score(cp.max_score, part["max_score"])
             cp.scored += part["read"]     # rows read; `rows`: one per connection (`features.merge`)
             cp.kept += part["rows"]
+            add_counts(cp.counts, part["counts"])
             task_s += part["seconds"]
             if part["top_rows"] is not None:
                 merge_top(cp, part["top_rows"], part["top_feats"], explain_top)
@@ -246,13 +268,19 @@ def _run(model, conn_paths, dns_paths, out: Path, inventory, fmt, top, explain_t
         if cp.scored != result.connections:
             raise RuntimeError(f"scored {cp.scored} of {result.connections} connections")
         result.connections_merged = cp.kept
+        result.add_scope(cp.counts, model.history_days_)
+        result.scope = scope.record()
+        if html_extra:   # as the local engine gives it
+            html_extra = {**html_extra, "summary": {**html_extra.get("summary", {}), **result.report_summary()}}
 
         t0 = time.perf_counter()
         result.written, result.entities = rank_and_write(
             model, work, cp, out, fmt, top, explain_top, html_extra or {}, context,
-            rollup_out=rollup_path(out) if rollup else None, stages=stages, expect_rows=cp.kept)
+            rollup_out=rollup_path(out) if rollup else None, stages=stages, expect_rows=cp.kept, summary=result,
+            **(output_options or {}))
         stages["rank+write"] = time.perf_counter() - t0
         result.alerts = cp.alerts
+        result.max_score, result.alert_level = cp.max_score, model.threshold_
         result.quarantined = len(quarantine)
         result.partitions = len(ranges)
         return result

@@ -44,12 +44,13 @@ from esxi_anomaly.atomic import atomic_path
 from esxi_anomaly.console import log
 from esxi_anomaly.features import identity
 from esxi_anomaly.features.merge import connection_groups
+from esxi_anomaly.features.scope import Scope, add_counts, initiators, resolvers_seen
 from esxi_anomaly.features.stream_state import StreamState
 from esxi_anomaly.schema import Frames
 from esxi_anomaly.scoring.core import (CHECKPOINT_VERSION, N_SLOTS, SCORED_SUFFIX, SLOT_COLUMN, Checkpoint,
-                                       RunSummary, assign_partitions, bucket_groups, chunk_bounds, lap,
-                                       load_checkpoint, merge_top, save_checkpoint, score_block, source_slot,
-                                       write_scored)
+                                       RunSummary, assign_partitions, bucket_groups, chunk_bounds, higher_score, lap,
+                                       load_checkpoint, merge_top, model_scope, save_checkpoint, score_block,
+                                       source_slot, write_scored)
 from esxi_anomaly.scoring.output import (ResumeRefused, check_fingerprint, check_output_paths, hold_output,
                                          input_files, output_format, remove_stale_temps, rollup_path,
                                          run_fingerprint, work_path)
@@ -139,7 +140,7 @@ class Progress:
 # -- pass 1: spill ------------------------------------------------------------------------
 
 def _spill(chunks: Iterator[pd.DataFrame], folder: Path, bucket_s: int, key: str,
-           file_index: int = 0) -> tuple[dict[int, int], np.ndarray]:
+           file_index: int = 0, scope: Scope | None = None) -> tuple[dict[int, int], np.ndarray]:
     """Write the chunks of input file `file_index` into folder/<bucket>/part-<file_index>-<n>.arrow
     (Arrow IPC: written and mapped back much faster than Parquet encodes), each row with its source
     slot (`core.SLOT_COLUMN`); returns rows per bucket and per slot."""
@@ -152,7 +153,9 @@ def _spill(chunks: Iterator[pd.DataFrame], folder: Path, bucket_s: int, key: str
             continue
         bucket = np.floor(chunk["ts"].to_numpy(dtype="float64") / bucket_s)
         bucket = np.nan_to_num(bucket, nan=-1).astype("int64")  # rows without time go first
-        slot = source_slot(chunk[key])
+        # connections: the slot of the address each is scored from (`scope.initiators`: a flow recorded
+        # backwards goes with its initiator's other connections and DNS answers)
+        slot = source_slot(chunk[key] if scope is None else initiators(chunk, scope))
         slots += np.bincount(slot, minlength=N_SLOTS)
         table = pa.Table.from_pandas(chunk, preserve_index=False).append_column(SLOT_COLUMN, pa.array(slot))
         if (np.diff(bucket) < 0).any():   # logs are mostly in time order: then slices need no copy
@@ -180,10 +183,20 @@ def spill_file(env: dict, path: str, explicit: bool, frame: str, folder: Path, b
         chunks = ingest.iter_file(path, frame, explicit, quarantine, summary, chunk_rows, options)
         if frame == "dns_answers":   # named clients to their IPs before the slot is taken from them
             chunks = (identity.resolve_clients(c, env.get("inventory")) for c in chunks)
-        counts, slots = _spill(chunks, folder, bucket_s, key, file_index)
+        resolvers: set[str] = set()
+        if frame == "dns_answers":   # the resolvers the answers name: lookups to them are out of scope
+            chunks = (_noting_resolvers(c, resolvers) for c in chunks)
+        counts, slots = _spill(chunks, folder, bucket_s, key, file_index,
+                               env.get("scope") if frame == "connections" else None)
     except ingest.IngestError as exc:
         return {"error": str(exc)}
-    return {"counts": counts, "slots": slots, "quarantine": quarantine, "summary": summary}
+    return {"counts": counts, "slots": slots, "quarantine": quarantine, "summary": summary,
+            "resolvers": sorted(resolvers)}
+
+
+def _noting_resolvers(chunk: pd.DataFrame, resolvers: set) -> pd.DataFrame:
+    resolvers.update(resolvers_seen(chunk))
+    return chunk
 
 
 def _read_bucket(folder: Path, b: int, part_of: np.ndarray | None, partition: int) -> pa.Table | None:
@@ -258,7 +271,7 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
                               part_of, partition)
             chunk = Frames(conns.iloc[lo:hi].reset_index(drop=True), dns, inventory)
             t = lap(stages, "score: read buckets", t)
-            rows, feats = score_block(model, chunk, cp.state, suppressions, n_jobs, stages)
+            rows, feats = score_block(model, chunk, cp.state, suppressions, n_jobs, stages, plan["scope"], cp.counts)
             cp.state.dns_owned_until = end
             rows["bucket"] = group[0] * n_parts + partition
             t = time.perf_counter()
@@ -272,6 +285,7 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
         # text columns have no string type): it adds nothing
         scored = pd.concat([p for p in pieces if len(p)] or pieces[:1], ignore_index=True)
         cp.alerts += int(scored["alert"].sum())
+        cp.max_score = higher_score(cp.max_score, scored["score"].to_numpy())
         name = f"{group[0] * n_parts + partition}{SCORED_SUFFIX}"
         write_scored(scored, out_dir / name)
         cp.files[name] = len(scored)
@@ -318,14 +332,16 @@ def run(model, conn_paths, dns_paths, out: Path, *, inventory: pd.DataFrame | No
         summary: ingest.ReadSummary | None = None, html_extra: dict | None = None, read_options: dict | None = None,
         progress: bool = True, chunk_rows: int = 500_000, work: Path | None = None, resume: bool = False,
         bucket_s: int = BUCKET_S, workers: int = 1, pool: WorkerPool | None = None,
-        model_id: str | None = None) -> RunSummary:
+        model_id: str | None = None, scope: Scope | None = None, output_options: dict | None = None) -> RunSummary:
     """Score `conn_paths` against `dns_paths` into `out` (ranked rows); with `rollup`, the per-entity
     roll-up of every scored connection goes to `rollup_path(out)` as well. `workers`: processes
     reading the inputs and scoring partitions of the sources (1: all in this process;
     `workers.default_workers()`: every usable core), or a started `pool` of them (the caller closes
     it); the output does not depend on either. A resumed run keeps its first run's partitions,
     whatever its workers or chunk_rows, and refuses a work folder of other inputs, model
-    (`model_id`: the bundle's identity; else a digest of `model`) or options.
+    (`model_id`: the bundle's identity; else a digest of `model`) or options. `scope`: the
+    connections scored (`features.scope`; None: the model's), with the resolvers all the DNS answers
+    name.
 
     The output is locked for the run (`hold_output`) and checked before any input is read; a
     failed run removes its work folder, unless it can be resumed (interrupted, a worker killed).
@@ -340,7 +356,7 @@ def run(model, conn_paths, dns_paths, out: Path, *, inventory: pd.DataFrame | No
         try:
             result = _run(model, conn_paths, dns_paths, inventory, out, fmt, top, chunk_rows, explain_top, work,
                           resume, progress, quarantine, summary, html_extra, bucket_s, suppressions, context,
-                          rollup, workers, pool, model_id, read_options or {})
+                          rollup, workers, pool, model_id, read_options or {}, scope, output_options or {})
         except BaseException as exc:
             if _resumable(exc, work):
                 if not isinstance(exc, ResumeRefused):
@@ -355,7 +371,7 @@ def run(model, conn_paths, dns_paths, out: Path, *, inventory: pd.DataFrame | No
 def _run(model, conn_paths, dns_paths, inventory, out: Path, fmt: str, top, chunk_rows: int, explain_top: int,
          work: Path, resume: bool, progress: bool, quarantine, summary, html_extra, bucket_s: int, suppressions,
          context, rollup: bool, workers: int, pool: WorkerPool | None, model_id: str | None,
-         read_options: dict) -> RunSummary:
+         read_options: dict, scope: Scope | None = None, output_options: dict | None = None) -> RunSummary:
     run_summary = RunSummary()
     stages = run_summary.stages_s
     spilled = work / "spill.json"
@@ -363,9 +379,11 @@ def _run(model, conn_paths, dns_paths, inventory, out: Path, fmt: str, top, chun
     if resume and not resuming:
         log(f"nothing to resume in {work}: scoring from the start")
     model_id = model_id or hashlib.sha256(pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL)).hexdigest()
+    scope = scope if scope is not None else model_scope(model)
     fingerprint = run_fingerprint(model_id, conn_paths, dns_paths, inventory, context, suppressions,
                                   {"--top": top, "--format": fmt, "explain_top": explain_top, "bucket_s": bucket_s,
-                                   "roll-up": rollup, **{f"--{k.replace('_', '-')}": v for k, v in read_options.items()}},
+                                   "roll-up": rollup, "scope": scope.record(),
+                                   **{f"--{k.replace('_', '-')}": v for k, v in read_options.items()}},
                                   out)
     if resuming:
         check_fingerprint(work, fingerprint)
@@ -375,15 +393,15 @@ def _run(model, conn_paths, dns_paths, inventory, out: Path, fmt: str, top, chun
     workers = len(pool) if pool is not None else 1
     try:
         if pool is not None:
-            pool.broadcast(_setup_worker, model, inventory)
+            pool.broadcast(_setup_worker, model, inventory, scope)
         if resuming:
             meta = json.loads(spilled.read_text())
             run_summary.connections, run_summary.dns_records = meta["connections"], meta["dns_records"]
             _restore_reads(work / "reads.json", quarantine, summary)
         else:
             meta = _spill_inputs(conn_paths, dns_paths, work, bucket_s, chunk_rows, workers, quarantine, summary,
-                                 stages, run_summary, pool, fingerprint, inventory, read_options)
-        plan = _plan(meta, work, chunk_rows, explain_top, suppressions)
+                                 stages, run_summary, pool, fingerprint, inventory, read_options, scope)
+        plan = _plan(meta, work, chunk_rows, explain_top, suppressions, scope)
         if resuming:
             run_summary.chunks_resumed = _check_checkpoints(work, plan["partitions"])
         bar = Progress(run_summary.connections, "scoring", enabled=progress)
@@ -400,8 +418,10 @@ def _run(model, conn_paths, dns_paths, inventory, out: Path, fmt: str, top, chun
         cp = Checkpoint()
         for part_cp, part_stages in parts:   # sub-stages: mean seconds per partition
             cp.alerts += part_cp.alerts
+            cp.max_score = higher_score(cp.max_score, part_cp.max_score)
             cp.scored += part_cp.scored
             cp.kept += part_cp.kept
+            add_counts(cp.counts, part_cp.counts)
             if part_cp.top_rows is not None:
                 merge_top(cp, part_cp.top_rows, part_cp.top_feats, explain_top)
             for name, seconds in part_stages.items():
@@ -409,31 +429,35 @@ def _run(model, conn_paths, dns_paths, inventory, out: Path, fmt: str, top, chun
         if cp.scored != run_summary.connections:
             raise RuntimeError(f"scored {cp.scored} of {run_summary.connections} connections")
         run_summary.connections_merged = cp.kept
+        run_summary.add_scope(cp.counts, model.history_days_)
+        run_summary.scope = plan["scope"].record()
         t0 = time.perf_counter()
         if html_extra:
-            html_extra = {**html_extra, "summary": {**html_extra.get("summary", {}),
-                                                    "connections": run_summary.connections}}
+            html_extra = {**html_extra, "summary": {**html_extra.get("summary", {}), **run_summary.report_summary()}}
         run_summary.written, run_summary.entities = rank_and_write(
             model, work, cp, out, fmt, top, explain_top, html_extra or {}, context,
             rollup_out=rollup_path(out) if rollup else None, stages=stages, pool=pool,
-            expect_rows=cp.kept)
+            expect_rows=cp.kept, summary=run_summary, **(output_options or {}))
         stages["rank+write"] = time.perf_counter() - t0
     finally:
         if own_pool:
             pool.close()
     run_summary.alerts = cp.alerts
+    run_summary.max_score, run_summary.alert_level = cp.max_score, model.threshold_
     run_summary.quarantined = len(quarantine)
     run_summary.partitions = plan["partitions"]
     return run_summary
 
 
-def _setup_worker(env: dict, model, inventory: pd.DataFrame | None, progress=None) -> None:
-    env.update(model=model, inventory=inventory, worker=True)
+def _setup_worker(env: dict, model, inventory: pd.DataFrame | None, scope: Scope | None = None,
+                  progress=None) -> None:
+    env.update(model=model, inventory=inventory, scope=scope, worker=True)
 
 
 def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: int, partitions: int,
                   quarantine, summary, stages: dict, run_summary: RunSummary, pool: WorkerPool | None,
-                  fingerprint: dict, inventory: pd.DataFrame | None = None, read_options: dict | None = None) -> dict:
+                  fingerprint: dict, inventory: pd.DataFrame | None = None, read_options: dict | None = None,
+                  scope: Scope | None = None) -> dict:
     """Pass 1 into a fresh `work` folder, one job per input file (spread over the workers); returns
     (and writes, last, as work/spill.json) its record: rows per bucket and the partition of every
     source slot. The run's fingerprint, quarantine and read summary are kept beside it for --resume."""
@@ -448,9 +472,10 @@ def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: 
     jobs = [(path, explicit, frame, folder, bucket_s, key, index, read_rows, read_options)
             for index, (path, explicit, frame, folder, key) in enumerate(files)]
     results = (pool.map(spill_file, jobs) if pool is not None
-               else [spill_file({"inventory": inventory}, *job) for job in jobs])
+               else [spill_file({"inventory": inventory, "scope": scope}, *job) for job in jobs])
     stages["read+spill"] = time.perf_counter() - t0
     counts = {"connections": {}, "dns_answers": {}}
+    resolvers = sorted({ip for result in results if "error" not in result for ip in result["resolvers"]})
     slots = {"connections": np.zeros(N_SLOTS, dtype="int64"), "dns_answers": np.zeros(N_SLOTS, dtype="int64")}
     spill_quarantine, spill_files = ingest.Quarantine(), []
     for (_path, _explicit, frame, *_), result in zip(files, results):   # in file order, as one reader would
@@ -474,7 +499,7 @@ def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: 
     np.save(work / "partitions.npy", part_of, allow_pickle=False)
     _save_reads(work / "reads.json", spill_quarantine, spill_files, [result["summary"] for result in results])
     meta = {"version": CHECKPOINT_VERSION, "bucket_s": bucket_s, "connections": run_summary.connections,
-            "dns_records": run_summary.dns_records, "partitions": int(part_of.max()) + 1,
+            "dns_records": run_summary.dns_records, "partitions": int(part_of.max()) + 1, "resolvers": resolvers,
             "conn_buckets": {str(k): v for k, v in counts["connections"].items()}}
     with atomic_path(work / "spill.json") as tmp:
         Path(tmp).write_text(json.dumps(meta))
@@ -482,8 +507,10 @@ def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: 
     return meta
 
 
-def _plan(meta: dict, work: Path, chunk_rows: int, explain_top: int, suppressions: pd.DataFrame | None) -> dict:
-    """What every partition's `score_partition` needs to know of the run."""
+def _plan(meta: dict, work: Path, chunk_rows: int, explain_top: int, suppressions: pd.DataFrame | None,
+          scope: Scope) -> dict:
+    """What every partition's `score_partition` needs to know of the run: `scope` with the resolvers
+    the spill found in the DNS answers, the same for every chunk."""
     if meta.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{work}: work folder from another version; rerun without --resume")
     # bucket groups (`score_partition`) of about chunk_rows connections in all, whatever the
@@ -492,7 +519,7 @@ def _plan(meta: dict, work: Path, chunk_rows: int, explain_top: int, suppression
             "partitions": int(meta["partitions"]),
             "part_of": np.load(work / "partitions.npy", allow_pickle=False),
             "conn_buckets": {int(k): v for k, v in meta["conn_buckets"].items()},
-            "suppressions": suppressions}
+            "suppressions": suppressions, "scope": scope.with_resolvers(meta["resolvers"])}
 
 
 def _scored_rows(path: Path) -> int:

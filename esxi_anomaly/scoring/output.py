@@ -27,6 +27,7 @@ except ImportError:   # not POSIX: the lock falls back to its owner's pid
     fcntl = None
 
 ROLLUP_SUFFIX = ".entities.csv"
+INCIDENTS_SUFFIX = ".incidents.csv"
 
 
 def output_format(path: Path, fmt: str | None) -> str:
@@ -43,6 +44,12 @@ def rollup_path(out: Path) -> Path:
     """Where `score --out X.<ext>` writes its entity roll-up: X.entities.csv (any output format)."""
     out = Path(out)
     return out.with_name(out.stem + ROLLUP_SUFFIX)
+
+
+def incidents_path(out: Path) -> Path:
+    """Where `score --out X.<ext>` writes its incidents: X.incidents.csv (any output format)."""
+    out = Path(out)
+    return out.with_name(out.stem + INCIDENTS_SUFFIX)
 
 
 class OutputBusy(RuntimeError):
@@ -178,10 +185,11 @@ def input_files(*path_lists) -> list[Path]:
 
 def check_output_paths(out: Path, inputs: list[Path], rollup: bool = True) -> None:
     """Refuse, before any input is read, an output that cannot be written or would destroy an
-    input: `out`, its roll-up, quarantine, lock and work paths must not be folders (the work path:
-    not a file), nor any input file (same resolved path or inode), and their folder must be writable."""
+    input: `out`, its roll-up and incidents, quarantine, lock and work paths must not be folders (the
+    work path: not a file), nor any input file (same resolved path or inode), and their folder must
+    be writable. `rollup`: the run writes the roll-up and incidents beside `out`."""
     out = Path(out)
-    targets = [out, quarantine_path(out), lock_path(out)] + ([rollup_path(out)] if rollup else [])
+    targets = [out, quarantine_path(out), lock_path(out)] + ([rollup_path(out), incidents_path(out)] if rollup else [])
     seen = set()
     for p in inputs:
         try:
@@ -211,7 +219,7 @@ def remove_stale_temps(out: Path, work: Path) -> None:
     """Temp files a killed run of this output left (`atomic_path` staging: `.<name>.<hex>.tmp`);
     only called while holding the output's lock, so none of them is being written."""
     out = Path(out)
-    for name in (out.name, rollup_path(out).name, quarantine_path(out).name):
+    for name in (out.name, rollup_path(out).name, incidents_path(out).name, quarantine_path(out).name):
         for path in out.parent.glob(f".{glob.escape(name)}.*.tmp"):
             if _STAGING.search(path.name):
                 path.unlink(missing_ok=True)
@@ -228,8 +236,8 @@ def _file_stats(paths, own: Path | None = None) -> list:
     """[resolved path, size, mtime_ns] of each input file, leaving out the run's own files (`own`:
     the output; an input folder may hold it, its lock and its work folder)."""
     out = []
-    mine = set() if own is None else {str(p.resolve()) for p in (Path(own), rollup_path(own), lock_path(own),
-                                                                  quarantine_path(own))}
+    mine = set() if own is None else {str(p.resolve()) for p in (Path(own), rollup_path(own), incidents_path(own),
+                                                                  lock_path(own), quarantine_path(own))}
     work = () if own is None else (str(work_path(own).resolve()) + os.sep,)
     for path, _explicit in ingest.list_files(paths) if paths else []:
         if str(Path(path).resolve()) in mine or (work and str(Path(path).resolve()).startswith(work)):

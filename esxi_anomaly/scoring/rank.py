@@ -23,11 +23,35 @@ SENTENCE_COLUMNS = ["dst_port", "dst_ip", "src_name", "rules", "query", "transfo
                     "seen_by", *explain.SENTENCE_ONLY]
 
 
-def rank_order(score, event_id) -> np.ndarray:
-    """Positions in rank order (`schema.RANK_ORDER`: score descending, then event_id ascending), the
+def rank_keys(rows) -> pa.Table:
+    """The columns of `schema.RANK_KEYS` of `rows` (an Arrow table or a pandas frame) as a table."""
+    if isinstance(rows, pa.Table):
+        return rows.select(list(schema.RANK_KEYS))
+    return pa.table({k: pa.array(rows[k].to_numpy() if k != "event_id" else rows[k].array)
+                     for k in schema.RANK_KEYS})
+
+
+def rank_order(rows) -> np.ndarray:
+    """Positions in rank order (`schema.RANK_ORDER`: alerts first, then score descending, then
+    event_id ascending) of `rows` (an Arrow table or a pandas frame holding `schema.RANK_KEYS`), the
     ranking everywhere. Stable: equal keys keep their order."""
-    keys = pa.table({"score": pa.array(score), "event_id": pa.array(event_id)})
-    return pc.sort_indices(keys, sort_keys=list(schema.RANK_ORDER)).to_numpy()
+    return pc.sort_indices(rank_keys(rows), sort_keys=list(schema.RANK_ORDER)).to_numpy()
+
+
+def top_positions(rows, k: int) -> np.ndarray:
+    """Positions (ascending) of the rows that can be among the first `k` in rank order, ties with the
+    k-th kept: a selection in linear time (Arrow's select_k), not a sort of all rows."""
+    keys = rank_keys(rows)
+    if keys.num_rows <= k or k <= 0:
+        return np.arange(keys.num_rows)
+    chosen = pc.select_k_unstable(keys, k, sort_keys=list(schema.RANK_ORDER)).to_numpy()
+    last = keys.take(pa.array(chosen[rank_order(keys.take(pa.array(chosen)))[-1:]]))   # the k-th row
+    tied = np.ones(keys.num_rows, dtype=bool)
+    for name in schema.RANK_KEYS:
+        tied &= pc.fill_null(pc.equal(keys[name], last[name][0]), False).to_numpy(zero_copy_only=False)
+    keep = np.zeros(keys.num_rows, dtype=bool)
+    keep[chosen] = True
+    return np.flatnonzero(keep | tied)
 
 
 def ranked_block(model, block: pa.Table, ranks: np.ndarray, explain_top: int, attribution: Mapping[str, str],
@@ -61,7 +85,7 @@ def ranked_frame(model, rows: pd.DataFrame, feats: pd.DataFrame, top: int | None
     """Scored rows of one batch (`model.score_rows`; `feats` row-aligned) ranked in memory: sorted
     (`rank_order`), the first `top` kept (all when None), explained and attributed by
     `ranked_block`, as the engines write them."""
-    order = rank_order(rows["score"].to_numpy(), rows["event_id"].array)
+    order = rank_order(rows)
     if top is not None:
         order = order[:top]
     first = order[:min(explain_top, len(order))]

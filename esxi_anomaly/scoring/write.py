@@ -1,5 +1,6 @@
 """Rank and write: every scored row of a run ranked, the output written block by block in rank
-order (CSV, JSON lines, Parquet, HTML through `report/`), and the per-entity roll-up of all rows.
+order (CSV, JSON lines, Parquet, HTML through `report/`), the per-entity roll-up and the incidents
+of all rows, and the alert budget (it sees every scored row before they are ranked).
 
 Each block of output rows is made by `rank.ranked_block`, as `model.score` makes its rows. The
 scored files (`core.write_scored`) are memory-mapped and read in file order, so ranking
@@ -13,24 +14,32 @@ import mmap
 import os
 import time
 from collections import deque
+from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from esxi_anomaly import schema
 from esxi_anomaly.atomic import atomic_path
+from esxi_anomaly.console import log
 from esxi_anomaly.report import csv as report_csv, ecs as report_ecs, html as report_html
+from esxi_anomaly.report.incidents import INCIDENTS, StreamingIncidents
 from esxi_anomaly.report.rollup import StreamingRollup
 from esxi_anomaly.scoring.core import Checkpoint, lap, scored_paths
+from esxi_anomaly.scoring.output import incidents_path
 from esxi_anomaly.scoring.rank import explanations, rank_order, ranked_block
 from esxi_anomaly.scoring.workers import WorkerPool, release_free_memory
 
 WRITE_BLOCK = 100_000
 WRITE_THREADS = 2              # output blocks prepared concurrently (2-core machines and up)
 HTML_DEFAULT_TOP = 2000
+HTML_INCIDENTS = 500           # incidents the HTML report's table holds (all are in the incidents CSV)
+HISTOGRAM_BINS = 50            # the HTML report's score histogram, over every scored row
 
 
 
@@ -64,51 +73,157 @@ class ScoredFiles(dict):
         self.release(bucket)
         return out
 
-    def add_each_to(self, rollup) -> None:
+    def add_each_to(self, sinks, held: np.ndarray | None = None) -> None:
+        """Each file's rows to every sink (`StreamingRollup`, `StreamingIncidents`), in file order;
+        `held`: the rows (positions in that order) whose alert the alert budget held back."""
+        start = 0
         for bucket, table in self.items():
-            rollup.add(table)
+            part = None if held is None else held[start:start + table.num_rows]
+            for sink in sinks:
+                sink.add(table, part)
+            start += table.num_rows
             self.release(bucket)
+
+
+def alert_budget_held(keys: pa.Table, budget: int | None) -> np.ndarray | None:
+    """The rows (positions of `keys`: `schema.RANK_KEYS` and `ts`) whose alert the budget holds back:
+    per UTC day of `ts`, the alerts after the first `budget` in rank order. None without a budget."""
+    if budget is None:
+        return None
+    alert = keys["alert"].to_numpy().astype(bool)
+    held = np.zeros(len(alert), dtype=bool)
+    if not alert.any():
+        return held
+    order = rank_order(keys)
+    alerts = order[alert[order]]                      # the alerts, best first
+    day = np.floor(keys["ts"].to_numpy()[alerts] / 86400.0)
+    nth = pd.Series(np.nan_to_num(day, nan=-1.0)).groupby(np.nan_to_num(day, nan=-1.0)).cumcount().to_numpy()
+    held[alerts[nth >= budget]] = True
+    return held
+
+
+def budget_note(budget: int | None) -> str:
+    """What a held-back row's explanation says."""
+    return f"; not an alert: over the alert budget of {budget:,} a day (--alert-budget)"
 
 
 def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: int | None,
                    explain_top: int, html_extra: dict, context: pd.DataFrame | None = None, *,
                    rollup_out: Path | None = None, stages: dict | None = None,
-                   pool: WorkerPool | None = None, expect_rows: int | None = None) -> tuple[int, int]:
+                   pool: WorkerPool | None = None, expect_rows: int | None = None,
+                   alerts_only: bool = False, alert_budget: int | None = None, incidents: bool = False,
+                   summary=None) -> tuple[int, int]:
     """Rank every scored row, write the first `top` (all when None) to `out`; with `rollup_out`, also
-    the per-entity roll-up of *all* scored rows (not only the `top`) as formula-safe CSV there.
+    the per-entity roll-up of *all* scored rows (not only the `top`) as formula-safe CSV there, and
+    their incidents (`report.incidents`) to `output.incidents_path(out)`.
+    `alert_budget`: at most that many alerts a UTC day, the best ranked; the others stay in the
+    ranking as non-alerts, saying so (`cp.alerts` is lowered). `alerts_only`: only alerts written
+    (rows, or incidents). `incidents`: `out` holds one ECS document per incident instead of rows
+    (`fmt` jsonl). `summary` (a `RunSummary`, optional) gets `incidents` and `alerts_held_back`.
     Explanation sentences are built here, block by block, for the rows written only: by the
-    `pool`'s workers for CSV when there is one, else on threads. Both files are written
-    atomically, the output last, and only when it holds every row it should (`expect_rows`: the
-    rows scored; the rows of the output blocks are counted). Returns (rows written, entities in the
-    roll-up)."""
+    `pool`'s workers for CSV when there is one, else on threads. The files are written
+    atomically, all or none, the output last, and only when it holds every row it should
+    (`expect_rows`: the rows scored; the rows of the output blocks are counted). Returns (rows
+    written (incidents with `incidents`), entities in the roll-up)."""
+    if incidents and fmt != "jsonl":
+        raise ValueError(f"incidents as the output are ECS documents (jsonl), not {fmt}")
     stages = {} if stages is None else stages
     t = time.perf_counter()
     tables = ScoredFiles(scored_paths(work))
-    keys = pa.concat_tables([tables[b].select(["score", "event_id", "bucket", "row"]) for b in tables])
+    key_names = [*schema.RANK_KEYS, "bucket", "row"] + (["ts"] if alert_budget is not None else [])
+    keys = pa.concat_tables([tables[b].select(key_names) for b in tables])
     if expect_rows is not None and keys.num_rows != expect_rows:
         raise RuntimeError(f"{work}: the scored files hold {keys.num_rows:,} rows, not the {expect_rows:,} "
                            "connections scored; nothing was written")
+    held = alert_budget_held(keys, alert_budget)
+    held_back = int(held.sum()) if held is not None else 0
+    if held_back:
+        keys = keys.set_column(keys.schema.get_field_index("alert"), "alert",
+                               pa.array(keys["alert"].to_numpy().astype(bool) & ~held))
+        log(f"alert budget {alert_budget:,} a day: {held_back:,} alerts held back (ranked as non-alerts)")
+    cp.alerts -= held_back
+    final_alert = keys["alert"].to_numpy().astype(bool)
+    histogram = np.histogram(np.clip(keys["score"].to_numpy(), 0.0, 1.0), bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
     t = lap(stages, "rank+write: read keys", t)
+    note = budget_note(alert_budget) if held_back else ""
+    held = held if held_back else None
     threads = ThreadPoolExecutor(max_workers=WRITE_THREADS)   # Arrow kernels release the GIL
     try:
         rollup = StreamingRollup() if rollup_out is not None else None
-        counted = threads.submit(tables.add_each_to, rollup) if rollup is not None else None
+        grouped = StreamingIncidents() if rollup_out is not None or incidents else None
+        sinks = [s for s in (rollup, grouped) if s is not None]
+        counted = threads.submit(tables.add_each_to, sinks, held) if sinks else None
         attributed = threads.submit(model.detector_.attributions, cp.top_feats)   # while the rows are ranked
-        full_order = rank_order(keys["score"].combine_chunks(), keys["event_id"].combine_chunks())
+        full_order = rank_order(keys.select(list(schema.RANK_KEYS)))
         bucket, row = (_narrow(keys[c].to_numpy()) for c in ("bucket", "row"))   # held to the end
         del keys
         if counted is not None:
-            counted.result()  # the roll-up has read every file: their pages can go
+            counted.result()  # the summaries have read every file: their pages can go
         tables.release()
         release_free_memory()   # the sort's temporaries: this process holds the order alone from here
         if fmt == "html" and top is None:
             top = HTML_DEFAULT_TOP
-        order = full_order[:top] if top is not None else full_order
+        order = full_order[final_alert[full_order]] if alerts_only else full_order   # alerts rank first
+        order = order[:top] if top is not None else order
         attribution = dict(zip(cp.top_rows["event_id"], attributed.result()))
         t = lap(stages, "rank+write: rank + attributions", t)
 
+        def rows_at(idx: np.ndarray) -> pd.DataFrame:
+            table = _gather(tables, bucket[idx], row[idx])
+            rows = table.to_pandas()
+            rows["explanation"] = explanations(model, table, context).array
+            if held is not None:
+                _hold_back_frame(rows, held[idx], note)
+            return rows
+
+        def values_at(idx: np.ndarray) -> pa.Table:
+            return _gather(tables, bucket[idx], row[idx], ["event_id", "dst_port"])
+
         block_frames = []
-        with atomic_path(out) as tmp:
+        with ExitStack() as staged:   # every file staged; moved into place together, the output last
+            tmp = staged.enter_context(atomic_path(out))
+            entities, shown_incidents, counted_incidents, documents = 0, [], 0, 0
+            html_extra = dict(html_extra)
+            if rollup is not None:
+                entity_frame = rollup.finish(full_order, rows_at)
+                with open(staged.enter_context(atomic_path(rollup_out)), "wb") as fh:
+                    report_csv.write_frame_csv(entity_frame, fh)
+                entities = len(entity_frame)
+                if fmt == "html":
+                    html_extra["rollup"] = entity_frame
+                t = lap(stages, "rank+write: entity roll-up", t)
+            if grouped is not None:
+                incidents_fh = open(staged.enter_context(atomic_path(incidents_path(out))), "wb") \
+                    if rollup_out is not None else None
+                ecs_fh = open(tmp, "w", encoding="utf-8", newline="") if incidents else None
+                try:
+                    for block in grouped.finish(full_order, rows_at, values_at):
+                        if incidents_fh is not None:
+                            report_csv.write_frame_csv(block[list(INCIDENTS)], incidents_fh,
+                                                       header=counted_incidents == 0)
+                        counted_incidents += len(block)
+                        if ecs_fh is not None:
+                            for record in report_ecs.incident_records(block[block["alert"]] if alerts_only else block):
+                                ecs_fh.write(json.dumps(record, ensure_ascii=True) + "\n")
+                                documents += 1
+                        if fmt == "html" and sum(map(len, shown_incidents)) < HTML_INCIDENTS:
+                            shown_incidents.append(block.head(HTML_INCIDENTS))
+                    if incidents_fh is not None and not counted_incidents:
+                        report_csv.write_frame_csv(pd.DataFrame(columns=list(INCIDENTS)), incidents_fh)
+                finally:
+                    for fh in (incidents_fh, ecs_fh):
+                        if fh is not None:
+                            fh.close()
+                if summary is not None:
+                    summary.incidents = counted_incidents if rollup_out is not None else 0
+                if fmt == "html":
+                    html_extra["incidents"] = pd.concat(shown_incidents, ignore_index=True).head(HTML_INCIDENTS) \
+                        if shown_incidents else None
+                t = lap(stages, "rank+write: incidents", t)
+            if summary is not None:
+                summary.alerts_held_back = held_back
+            if incidents:   # the output is the incidents: no rows
+                return documents, entities
             writer = BlockWriter(tmp, fmt)
 
             flushing: list = []
@@ -130,16 +245,17 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                 tables.release()  # the block's gathered pages are written out
 
             def block(start: int) -> tuple:
-                """Block `start`'s arguments: its first rank - 1 and the (file, row) of each of its rows."""
+                """Block `start`'s arguments: its first rank - 1, the (file, row) of each of its rows and
+                which of them the alert budget held back (None: none)."""
                 idx = order[start:start + WRITE_BLOCK]
-                return start, bucket[idx], row[idx]
+                return start, bucket[idx], row[idx], None if held is None else held[idx]
 
             starts = range(0, len(order), WRITE_BLOCK)
             if fmt == "csv" and pool is not None and len(starts) > 1:
-                _write_blocks_on_workers(pool, work, block, starts, explain_top, attribution, context, write)
+                _write_blocks_on_workers(pool, work, block, starts, explain_top, attribution, context, write, note)
             else:
                 rank_env = {"model": model, "tables": tables, "explain_top": explain_top,
-                            "attribution": attribution, "context": context}
+                            "attribution": attribution, "context": context, "note": note}
                 pending: deque = deque()
                 for start in starts:
                     pending.append(threads.submit(_block_output, rank_env, fmt, *block(start)))
@@ -151,38 +267,40 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                 flush.result()
             if fmt == "html":
                 ranked = pd.concat(block_frames, ignore_index=True) if block_frames else pd.DataFrame()
-                report_html.write_html(ranked, tmp, **html_extra)
+                report_html.write_html(ranked, tmp, score_histogram=histogram.tolist(),
+                                       alert_level=float(model.threshold_), **html_extra)
             writer.close()
             if writer.rows != len(order):
                 raise RuntimeError(f"{out}: {writer.rows:,} rows were written of {len(order):,}; "
                                    "the output was not replaced")
             written = len(order)
             tables.release()
-            t = lap(stages, f"rank+write: gather+explain+write {fmt}", t)
-            entities = _write_rollup(model, tables, rollup, full_order, bucket, row, context, rollup_out)
-            if rollup is not None:
-                lap(stages, "rank+write: entity roll-up", t)
+            lap(stages, f"rank+write: gather+explain+write {fmt}", t)
     finally:
         threads.shutdown(wait=True, cancel_futures=True)
     return written, entities
 
 
-def _write_rollup(model, tables, rollup, full_order: np.ndarray, bucket: np.ndarray, row: np.ndarray,
-                  context: pd.DataFrame | None, rollup_out: Path | None) -> int:
-    """Write the entity roll-up of every scored row (before the output is moved into place: a run
-    that fails here leaves the old output whole); returns its rows (0: none asked for)."""
-    if rollup is None:
-        return 0
+def _hold_back_frame(rows: pd.DataFrame, held: np.ndarray, note: str) -> None:
+    """Rows the alert budget held back: not alerts, and their explanation says why (in place)."""
+    if not held.any():
+        return
+    rows.loc[held, "alert"] = False
+    rows.loc[held, "explanation"] = rows.loc[held, "explanation"].astype(str) + note
 
-    def rows_at(idx: np.ndarray) -> pd.DataFrame:
-        table = _gather(tables, bucket[idx], row[idx])
-        rows = table.to_pandas()
-        rows["explanation"] = explanations(model, table, context).array
-        return rows
 
-    entities = rollup.finish(full_order, rows_at)
-    report_csv.write_entity_rollup_csv(entities, rollup_out)
-    return len(entities)
+def _hold_back(ranked: pa.Table, held: np.ndarray, note: str) -> pa.Table:
+    """`_hold_back_frame` on an output block (Arrow; `held` row-aligned)."""
+    if held is None or not held.any():
+        return ranked
+    mask = pa.array(held)
+    alert = pc.and_(ranked["alert"], pc.invert(mask))
+    explanation = pc.if_else(mask, pc.binary_join_element_wise(ranked["explanation"],
+                                                                pa.scalar(note, pa.large_string()),
+                                                                pa.scalar("", pa.large_string())),
+                             ranked["explanation"])
+    ranked = ranked.set_column(ranked.schema.get_field_index("alert"), "alert", alert)
+    return ranked.set_column(ranked.schema.get_field_index("explanation"), "explanation", explanation)
 
 
 def _narrow(values: np.ndarray) -> np.ndarray:
@@ -190,11 +308,13 @@ def _narrow(values: np.ndarray) -> np.ndarray:
     return values.astype(np.int32) if not len(values) or values.max() < 2**31 else values
 
 
-def _block_output(rank_env: dict, fmt: str, start: int, bucket: np.ndarray, row: np.ndarray):
-    """The output of rank positions start+1.. (rows (bucket[i], row[i])): for CSV its bytes (a list of
-    buffers), else the ranked rows (Arrow), in rank order."""
+def _block_output(rank_env: dict, fmt: str, start: int, bucket: np.ndarray, row: np.ndarray,
+                  held: np.ndarray | None = None):
+    """The output of rank positions start+1.. (rows (bucket[i], row[i]); `held[i]`: held back by the
+    alert budget): for CSV its bytes (a list of buffers), else the ranked rows (Arrow), in rank order."""
     ranked, to_rank = _ranked_rows(rank_env["model"], rank_env["tables"], bucket, row, start,
-                                   rank_env["explain_top"], rank_env["attribution"], rank_env["context"])
+                                   rank_env["explain_top"], rank_env["attribution"], rank_env["context"],
+                                   held, rank_env.get("note", ""))
     if fmt != "csv":
         return ranked.take(pa.array(to_rank)), ranked.num_rows
     parts = report_csv.arrow_csv_parts(ranked, header=start == 0, order=to_rank)
@@ -205,12 +325,13 @@ def _block_output(rank_env: dict, fmt: str, start: int, bucket: np.ndarray, row:
     return parts, ranked.num_rows
 
 
-def _csv_block_job(env: dict, work: Path, start: int, bucket: np.ndarray, row: np.ndarray, progress=None) -> bytes:
+def _csv_block_job(env: dict, work: Path, start: int, bucket: np.ndarray, row: np.ndarray,
+                   held: np.ndarray | None = None, progress=None) -> bytes:
     """Worker side of `_write_blocks_on_workers`: one CSV block, as bytes."""
     rank_env = env["rank"]
     if rank_env.get("work") != work:   # this run's scored files, opened once per worker
         rank_env.update(work=work, tables=ScoredFiles(scored_paths(work)))
-    parts, rows = _block_output(rank_env, "csv", start, bucket, row)
+    parts, rows = _block_output(rank_env, "csv", start, bucket, row, held)
     data = b"".join(parts)
     rank_env["tables"].release()
     release_free_memory()
@@ -218,15 +339,17 @@ def _csv_block_job(env: dict, work: Path, start: int, bucket: np.ndarray, row: n
 
 
 def _rank_setup_job(env: dict, explain_top: int, attribution: dict, context: pd.DataFrame | None,
-                    progress=None) -> None:
-    env["rank"] = {"model": env["model"], "explain_top": explain_top, "attribution": attribution, "context": context}
+                    note: str = "", progress=None) -> None:
+    env["rank"] = {"model": env["model"], "explain_top": explain_top, "attribution": attribution, "context": context,
+                   "note": note}
 
 
 def _write_blocks_on_workers(pool: WorkerPool, work: Path, block, starts: range, explain_top: int,
-                             attribution: dict, context: pd.DataFrame | None, write) -> None:
+                             attribution: dict, context: pd.DataFrame | None, write, note: str = "") -> None:
     """CSV blocks (`block(start)`: a block's arguments) built by the workers and written here in rank
-    order; at most two blocks per worker in flight, so memory stays bounded."""
-    pool.broadcast(_rank_setup_job, explain_top, attribution, context)
+    order; at most two blocks per worker in flight, so memory stays bounded. `note`: what a row the
+    alert budget held back says."""
+    pool.broadcast(_rank_setup_job, explain_top, attribution, context, note)
     done: dict[int, bytes] = {}
     block_of: dict[int, int] = {}
     next_submit = next_write = 0
@@ -246,33 +369,48 @@ def _write_blocks_on_workers(pool: WorkerPool, work: Path, block, starts: range,
 
 
 def _ranked_rows(model, tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray, start: int,
-                 explain_top: int, attribution: dict, context: pd.DataFrame | None) -> tuple[pa.Table, np.ndarray]:
+                 explain_top: int, attribution: dict, context: pd.DataFrame | None,
+                 held: np.ndarray | None = None, note: str = "") -> tuple[pa.Table, np.ndarray]:
     """The output rows for rank positions start+1.. (rows (bucket[i], row[i])): taken, explained and
     laid out in file order (sequential reads of the memory maps), and the positions that put them
-    in rank order."""
+    in rank order. `held[i]`: row i was held back by the alert budget (not an alert, `note` added)."""
     block, stored = _gather_stored(tables, bucket, row)
     to_rank = np.empty(len(stored), dtype=np.int64)
     to_rank[stored] = np.arange(len(stored))
-    return ranked_block(model, block, start + 1 + stored, explain_top, attribution, context), to_rank
+    ranked = ranked_block(model, block, start + 1 + stored, explain_top, attribution, context)
+    return _hold_back(ranked, None if held is None else held[stored], note), to_rank
 
 
-def _gather_stored(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray) -> tuple[pa.Table, np.ndarray]:
+def _gather_stored(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray,
+                   columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray]:
     """The rows (bucket[i], row[i]) of the memory-mapped tables in file order (sequential reads),
-    score and event_id first, and `stored`: row j of the result is the pair stored[j]."""
+    score and event_id first (only `columns`, in that order, when given), and `stored`: row j of
+    the result is the pair stored[j]."""
     stored = np.lexsort((row, bucket))
     bucket, row = bucket[stored], row[stored]
     cuts = np.flatnonzero(np.diff(bucket)) + 1
-    take = tables.take if isinstance(tables, ScoredFiles) else lambda b, r: tables[b].take(pa.array(r))
+    if columns is not None:
+        def take(b, r):
+            out = tables[b].select(columns).take(pa.array(r))
+            if isinstance(tables, ScoredFiles):
+                tables.release(b)
+            return out
+    else:
+        take = tables.take if isinstance(tables, ScoredFiles) else lambda b, r: tables[b].take(pa.array(r))
     parts = [take(int(b[0]), r) for b, r in zip(np.split(bucket, cuts), np.split(row, cuts)) if len(b)]
     table = pa.concat_tables(parts, promote_options="default") if parts else \
         next(iter(tables.values())).slice(0, 0)
+    if columns is not None:
+        return table.select(columns), stored
     cols = ["score", "event_id"] + [c for c in table.column_names if c not in ("score", "event_id")]
     return table.select(cols), stored
 
 
-def _gather(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray) -> pa.Table:
-    """The rows (bucket[i], row[i]) of the memory-mapped tables, in that order, score and event_id first."""
-    table, stored = _gather_stored(tables, bucket, row)
+def _gather(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray,
+            columns: list[str] | None = None) -> pa.Table:
+    """The rows (bucket[i], row[i]) of the memory-mapped tables, in that order, score and event_id first
+    (only `columns` when given)."""
+    table, stored = _gather_stored(tables, bucket, row, columns)
     to_order = np.empty(len(stored), dtype=np.int64)
     to_order[stored] = np.arange(len(stored))
     return table.take(pa.array(to_order))

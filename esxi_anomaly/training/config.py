@@ -21,6 +21,7 @@ from pydantic import (Field, PlainValidator, create_model, field_validator,
 from pydantic_core import PydanticCustomError
 
 from esxi_anomaly.config import ConfigError, StrictModel, parse, read_toml
+from esxi_anomaly.features.scope import Scope
 from esxi_anomaly.model import DnsCalcDetector
 from esxi_anomaly.registry import check_env_name
 
@@ -117,6 +118,27 @@ class TuningConfig(StrictModel):
         return {name: spec.spec() for name, spec in self.search_space if spec is not None}
 
 
+# -- the scope ---------------------------------------------------------------------------------
+
+class ScopeConfig(StrictModel):
+    """`[scope]`: which connections are trained on and, by default, scored (`features.scope.Scope`)."""
+
+    local_nets: list[str] = []     # CIDRs of the monitored networks ([]: RFC 1918 and ULA)
+    resolvers: list[str] = []      # the DNS resolvers' addresses, besides those the DNS answers name
+    all_directions: bool = False   # keep every row: inbound, ICMP, multicast, lookups, ...
+
+    @model_validator(mode="after")
+    def _valid(self):
+        try:
+            self.scope()
+        except ValueError as exc:
+            raise PydanticCustomError("scope", str(exc)) from None
+        return self
+
+    def scope(self) -> Scope:
+        return Scope(tuple(self.local_nets), tuple(self.resolvers), self.all_directions)
+
+
 # -- the config --------------------------------------------------------------------------------
 
 def _param_type(name: str, default: Any):
@@ -156,6 +178,7 @@ class TrainConfig(StrictModel):
     feedback_path: str = ""      # analyst verdicts (set from --models-dir/--env)
     labels_path: str = ""        # known labels of this history (CSV: event_id, label)
     tuning: TuningConfig = Field(default_factory=TuningConfig)
+    scope: ScopeConfig = Field(default_factory=ScopeConfig)
 
     @field_validator("env")
     @classmethod
@@ -219,6 +242,8 @@ class TrainConfig(StrictModel):
         out = {name: getattr(self, name) for name in RECORDED}
         out["model"] = self.detector_params()
         out["mgmt_allow"] = [list(row) for row in self.mgmt_allow]
+        if self.scope != ScopeConfig():   # only when set: a default config keeps its bytes and hash
+            out["scope"] = self.scope.model_dump()
         if self.search_space() != TuningConfig().space():
             out["tuning"] = {"search_space": {name: spec.model_dump(exclude_defaults=True)
                                               for name, spec in self.tuning.search_space if spec is not None}}

@@ -8,10 +8,28 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from esxi_anomaly.console import log
+from esxi_anomaly.features.scope import Scope, diagnostic_lines, scope_line, scoped_history
 from esxi_anomaly.model import DnsCalcDetector, history_findings
 from esxi_anomaly.schema import Frames
 from esxi_anomaly.training.config import TrainConfig
 from esxi_anomaly.training.holdout import validate
+
+
+def scope_history(frames: Frames, scope: Scope) -> Frames:
+    """`frames` cut to `scope` (`features.scope.scoped_history`); what was left out, by reason, and
+    the history's blind spots (few connections joined to a DNS answer, encrypted DNS, duplicates)
+    on stderr (the fitted model's card repeats the blind spots)."""
+    scoped, counts = scoped_history(frames, scope)
+    log(scope_line(counts))
+    return scoped
+
+
+def warn_fitted(model: DnsCalcDetector, frames: Frames) -> None:
+    """What the fit found, on stderr (also in the model card): the history's blind spots (its times
+    were warned about before fitting, `check_history`) and an alert level above every score."""
+    for warning in [*diagnostic_lines(model.scope_counts_, len(frames.dns_answers), times=False),
+                    *model.level_warnings_]:
+        log(f"warning: {warning}")
 
 
 class Trained(NamedTuple):
@@ -22,7 +40,8 @@ class Trained(NamedTuple):
 
 
 def fit_model(frames: Frames, config: TrainConfig, **overrides) -> DnsCalcDetector:
-    return config.detector(**overrides).fit(frames)
+    """A model fitted on `frames` cut to the config's scope (`[scope]`), which its scoring keeps."""
+    return config.detector(**overrides).fit(frames, scope=config.scope.scope())
 
 
 def check_history(frames: Frames, allow_odd: bool = False) -> list[str]:
@@ -47,14 +66,17 @@ def train_environment(frames: Frames, config: TrainConfig, validation: bool = Tr
     held-out slice (unless `validation` is False: it costs one more fit and does not change the
     model), then fit on all history."""
     check_history(frames, allow_odd_history)
+    scoped = scope_history(frames, config.scope.scope())   # what tuning and validation measure on
     tuning: dict = {}
     if config.trials > 0:
         from esxi_anomaly.training.tune import tune   # Optuna only when tuning
 
-        best, tuning = tune(frames, config)
+        best, tuning = tune(scoped, config)
         config = config.replace(model={**config.detector_params(), **best})
-    metrics = validate(frames, config) if validation else {}
-    return Trained(fit_model(frames, config), metrics, tuning, config)
+    metrics = validate(scoped, config) if validation else {}
+    model = fit_model(frames, config)
+    warn_fitted(model, frames)
+    return Trained(model, metrics, tuning, config)
 
 
 def refit_model(model: DnsCalcDetector, frames: Frames, allow_odd_history: bool = False) -> DnsCalcDetector:
@@ -62,4 +84,6 @@ def refit_model(model: DnsCalcDetector, frames: Frames, allow_odd_history: bool 
     from sklearn.base import clone
 
     check_history(frames, allow_odd_history)
-    return clone(model).fit(frames)
+    model = clone(model).fit(frames, scope=model.scope_)   # the scope it was trained on
+    warn_fitted(model, frames)
+    return model

@@ -63,7 +63,7 @@ def validate(frames: Frames, config: TrainConfig, **overrides) -> dict:
     if not len(history.connections) or not len(holdout.connections):
         return {}
     injected, labels = with_attacks(frames, holdout, cut, config)
-    model = config.detector(**overrides).fit(history)
+    model = config.detector(**overrides).fit(history, scope=config.scope.scope())
     ranked = model.score(injected, explain_top=0)
     return {**evaluate(ranked, labels), **unlabelled_above_attacks(ranked, labels)}
 

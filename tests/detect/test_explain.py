@@ -12,8 +12,10 @@ from esxi_anomaly.detect import explain
 from esxi_anomaly.features import transforms as T
 
 RULES = [
-    {"id": "repeat", "weight": 0.9, "explain": "the same formula explained {consistency} different ports"},
-    {"id": "mgmt", "weight": 0.7, "explain": "management-plane source on {dst_port}/{proto} ({missing})"},
+    {"id": "repeat", "weight": 0.9, "explain": "the same formula explained {consistency} different ports",
+     "evidence": "dns_calculation"},
+    {"id": "mgmt", "weight": 0.7, "explain": "management-plane source on {dst_port}/{proto} ({missing})",
+     "evidence": "mgmt_plane"},
     {"id": "silent", "weight": 0.95, "explain": ""},
     {"id": "new_port", "weight": 0.3, "explain": "a port never used by this source"},
 ]
@@ -56,6 +58,10 @@ def reference(row: dict, history_days: float, rules: list[dict]) -> str:
     for rule in sorted(rules, key=lambda r: -float(r["weight"])):
         if rule["id"] in fired and rule.get("explain"):
             text += "; " + re.sub(r"\{(\w+)\}", lambda m: _field(row, m.group(1)), rule["explain"])
+    evidence = {r["id"] for r in rules if r.get("evidence")}
+    if rules and not evidence & set(fired):   # no evidence: the row cannot alert, and says so
+        weak = "the forest and weak rules" if any(fired) else "the forest alone"
+        text += f"; no DNS-calculation evidence: not an alert, ranked by {weak}"
     return text
 
 
@@ -109,10 +115,14 @@ def test_crafted_rows_exact_text():
     assert got.iloc[3].startswith("port 386 = (0x01020304>>1)&0xFFFF (16-bit window of network word at bit 1) "
                                   "from A 1.2.3.4 for w.example answered  earlier")
     assert got.iloc[8] == ("IP 4.3.2.1 = d.c.b.a of 1.2.3.4 (byte-reversed IP) from A 1.2.3.4 for ip.example "
-                           "answered 0.2 s earlier; vm-d never contacted 4.3.2.1 in 2 days")
-    assert got.iloc[15] == "no DNS answer explains 10.10.0.10:902"
+                           "answered 0.2 s earlier; vm-d never contacted 4.3.2.1 in 2 days; no DNS-calculation "
+                           "evidence: not an alert, ranked by the forest alone")
+    assert got.iloc[15] == ("no DNS answer explains 10.10.0.10:902; no DNS-calculation evidence: not an alert, "
+                            "ranked by the forest alone")
     assert got.iloc[16] == ("no derivation of port 4318; 203.0.113.5 was answered for svc.example; vm-g never used "
-                            "port 4318 in 2 days; a port never used by this source")
+                            "port 4318 in 2 days; a port never used by this source; no DNS-calculation evidence: "
+                            "not an alert, ranked by the forest and weak rules")
+    assert got.iloc[4].endswith("management-plane source on 1117/tcp ()")   # management-plane evidence: no clause
     assert explain.sentences(rows.iloc[:1], 0.5, [])[0].endswith("never used port 1117 in 12 h")
 
 

@@ -38,6 +38,7 @@ def test_slips_test10_conn_tsv(samples):
         "ts": 1601998366.786397, "src_ip": "2001:718:2:1663:dc58:6d9:ef13:51a5", "src_port": 53879,
         "dst_ip": "2001:718:2:1611:0:1:0:90", "dst_port": 53, "proto": "udp", "duration": 0.00697,
         "bytes_out": 37.0, "bytes_in": 89.0, "packets_out": 1.0, "packets_in": 1.0, "conn_state": "SF",
+        "local_orig": "", "local_resp": "", "history": "Dd",   # local_orig/local_resp unset ("-") in this log
         "process": "", "esxi_host": "", "source": "zeek_conn_tsv",
     }
     assert conns.ts.is_monotonic_increasing
@@ -579,3 +580,27 @@ def test_random_json_lines_never_break_the_reader(fixtures, tmp_path, junk, posi
     path.write_bytes(b"\n".join(lines))
     conns = read_connections(str(path))
     assert {"CJ1aaaaaaaaaaaaaa", "CJ2bbbbbbbbbbbbbb", "CJ3cccccccccccccc"} <= set(conns.event_id)
+
+
+def test_local_orig_and_history_tsv_and_json(tmp_path):
+    """Zeek's local_orig/local_resp (T/F in TSV, true/false in JSON) and history reach the frame
+    (scope reads them: `features.scope`); logs without them give ""."""
+    tsv = tmp_path / "conn.log"
+    tsv.write_bytes(b"#separator \\x09\n#fields\tts\tuid\tid.orig_h\tid.orig_p\tid.resp_h\tid.resp_p\tproto\t"
+                    b"local_orig\tlocal_resp\thistory\n"
+                    b"1700000000.0\tC1\t10.0.0.1\t5000\t8.8.8.8\t443\ttcp\tT\tF\tShADadFf\n"
+                    b"1700000001.0\tC2\t1.1.1.2\t853\t10.0.0.1\t51234\ttcp\t-\t-\t^dA\n")
+    conns, quarantine, _ = _read(read_connections, tsv)
+    assert len(quarantine) == 0
+    got = conns[["local_orig", "local_resp", "history"]].values.tolist()
+    assert got == [["T", "F", "ShADadFf"], ["", "", "^dA"]]
+    js = tmp_path / "conn.json"
+    js.write_bytes(b'{"ts": 1700000000.0, "uid": "C1", "id.orig_h": "10.0.0.1", "id.orig_p": 5000, "id.resp_h": '
+                   b'"8.8.8.8", "id.resp_p": 443, "proto": "tcp", "conn_state": "SF", "local_orig": true, '
+                   b'"local_resp": false, "history": "ShAD"}\n'
+                   b'{"ts": 1700000001.0, "uid": "C2", "id.orig_h": "10.0.0.1", "id.orig_p": 5001, "id.resp_h": '
+                   b'"8.8.8.8", "id.resp_p": 443, "proto": "tcp", "conn_state": "SF"}\n')
+    conns, quarantine, _ = _read(read_connections, js)
+    assert len(quarantine) == 0
+    assert conns[["local_orig", "local_resp", "history"]].values.tolist() == [["T", "F", "ShAD"], ["", "", ""]]
+    schema.validate(conns, "connections")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ def test_every_record_valid_ecs(ranked, tmp_path):
 
 
 def test_first_record_exact(ranked, tmp_path):
+    ranked["alert"] = [True, True, False, False, False]
     first = _documents(write_jsonl(ranked, tmp_path / "ranked.jsonl"))[0]
     assert first == {
         "@timestamp": "2026-11-18T11:06:50.000Z",
@@ -40,6 +42,14 @@ def test_first_record_exact(ranked, tmp_path):
                          "transform": "apt12_a*b+c", "dns_delay": 2.1,
                          "top_features": "port_rarity=+0.31; dns_match_significance=+0.22",
                          "src_kind": "vm", "esxi_host": "esx01", "family": "apt12"},
+        "threat": {"framework": "MITRE ATT&CK",
+                   "tactic": {"id": ["TA0011"], "name": ["Command and Control"],
+                              "reference": ["https://attack.mitre.org/tactics/TA0011/"]},
+                   "technique": {"id": ["T1568"], "name": ["Dynamic Resolution"],
+                                 "reference": ["https://attack.mitre.org/techniques/T1568/"],
+                                 "subtechnique": {"id": ["T1568.003"], "name": ["DNS Calculation"],
+                                                  "reference": ["https://attack.mitre.org/techniques/T1568/003/"]}}},
+        "ecs": {"version": "9.4.0"},
     }
 
 
@@ -108,3 +118,106 @@ def test_seen_by_is_a_custom_keyword_list(ranked, tmp_path):
         assert set(document["event"]["type"]) <= set(allowed["event.type"])
     with pytest.raises(ValueError, match="esxi_anomaly.seen_by"):
         validate_ecs_record({"event": {"kind": "alert", "module": "m"}, "esxi_anomaly": {"seen_by": "x y"}})
+
+
+# -- against the ECS 9.4.0 field definitions -----------------------------------------------------
+
+_ECS_TYPES = {
+    "keyword": str, "constant_keyword": str, "wildcard": str, "match_only_text": str, "text": str,
+    "long": int, "integer": int, "short": int, "byte": int, "unsigned_long": int,
+    "float": (int, float), "half_float": (int, float), "scaled_float": (int, float), "double": (int, float),
+    "boolean": bool, "date": str, "ip": str,
+}
+
+
+def _flat(node, prefix=""):
+    """(dotted name, value) of every leaf; arrays of objects (dns.answers) descended into."""
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flat(value, name + ".")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            yield name, value
+            for item in value:
+                yield from _flat(item, name + ".")
+        else:
+            yield name, value
+
+
+def ecs_problems(document: dict, fields: dict, allowed: dict) -> list[str]:
+    """Every field of `document` named in ECS 9.4.0 (or under our custom namespace), of its type, and
+    the categorisation fields holding allowed values."""
+    import ipaddress
+
+    problems = []
+    for name, value in _flat(document):
+        if name.startswith("esxi_anomaly."):
+            continue
+        if name not in fields:
+            problems.append(f"{name}: not an ECS 9.4.0 field")
+            continue
+        kind = fields[name]
+        values = value if isinstance(value, list) else [value]
+        if kind in ("object", "nested"):
+            if not all(isinstance(v, dict) for v in values):
+                problems.append(f"{name}: {kind} expected, got {value!r}")
+            continue
+        expected = _ECS_TYPES.get(kind)
+        if expected is None:
+            problems.append(f"{name}: ECS type {kind} not checked here")
+            continue
+        for v in values:
+            if isinstance(v, bool) and expected is not bool or not isinstance(v, expected):
+                problems.append(f"{name}: {v!r} is not a {kind}")
+            elif kind == "ip":
+                try:
+                    ipaddress.ip_address(v)
+                except ValueError:
+                    problems.append(f"{name}: {v!r} is not an ip")
+            elif kind == "date" and not re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z", v):
+                problems.append(f"{name}: {v!r} is not an ISO 8601 date")
+            if name in allowed and v not in allowed[name]:
+                problems.append(f"{name}: {v!r} is not one of ECS's allowed values")
+    return problems
+
+
+def test_rows_and_incidents_are_valid_ecs_9_4(ranked, tmp_path):
+    from esxi_anomaly.report.ecs import incident_records
+    from esxi_anomaly.report.incidents import incident_frame
+
+    fields, allowed = _reference()
+    assert not any(name.split(".")[0] == "esxi_anomaly" for name in fields)   # ours is a custom namespace
+    ranked["alert"] = [True, True, False, False, False]
+    ranked["seen_by"] = ["nsx_dfw:esx01", "", "zeek_conn_tsv", "", ""]
+    rows = _documents(write_jsonl(ranked, tmp_path / "ranked.jsonl"))
+    incidents = incident_records(incident_frame(ranked))
+    for document in rows + incidents:
+        assert ecs_problems(document, fields, allowed) == []
+        validate_ecs_record(document)
+        assert document["ecs"] == {"version": "9.4.0"}
+    assert [d["event"]["kind"] for d in rows] == ["alert", "alert", "event", "event", "event"]
+    assert [d["event"]["kind"] for d in incidents] == ["alert", "alert", "event", "event", "event"]
+    for document in rows[:2] + incidents[:2]:
+        threat = document["threat"]
+        assert threat["framework"] == "MITRE ATT&CK" and threat["tactic"]["id"] == ["TA0011"]
+        assert threat["technique"]["id"] == ["T1568"] and threat["technique"]["subtechnique"]["id"] == ["T1568.003"]
+    assert not any("threat" in d for d in rows[2:] + incidents[2:])   # only alerts name the technique
+    # the checker itself finds a wrong name, type and value
+    bad = {"event": {"kind": "warning", "risk_score": "high"}, "source": {"ip": "x", "address": 1}}
+    assert len(ecs_problems(bad, fields, allowed)) == 4
+
+
+def test_incident_documents(ranked):
+    from esxi_anomaly.report.ecs import incident_records
+    from esxi_anomaly.report.incidents import incident_frame
+
+    ranked["alert"] = [True, True, False, False, False]
+    ranked.loc[1, "query"] = ranked.loc[0, "query"]   # rows 1 and 2: one incident (same source, name, transform)
+    documents = incident_records(incident_frame(ranked))
+    assert len(documents) == 4
+    first = documents[0]
+    assert first["esxi_anomaly"]["event_ids"] == ["CxA1", "CxA2"] and first["esxi_anomaly"]["connections"] == 2
+    assert first["esxi_anomaly"]["dst_ports"] == [1117, 1118]
+    assert first["related"]["ip"] == ["10.0.1.5", "19.57.34.8", "19.57.34.9"] and "destination" not in first
+    assert first["event"]["start"] == "2026-11-18T11:06:50.000Z" and first["event"]["end"] == "2026-11-18T11:07:50.000Z"
+    assert first["dns"]["question"]["name"] == '=HYPERLINK("http://x")'

@@ -104,3 +104,40 @@ def test_seen_by_is_a_column_and_in_the_detail_as_text(ranked):
     keys = [c["key"] for c in data["ranked"]["columns"]]
     assert [row[keys.index("seen_by")] for row in data["ranked"]["rows"]] == [
         "nsx_dfw:esx01 nsx_dfw:esx03", hostile, "esxcli_connections:esx01", "", "zeek_conn_tsv"]
+
+
+def test_a_run_passes_the_full_roll_up_incidents_and_histogram(ranked):
+    from esxi_anomaly.report.incidents import incident_frame
+    from esxi_anomaly.report.rollup import entity_rollup
+
+    ranked["alert"] = [True, True, False, False, False]
+    everything = pd.concat([ranked, ranked.assign(src_ip="10.9.9.9", src_name="vm-not-shown",
+                                                  event_id=ranked["event_id"] + "x", rank=ranked["rank"] + 5)])
+    data = _data(render_html(ranked, rollup=entity_rollup(everything), incidents=incident_frame(everything),
+                             incident_count=12345, score_histogram=[0] * 49 + [7], alert_level=0.75))
+    assert "vm-not-shown" in json.dumps(data["entities"]["rows"])      # an entity none of the table's rows has
+    assert len(data["incidents"]["rows"]) == 10 and ["incidents", "12,345"] in data["summary"]["cards"]
+    assert ["alerts", "4"] in data["summary"]["cards"]                  # counted by the roll-up, all rows
+    assert data["histogram"] == {"counts": [0] * 49 + [7], "level": 0.75}
+
+
+def test_without_a_run_the_report_makes_incidents_and_histogram_from_its_rows(ranked):
+    ranked["alert"] = [True, True, False, False, False]
+    data = _data(render_html(ranked, summary={"threshold": 0.6}))
+    incidents = data["incidents"]
+    keys = [c["key"] for c in incidents["columns"]]
+    assert keys[:3] == ["rank", "alert", "score"] and "explanation" in keys
+    assert [row[keys.index("alert")] for row in incidents["rows"]] == ["alert", "alert", "", "", ""]
+    assert incidents["events"] == [["CxA1"], ["CxA2"], ["CxB1"], ["CxC1"], ["CxC2"]]
+    assert incidents["ports"][0] == ["1117"] and incidents["queries"][1] == XSS_QUERY
+    assert data["ranked"]["incident"][0] == incidents["id"][0]          # rows know their incident
+    assert sum(data["histogram"]["counts"]) == 5 and data["histogram"]["level"] == 0.6
+    assert ["alerts", "2"] in data["summary"]["cards"]
+
+
+def test_the_why_column_wraps():
+    from importlib import resources
+
+    css = resources.files("esxi_anomaly.report").joinpath("report.css").read_text(encoding="utf-8")
+    rules = re.findall(r"td\.why \{([^}]*)\}", css)
+    assert rules and "white-space: normal" in rules[-1] and "text-overflow" not in rules[-1]

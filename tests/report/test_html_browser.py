@@ -131,3 +131,88 @@ def test_seen_by_shows_as_text_filters_and_expands(driver, tmp_path):
     assert "nsx_dfw:esx01 nsx_dfw:esx03" in driver.find_element("css selector", "#ranked tbody tr.detail").text
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
     assert _severe(driver) == []
+
+
+# -- incidents, histogram, verdicts (issue 16) ---------------------------------------------------
+
+def _incident_report(tmp_path):
+    ranked = make_ranked()
+    ranked["alert"] = [True, True, True, False, False]
+    ranked.loc[1, "query"] = ranked.loc[0, "query"]   # ranks 1 and 2: one incident of two connections
+    return write_html(ranked, tmp_path / "incidents.html", summary={"env": "prod", "threshold": 0.6})
+
+
+def test_opens_on_incidents_that_expand_to_their_connections(driver, tmp_path):
+    driver.get(_incident_report(tmp_path).as_uri())
+    sections = [s.get_attribute("id") for s in driver.find_elements("css selector", "main > section")]
+    assert sections[:2] == ["summary-section", "incidents-section"]
+    rows = driver.find_elements("css selector", "#incidents tbody tr")
+    assert [r.find_element("css selector", "td[data-col=rank]").text for r in rows] == ["1", "2", "3", "4"]
+    assert rows[0].find_element("css selector", "td[data-col=connections]").text == "2"
+    assert rows[0].find_element("css selector", "td[data-col=alert]").text == "alert"
+    assert rows[0].find_element("css selector", "td[data-col=query]").get_attribute("textContent") == \
+        '=HYPERLINK("http://x")'
+    rows[0].find_element("css selector", "button.toggle").click()
+    detail = driver.find_element("css selector", "#incidents tr.detail")
+    cells = detail.find_elements("css selector", "table.connections tbody tr")
+    assert len(cells) == 2
+    assert "port 1117 = 19*57+34" in cells[0].text
+    assert cells[1].find_element("css selector", "td.why").get_attribute("textContent") == \
+        '</script><img src=x onerror="window.__pwned=2">'
+    assert "2 of 2 connections" in detail.text
+    # the Why column wraps instead of cutting the sentence
+    why = driver.find_element("css selector", "#ranked tbody tr td[data-col=explanation]")
+    assert why.value_of_css_property("white-space") == "normal"
+    assert driver.execute_script("return typeof window.__pwned") == "undefined"
+    assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0
+    assert _severe(driver) == []
+
+
+def test_histogram_renders_with_the_alert_level(driver, tmp_path):
+    driver.get(_incident_report(tmp_path).as_uri())
+    histogram = driver.find_element("id", "score-histogram")
+    assert len(histogram.find_elements("css selector", "g.bin rect")) == 5    # five scores, five bins
+    level = driver.find_element("id", "alert-level")
+    assert float(level.get_attribute("x1")) > 56
+    assert "alert level 0.600" in histogram.text
+    above = [r.get_attribute("fill") for r in histogram.find_elements("css selector", "g.bin rect")]
+    assert above.count("#c62828") == 3        # 0.64, 0.91, 0.97 at or above the level
+    assert _severe(driver) == []
+
+
+def test_verdict_download_holds_the_marked_incidents(driver, tmp_path):
+    import time
+
+    from selenium.webdriver.support.ui import Select
+
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    driver.get(_incident_report(tmp_path).as_uri())
+    selects = driver.find_elements("css selector", "#incidents td.verdict select")
+    Select(selects[0]).select_by_value("malicious")
+    Select(selects[3]).select_by_value("benign")
+    assert driver.find_element("id", "verdict-count").text == "2 incidents marked, 3 verdict lines"
+    driver.find_element("id", "download-verdicts").click()
+    for _ in range(100):
+        done = [p for p in downloads.iterdir() if p.suffix == ".csv"]
+        if done:
+            break
+        time.sleep(0.05)
+    assert [p.name for p in done] == ["verdicts.csv"]
+    text = done[0].read_bytes().decode("utf-8")
+    assert text.split("\r\n")[0] == "event_id,verdict,note,src_ip,query,dst_port"
+    # what `label --import-csv` reads: one verdict per event of each marked incident, formulas neutralised
+    from esxi_anomaly.feedback import FeedbackStore
+
+    store = FeedbackStore(tmp_path / "feedback.csv")
+    assert store.import_csv(str(done[0])) == 3
+    verdicts = store.read()
+    assert list(verdicts["event_id"]) == ["CxA1", "CxA2", "CxC2"]
+    assert list(verdicts["verdict"]) == ["malicious", "malicious", "benign"]
+    assert list(verdicts["query"]) == ['=HYPERLINK("http://x")', '=HYPERLINK("http://x")', "@SUM(1)"]
+    assert list(verdicts["dst_port"]) == ["1117", "1118", "443"]
+    assert ',"\'=HYPERLINK(""http://x"")",' in text and ",'@SUM(1)," in text   # safe to open in a spreadsheet
+    assert store.suppressions().to_dict("records") == [{"src_ip": "10.0.2.9", "query": "@SUM(1)", "dst_port": "443"}]
+    assert driver.execute_script("return performance.getEntriesByType('resource').length") == 0
+    assert _severe(driver) == []

@@ -104,8 +104,9 @@ def test_entity_rollup_written_next_to_the_output_covers_every_row(tmp_path, set
     summary = local.run(model, [folder / "conn.log"], [folder / "dns.log"], out, inventory=frames.inventory, top=30,
                         chunk_rows=700, bucket_s=1800, progress=False)
     assert summary.written == 30
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranked.csv", "ranked.entities.csv"]  # no temp files
-    expected = entity_rollup(model.score(frames), threshold=model.threshold_)  # one shot, over all rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranked.csv", "ranked.entities.csv",
+                                                          "ranked.incidents.csv"]  # no temp files
+    expected = entity_rollup(model.score(frames))  # one shot, over all rows; alerts: the rows' alert flags
     write_csv(expected, tmp_path / "expected" / "entities.csv")
     got = read(tmp_path / "ranked.entities.csv")
     pd.testing.assert_frame_equal(got, read(tmp_path / "expected" / "entities.csv"))

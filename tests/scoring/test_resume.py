@@ -79,7 +79,7 @@ def test_resume_with_other_workers_and_chunk_rows_gives_the_same_bytes(tmp_path,
     pd.testing.assert_frame_equal(quarantine.to_frame(), full[2].to_frame())
     assert [(f.path, f.kept, f.quarantined) for f in summary.files] == \
         [(f.path, f.kept, f.quarantined) for f in full[3].files]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.entities.csv"]   # no work, lock, temp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.entities.csv", "r.incidents.csv"]   # no work, lock, temp
 
 
 def test_resume_refuses_other_inputs_model_or_options(tmp_path, setting, monkeypatch, full):

@@ -153,3 +153,18 @@ def test_train_with_a_bad_config_exits_4_naming_it_before_reading_any_input(tmp_
     err = capsys.readouterr().err
     assert f"{bad}: [tuning.search_space.n_estimators] high: expected an integer, got 'ten'" in err
     assert "absent" not in err and "[read" not in err and not (tmp_path / "models").exists()
+
+
+def test_the_scope_table_is_checked_and_recorded_only_when_set(tmp_path):
+    """`[scope]`: the networks trained on and scored by default; a bad CIDR is refused naming the
+    key; a default config keeps its record (and hash)."""
+    from esxi_anomaly.features.scope import Scope
+
+    path = tmp_path / "lab.toml"
+    path.write_text('[scope]\nlocal_nets = ["10.20.0.0/16"]\nresolvers = ["10.20.0.53"]\n')
+    cfg = TrainConfig.from_toml(path)
+    assert cfg.scope.scope() == Scope(("10.20.0.0/16",), ("10.20.0.53",))
+    assert cfg.record()["scope"]["local_nets"] == ["10.20.0.0/16"] and "scope" not in TrainConfig().record()
+    path.write_text('[scope]\nlocal_nets = ["10.20.0.0/33"]\n')
+    with pytest.raises(ConfigError, match=r"scope.*10\.20\.0\.0/33.*not a CIDR"):
+        TrainConfig.from_toml(path)

@@ -169,3 +169,34 @@ def test_train_environment_leaves_the_callers_config_unchanged_and_returns_the_t
     # and it is the one the bundle records
     manifest = registry.load_model(registry.write_model(trained.model, trained.config, tmp_path / "models"))[1]
     assert manifest["config"]["model"] == trained.config.detector_params()
+
+
+def test_model_card_states_the_alert_level_and_the_alerts_a_day_of_the_history(tmp_path, estate):
+    history, today = estate
+    cfg = config(tmp_path)
+    clean = fit_model(history, cfg)
+    card = registry.model_card(clean, cfg, {})
+    assert f"- alert level (score): {clean.threshold_:.4f} (quantile 0.999 of the training scores of rows " \
+           "without evidence)" in card
+    assert "- expected alerts per day on the training history: 0.0 (alerts the model raises" in card
+    # a history holding the attack day: its attacks alert on it (the level does not rise above them)
+    dirty = fit_model(Frames(pd.concat([history.connections, today.connections], ignore_index=True),
+                             pd.concat([history.dns_answers, today.dns_answers]).drop_duplicates(ignore_index=True),
+                             history.inventory), cfg)
+    assert dirty.training_alerts_per_day_ > 50
+    assert f"training history: {dirty.training_alerts_per_day_:,.1f} (" in registry.model_card(dirty, cfg, {})
+    assert abs(dirty.threshold_ - clean.threshold_) < 0.05
+
+
+def test_training_warns_when_the_level_is_above_every_training_score(tmp_path, estate, capsys, monkeypatch):
+    from esxi_anomaly import model as M
+    from esxi_anomaly.detect import ensemble
+
+    assert M.level_findings(0.6, 0.7) == [] and M.level_findings(0.6, 0.6) == []
+    history, _ = estate
+    cfg = config(tmp_path)
+    monkeypatch.setattr(ensemble, "alert_level", lambda scores, q: 2.0)   # above any score in [0, 1]
+    model = train_environment(history, cfg, validation=False).model
+    assert "warning: the alert level 2.0000 is above the top training score" in capsys.readouterr().err
+    card = (registry.write_model(model, cfg, tmp_path / "models") / "model_card.md").read_text()
+    assert "## Warnings\n\n- the alert level 2.0000 is above the top training score" in card
