@@ -58,10 +58,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from sklearn.ensemble import IsolationForest
 from sklearn.metrics import average_precision_score
 
 from esxi_anomaly.evaluate import evaluate
+from esxi_anomaly.report.incidents import name_candidates, name_keys, raised_by_name
 from esxi_anomaly.schema import Frames
 from esxi_anomaly.ingest import Quarantine, read_connections, read_dns
 from esxi_anomaly.synth import ATTACK_FAMILIES, generate, labels_5tuple, write_formats
@@ -186,8 +188,13 @@ def detector_ranking(model, test: Frames) -> pd.DataFrame:
     """`model.score` without explanations: same scores and alerts, same tie-break (event_id)."""
     prepared, feats = model.features(test)
     components = model.detector_.components(feats)
+    alert = model.detector_.alerts(components)
+    keys = pa.table({"src_ip": pa.array(prepared.conns["src_ip"].to_numpy(dtype=object).astype(str)),
+                     "rules": pa.array(components["rules"].to_numpy(dtype=object).astype(str))}
+                    | {c: pa.array(prepared.evidence[c].to_numpy(dtype=object).astype(str)) for c in ("query", "transform")})
+    alert = alert | raised_by_name(name_keys(keys), alert, name_candidates(keys))   # as `score` writes them
     out = pd.DataFrame({"event_id": prepared.conns["event_id"].to_numpy(dtype=object).astype(str),
-                        "score": components["score"].to_numpy(), "alert": model.detector_.alerts(components),
+                        "score": components["score"].to_numpy(), "alert": alert,
                         "src_ip": prepared.conns["src_ip"].to_numpy(dtype=object)})
     return out.sort_values(["score", "event_id"], ascending=[False, True], kind="stable", ignore_index=True)
 

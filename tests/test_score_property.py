@@ -195,7 +195,8 @@ def test_score_ends_and_accounts_for_every_file_and_record(material, tmp_path_fa
         assert stats["connections"] == stats["in_scope"] + sum(stats["out_of_scope"].values())
         assert len(ranked) == stats["written"] == stats["in_scope"] - stats["coverage"]["duplicates"] > 0
         leftovers = [p.name for p in (base / "out").iterdir()
-                     if p.name not in ("ranked.csv", "ranked.entities.csv", "ranked.csv.quarantine.jsonl", "stats.json")]
+                     if p.name not in ("ranked.csv", "ranked.entities.csv", "ranked.incidents.csv", "ranked.csv.quarantine.jsonl",
+                                       "stats.json")]
         assert not leftovers
 
     check()

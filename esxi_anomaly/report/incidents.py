@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from esxi_anomaly import schema
+from esxi_anomaly.detect import explain
 from esxi_anomaly.features.hashing import row_groups
 from esxi_anomaly.report.layout import check_names
 
@@ -58,12 +59,62 @@ DISTINCT = (("dst_ip", "dst_ips"), ("dst_port", "dst_ports"), ("answer", "answer
 INCIDENT_BLOCK_ROWS = 100_000  # rows whose event ids one block of incidents gathers
 
 
-def incident_ids(src_ip, key, transform) -> np.ndarray:
-    """The incident id of each (src_ip, query or dst_ip, transform): 16 hex digits of a stable hash."""
+def incident_hashes(src_ip, key, transform) -> np.ndarray:
+    """A stable 64-bit hash of each (src_ip, query or dst_ip, transform): equal for the rows of one incident."""
     frame = pd.DataFrame({"s": pd.array(src_ip, dtype="str"), "k": pd.array(key, dtype="str"),
                           "t": pd.array(transform, dtype="str")})
-    hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()
-    return np.array([f"{h:016x}" for h in hashed.tolist()], dtype=object)
+    return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+
+
+def incident_ids(src_ip, key, transform) -> np.ndarray:
+    """The incident id of each (src_ip, query or dst_ip, transform): 16 hex digits of `incident_hashes`."""
+    return np.array([f"{h:016x}" for h in incident_hashes(src_ip, key, transform).tolist()], dtype=object)
+
+
+# What a row raised by the alerts of its source and name says (`raised_by_name`).
+NAME_NOTE = "; an alert: other connections from this source to this name alerted on DNS-calculation evidence"
+
+
+def raised_explanation(explanation: pd.Series) -> pd.Series:
+    """The explanation of a row raised by its name (`raised_by_name`): its "no DNS-calculation
+    evidence" clause gives way to why it is an alert."""
+    text = explanation.astype(str)
+    for clause in (explain.NO_EVIDENCE_WEAK, explain.NO_EVIDENCE):
+        text = text.str.replace(clause, "", regex=False)
+    return text + NAME_NOTE
+
+
+def _text(table: pa.Table, column: str) -> pa.Array:
+    return pc.fill_null(table[column].cast(pa.string()), "")
+
+
+def name_keys(table: pa.Table) -> np.ndarray:
+    """A stable 64-bit hash of each row's (src_ip, query): one source's connections to one DNS name."""
+    return incident_hashes(_text(table, "src_ip").to_numpy(zero_copy_only=False),
+                           _text(table, "query").to_numpy(zero_copy_only=False), np.full(table.num_rows, ""))
+
+
+def name_candidates(table: pa.Table) -> np.ndarray:
+    """Rows that a name's evidence may raise: joined to a name, with a derivation or a rule of their
+    own (a row with nothing against it stays as it is), and not suppressed by an analyst's verdict."""
+    named = pc.not_equal(_text(table, "query"), "")
+    own = pc.or_(pc.not_equal(_text(table, "transform"), ""), pc.not_equal(_text(table, "rules"), ""))
+    candidate = pc.and_(named, own).to_numpy(zero_copy_only=False)
+    if "suppressed" in table.column_names:
+        candidate &= ~pc.fill_null(table["suppressed"], False).to_numpy(zero_copy_only=False)
+    return candidate
+
+
+def raised_by_name(keys: np.ndarray, alert: np.ndarray, candidate: np.ndarray,
+                   alerting: np.ndarray | None = None) -> np.ndarray:
+    """Rows that become alerts because the same source's connections to the same name alerted on
+    evidence: not alerts themselves, `candidate` (`name_candidates`), and their (src_ip, query)
+    (`keys`: `name_keys`) among `alerting` (default: those of the `alert` rows that are candidates).
+    A keyed derivation needs two answers with the same key and the features are causal, so a
+    campaign's first connections lack the evidence its later ones have: the name's consistency
+    across answers, applied to all its connections from that source."""
+    alerting = keys[alert & candidate] if alerting is None else alerting
+    return ~alert & candidate & np.isin(keys, alerting)
 
 
 def _key_column(table: pa.Table) -> pa.Array:
@@ -95,8 +146,9 @@ class StreamingIncidents:
         self._max = np.zeros(0, dtype="float64")
         self._distinct: dict[str, set] = {c: set() for c, _ in DISTINCT}
 
-    def add(self, table: pa.Table, held: np.ndarray | None = None) -> None:
-        """Count the rows of `table`; `held`: rows whose alert the alert budget held back (not alerts)."""
+    def add(self, table: pa.Table, flipped: np.ndarray | None = None) -> None:
+        """Count the rows of `table`; `flipped`: rows whose alert the run changed (`scoring.write`: raised
+        by their incident's evidence, or held back by the alert budget)."""
         n = table.num_rows
         if not n:
             self._codes.append(np.zeros(0, dtype="int32"))
@@ -118,8 +170,8 @@ class StreamingIncidents:
             self._max = np.r_[self._max, np.full(grow, np.nan)]
         self._connections += np.bincount(incident, minlength=size)
         alert = table["alert"].to_numpy().astype(bool) if "alert" in table.column_names else np.zeros(n, bool)
-        if held is not None:
-            alert &= ~held
+        if flipped is not None:
+            alert ^= flipped
         self._alerts += np.bincount(incident, weights=alert, minlength=size).astype("int64")
         frame = pd.DataFrame({"ts": table["ts"].to_numpy(), "score": table["score"].to_numpy()}, dtype="float64")
         grouped = frame.groupby(incident)

@@ -109,8 +109,8 @@ class StreamingRollup:
                          dtype="int64")
         return local[encoded.indices.to_numpy(zero_copy_only=False)]
 
-    def add(self, table: pa.Table, held: np.ndarray | None = None) -> None:
-        """Count the rows of `table`; `held`: rows whose alert the alert budget held back (not alerts)."""
+    def add(self, table: pa.Table, flipped: np.ndarray | None = None) -> None:
+        """Count the rows of `table`; `flipped`: rows whose alert the run changed (`scoring.write`)."""
         if self.keys is None:
             self.keys = [k for k in ENTITY_KEYS if k in table.column_names]
             if "src_ip" not in self.keys:
@@ -135,8 +135,8 @@ class StreamingRollup:
             self._last = np.r_[self._last, np.full(grow, np.nan)]
         self._connections += np.bincount(entity, minlength=size)
         alert = table["alert"].to_numpy().astype(bool) if "alert" in table.column_names else np.zeros(n, bool)
-        if held is not None:
-            alert &= ~held
+        if flipped is not None:
+            alert ^= flipped
         self._alerts += np.bincount(entity, weights=alert, minlength=size).astype("int64")
         ts = pd.Series(table["ts"].to_numpy(), dtype="float64").groupby(entity)
         lo, hi = ts.min(), ts.max()

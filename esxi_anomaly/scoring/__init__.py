@@ -65,6 +65,8 @@ def score(model, conn_paths, dns_paths, out: Path, *, inventory: pd.DataFrame | 
     at most that many alerts a day (the best ranked; the others stay ranked as non-alerts);
     `alerts_only`: only alerts written; `incidents`: `out` holds one ECS document per incident
     (`fmt` jsonl) instead of rows (`write.rank_and_write`).
+    `scope` (`features.scope.Scope`, in `engine_options`): which connections are scored (default: the
+    model's, from training); out-of-scope rows are counted by reason in the summary.
     The output does not depend on `engine` nor on its options (`engine_options`):
     local (`local.run`): chunk_rows, workers, pool, resume, model_id, work, bucket_s;
     dask (`dask_engine.run`): scheduler, partitions, partition_rows, work."""

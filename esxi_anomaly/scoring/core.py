@@ -307,6 +307,7 @@ class RunSummary:
     entities: int = 0            # rows of the entity roll-up CSV (0: not written)
     incidents: int = 0           # rows of the incidents CSV (0: not written)
     alerts_held_back: int = 0    # alerts the alert budget (`--alert-budget`) turned into non-alerts
+    alerts_by_incident: int = 0  # connections that are alerts because their incident alerted on evidence
     max_score: float | None = None   # the highest score of the connections scored (None: none scored)
     in_scope: int = 0            # connection rows in scope (`features.scope`): connections = in_scope + out of scope
     out_of_scope: dict = field(default_factory=dict)   # rows out of scope per reason (`scope.REASONS`)

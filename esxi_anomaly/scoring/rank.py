@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from esxi_anomaly import schema
 from esxi_anomaly.detect import explain
 from esxi_anomaly.detect.explain import context_clauses
+from esxi_anomaly.report.incidents import name_candidates, name_keys, raised_by_name, raised_explanation
 
 # what `explain.sentences` reads from a scored row; the sentence-only ones are not written out
 SENTENCE_COLUMNS = ["dst_port", "dst_ip", "src_name", "rules", "query", "transform", "answer", "rtype", "dns_delay",
@@ -84,11 +85,21 @@ def ranked_frame(model, rows: pd.DataFrame, feats: pd.DataFrame, top: int | None
                  explain_top: int = 200, context: pd.DataFrame | None = None) -> pd.DataFrame:
     """Scored rows of one batch (`model.score_rows`; `feats` row-aligned) ranked in memory: sorted
     (`rank_order`), the first `top` kept (all when None), explained and attributed by
-    `ranked_block`, as the engines write them."""
+    `ranked_block`, as the engines write them, rows raised by their name's alerts included
+    (`incidents.raised_by_name`, as `write.alert_changes` does)."""
+    table = pa.Table.from_pandas(rows, preserve_index=False)
+    alert = rows["alert"].to_numpy(dtype=bool)
+    raised = raised_by_name(name_keys(table), alert, name_candidates(table)) if alert.any() else alert & False
+    if raised.any():
+        rows = rows.assign(alert=alert | raised)
     order = rank_order(rows)
     if top is not None:
         order = order[:top]
     first = order[:min(explain_top, len(order))]
     attribution = dict(zip(rows["event_id"].take(first), model.detector_.attributions(feats.iloc[first])))
     block = pa.Table.from_pandas(rows, preserve_index=False).take(pa.array(order))
-    return ranked_block(model, block, np.arange(1, len(order) + 1), explain_top, attribution, context).to_pandas()
+    out = ranked_block(model, block, np.arange(1, len(order) + 1), explain_top, attribution, context).to_pandas()
+    if raised.any():
+        note = raised[order]
+        out.loc[note, "explanation"] = raised_explanation(out.loc[note, "explanation"])
+    return out

@@ -28,7 +28,8 @@ from esxi_anomaly import schema
 from esxi_anomaly.atomic import atomic_path
 from esxi_anomaly.console import log
 from esxi_anomaly.report import csv as report_csv, ecs as report_ecs, html as report_html
-from esxi_anomaly.report.incidents import INCIDENTS, StreamingIncidents
+from esxi_anomaly.report.incidents import (INCIDENTS, StreamingIncidents, name_candidates, name_keys,
+                                           raised_by_name, raised_explanation)
 from esxi_anomaly.report.rollup import StreamingRollup
 from esxi_anomaly.scoring.core import Checkpoint, lap, scored_paths
 from esxi_anomaly.scoring.output import incidents_path
@@ -73,12 +74,12 @@ class ScoredFiles(dict):
         self.release(bucket)
         return out
 
-    def add_each_to(self, sinks, held: np.ndarray | None = None) -> None:
+    def add_each_to(self, sinks, flipped: np.ndarray | None = None) -> None:
         """Each file's rows to every sink (`StreamingRollup`, `StreamingIncidents`), in file order;
-        `held`: the rows (positions in that order) whose alert the alert budget held back."""
+        `flipped`: the rows (positions in that order) whose alert the run changed (`alert_changes`)."""
         start = 0
         for bucket, table in self.items():
-            part = None if held is None else held[start:start + table.num_rows]
+            part = None if flipped is None else flipped[start:start + table.num_rows]
             for sink in sinks:
                 sink.add(table, part)
             start += table.num_rows
@@ -104,7 +105,60 @@ def alert_budget_held(keys: pa.Table, budget: int | None) -> np.ndarray | None:
 
 def budget_note(budget: int | None) -> str:
     """What a held-back row's explanation says."""
-    return f"; not an alert: over the alert budget of {budget:,} a day (--alert-budget)"
+    return "" if budget is None else f"; not an alert: over the alert budget of {budget:,} a day (--alert-budget)"
+
+
+def name_promotions(tables: "ScoredFiles", alert: np.ndarray) -> np.ndarray:
+    """Rows (positions in file order) that become alerts because the same source's connections to the
+    same name alerted on evidence (`incidents.raised_by_name`), streamed over the scored files: only
+    candidate rows are hashed."""
+    promoted = np.zeros(len(alert), dtype=bool)
+    if not alert.any():
+        return promoted
+    spans, start = [], 0
+    for bucket, table in tables.items():
+        spans.append((bucket, start, start + table.num_rows))
+        start += table.num_rows
+    candidate = np.zeros(len(alert), dtype=bool)
+    for bucket, lo, hi in spans:
+        candidate[lo:hi] = name_candidates(tables[bucket])
+        tables.release(bucket)
+    alerting = [name_keys(tables.take(b, np.flatnonzero(alert[lo:hi] & candidate[lo:hi]))) for b, lo, hi in spans
+                if (alert[lo:hi] & candidate[lo:hi]).any()]
+    if not alerting:
+        return promoted
+    alerting = np.unique(np.concatenate(alerting))
+    for bucket, lo, hi in spans:
+        rows = np.flatnonzero(candidate[lo:hi] & ~alert[lo:hi])
+        if len(rows):
+            n = len(rows)
+            hit = raised_by_name(name_keys(tables.take(bucket, rows)), np.zeros(n, dtype=bool), np.ones(n, dtype=bool),
+                                 alerting)
+            promoted[lo + rows[hit]] = True
+    return promoted
+
+
+RAISED, HELD = 1, 2   # what `alert_changes` did to a row: raised by its name's evidence, held back by the budget
+
+
+def alert_changes(tables: "ScoredFiles", keys: pa.Table, budget: int | None) -> tuple[pa.Table, np.ndarray | None,
+                                                                                     int, int]:
+    """The run's final alerts: first raised by their name's evidence (`name_promotions`), then
+    capped by the alert budget (`alert_budget_held`). Returns `keys` with the final `alert`, the rows
+    whose alert changed for the sinks (None: none), what happened to each row for its explanation
+    (`RAISED`, `HELD`; None: nothing), and the numbers promoted and held back (a row raised, then held
+    back by the budget, counts as held back and says so)."""
+    alert = keys["alert"].to_numpy().astype(bool)
+    promoted = name_promotions(tables, alert)
+    keys = keys.set_column(keys.schema.get_field_index("alert"), "alert", pa.array(alert | promoted))
+    held = alert_budget_held(keys, budget)
+    held = np.zeros(len(alert), dtype=bool) if held is None else held
+    final = (alert | promoted) & ~held
+    flipped = final != alert
+    change = np.where(held, HELD, np.where(promoted, RAISED, 0)).astype(np.int8)
+    keys = keys.set_column(keys.schema.get_field_index("alert"), "alert", pa.array(final))
+    return (keys, (flipped if flipped.any() else None), (change if change.any() else None), int(promoted.sum()),
+            int(held.sum()))
 
 
 def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: int | None,
@@ -135,24 +189,22 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
     if expect_rows is not None and keys.num_rows != expect_rows:
         raise RuntimeError(f"{work}: the scored files hold {keys.num_rows:,} rows, not the {expect_rows:,} "
                            "connections scored; nothing was written")
-    held = alert_budget_held(keys, alert_budget)
-    held_back = int(held.sum()) if held is not None else 0
+    keys, flipped, change, promoted, held_back = alert_changes(tables, keys, alert_budget)
+    if promoted:
+        log(f"{promoted:,} connections are alerts because their source's connections to the same name alerted on evidence")
     if held_back:
-        keys = keys.set_column(keys.schema.get_field_index("alert"), "alert",
-                               pa.array(keys["alert"].to_numpy().astype(bool) & ~held))
         log(f"alert budget {alert_budget:,} a day: {held_back:,} alerts held back (ranked as non-alerts)")
-    cp.alerts -= held_back
+    cp.alerts += promoted - held_back
     final_alert = keys["alert"].to_numpy().astype(bool)
     histogram = np.histogram(np.clip(keys["score"].to_numpy(), 0.0, 1.0), bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
     t = lap(stages, "rank+write: read keys", t)
-    note = budget_note(alert_budget) if held_back else ""
-    held = held if held_back else None
+    note = budget_note(alert_budget)   # what a row held back says (a raised one: `raised_explanation`)
     threads = ThreadPoolExecutor(max_workers=WRITE_THREADS)   # Arrow kernels release the GIL
     try:
         rollup = StreamingRollup() if rollup_out is not None else None
         grouped = StreamingIncidents() if rollup_out is not None or incidents else None
         sinks = [s for s in (rollup, grouped) if s is not None]
-        counted = threads.submit(tables.add_each_to, sinks, held) if sinks else None
+        counted = threads.submit(tables.add_each_to, sinks, flipped) if sinks else None
         attributed = threads.submit(model.detector_.attributions, cp.top_feats)   # while the rows are ranked
         full_order = rank_order(keys.select(list(schema.RANK_KEYS)))
         bucket, row = (_narrow(keys[c].to_numpy()) for c in ("bucket", "row"))   # held to the end
@@ -172,8 +224,8 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
             table = _gather(tables, bucket[idx], row[idx])
             rows = table.to_pandas()
             rows["explanation"] = explanations(model, table, context).array
-            if held is not None:
-                _hold_back_frame(rows, held[idx], note)
+            if change is not None:
+                _flip_frame(rows, change[idx], note)
             return rows
 
         def values_at(idx: np.ndarray) -> pa.Table:
@@ -222,6 +274,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                 t = lap(stages, "rank+write: incidents", t)
             if summary is not None:
                 summary.alerts_held_back = held_back
+                summary.alerts_by_incident = promoted
             if incidents:   # the output is the incidents: no rows
                 return documents, entities
             writer = BlockWriter(tmp, fmt)
@@ -246,9 +299,9 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
 
             def block(start: int) -> tuple:
                 """Block `start`'s arguments: its first rank - 1, the (file, row) of each of its rows and
-                which of them the alert budget held back (None: none)."""
+                which of them had their alert changed (None: none)."""
                 idx = order[start:start + WRITE_BLOCK]
-                return start, bucket[idx], row[idx], None if held is None else held[idx]
+                return start, bucket[idx], row[idx], None if change is None else change[idx]
 
             starts = range(0, len(order), WRITE_BLOCK)
             if fmt == "csv" and pool is not None and len(starts) > 1:
@@ -266,7 +319,9 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
             for flush in flushing:
                 flush.result()
             if fmt == "html":
-                ranked = pd.concat(block_frames, ignore_index=True) if block_frames else pd.DataFrame()
+                # a run with nothing in scope still gets a report: the spec's columns, no rows
+                ranked = pd.concat(block_frames, ignore_index=True) if block_frames else \
+                    pd.DataFrame({c: pd.Series([], dtype=d) for c, d in schema.RANKED.items()})
                 report_html.write_html(ranked, tmp, score_histogram=histogram.tolist(),
                                        alert_level=float(model.threshold_), **html_extra)
             writer.close()
@@ -281,24 +336,26 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
     return written, entities
 
 
-def _hold_back_frame(rows: pd.DataFrame, held: np.ndarray, note: str) -> None:
-    """Rows the alert budget held back: not alerts, and their explanation says why (in place)."""
-    if not held.any():
+def _flip_frame(rows: pd.DataFrame, change: np.ndarray, note: str) -> None:
+    """Rows `alert_changes` changed (`change`: RAISED, HELD, row-aligned) get their final alert, and
+    their explanation says why (`raised_explanation`; `note` for a row held back). In place."""
+    held, raised = change == HELD, change == RAISED
+    if not (held.any() or raised.any()):
         return
     rows.loc[held, "alert"] = False
+    rows.loc[raised, "alert"] = True
     rows.loc[held, "explanation"] = rows.loc[held, "explanation"].astype(str) + note
+    rows.loc[raised, "explanation"] = raised_explanation(rows.loc[raised, "explanation"])
 
 
-def _hold_back(ranked: pa.Table, held: np.ndarray, note: str) -> pa.Table:
-    """`_hold_back_frame` on an output block (Arrow; `held` row-aligned)."""
-    if held is None or not held.any():
+def _flip(ranked: pa.Table, change: np.ndarray | None, note: str) -> pa.Table:
+    """`_flip_frame` on an output block (Arrow; `change` row-aligned)."""
+    if change is None or not change.any():
         return ranked
-    mask = pa.array(held)
-    alert = pc.and_(ranked["alert"], pc.invert(mask))
-    explanation = pc.if_else(mask, pc.binary_join_element_wise(ranked["explanation"],
-                                                                pa.scalar(note, pa.large_string()),
-                                                                pa.scalar("", pa.large_string())),
-                             ranked["explanation"])
+    rows = ranked.select(["alert", "explanation"]).to_pandas()
+    _flip_frame(rows, change, note)
+    alert = pa.array(rows["alert"].to_numpy(dtype=bool))
+    explanation = pa.array(rows["explanation"].astype(str).to_numpy(dtype=object), pa.large_string())
     ranked = ranked.set_column(ranked.schema.get_field_index("alert"), "alert", alert)
     return ranked.set_column(ranked.schema.get_field_index("explanation"), "explanation", explanation)
 
@@ -309,12 +366,12 @@ def _narrow(values: np.ndarray) -> np.ndarray:
 
 
 def _block_output(rank_env: dict, fmt: str, start: int, bucket: np.ndarray, row: np.ndarray,
-                  held: np.ndarray | None = None):
-    """The output of rank positions start+1.. (rows (bucket[i], row[i]); `held[i]`: held back by the
-    alert budget): for CSV its bytes (a list of buffers), else the ranked rows (Arrow), in rank order."""
+                  change: np.ndarray | None = None):
+    """The output of rank positions start+1.. (rows (bucket[i], row[i]); `change[i]`: what happened to it,
+    `alert_changes`): for CSV its bytes (a list of buffers), else the ranked rows (Arrow), in rank order."""
     ranked, to_rank = _ranked_rows(rank_env["model"], rank_env["tables"], bucket, row, start,
                                    rank_env["explain_top"], rank_env["attribution"], rank_env["context"],
-                                   held, rank_env.get("note", ""))
+                                   change, rank_env.get("note", ""))
     if fmt != "csv":
         return ranked.take(pa.array(to_rank)), ranked.num_rows
     parts = report_csv.arrow_csv_parts(ranked, header=start == 0, order=to_rank)
@@ -326,12 +383,12 @@ def _block_output(rank_env: dict, fmt: str, start: int, bucket: np.ndarray, row:
 
 
 def _csv_block_job(env: dict, work: Path, start: int, bucket: np.ndarray, row: np.ndarray,
-                   held: np.ndarray | None = None, progress=None) -> bytes:
+                   change: np.ndarray | None = None, progress=None) -> bytes:
     """Worker side of `_write_blocks_on_workers`: one CSV block, as bytes."""
     rank_env = env["rank"]
     if rank_env.get("work") != work:   # this run's scored files, opened once per worker
         rank_env.update(work=work, tables=ScoredFiles(scored_paths(work)))
-    parts, rows = _block_output(rank_env, "csv", start, bucket, row, held)
+    parts, rows = _block_output(rank_env, "csv", start, bucket, row, change)
     data = b"".join(parts)
     rank_env["tables"].release()
     release_free_memory()
@@ -348,7 +405,7 @@ def _write_blocks_on_workers(pool: WorkerPool, work: Path, block, starts: range,
                              attribution: dict, context: pd.DataFrame | None, write, note: str = "") -> None:
     """CSV blocks (`block(start)`: a block's arguments) built by the workers and written here in rank
     order; at most two blocks per worker in flight, so memory stays bounded. `note`: what a row the
-    alert budget held back says."""
+    alert budget held back says (`_flip`)."""
     pool.broadcast(_rank_setup_job, explain_top, attribution, context, note)
     done: dict[int, bytes] = {}
     block_of: dict[int, int] = {}
@@ -370,15 +427,15 @@ def _write_blocks_on_workers(pool: WorkerPool, work: Path, block, starts: range,
 
 def _ranked_rows(model, tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray, start: int,
                  explain_top: int, attribution: dict, context: pd.DataFrame | None,
-                 held: np.ndarray | None = None, note: str = "") -> tuple[pa.Table, np.ndarray]:
+                 change: np.ndarray | None = None, note: str = "") -> tuple[pa.Table, np.ndarray]:
     """The output rows for rank positions start+1.. (rows (bucket[i], row[i])): taken, explained and
     laid out in file order (sequential reads of the memory maps), and the positions that put them
-    in rank order. `held[i]`: row i was held back by the alert budget (not an alert, `note` added)."""
+    in rank order. `change[i]`: what `alert_changes` did to row i (a note added)."""
     block, stored = _gather_stored(tables, bucket, row)
     to_rank = np.empty(len(stored), dtype=np.int64)
     to_rank[stored] = np.arange(len(stored))
     ranked = ranked_block(model, block, start + 1 + stored, explain_top, attribution, context)
-    return _hold_back(ranked, None if held is None else held[stored], note), to_rank
+    return _flip(ranked, None if change is None else change[stored], note), to_rank
 
 
 def _gather_stored(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray,

@@ -71,11 +71,11 @@ def test_streamed_in_parts_and_blocks_is_the_same(parts, block_rows):
     pd.testing.assert_frame_equal(pd.concat(blocks, ignore_index=True), incident_frame(ranked))
 
 
-def test_rows_held_back_by_the_alert_budget_are_not_alerts():
+def test_rows_whose_alert_the_run_flipped_count_with_their_new_alert():
     ranked = _rows()
     table = pa.Table.from_pandas(ranked[list(RANKED_INPUTS)], preserve_index=False)
     incidents = StreamingIncidents()
-    incidents.add(table, held=np.array([False, True, False, False, False]))
+    incidents.add(table, flipped=np.array([False, True, False, False, False]))   # an alert held back
     frame = pd.concat(incidents.finish(np.arange(5), lambda idx: ranked.iloc[idx],
                                        lambda idx: table.select(["event_id", "dst_port"]).take(pa.array(idx))))
     assert frame.iloc[0][["alerts", "connections", "alert"]].tolist() == [1, 2, True]

@@ -246,3 +246,62 @@ def test_the_html_report_describes_every_row_not_only_those_shown(small_day, bun
     assert sum(data["histogram"]["counts"]) == len(rows)
     assert data["histogram"]["level"] is not None
     assert ["alerts", f"{int(rows['alert'].sum()):,}"] in data["summary"]["cards"]
+
+
+def _scored_files(tmp_path, rows: pd.DataFrame) -> write.ScoredFiles:
+    from esxi_anomaly.scoring.core import SCORED_SUFFIX, scored_paths, write_scored
+
+    (tmp_path / "scored").mkdir()
+    write_scored(rows, tmp_path / "scored" / f"0{SCORED_SUFFIX}")
+    return write.ScoredFiles(scored_paths(tmp_path))
+
+
+def test_a_name_that_alerted_on_evidence_raises_its_sources_earlier_rows(tmp_path):
+    # a keyed C2's first connections (no key evidence yet: no derivation, a weak rule), its later alert,
+    # a row of the same source and name with nothing against it, another source's row, and a row with no name
+    rows = pd.DataFrame({
+        "score": [0.5, 0.95, 0.4, 0.5, 0.5], "event_id": ["a", "b", "c", "d", "e"], "ts": [1.0, 2.0, 3.0, 4.0, 5.0],
+        "src_ip": ["10.0.0.5", "10.0.0.5", "10.0.0.5", "10.0.0.6", "10.0.0.5"],
+        "query": ["c2.example"] * 4 + [""], "dst_ip": ["203.0.113.9"] * 5,
+        "transform": ["", "K1_add", "", "K1_add", "K1_add"],
+        "rules": ["new_high_port_after_dns", "keyed_derivation", "", "keyed_derivation", "new_high_port_after_dns"],
+        "alert": [False, True, False, False, False],
+    })
+    tables = _scored_files(tmp_path, rows)
+    ids = tables[0]["event_id"].to_pylist()
+    promoted = write.name_promotions(tables, tables[0]["alert"].to_numpy(zero_copy_only=False).astype(bool))
+    assert dict(zip(ids, promoted.tolist())) == {"a": True, "b": False, "c": False, "d": False, "e": False}
+    keys = tables[0].select(["alert", "score", "event_id"])
+    final, flipped, change, raised, held = write.alert_changes(tables, keys, None)
+    assert (raised, held) == (1, 0) and int(final["alert"].to_numpy(zero_copy_only=False).sum()) == 2
+    assert flipped is not None and flipped.sum() == 1 and (change == write.RAISED).sum() == 1
+
+
+def test_no_alert_no_promotion(tmp_path):
+    rows = pd.DataFrame({"score": [0.5, 0.6], "event_id": ["a", "b"], "ts": [1.0, 2.0], "src_ip": ["10.0.0.5"] * 2,
+                         "query": ["x.example"] * 2, "dst_ip": ["203.0.113.9"] * 2, "transform": ["P1", "P1"],
+                         "rules": ["r", "r"], "alert": [False, False]})
+    tables = _scored_files(tmp_path, rows)
+    assert not write.name_promotions(tables, np.zeros(2, dtype=bool)).any()
+
+
+def test_model_score_raises_the_same_rows_as_the_writer(small_day, scored):
+    model, folder = small_day
+    from esxi_anomaly.ingest import read_connections, read_dns, read_inventory
+    from esxi_anomaly.schema import Frames
+
+    ranked = model.score(Frames(read_connections(folder / "conn.log"), read_dns(folder / "dns.log"),
+                                read_inventory(folder / "inventory.csv")), explain_top=0)
+    written, _, _ = scored
+    assert ranked["alert"].sum() == written["alert"].sum()
+    assert set(ranked.loc[ranked["alert"], "event_id"]) == set(written.loc[written["alert"], "event_id"])
+
+
+def test_a_run_with_nothing_in_scope_still_writes_its_report(small_day, bundle, tmp_path):
+    _, folder = small_day
+    out = tmp_path / "report.html"
+    rc = cli.main(["score", "--model", str(bundle), "--conn", str(folder / "conn.log"), "--dns", str(folder / "dns.log"),
+                   "--local-nets", "192.0.2.0/24", "--out", str(out), "--no-progress", "--workers", "1"])
+    assert rc == EXIT_OK
+    assert "<table" in out.read_text(encoding="utf-8")
+    assert read(output.incidents_path(out)).empty and list(read(output.incidents_path(out))) == list(INCIDENTS)

@@ -89,7 +89,7 @@ def test_killed_runs_resume_to_the_same_bytes_and_leave_nothing(tmp_path, millio
     assert first.returncode == EXIT_QUARANTINE, err   # --strict: 3 bad lines
     assert "3 records quarantined" in err
     expected = {name: (base.parent / name).read_bytes()
-                for name in ("ranked.csv", "ranked.entities.csv", "ranked.csv.quarantine.jsonl")}
+                for name in ("ranked.csv", "ranked.entities.csv", "ranked.incidents.csv", "ranked.csv.quarantine.jsonl")}
 
     rng = random.Random(13)
     out = tmp_path / "run" / "ranked.csv"
