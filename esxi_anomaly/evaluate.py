@@ -12,8 +12,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 def evaluate(ranked: pd.DataFrame, labels: pd.DataFrame, ks=(10, 100, 1000), alert_fraction: float = 0.01) -> dict:
     """`ranked`: event_id, score (and src_ip, alert); `labels`: event_id, label ("attack" is positive), family."""
     lab = labels.drop_duplicates("event_id").set_index("event_id")
-    attack = ranked["event_id"].map(lab["label"]).fillna("normal").to_numpy() == "attack"
-    family = ranked["event_id"].map(lab["family"]).fillna("").to_numpy()
+    # as objects: with no event labelled, `map` gives float NaN, which a text fill value must not meet
+    attack = ranked["event_id"].map(lab["label"]).astype(object).fillna("normal").to_numpy() == "attack"
+    family = ranked["event_id"].map(lab["family"]).astype(object).fillna("").to_numpy()
     score = ranked["score"].to_numpy(dtype="float64")
     order = np.argsort(-score, kind="stable")
     rank = np.empty(len(score), dtype="int64")
