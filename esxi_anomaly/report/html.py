@@ -230,6 +230,11 @@ def _summary(ranked: pd.DataFrame, shown: int, rollup: pd.DataFrame, summary: di
         counts = ranked["family"].fillna("").astype(str).replace("", "(none)").value_counts()
         details.append(["labels (all rows)", ", ".join(f"{k}: {v}" for k, v in counts.items())])
     title = summary.pop("title", None)
+    # the run's blind spots first, in words (`RunSummary.report_summary`)
+    details = [["warning", str(line)[:MAX_TEXT]] for line in summary.pop("diagnostics", None) or []] + details
+    share = summary.pop("dns_share", None)
+    if share is not None:
+        details.append(["DNS coverage", f"{100 * float(share):.0f} % of the connections scored were joined to a DNS answer"])
     for key, value in summary.items():
         text = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)
         details.append([str(key), text[:MAX_TEXT]])

@@ -141,3 +141,12 @@ def test_the_why_column_wraps():
     css = resources.files("esxi_anomaly.report").joinpath("report.css").read_text(encoding="utf-8")
     rules = re.findall(r"td\.why \{([^}]*)\}", css)
     assert rules and "white-space: normal" in rules[-1] and "text-overflow" not in rules[-1]
+
+
+def test_the_header_names_the_runs_blind_spots_first(ranked):
+    gap = "only 3 % of in-scope connections were joined to a DNS answer: DNS logs missing or encrypted (853 seen)"
+    data = _data(render_html(ranked, summary={"diagnostics": [gap], "dns_share": 0.031, "env": "prod"}))
+    details = data["summary"]["details"]
+    assert details[0] == ["warning", gap]
+    assert ["DNS coverage", "3 % of the connections scored were joined to a DNS answer"] in details
+    assert not any(key in ("diagnostics", "dns_share") for key, _ in details)
