@@ -7,15 +7,19 @@ import os
 import sys
 import time
 from pathlib import Path
-
-import pandas as pd
-
-from esxi_anomaly import ingest
-from esxi_anomaly.schema import Frames
+from typing import TYPE_CHECKING
 
 from esxi_anomaly.console import (EXIT_BUSY, EXIT_ERROR, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED,  # noqa: F401
                                   EXIT_OK, EXIT_QUARANTINE, EXIT_USAGE, log, printable)
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from esxi_anomaly import ingest
+    from esxi_anomaly.schema import Frames
+
+# pandas, the readers and the model are imported by the commands that use them: `--help` and a
+# mistyped command line answer at once
 
 class Stages:
     """Per-stage wall-clock timings, reported in the run summary."""
@@ -36,6 +40,9 @@ class Stages:
 # -- inputs --------------------------------------------------------------------------------
 
 def read_inputs(args, stages: Stages) -> tuple[Frames, ingest.Quarantine, ingest.ReadSummary]:
+    from esxi_anomaly import ingest
+    from esxi_anomaly.schema import Frames
+
     quarantine, summary = ingest.Quarantine(), ingest.ReadSummary()
     options = read_options(args)
     conns = stages.run("read connections", ingest.read_connections, args.conn, quarantine, summary, options)
@@ -215,7 +222,7 @@ def _suppressions(directory: Path) -> pd.DataFrame:
 def _score(args, model, manifest: dict, directory: Path, pool) -> int:
     import hashlib
 
-    from esxi_anomaly import scoring
+    from esxi_anomaly import ingest, scoring
     from esxi_anomaly.atomic import atomic_path
     from esxi_anomaly.scoring.core import model_scope
     from esxi_anomaly.scoring.output import check_output_paths, input_files
@@ -263,6 +270,8 @@ def _file_records(summary: ingest.ReadSummary) -> list[dict]:
     """Each input file's outcome for the JSON run summary: its format's frame kind added, no NaN."""
     import dataclasses
 
+    from esxi_anomaly import ingest
+
     frame_of = {f.name: f.frame for f in ingest.formats()}
     records = []
     for stats in summary.outcomes():
@@ -282,6 +291,8 @@ def cmd_evaluate(args) -> int:
 def _read_table(path: str, required: tuple[str, ...] = ("event_id",)) -> pd.DataFrame:
     """A scored file (CSV, Parquet or ECS JSON lines) as a table; ValueError naming the file when it is
     not one (unreadable, or without the `required` columns)."""
+    import pandas as pd
+
     try:
         if path.endswith(".parquet"):
             table = pd.read_parquet(path)
@@ -304,6 +315,8 @@ def _read_table(path: str, required: tuple[str, ...] = ("event_id",)) -> pd.Data
 
 
 def _when(ts: float) -> str:
+    import pandas as pd
+
     return pd.Timestamp(ts, unit="s").strftime("%Y-%m-%d %H:%M:%S")
 
 
@@ -313,6 +326,9 @@ def cmd_inspect(args) -> int:
 
     Every file is reported, whatever happens to the others; EXIT_INPUT when some file is
     unreadable or of no known format, else EXIT_OK."""
+    import pandas as pd
+
+    from esxi_anomaly import ingest
     from esxi_anomaly.ingest import PARTLY_READ, READ, UNREADABLE, FileStats
     from esxi_anomaly.schema import FRAMES
 
@@ -358,6 +374,8 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_label(args) -> int:
+    import pandas as pd
+
     from esxi_anomaly import feedback, registry
     from esxi_anomaly.report.csv import restore_formulas
 
@@ -587,6 +605,7 @@ def _os_error(exc: OSError) -> str:
 def _failure(exc: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) of a command that raised `exc`. Unusable inputs, bundles, configs
     and output paths are the user's to fix (EXIT_INPUT); anything else is a bug (EXIT_INTERNAL)."""
+    from esxi_anomaly import ingest
     from esxi_anomaly.bundle import BundleError
     from esxi_anomaly.scoring.workers import WorkerError
 
