@@ -16,6 +16,10 @@
    sampled every 0.2 s: the workers' CPU time, the peak of the summed PSS (each shared page
    counted once: what the tree holds) and of the summed RSS; and the per-stage seconds `score`
    reports (sub-stages of `score` are the mean over the partitions scored in parallel).
+4. Digest (not timed) the outputs: the sha256 of the ranked CSV and of its entity roll-up and
+   incidents, so two runs on the same `--data` (same estate and model) from two worktrees, before
+   and after a change (the before run first: the model it trains is the one both score with),
+   show whether the outputs stayed byte-identical (issue #17).
 
 Prints a Markdown table and writes it to `benchmarks/results/throughput.md` (git-ignored; `--results`). The data
 goes to a temporary folder deleted at the end unless `--keep`; `--data DIR` generates into DIR and,
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -47,6 +52,9 @@ from ingest_throughput import pyarrow_floor  # noqa: E402
 
 DAY = 86400.0
 RESULTS = HERE / "results"
+# what `score --out ranked.csv` writes (`scoring.output`: the roll-up and incidents beside the output),
+# by name, so that a worktree of an older commit is measured by the same script
+OUTPUTS = ("ranked.csv", "ranked.entities.csv", "ranked.incidents.csv")
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -193,6 +201,17 @@ def _tree_usage(pid: int, stop: threading.Event, usage: dict) -> None:
         stop.wait(0.2)
 
 
+def sha256(path: Path) -> str | None:
+    """The file's sha256 in hex (None when it is absent)."""
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def score(data: Path, meta: dict, args) -> dict:
     out = data / "out"
     if out.exists():
@@ -238,7 +257,8 @@ def score(data: Path, meta: dict, args) -> dict:
             "tree_pss_mb": tree["pss"] / 2**20 if sampler is not None else None,
             "tree_pss_at_s": tree.get("pss_at_s"), "tree_pss_own_mb": tree.get("pss_own", 0) / 2**20,
             "worker_cpu_s": sum(tree["cpu"].values()) if sampler is not None else None,
-            "stats": json.loads(stats.read_text()), "csv_mb": (out / "ranked.csv").stat().st_size / 2**20}
+            "stats": json.loads(stats.read_text()), "csv_mb": (out / "ranked.csv").stat().st_size / 2**20,
+            "sha256": {name: sha256(out / name) for name in OUTPUTS}}
 
 
 def _load() -> str:
@@ -278,6 +298,8 @@ def report(meta: dict, fl: dict, sc: dict, args, load_before: str, load_after: s
             f"| peak summed RSS of the process tree, sampled (shared pages counted per process) | "
             f"{sc['tree_rss_mb']:,.0f} MB |",
         ]
+    lines += [f"| sha256 of {name} (first 16 hex digits) | {f'`{digest[:16]}`' if digest else 'absent'} |"
+              for name, digest in sc["sha256"].items()]
     lines += [
         f"| floor: pyarrow read_csv conn + dns | {floor_s:.2f} s ({fl['conn']['wall_s']:.2f} + "
         f"{fl['dns']['wall_s']:.2f}) |",
@@ -294,6 +316,10 @@ def report(meta: dict, fl: dict, sc: dict, args, load_before: str, load_after: s
     other = sc["wall_s"] - sum(v for k, v in sc["stats"]["stages_s"].items() if ": " not in k
                                and k != "score (sum of tasks)")
     lines.append(f"| start-up, model load, inventory, summary | {other:.2f} | {100 * other / sc['wall_s']:.0f}% |")
+    lines += ["", "Outputs' sha256 (`sha256sum` lines: the same in two runs on the same `--data` = byte-identical "
+              "outputs):", "", "```"]
+    lines += [f"{digest or 'absent'}  {name}" for name, digest in sc["sha256"].items()]
+    lines.append("```")
     return "\n".join(lines) + "\n"
 
 

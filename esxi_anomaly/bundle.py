@@ -27,7 +27,6 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pandas as pd
-import sklearn
 
 import esxi_anomaly
 
@@ -54,13 +53,21 @@ class BundleExistsError(BundleError, FileExistsError):
     """save_bundle refuses to overwrite an existing bundle folder."""
 
 
+def sklearn_version() -> str:
+    """The installed scikit-learn's version, read from its metadata: importing scikit-learn costs
+    more than a small scoring run (`estimator`), and loading a model need not import it."""
+    from importlib.metadata import version
+
+    return version("scikit-learn")
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries whose changes can alter a fitted model or its pickles."""
     return {
         "python": platform.python_version(),
         "numpy": np.__version__,
         "pandas": pd.__version__,
-        "scikit-learn": sklearn.__version__,
+        "scikit-learn": sklearn_version(),
         "joblib": joblib.__version__,
         "esxi_anomaly": esxi_anomaly.__version__,
     }
@@ -246,10 +253,10 @@ def _check_versions(directory: Path, manifest: dict) -> None:
         raise BundleError(f"{directory / MANIFEST_NAME} does not record the scikit-learn version; "
                           f"{_retrain_hint(directory)}")
     saved_mm = ".".join(saved.split(".")[:2])
-    running_mm = ".".join(sklearn.__version__.split(".")[:2])
-    if saved_mm != running_mm:
+    running = sklearn_version()
+    if saved_mm != ".".join(running.split(".")[:2]):
         raise BundleError(f"bundle {directory} is version-incompatible: fitted with scikit-learn {saved}, "
-                          f"running {sklearn.__version__}; {_retrain_hint(directory)} "
+                          f"running {running}; {_retrain_hint(directory)} "
                           f"or install scikit-learn=={saved_mm}")
 
 

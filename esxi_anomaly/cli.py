@@ -194,14 +194,14 @@ def _load_for_scoring(args):
 def cmd_score(args) -> int:
     """`esxi-anomaly score`: either engine, through `scoring.score`. The output is checked, then
     locked, before any input is read; the local engine's workers start first."""
-    from esxi_anomaly.scoring.workers import WorkerPool, default_workers
+    from esxi_anomaly.scoring.workers import WorkerPool, workers_for
 
     if args.engine == "dask":
         from esxi_anomaly.scoring.dask_engine import require_distributed
 
         require_distributed()
     # the local engine's workers start first: they import while this process loads the model
-    workers = args.workers or default_workers()
+    workers = args.workers or workers_for(_given_files(args.conn, args.dns))
     pool = WorkerPool(workers) if args.engine == "local" and workers > 1 else None
     try:
         model, manifest, directory = _load_for_scoring(args)
@@ -209,6 +209,17 @@ def cmd_score(args) -> int:
     finally:
         if pool is not None:
             pool.close()
+
+
+def _given_files(*path_lists) -> list[str]:
+    """The input files named (paths, globs, folders); none when some cannot be listed: the run's
+    own checks then say what is wrong."""
+    from esxi_anomaly import ingest
+
+    try:
+        return [f for paths in path_lists for f in ingest.expand_paths(paths or [])]
+    except (ingest.IngestError, OSError):
+        return []
 
 
 def _suppressions(directory: Path) -> pd.DataFrame:
@@ -553,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connections scored at once, over all workers (bounds memory)")
     p.add_argument("--workers", type=int,
                    help="local engine: processes scoring partitions of the sources (default: the usable cores; "
-                        "the output does not depend on it)")
+                        "this process alone for inputs under 32 MB; the output does not depend on it)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last chunk")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--stats-json", metavar="PATH",

@@ -17,11 +17,10 @@ import copy
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator
-from sklearn.utils.validation import check_is_fitted
 
 from esxi_anomaly.detect import rules as R
 from esxi_anomaly.detect.ensemble import EnsembleDetector
+from esxi_anomaly.estimator import Estimator, check_fitted
 from esxi_anomaly.features import dns_join, pipeline
 from esxi_anomaly.features.baseline import EntityBaseline
 from esxi_anomaly.features.scope import Scope, diagnostic_lines, resolvers_seen, scope_line, scoped_history
@@ -81,7 +80,7 @@ def level_findings(level: float, top_score: float) -> list[str]:
             "can alert. Check the history (mostly one kind of traffic?) and the rule overrides"]
 
 
-class DnsCalcDetector(BaseEstimator):
+class DnsCalcDetector(Estimator):
     def __init__(self, min_window_s: float = 300.0, grace_s: float = 60.0, recent_responses: int = 4,
                  baseline_alpha: float = 5.0, baseline_split: float = 0.67, forest_weight: float = 0.6,
                  forest_floor: float = 0.9, n_estimators: int = 100, max_samples: int = 256,
@@ -175,7 +174,7 @@ class DnsCalcDetector(BaseEstimator):
 
     def refit_baseline(self, X: Frames):
         """Refit the per-entity baseline and management peers on new history; keep the detector."""
-        check_is_fitted(self, "detector_")
+        check_fitted(self, "detector_")
         X = check_frames(X, "DnsCalcDetector.refit_baseline")
         X = scoped_history(X, self.scope_)[0]
         prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params())
@@ -188,13 +187,13 @@ class DnsCalcDetector(BaseEstimator):
     # -- scoring ---------------------------------------------------------------------------
     def features(self, X: Frames, state: StreamState | None = None):
         """(prepared batch, feature matrix) of `X`; `state` carries stream state across chunks."""
-        check_is_fitted(self, "detector_")
+        check_fitted(self, "detector_")
         X = check_frames(X, "DnsCalcDetector.features")
         prepared = pipeline.prepare(X.connections, X.dns_answers, X.inventory, self.join_params(), state)
         return prepared, self.features_prepared(prepared, X.inventory)
 
     def features_prepared(self, prepared: pipeline.Prepared, inventory: pd.DataFrame | None) -> pd.DataFrame:
-        check_is_fitted(self, "detector_")
+        check_fitted(self, "detector_")
         mgmt = self.mgmt_ if inventory is None else ManagementPlane(tuple(self.mgmt_allow)).fit(inventory)
         return pipeline.extract(prepared, self.baseline_, mgmt)
 
@@ -209,7 +208,7 @@ class DnsCalcDetector(BaseEstimator):
         (`schema.RANK_ORDER`); `top` keeps the first N, `explain_top` are attributed. Only the
         connections of `scope` (None: the model's, `scope_`) are scored, as the engines of `scoring`
         do: they give the same rows."""
-        check_is_fitted(self, "detector_")
+        check_fitted(self, "detector_")
         X = scoped_history(check_frames(X, "DnsCalcDetector.score"), self.scope_ if scope is None else scope)[0]
         prepared, feats = self.features(X, state)
         rows = self.score_rows(prepared, feats)
@@ -222,7 +221,7 @@ class DnsCalcDetector(BaseEstimator):
         itself, which is built (`explain.sentences`) only for the rows that are kept: by `finish`,
         or by the batch writer block by block. `explain.SENTENCE_ONLY` columns are dropped then.
         `components`: `self.detector_.components(feats)` when the caller has it already."""
-        check_is_fitted(self, "detector_")
+        check_fitted(self, "detector_")
         comp = self.detector_.components(feats) if components is None else components
         c, ev, ent = prepared.conns, prepared.evidence, prepared.entities
         host = pd.Series(c["esxi_host"].array)
@@ -254,7 +253,7 @@ class DnsCalcDetector(BaseEstimator):
 
     @property
     def threshold_(self) -> float:
-        check_is_fitted(self, "detector_")
+        check_fitted(self, "detector_")
         return self.detector_.threshold_
 
 

@@ -151,7 +151,7 @@ def test_path_traversal_in_manifest_refused(saved):
 
 def test_scikit_learn_version_mismatch_refused(saved, monkeypatch):
     major, minor = (int(p) for p in sklearn.__version__.split(".")[:2])
-    monkeypatch.setattr(sklearn, "__version__", f"{major}.{minor + 1}.0")
+    monkeypatch.setattr(bundle, "sklearn_version", lambda: f"{major}.{minor + 1}.0")
     with pytest.raises(BundleError, match=rf"version-incompatible.*scikit-learn=={major}\.{minor}\b"):
         load_bundle(saved)
     with pytest.raises(BundleError, match="version-incompatible"):
@@ -160,7 +160,7 @@ def test_scikit_learn_version_mismatch_refused(saved, monkeypatch):
 
 def test_scikit_learn_patch_difference_accepted(saved, monkeypatch):
     major, minor = sklearn.__version__.split(".")[:2]
-    monkeypatch.setattr(sklearn, "__version__", f"{major}.{minor}.99")
+    monkeypatch.setattr(bundle, "sklearn_version", lambda: f"{major}.{minor}.99")
     assert load_bundle(saved)[0]["thresholds"] == {"alert": 0.83}
 
 

@@ -60,3 +60,24 @@ def test_score_help_mentions_the_rollup(capsys):
         cli.main(["score", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "<out stem>.entities.csv" in text and "--stats-json" in text
+
+
+def test_a_small_score_runs_in_one_process_without_importing_scikit_learn(tmp_path, small_day, bundle):
+    """Importing scikit-learn takes longer than scoring a small file: a loaded model scores with the
+    flat forest walk, and a small input starts no worker processes (`workers_for`)."""
+    import subprocess
+    import sys
+
+    _, folder = small_day
+    out, stats = tmp_path / "ranked.csv", tmp_path / "stats.json"
+    probe = ("import sys; from esxi_anomaly import cli; rc = cli.main(sys.argv[1:]); "
+             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'scipy', 'optuna')); "
+             "print(' '.join(heavy) or 'none'); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", probe, "score", "--model", str(bundle),
+                           "--conn", str(folder / "conn.log"), "--dns", str(folder / "dns.log"),
+                           "--inventory", str(folder / "inventory.csv"), "--out", str(out), "--no-progress",
+                           "--stats-json", str(stats)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "none"
+    assert json.loads(stats.read_text())["partitions"] == 1
+    assert len(pd.read_csv(out)) > 1000

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator
-from sklearn.utils.validation import check_is_fitted
 
 from esxi_anomaly.detect import rules as R
 from esxi_anomaly.detect.forest import CalibratedForest
+from esxi_anomaly.estimator import Estimator, check_fitted
 
 TIE_BREAK = 0.01
 
 
-class EnsembleDetector(BaseEstimator):
+class EnsembleDetector(Estimator):
     def __init__(self, forest_weight: float = 0.6, forest_floor: float = 0.9, rules: list | None = None,
                  n_estimators: int = 100, max_samples: int = 256, max_features: float = 1.0,
                  threshold_quantile: float = 0.999, random_state=0, n_jobs=None):
@@ -59,7 +58,7 @@ class EnsembleDetector(BaseEstimator):
         """score, forest_score, rule_score, evidence (an evidence rule fired) and the names of the
         rules fired, per row of `X`.
         `n_jobs`: the forest's scoring threads for this call (None: the fitted `n_jobs`)."""
-        check_is_fitted(self, "forest_")
+        check_fitted(self, "forest_")
         X = X[list(self.feature_names_in_)]
         pct = self.forest_.score(X.to_numpy(), n_jobs)
         return self._combine(pct, R.evaluate(self.rules_, X))
@@ -77,7 +76,7 @@ class EnsembleDetector(BaseEstimator):
 
     def alerts(self, components: pd.DataFrame) -> np.ndarray:
         """Which rows of `components` (from `components`) are alerts: evidence, and a score at the level."""
-        check_is_fitted(self, "forest_")
+        check_fitted(self, "forest_")
         return components["evidence"].to_numpy(dtype=bool) & (components["score"].to_numpy() >= self.threshold_)
 
     def score_samples(self, X: pd.DataFrame) -> np.ndarray:
@@ -87,7 +86,7 @@ class EnsembleDetector(BaseEstimator):
         """Per-row occlusion attribution of the forest score: how much the raw anomaly score drops
         when one feature is set to its training median. Costs rows x features forest evaluations,
         so call it for the top-ranked rows only."""
-        check_is_fitted(self, "forest_")
+        check_fitted(self, "forest_")
         X = X[list(self.feature_names_in_)].to_numpy(dtype="float64")
         if not len(X):
             return []

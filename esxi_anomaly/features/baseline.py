@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils.validation import check_is_fitted
 
+from esxi_anomaly.estimator import Estimator, check_fitted
 from esxi_anomaly.features.columns import distinct
 from esxi_anomaly.features.hashing import combine as _h, hash_column
 from esxi_anomaly.features.stream_state import trailing_count
@@ -45,7 +44,7 @@ def _member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return sorted_keys[pos] == keys
 
 
-class EntityBaseline(BaseEstimator, TransformerMixin):
+class EntityBaseline(Estimator):
     """Smoothed port rarity, novelty, prevalence, hour rarity and robust z-scores per entity.
 
     Input frames carry the columns in `REQUIRED` (`entity` = source name, `role` = its peer group,
@@ -94,8 +93,11 @@ class EntityBaseline(BaseEstimator, TransformerMixin):
         self.n_features_in_ = len(REQUIRED)
         return self
 
+    def fit_transform(self, X: pd.DataFrame, y=None) -> pd.DataFrame:
+        return self.fit(X, y).transform(X)
+
     def transform(self, X: pd.DataFrame) -> pd.DataFrame:
-        check_is_fitted(self, "entity_totals_")
+        check_fitted(self, "entity_totals_")
         _check(X)
         ent, role, dst, domain = _hashed(X)
         port = X["dst_port"].to_numpy(dtype="int64")

@@ -12,9 +12,8 @@ from importlib import resources
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator
-from sklearn.utils.validation import check_is_fitted
 
+from esxi_anomaly.estimator import Estimator, check_fitted
 from esxi_anomaly.features.columns import Coded, ConnColumns, distinct
 from esxi_anomaly.features.hashing import combine
 
@@ -54,7 +53,7 @@ def peer_classes(inventory: pd.DataFrame | None) -> pd.Series:
     return pd.Series(cls.to_numpy(), index=inventory["ip"].astype("str").to_numpy()).loc[lambda s: s != ""]
 
 
-class ManagementPlane(BaseEstimator):
+class ManagementPlane(Estimator):
     """Flags management-plane egress that the allow-list does not explain.
 
     `extra_allow`: rows (process, peer_class, proto, port_from, port_to, ruleset) added per environment.
@@ -75,7 +74,7 @@ class ManagementPlane(BaseEstimator):
                   columns: ConnColumns | None = None) -> pd.DataFrame:
         """`entities`: the entity columns per connection, or just their `src_kind` coded; `columns`: the
         coded view of `conns` if the caller has one (`pipeline.prepare` does)."""
-        check_is_fitted(self, "allowlist_")
+        check_fitted(self, "allowlist_")
         n = len(conns)
         kinds = entities if isinstance(entities, Coded) else Coded.of(entities["src_kind"])
         source = kinds.isin(MGMT_KINDS)

@@ -61,6 +61,26 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# Inputs smaller than this are scored in the calling process: starting workers (each imports the
+# scoring stack: ~2 s on 2 cores) costs more than they save. Compressed files count as
+# COMPRESSED_RATIO times their size (Zeek logs gzip about 4:1).
+ONE_PROCESS_INPUT_BYTES = 32 << 20
+COMPRESSED_RATIO = 4
+
+
+def workers_for(files: list) -> int:
+    """Worker processes for inputs `files` when the user did not say: one (no pool) for small
+    inputs, else every usable core."""
+    size = 0
+    for path in files:
+        try:
+            bytes_on_disk = os.stat(path).st_size
+        except OSError:        # reported by the run's own input checks
+            continue
+        size += bytes_on_disk * (COMPRESSED_RATIO if str(path).endswith((".gz", ".zst", ".bz2", ".xz")) else 1)
+    return 1 if size < ONE_PROCESS_INPUT_BYTES else default_workers()
+
+
 # glibc `mallopt` parameters, and what `tune_allocator` sets them to
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 HEAP_ARRAYS_UP_TO = 256 << 20   # arrays up to this size come from the heap (glibc: 128 KB, rising to 32 MB)

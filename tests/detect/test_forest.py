@@ -1,5 +1,6 @@
-"""ForestScorer / CalibratedForest.raw_score equal sklearn's IsolationForest.score_samples (1e-9; in
-practice bit for bit), whatever the thread count, block size or input quirks."""
+"""ForestScorer (the compiled walk), FlatTrees (the numpy walk) and CalibratedForest.raw_score equal
+sklearn's IsolationForest.score_samples bit for bit, whatever the thread count, block size or input
+quirks."""
 from __future__ import annotations
 
 import pickle
@@ -11,7 +12,7 @@ from sklearn.base import clone
 from sklearn.ensemble import IsolationForest
 
 from esxi_anomaly.detect import forest as forest_mod
-from esxi_anomaly.detect.forest import CalibratedForest, ForestScorer, scoring_threads, usable_cpus
+from esxi_anomaly.detect.forest import CalibratedForest, FlatTrees, ForestScorer, scoring_threads, usable_cpus
 
 # 1e39 does not fit a float32: sklearn's cast and ours both warn, and both give inf.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
@@ -23,6 +24,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(forest_mod, "BLOCK_ROWS", 64)
     monkeypatch.setattr(forest_mod, "TASK_ROWS", 64)
     monkeypatch.setattr(forest_mod, "MIN_ROWS_PER_THREAD", 16)
+    monkeypatch.setattr(forest_mod, "FLAT_BLOCK_ROWS", 50)
 
 
 def fit(X, **kw) -> IsolationForest:
@@ -37,6 +39,8 @@ def assert_same(forest, X, n_threads=1):
     assert got.shape == expected.shape and got.dtype == np.float64
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
     assert np.array_equal(got, expected)         # same floats, same summation order
+    flat = FlatTrees(ForestScorer(forest)).raw_score(X)
+    assert flat.dtype == np.float64 and np.array_equal(-flat, expected)
     return got
 
 
@@ -182,3 +186,36 @@ def test_refit_rebuilds_the_tables(rng, train):
     assert cf.scorer_ is not first
     X = quirky(rng)
     assert np.array_equal(cf.raw_score(X), -cf.forest_.score_samples(X))
+
+
+def test_calls_take_either_walk_with_the_same_scores(rng, train, monkeypatch):
+    cf = CalibratedForest(n_estimators=30, max_features=0.8, random_state=4).fit(train)
+    X = quirky(rng, 800)
+    walks = {}
+    for name, min_rows in (("flat", 10**9), ("compiled", 0)):
+        monkeypatch.setattr(forest_mod, "COMPILED_WALK_MIN_ROWS", min_rows)
+        walks[name] = cf.raw_score(X, n_jobs=2)
+    assert np.array_equal(walks["flat"], walks["compiled"])
+    assert np.array_equal(walks["flat"], -cf.forest_.score_samples(X))
+
+
+def test_a_pickle_holds_the_sklearn_forest_as_bytes_until_it_is_asked_for(rng, train):
+    cf = CalibratedForest(n_estimators=20, random_state=2).fit(train)
+    X = quirky(rng)
+    again = pickle.loads(pickle.dumps(cf))
+    assert "_forest" not in again.__dict__ and isinstance(again.__dict__["_forest_pickle"], bytes)
+    assert np.array_equal(again.raw_score(X[:100]), cf.raw_score(X[:100]))   # the flat walk: no unpickling
+    assert "_forest" not in again.__dict__
+    assert np.array_equal(-again.forest_.score_samples(X), cf.raw_score(X))
+    twice = pickle.loads(pickle.dumps(again))                                 # the same bytes kept
+    assert twice.__dict__["_forest_pickle"] == again.__dict__["_forest_pickle"]
+
+
+def test_a_pickle_from_before_flat_trees_loads_and_scores_alike(rng, train):
+    cf = CalibratedForest(n_estimators=20, random_state=2).fit(train)
+    old = {k: v for k, v in cf.__dict__.items() if k not in ("_forest", "_scorer", "trees_", "_forest_pickle")}
+    old["forest_"] = cf.forest_
+    loaded = CalibratedForest.__new__(CalibratedForest)
+    loaded.__setstate__(pickle.loads(pickle.dumps(old)))
+    X = quirky(rng)
+    assert np.array_equal(loaded.raw_score(X), cf.raw_score(X))
