@@ -12,6 +12,7 @@ import io
 import json
 import mmap
 import os
+import shutil
 import time
 from collections import deque
 from contextlib import ExitStack
@@ -37,6 +38,7 @@ from esxi_anomaly.scoring.rank import explanations, rank_order, ranked_block
 from esxi_anomaly.scoring.workers import WorkerPool, release_free_memory
 
 WRITE_BLOCK = 100_000
+BLOCKS_FOLDER = "blocks"       # the work folder's CSV blocks, made by workers, moved into the output
 WRITE_THREADS = 2              # output blocks prepared concurrently (2-core machines and up)
 HTML_DEFAULT_TOP = 2000
 HTML_INCIDENTS = 500           # incidents the HTML report's table holds (all are in the incidents CSV)
@@ -383,16 +385,26 @@ def _block_output(rank_env: dict, fmt: str, start: int, bucket: np.ndarray, row:
 
 
 def _csv_block_job(env: dict, work: Path, start: int, bucket: np.ndarray, row: np.ndarray,
-                   change: np.ndarray | None = None, progress=None) -> bytes:
-    """Worker side of `_write_blocks_on_workers`: one CSV block, as bytes."""
+                   change: np.ndarray | None = None, progress=None) -> tuple[Path, int]:
+    """Worker side of `_write_blocks_on_workers`: one CSV block, written to a file of the work folder
+    (a pipe moves bytes between processes at ~150 MB/s on 2 cores, the kernel's file-to-file copy at
+    ~800 MB/s: 2.6 GB of CSV at 10M connections); its path and rows."""
     rank_env = env["rank"]
     if rank_env.get("work") != work:   # this run's scored files, opened once per worker
         rank_env.update(work=work, tables=ScoredFiles(scored_paths(work)))
     parts, rows = _block_output(rank_env, "csv", start, bucket, row, change)
-    data = b"".join(parts)
+    path = block_path(work, start)
+    with open(path, "wb") as fh:
+        for part in parts:
+            fh.write(part)
     rank_env["tables"].release()
     release_free_memory()
-    return data, rows
+    return path, rows
+
+
+def block_path(work: Path, start: int) -> Path:
+    """Where a worker leaves the CSV block starting at rank start+1."""
+    return work / BLOCKS_FOLDER / f"{start}.csv"
 
 
 def _rank_setup_job(env: dict, explain_top: int, attribution: dict, context: pd.DataFrame | None,
@@ -406,8 +418,9 @@ def _write_blocks_on_workers(pool: WorkerPool, work: Path, block, starts: range,
     """CSV blocks (`block(start)`: a block's arguments) built by the workers and written here in rank
     order; at most two blocks per worker in flight, so memory stays bounded. `note`: what a row the
     alert budget held back says (`_flip`)."""
+    (work / BLOCKS_FOLDER).mkdir(exist_ok=True)
     pool.broadcast(_rank_setup_job, explain_top, attribution, context, note)
-    done: dict[int, bytes] = {}
+    done: dict[int, tuple[Path, int]] = {}
     block_of: dict[int, int] = {}
     next_submit = next_write = 0
     while next_write < len(starts):
@@ -420,8 +433,8 @@ def _write_blocks_on_workers(pool: WorkerPool, work: Path, block, starts: range,
             if next_write in done:
                 break
         while next_write in done:
-            data, rows = done.pop(next_write)
-            write(([data], rows))
+            path, rows = done.pop(next_write)
+            write(([path], rows))
             next_write += 1
 
 
@@ -473,6 +486,25 @@ def _gather(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray,
     return table.take(pa.array(to_order))
 
 
+def append_file(path: Path, out) -> None:
+    """Append the file at `path` to the open binary file `out` (flushed), by the kernel where it can."""
+    with open(path, "rb") as src:
+        left = os.fstat(src.fileno()).st_size
+        try:
+            while left > 0:
+                copied = os.copy_file_range(src.fileno(), out.fileno(), left)
+                if copied == 0:
+                    break
+                left -= copied
+        except (AttributeError, OSError):   # not Linux, or file systems the call cannot span
+            pass
+        if left > 0:
+            src.seek(os.fstat(src.fileno()).st_size - left)
+            out.seek(0, os.SEEK_END)
+            shutil.copyfileobj(src, out)
+            out.flush()
+
+
 class BlockWriter:
     """Appends rank-ordered blocks (Arrow tables) to one CSV / JSON lines / Parquet file."""
 
@@ -506,9 +538,15 @@ class BlockWriter:
         self.first = False
 
     def write_parts(self, parts) -> None:
-        """Append encoded CSV bytes (a block's buffers)."""
+        """Append encoded CSV: a block's buffers, or block files (`_csv_block_job`), which are moved:
+        copied by the kernel (no pass through this process), then removed."""
         for part in parts:
-            self.fh.write(part)
+            if isinstance(part, Path):
+                self.fh.flush()
+                append_file(part, self.fh)
+                part.unlink()
+            else:
+                self.fh.write(part)
 
     def close(self) -> None:
         if self.fh is not None:
