@@ -5,7 +5,7 @@ bit (tests/detect/test_forest.py), and a call takes one by its size (COMPILED_WA
 
 * `FlatTrees`, for small calls: every tree's nodes as flat numpy arrays, walked level by level over
   all rows and trees at once. It needs no scikit-learn, so a loaded model that scores a small file
-  never imports it (1.7 s on 2 cores, more than the whole run); about 3x the compiled walk's CPU
+  never imports it (1.7 s on 2 cores, more than the whole run); about 2.5x the compiled walk's CPU
   per row.
 * `ForestScorer`, for large calls: scikit-learn's compiled tree walk, faster than `score_samples`.
 
