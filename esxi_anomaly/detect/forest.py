@@ -55,7 +55,7 @@ MIN_ROWS_PER_THREAD = 1024
 # Default thread count (n_jobs=None): the usable cores, at most this many.
 DEFAULT_MAX_THREADS = 4
 # Calls with fewer rows take the flat numpy walk (no scikit-learn import: 1.7 s once per process,
-# the numpy walk's extra cost for about 400k rows); larger ones the compiled walk.
+# the numpy walk's extra cost for about 500k rows); larger ones the compiled walk.
 COMPILED_WALK_MIN_ROWS = 100_000
 # Rows of the flat walk at a time: its (trees x rows) node and index arrays stay in L2/L3.
 FLAT_BLOCK_ROWS = 2048
