@@ -13,9 +13,10 @@ import json
 import mmap
 import os
 import shutil
+import threading
 import time
 from collections import deque
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -236,22 +237,34 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
         block_frames = []
         with ExitStack() as staged:   # every file staged; moved into place together, the output last
             tmp = staged.enter_context(atomic_path(out))
-            entities, shown_incidents, counted_incidents, documents = 0, [], 0, 0
+            rollup_tmp = staged.enter_context(atomic_path(rollup_out)) if rollup is not None else None
+            incidents_tmp = staged.enter_context(atomic_path(incidents_path(out))) \
+                if grouped is not None and rollup_out is not None else None
             html_extra = dict(html_extra)
-            if rollup is not None:
-                entity_frame = rollup.finish(full_order, rows_at)
-                with open(staged.enter_context(atomic_path(rollup_out)), "wb") as fh:
-                    report_csv.write_frame_csv(entity_frame, fh)
-                entities = len(entity_frame)
-                if fmt == "html":
-                    html_extra["rollup"] = entity_frame
-                t = lap(stages, "rank+write: entity roll-up", t)
-            if grouped is not None:
-                incidents_fh = open(staged.enter_context(atomic_path(incidents_path(out))), "wb") \
-                    if rollup_out is not None else None
+            cancel = threading.Event()
+
+            def summarise() -> tuple[int, int, int]:
+                """The roll-up and the incidents of every scored row, written to their staged files
+                (and the ECS incident documents to `tmp` with `incidents`); (entities, incidents
+                counted, documents written). Stops between blocks of incidents once `cancel` is set."""
+                t0 = time.perf_counter()
+                entities, shown_incidents, counted_incidents, documents = 0, [], 0, 0
+                if rollup is not None:
+                    entity_frame = rollup.finish(full_order, rows_at)
+                    with open(rollup_tmp, "wb") as fh:
+                        report_csv.write_frame_csv(entity_frame, fh)
+                    entities = len(entity_frame)
+                    if fmt == "html":
+                        html_extra["rollup"] = entity_frame
+                    t0 = lap(stages, "rank+write: entity roll-up", t0)
+                if grouped is None:
+                    return entities, 0, 0
+                incidents_fh = open(incidents_tmp, "wb") if incidents_tmp is not None else None
                 ecs_fh = open(tmp, "w", encoding="utf-8", newline="") if incidents else None
                 try:
                     for block in grouped.finish(full_order, rows_at, values_at):
+                        if cancel.is_set():
+                            raise RuntimeError("the run stopped while its incidents were grouped")
                         if incidents_fh is not None:
                             report_csv.write_frame_csv(block[list(INCIDENTS)], incidents_fh,
                                                        header=counted_incidents == 0)
@@ -268,15 +281,31 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                     for fh in (incidents_fh, ecs_fh):
                         if fh is not None:
                             fh.close()
-                if summary is not None:
-                    summary.incidents = counted_incidents if rollup_out is not None else 0
                 if fmt == "html":
                     html_extra["incidents"] = pd.concat(shown_incidents, ignore_index=True).head(HTML_INCIDENTS) \
                         if shown_incidents else None
-                t = lap(stages, "rank+write: incidents", t)
+                lap(stages, "rank+write: incidents", t0)
+                return entities, counted_incidents if rollup_out is not None else 0, documents
+
+            def block(start: int) -> tuple:
+                """Block `start`'s arguments: its first rank - 1, the (file, row) of each of its rows and
+                which of them had their alert changed (None: none)."""
+                idx = order[start:start + WRITE_BLOCK]
+                return start, bucket[idx], row[idx], None if change is None else change[idx]
+
+            starts = range(0, len(order), WRITE_BLOCK)
+            # CSV blocks built by workers: the roll-up and incidents are made here meanwhile (this
+            # process would otherwise wait for the blocks, and the workers for it)
+            beside_blocks = fmt == "csv" and pool is not None and len(starts) > 1 and not incidents
+            summarised = threads.submit(summarise) if beside_blocks else None
             if summary is not None:
                 summary.alerts_held_back = held_back
                 summary.alerts_by_incident = promoted
+            if summarised is None:
+                entities, counted_incidents, documents = summarise()
+                if summary is not None and grouped is not None:
+                    summary.incidents = counted_incidents
+                t = time.perf_counter()
             if incidents:   # the output is the incidents: no rows
                 return documents, entities
             writer = BlockWriter(tmp, fmt)
@@ -299,15 +328,18 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                     writer.write(result)
                 tables.release()  # the block's gathered pages are written out
 
-            def block(start: int) -> tuple:
-                """Block `start`'s arguments: its first rank - 1, the (file, row) of each of its rows and
-                which of them had their alert changed (None: none)."""
-                idx = order[start:start + WRITE_BLOCK]
-                return start, bucket[idx], row[idx], None if change is None else change[idx]
-
-            starts = range(0, len(order), WRITE_BLOCK)
-            if fmt == "csv" and pool is not None and len(starts) > 1:
-                _write_blocks_on_workers(pool, work, block, starts, explain_top, attribution, context, write, note)
+            if beside_blocks:
+                try:
+                    _write_blocks_on_workers(pool, work, block, starts, explain_top, attribution, context, write,
+                                             note)
+                except BaseException:
+                    cancel.set()   # the incidents stop at their next block; the blocks' error is the run's
+                    with suppress(Exception):
+                        summarised.result()
+                    raise
+                entities, counted_incidents, documents = summarised.result()
+                if summary is not None and grouped is not None:
+                    summary.incidents = counted_incidents
             else:
                 rank_env = {"model": model, "tables": tables, "explain_top": explain_top,
                             "attribution": attribution, "context": context, "note": note}

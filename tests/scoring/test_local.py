@@ -159,7 +159,30 @@ def test_worker_processes_give_the_same_output(tmp_path, setting, monkeypatch):
     assert (one.partitions, two.partitions) == (1, 2)
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
     assert (tmp_path / "one.entities.csv").read_bytes() == (tmp_path / "two.entities.csv").read_bytes()
-    assert (one.written, one.alerts, one.entities) == (two.written, two.alerts, two.entities)
+    # with workers, the roll-up and incidents are made while the workers build the CSV blocks
+    assert (tmp_path / "one.incidents.csv").read_bytes() == (tmp_path / "two.incidents.csv").read_bytes()
+    assert (one.written, one.alerts, one.entities, one.incidents) == (two.written, two.alerts, two.entities,
+                                                                      two.incidents)
+
+
+def test_a_block_that_fails_stops_the_run_and_replaces_nothing(tmp_path, setting, monkeypatch):
+    model, folder, frames = setting
+    monkeypatch.setattr(write, "WRITE_BLOCK", 1000)
+    appended = []
+
+    def disk_full(path, out):
+        appended.append(path)
+        if len(appended) == 2:
+            raise OSError(28, "No space left on device", str(path))
+        return real_append(path, out)
+
+    real_append = write.append_file
+    monkeypatch.setattr(write, "append_file", disk_full)
+    out = tmp_path / "r.csv"
+    with pytest.raises(OSError, match="No space left"):
+        local.run(model, [folder / "conn.log"], [folder / "dns.log"], out, inventory=frames.inventory,
+                  chunk_rows=800, bucket_s=1800, progress=False, workers=2)
+    assert list(tmp_path.iterdir()) == []   # no output, roll-up, incidents, staged file or work folder
 
 
 def test_partitions_balance_skewed_sources():
