@@ -180,7 +180,9 @@ def _connect(scheduler):
         return scheduler, None, False
     if scheduler:
         return Client(scheduler), None, True
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    # the scheduler's HTTP server on a free port: with None it still takes 8787, and warns when another
+    # run (or cluster) holds it
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
     return Client(cluster), cluster, True
 
 
