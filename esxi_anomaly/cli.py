@@ -211,13 +211,14 @@ def cmd_score(args) -> int:
             pool.close()
 
 
-def _given_files(*path_lists) -> list[str]:
-    """The input files named (paths, globs, folders); none when some cannot be listed: the run's
-    own checks then say what is wrong."""
+def _given_files(*path_lists) -> list:
+    """The input files named (`output.input_files`); none when some cannot be listed: the run's own
+    checks then say what is wrong."""
     from esxi_anomaly import ingest
+    from esxi_anomaly.scoring.output import input_files
 
     try:
-        return [f for paths in path_lists for f in ingest.expand_paths(paths or [])]
+        return input_files(*path_lists)
     except (ingest.IngestError, OSError):
         return []
 

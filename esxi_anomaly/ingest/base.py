@@ -343,6 +343,16 @@ class _Transcoded(io.RawIOBase):
         super().close()
 
 
+def is_compressed(path: str | os.PathLike) -> bool:
+    """Whether `open_binary` decompresses the file (gzip, bz2, xz or zip, by its first bytes)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except OSError:
+        return False
+    return head.startswith(b"PK\x03\x04") or any(head.startswith(magic) for magic, _ in _MAGIC)
+
+
 def open_binary(path: str) -> io.BufferedIOBase:
     """Open a file for reading bytes, transparently decompressing gzip, bz2 or xz by content.
 

@@ -73,13 +73,15 @@ COMPRESSED_RATIO = 4
 def workers_for(files: list) -> int:
     """Worker processes for inputs `files` when the user did not say: one (no pool) for small
     inputs, else every usable core."""
+    from esxi_anomaly.ingest.base import is_compressed
+
     size = 0
     for path in files:
         try:
             bytes_on_disk = os.stat(path).st_size
         except OSError:        # reported by the run's own input checks
             continue
-        size += bytes_on_disk * (COMPRESSED_RATIO if str(path).endswith((".gz", ".zst", ".bz2", ".xz")) else 1)
+        size += bytes_on_disk * (COMPRESSED_RATIO if is_compressed(path) else 1)
     return 1 if size < ONE_PROCESS_INPUT_BYTES else default_workers()
 
 

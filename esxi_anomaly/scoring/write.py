@@ -243,10 +243,10 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
             html_extra = dict(html_extra)
             cancel = threading.Event()
 
-            def summarise() -> tuple[int, int, int]:
+            def summarise() -> tuple[int, int]:
                 """The roll-up and the incidents of every scored row, written to their staged files
-                (and the ECS incident documents to `tmp` with `incidents`); (entities, incidents
-                counted, documents written). Stops between blocks of incidents once `cancel` is set."""
+                (and the ECS incident documents to `tmp` with `incidents`; their count to `summary`);
+                (entities, documents written). Stops between blocks of incidents once `cancel` is set."""
                 t0 = time.perf_counter()
                 entities, shown_incidents, counted_incidents, documents = 0, [], 0, 0
                 if rollup is not None:
@@ -258,7 +258,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                         html_extra["rollup"] = entity_frame
                     t0 = lap(stages, "rank+write: entity roll-up", t0)
                 if grouped is None:
-                    return entities, 0, 0
+                    return entities, 0
                 incidents_fh = open(incidents_tmp, "wb") if incidents_tmp is not None else None
                 ecs_fh = open(tmp, "w", encoding="utf-8", newline="") if incidents else None
                 try:
@@ -284,8 +284,10 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                 if fmt == "html":
                     html_extra["incidents"] = pd.concat(shown_incidents, ignore_index=True).head(HTML_INCIDENTS) \
                         if shown_incidents else None
+                if summary is not None:
+                    summary.incidents = counted_incidents if rollup_out is not None else 0
                 lap(stages, "rank+write: incidents", t0)
-                return entities, counted_incidents if rollup_out is not None else 0, documents
+                return entities, documents
 
             def block(start: int) -> tuple:
                 """Block `start`'s arguments: its first rank - 1, the (file, row) of each of its rows and
@@ -302,9 +304,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                 summary.alerts_held_back = held_back
                 summary.alerts_by_incident = promoted
             if summarised is None:
-                entities, counted_incidents, documents = summarise()
-                if summary is not None and grouped is not None:
-                    summary.incidents = counted_incidents
+                entities, documents = summarise()
                 t = time.perf_counter()
             if incidents:   # the output is the incidents: no rows
                 return documents, entities
@@ -337,9 +337,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                     with suppress(Exception):
                         summarised.result()
                     raise
-                entities, counted_incidents, documents = summarised.result()
-                if summary is not None and grouped is not None:
-                    summary.incidents = counted_incidents
+                entities, documents = summarised.result()
             else:
                 rank_env = {"model": model, "tables": tables, "explain_top": explain_top,
                             "attribution": attribution, "context": context, "note": note}

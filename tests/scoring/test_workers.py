@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from esxi_anomaly.scoring import workers
 from esxi_anomaly.scoring.workers import WorkerError, WorkerPool, default_workers
 
 
@@ -124,3 +125,17 @@ def test_close_with_jobs_still_queued_stops_the_workers_and_lets_the_process_exi
     seconds, exitcodes = out.split(" ", 1)
     assert float(seconds) < 5 and exitcodes.strip() == f"[{-signal.SIGTERM}, {-signal.SIGTERM}, 7]"
     assert wait_for(lambda: not tree(tag), 5)
+
+
+def test_small_inputs_are_scored_without_workers_compressed_ones_by_content(tmp_path, monkeypatch):
+    import gzip
+
+    monkeypatch.setattr(workers, "ONE_PROCESS_INPUT_BYTES", 4000)
+    monkeypatch.setattr(workers, "default_workers", lambda: 2)
+    plain = tmp_path / "conn.log"
+    plain.write_bytes(b"x" * 1500)
+    packed = tmp_path / "dns.log"                    # gzip without the suffix: the readers decide by content
+    packed.write_bytes(gzip.compress(bytes(range(256)) * 40, compresslevel=0)[:800])
+    assert workers.workers_for([plain]) == 1
+    assert workers.workers_for([plain, packed]) == 2  # 1,500 + 4 x 800 bytes
+    assert workers.workers_for([plain, tmp_path / "missing.log"]) == 1
