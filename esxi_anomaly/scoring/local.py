@@ -471,8 +471,10 @@ def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: 
     read_rows = max(10_000, chunk_rows // partitions)   # files are read side by side: chunk_rows in all
     jobs = [(path, explicit, frame, folder, bucket_s, key, index, read_rows, read_options)
             for index, (path, explicit, frame, folder, key) in enumerate(files)]
-    results = (pool.map(spill_file, jobs) if pool is not None
-               else [spill_file({"inventory": inventory, "scope": scope}, *job) for job in jobs])
+    here = {"inventory": inventory, "scope": scope}
+    # with a pool, this process reads too whenever no worker is free (first, while the pool starts)
+    results = (pool.map(spill_file, jobs, here=here) if pool is not None
+               else [spill_file(here, *job) for job in jobs])
     stages["read+spill"] = time.perf_counter() - t0
     counts = {"connections": {}, "dns_answers": {}}
     resolvers = sorted({ip for result in results if "error" not in result for ip in result["resolvers"]})

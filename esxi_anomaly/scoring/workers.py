@@ -213,6 +213,7 @@ class WorkerPool:
         self._starter = threading.Thread(target=self._start, name="esxi-anomaly-pool-start", daemon=True)
         self._starter.start()
         self.pending: set = set()
+        self._queued = [0] * n      # jobs sent to each worker and not finished
         self._quiet: set = set()     # broadcast jobs: their results are not reported
         self._next_id = 0
         self._closed = False
@@ -244,6 +245,7 @@ class WorkerPool:
         self._next_id += 1
         self.inboxes[worker].put((job_id, fn, args))
         self.pending.add(job_id)
+        self._queued[worker] += 1
         return job_id
 
     def events(self, on_progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, int, Any]]:
@@ -251,28 +253,39 @@ class WorkerPool:
         `on_progress` meanwhile. Raises `WorkerError` for a failed job or a dead worker."""
         self._started()
         while self.pending:
-            try:
-                kind, worker, job_id, value = self.outbox.get(timeout=_POLL_S)
-            except queue.Empty:
+            event = self._poll(_POLL_S, on_progress)
+            if event is not None:
+                yield event
+
+    def _poll(self, timeout: float, on_progress: Callable[[int], None] | None) -> tuple[int, int, Any] | None:
+        """The next finished job's (worker, job id, result), waiting at most `timeout` s; None when
+        none finished meanwhile (a broadcast job or a progress report counts as none)."""
+        try:
+            kind, worker, job_id, value = (self.outbox.get(timeout=timeout) if timeout > 0
+                                           else self.outbox.get_nowait())
+        except queue.Empty:
+            if not self._starter.is_alive():
+                self._started()
                 dead = [p for p in self.processes if p.exitcode is not None]
                 if dead:
                     raise WorkerError(f"worker process {dead[0].name} exited with code {dead[0].exitcode} before "
                                       "finishing its job: killed, out of memory, or it could not start (a script "
                                       "that starts workers needs `if __name__ == '__main__':`)") from None
-                continue
-            if kind == "progress":
-                if on_progress is not None:
-                    on_progress(value)
-            elif kind == "error":
-                text, original = value
-                raise WorkerError(f"a job failed in worker {worker}:\n{text}",
-                                  pickle.loads(original) if original is not None else None)
-            else:
-                self.pending.discard(job_id)
-                if job_id in self._quiet:
-                    self._quiet.discard(job_id)
-                    continue
-                yield worker, job_id, value
+            return None
+        if kind == "progress":
+            if on_progress is not None:
+                on_progress(value)
+            return None
+        if kind == "error":
+            text, original = value
+            raise WorkerError(f"a job failed in worker {worker}:\n{text}",
+                              pickle.loads(original) if original is not None else None)
+        self.pending.discard(job_id)
+        self._queued[worker] -= 1
+        if job_id in self._quiet:
+            self._quiet.discard(job_id)
+            return None
+        return worker, job_id, value
 
     def broadcast(self, fn: Callable, *args) -> None:
         """Queue `fn(env, *args)` once on every worker (e.g. to give each the model), ahead of the jobs
@@ -280,21 +293,29 @@ class WorkerPool:
         for worker in range(len(self)):
             self._quiet.add(self.submit(worker, fn, *args))
 
-    def map(self, fn: Callable, jobs: list[tuple], on_progress: Callable[[int], None] | None = None) -> list:
-        """`fn(env, *args)` for each args tuple of `jobs`, each job going to the next free worker;
-        results in the order of `jobs`."""
+    def map(self, fn: Callable, jobs: list[tuple], on_progress: Callable[[int], None] | None = None,
+            here: dict | None = None) -> list:
+        """`fn(env, *args)` for each args tuple of `jobs`, in order, each job going to the next idle
+        worker; results in the order of `jobs`. With `here` (an env for this process), this process
+        runs a job itself whenever no worker is idle: while the pool still starts (its forkserver
+        imports for ~2 s), the first jobs need not wait for it."""
         results: dict[int, Any] = {}
         index_of: dict[int, int] = {}
-        todo = iter(enumerate(jobs))
-        for worker in range(len(self)):
-            for i, args in todo:
-                index_of[self.submit(worker, fn, *args)] = i
-                break
-        for worker, job_id, value in self.events(on_progress):
-            results[index_of.pop(job_id)] = value
-            for i, args in todo:
-                index_of[self.submit(worker, fn, *args)] = i
-                break
+        todo = list(enumerate(jobs))
+        progress = on_progress or (lambda n: None)
+        while todo or index_of:
+            if here is None:
+                self._started()
+            event = self._poll(0 if here is not None and todo else _POLL_S, on_progress)
+            if event is not None:
+                results[index_of.pop(event[1])] = event[2]
+            for worker in range(len(self)):
+                if todo and not self._queued[worker]:
+                    i, args = todo.pop(0)
+                    index_of[self.submit(worker, fn, *args)] = i
+            if here is not None and todo and event is None:
+                i, args = todo.pop(0)
+                results[i] = fn(here, *args, progress=progress)
         return [results[i] for i in range(len(jobs))]
 
     def close(self) -> None:

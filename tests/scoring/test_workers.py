@@ -55,6 +55,33 @@ def test_map_returns_results_in_job_order_whatever_worker_ran_them():
         assert [value for value, _calls in pool.map(add, [(i, 10) for i in range(7)])] == [i + 10 for i in range(7)]
 
 
+def where(env, i, progress=None):
+    progress(1)
+    return i, os.getpid()
+
+
+def test_map_with_here_runs_jobs_in_this_process_while_no_worker_is_free():
+    """A fresh pool's workers are not free before their start and set-up: with `here`, the caller runs
+    the first jobs itself; every result still comes back in job order, and every progress report too."""
+    seen = []
+    with WorkerPool(2, {}) as pool:
+        pool.broadcast(set_base, 0)
+        results = pool.map(where, [(i,) for i in range(40)], seen.append, here={})
+        worker_pids = {p.pid for p in pool.processes}
+    assert [i for i, _pid in results] == list(range(40))
+    ran_by = {pid for _i, pid in results}
+    assert results[0][1] == os.getpid()          # the first job cannot wait for a pool still starting
+    assert ran_by <= worker_pids | {os.getpid()}
+    assert len(seen) == 40
+
+
+def test_map_with_here_reports_a_job_failing_in_this_process_as_it_is():
+    with WorkerPool(1, {}) as pool:
+        pool.broadcast(set_base, 0)     # the worker is busy until set up: this process takes the job
+        with pytest.raises(ValueError, match="bad record in partition 1"):
+            pool.map(fail, [()], here={})
+
+
 def set_base(env, base, progress=None):
     env["base"] = base
 
