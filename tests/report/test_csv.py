@@ -107,6 +107,32 @@ def test_arrow_encoder_writes_the_bytes_pandas_writes(ranked):
         assert _arrow_bytes(single) == _pandas_bytes(single)
 
 
+def test_arrow_encoder_matches_pandas_on_columns_of_few_values_and_where_exponents_start():
+    """The encoder's shortcuts: float columns of few distinct values are formatted once per value
+    (0.0 and -0.0 kept apart), values near where numpy (1e-4, 1e16) and Arrow (1e-6, 1e10) switch to
+    exponents are formatted by the right one, and text columns where every value needs quotes, some
+    values, or none, are quoted as the csv module quotes them."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    n = 30_000
+    digits = 10.0 ** rng.integers(0, 17, n)
+    floats = np.round(rng.choice([-1.0, 1.0], n) * 10.0 ** rng.uniform(-7, 17, n) * digits) / digits
+    edges = np.array([1e-6, 9.999999999999999e-07, 1e-4, 9.999999999999999e-05, 1e10, 9999999999.999998,
+                      9999999999.0, 1e10 + 0.5, 1e15, 1e16, 9999999999999998.0, 1709709151.845888])
+    floats[:len(edges)] = edges
+    few = rng.choice(np.r_[edges, 0.0, -0.0, 0.25, np.nan, np.inf, -np.inf], n)
+    words = np.array(["no DNS answer explains 10.0.0.1:443, ranked by the forest", 'a "quoted" name, here',
+                      "line\nbreak, too", "cr\r, and comma"], dtype=object)
+    frame = pd.DataFrame({
+        "f": floats, "few": few, "flag": rng.choice([0.0, 1.0], n),
+        "all_quoted": pd.Series(rng.choice(words, n), dtype="str"),
+        "some_quoted": pd.Series(np.where(rng.random(n) < 0.01, "x,y", "plain"), dtype="str"),
+        "last_only": pd.Series(["plain"] * (n - 1) + ['end "quote"'], dtype="str"),
+    })
+    assert _arrow_bytes(frame) == _pandas_bytes(frame)
+
+
 def test_write_csv_falls_back_to_pandas_for_other_types(tmp_path):
     import numpy as np
 
