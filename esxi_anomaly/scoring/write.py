@@ -69,6 +69,15 @@ class ScoredFiles(dict):
             for mapped in self._maps.values() if bucket is None else [self._maps[bucket]]:
                 mapped.madvise(mmap.MADV_DONTNEED)
 
+    def addresses(self) -> tuple[np.ndarray, np.ndarray]:
+        """(file, position in it) of every row, in file order: what `take` is asked for. Counted from
+        the files' sizes, not read from their `bucket` and `row` columns (at 10M rows, 150 MB of pages
+        less for the ranking process to hold)."""
+        sizes = [table.num_rows for table in self.values()]
+        buckets = _narrow(np.array(list(self), dtype=np.int64))
+        row = np.concatenate([np.arange(n, dtype=np.int32) for n in sizes] or [np.zeros(0, np.int32)])
+        return np.repeat(buckets, sizes), row
+
     def take(self, bucket: int, rows: np.ndarray) -> pa.Table:
         """Rows of one file, copied out of the mapping, whose pages are then released. (Not a zero-copy
         slice even when the rows are consecutive: some kernels touch a sliced string column's whole
@@ -187,7 +196,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
     stages = {} if stages is None else stages
     t = time.perf_counter()
     tables = ScoredFiles(scored_paths(work))
-    key_names = [*schema.RANK_KEYS, "bucket", "row"] + (["ts"] if alert_budget is not None else [])
+    key_names = [*schema.RANK_KEYS] + (["ts"] if alert_budget is not None else [])
     keys = pa.concat_tables([tables[b].select(key_names) for b in tables])
     if expect_rows is not None and keys.num_rows != expect_rows:
         raise RuntimeError(f"{work}: the scored files hold {keys.num_rows:,} rows, not the {expect_rows:,} "
@@ -210,7 +219,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
         counted = threads.submit(tables.add_each_to, sinks, flipped) if sinks else None
         attributed = threads.submit(model.detector_.attributions, cp.top_feats)   # while the rows are ranked
         full_order = rank_order(keys.select(list(schema.RANK_KEYS)))
-        bucket, row = (_narrow(keys[c].to_numpy()) for c in ("bucket", "row"))   # held to the end
+        bucket, row = tables.addresses()   # held to the end
         del keys
         if counted is not None:
             counted.result()  # the summaries have read every file: their pages can go
