@@ -214,6 +214,7 @@ class WorkerPool:
         self._starter.start()
         self.pending: set = set()
         self._queued = [0] * n      # jobs sent to each worker and not finished
+        self._started_work = False  # a worker has finished a job: the pool is up
         self._quiet: set = set()     # broadcast jobs: their results are not reported
         self._next_id = 0
         self._closed = False
@@ -282,6 +283,7 @@ class WorkerPool:
                               pickle.loads(original) if original is not None else None)
         self.pending.discard(job_id)
         self._queued[worker] -= 1
+        self._started_work = True
         if job_id in self._quiet:
             self._quiet.discard(job_id)
             return None
@@ -297,8 +299,9 @@ class WorkerPool:
             here: dict | None = None) -> list:
         """`fn(env, *args)` for each args tuple of `jobs`, in order, each job going to the next idle
         worker; results in the order of `jobs`. With `here` (an env for this process), this process
-        runs a job itself whenever no worker is idle: while the pool still starts (its forkserver
-        imports for ~2 s), the first jobs need not wait for it."""
+        runs jobs itself while the pool still starts (its forkserver imports for ~2 s, then each
+        worker takes its set-up job): the first jobs need not wait for it. Once a worker is up, the
+        workers take the rest (this process reading beside them would only add its memory)."""
         results: dict[int, Any] = {}
         index_of: dict[int, int] = {}
         todo = list(enumerate(jobs))
@@ -313,7 +316,7 @@ class WorkerPool:
                 if todo and not self._queued[worker]:
                     i, args = todo.pop(0)
                     index_of[self.submit(worker, fn, *args)] = i
-            if here is not None and todo and event is None:
+            if here is not None and todo and event is None and not self._started_work:
                 i, args = todo.pop(0)
                 results[i] = fn(here, *args, progress=progress)
         return [results[i] for i in range(len(jobs))]
