@@ -319,6 +319,7 @@ class WorkerPool:
             if here is not None and todo and event is None and not self._started_work:
                 i, args = todo.pop(0)
                 results[i] = fn(here, *args, progress=progress)
+                release_free_memory()   # this process then waits for the workers: its heap goes back
         return [results[i] for i in range(len(jobs))]
 
     def close(self) -> None:
