@@ -472,7 +472,7 @@ def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: 
     jobs = [(path, explicit, frame, folder, bucket_s, key, index, read_rows, read_options)
             for index, (path, explicit, frame, folder, key) in enumerate(files)]
     here = {"inventory": inventory, "scope": scope}
-    # with a pool, this process reads too whenever no worker is free (first, while the pool starts)
+    # with a pool, this process reads too while the pool starts (`WorkerPool.map`)
     results = (pool.map(spill_file, jobs, here=here) if pool is not None
                else [spill_file(here, *job) for job in jobs])
     stages["read+spill"] = time.perf_counter() - t0
