@@ -213,7 +213,6 @@ class WorkerPool:
         self._starter = threading.Thread(target=self._start, name="esxi-anomaly-pool-start", daemon=True)
         self._starter.start()
         self.pending: set = set()
-        self._queued = [0] * n      # jobs sent to each worker and not finished
         self._started_work = False  # a worker has finished a job: the pool is up
         self._quiet: set = set()     # broadcast jobs: their results are not reported
         self._next_id = 0
@@ -246,7 +245,6 @@ class WorkerPool:
         self._next_id += 1
         self.inboxes[worker].put((job_id, fn, args))
         self.pending.add(job_id)
-        self._queued[worker] += 1
         return job_id
 
     def events(self, on_progress: Callable[[int], None] | None = None) -> Iterator[tuple[int, int, Any]]:
@@ -282,7 +280,6 @@ class WorkerPool:
             raise WorkerError(f"a job failed in worker {worker}:\n{text}",
                               pickle.loads(original) if original is not None else None)
         self.pending.discard(job_id)
-        self._queued[worker] -= 1
         self._started_work = True
         if job_id in self._quiet:
             self._quiet.discard(job_id)
@@ -297,13 +294,15 @@ class WorkerPool:
 
     def map(self, fn: Callable, jobs: list[tuple], on_progress: Callable[[int], None] | None = None,
             here: dict | None = None) -> list:
-        """`fn(env, *args)` for each args tuple of `jobs`, in order, each job going to the next idle
-        worker; results in the order of `jobs`. With `here` (an env for this process), this process
-        runs jobs itself while the pool still starts (its forkserver imports for ~2 s, then each
-        worker takes its set-up job): the first jobs need not wait for it. Once a worker is up, the
-        workers take the rest (this process reading beside them would only add its memory)."""
+        """`fn(env, *args)` for each args tuple of `jobs`, in order, one job at a time per worker;
+        results in the order of `jobs`. With `here` (an env for this process), this process runs jobs
+        itself while the pool still starts (its forkserver imports for ~2 s, then each worker takes
+        its set-up job), each worker having its next job queued meanwhile: the first jobs need not
+        wait for the pool, nor the workers for this process. Once a worker is up, the workers take
+        the rest (this process reading beside them would only add its memory)."""
         results: dict[int, Any] = {}
         index_of: dict[int, int] = {}
+        running = [0] * len(self)      # jobs of this map on each worker
         todo = list(enumerate(jobs))
         progress = on_progress or (lambda n: None)
         while todo or index_of:
@@ -311,13 +310,16 @@ class WorkerPool:
                 self._started()
             event = self._poll(0 if here is not None and todo else _POLL_S, on_progress)
             if event is not None:
+                running[event[0]] -= 1
                 results[index_of.pop(event[1])] = event[2]
+            mine = todo.pop(0) if here is not None and todo and event is None and not self._started_work else None
             for worker in range(len(self)):
-                if todo and not self._queued[worker]:
+                if todo and not running[worker]:
                     i, args = todo.pop(0)
                     index_of[self.submit(worker, fn, *args)] = i
-            if here is not None and todo and event is None and not self._started_work:
-                i, args = todo.pop(0)
+                    running[worker] += 1
+            if mine is not None:
+                i, args = mine
                 results[i] = fn(here, *args, progress=progress)
                 release_free_memory()   # this process then waits for the workers: its heap goes back
         return [results[i] for i in range(len(jobs))]
