@@ -295,11 +295,10 @@ class WorkerPool:
     def map(self, fn: Callable, jobs: list[tuple], on_progress: Callable[[int], None] | None = None,
             here: dict | None = None) -> list:
         """`fn(env, *args)` for each args tuple of `jobs`, in order, one job at a time per worker;
-        results in the order of `jobs`. With `here` (an env for this process), this process runs jobs
-        itself while the pool still starts (its forkserver imports for ~2 s, then each worker takes
-        its set-up job), each worker having its next job queued meanwhile: the first jobs need not
-        wait for the pool, nor the workers for this process. Once a worker is up, the workers take
-        the rest (this process reading beside them would only add its memory)."""
+        results in the order of `jobs`. With `here` (an env for this process), this process runs the
+        jobs itself while the pool still starts (its forkserver imports for ~2 s, then each worker
+        takes its set-up job): the first jobs need not wait for it. Once a worker is up, the workers
+        take the rest (this process working beside them would only add its memory)."""
         results: dict[int, Any] = {}
         index_of: dict[int, int] = {}
         running = [0] * len(self)      # jobs of this map on each worker
@@ -312,9 +311,10 @@ class WorkerPool:
             if event is not None:
                 running[event[0]] -= 1
                 results[index_of.pop(event[1])] = event[2]
-            mine = todo.pop(0) if here is not None and todo and event is None and not self._started_work else None
+            starting = here is not None and not self._started_work
+            mine = todo.pop(0) if starting and todo and event is None else None
             for worker in range(len(self)):
-                if todo and not running[worker]:
+                if todo and not running[worker] and not starting:
                     i, args = todo.pop(0)
                     index_of[self.submit(worker, fn, *args)] = i
                     running[worker] += 1
