@@ -158,6 +158,7 @@ class SourceFormat:
 # --- decompression --------------------------------------------------------------------------
 
 _MAGIC = [(b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open)]
+_ZIP_MAGIC = b"PK\x03\x04"
 GZIP_BUFFER = 1 << 20     # read size of the gzip stream (bigger reads bypass the buffer)
 _FALLBACK_READ = 8192
 
@@ -350,7 +351,7 @@ def is_compressed(path: str | os.PathLike) -> bool:
             head = fh.read(6)
     except OSError:
         return False
-    return head.startswith(b"PK\x03\x04") or any(head.startswith(magic) for magic, _ in _MAGIC)
+    return head.startswith(_ZIP_MAGIC) or any(head.startswith(magic) for magic, _ in _MAGIC)
 
 
 def open_binary(path: str) -> io.BufferedIOBase:
@@ -364,7 +365,7 @@ def open_binary(path: str) -> io.BufferedIOBase:
     """
     with open(path, "rb") as fh:
         head = fh.read(6)
-    if head.startswith(b"PK\x03\x04"):
+    if head.startswith(_ZIP_MAGIC):
         archive = zipfile.ZipFile(path)
         members = [m for m in archive.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")]
         if not members:

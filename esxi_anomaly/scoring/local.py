@@ -472,11 +472,13 @@ def _spill_inputs(conn_paths, dns_paths, work: Path, bucket_s: int, chunk_rows: 
     jobs = [(path, explicit, frame, folder, bucket_s, key, index, read_rows, read_options)
             for index, (path, explicit, frame, folder, key) in enumerate(files)]
     here = {"inventory": inventory, "scope": scope}
-    # With no more files than workers, this process reads the first while the pool starts (~2 s: a
-    # fifth of the run at 0.86M connections); with more, the workers read for long after it is up, and
-    # a third reader beside them added only memory (`WorkerPool.map`).
-    results = (pool.map(spill_file, jobs, here=here if len(jobs) <= len(pool) else None) if pool is not None
-               else [spill_file(here, *job) for job in jobs])
+    if pool is None:
+        results = [spill_file(here, *job) for job in jobs]
+    else:
+        # With no more files than workers, this process reads them until the pool is up (~2 s: a fifth
+        # of the run at 0.86M connections); with more, the workers read for long after it is up, and a
+        # third reader beside them added only memory (`WorkerPool.map`).
+        results = pool.map(spill_file, jobs, here=here if len(jobs) <= len(pool) else None)
     stages["read+spill"] = time.perf_counter() - t0
     counts = {"connections": {}, "dns_answers": {}}
     resolvers = sorted({ip for result in results if "error" not in result for ip in result["resolvers"]})
