@@ -4,15 +4,21 @@ The demo estate (`demo.run`: 4 days, seed 7, attacks on the last day) is trained
 the demo trains it, its bundle written and loaded back (`registry`), and its last day scored by
 the local engine with 1 and with 2 workers: the ranked CSV, its entity roll-up and incidents, and
 the ranked Parquet. The sha256 of each file, and of the feature matrix and the forest's raw scores
-as float64 bytes (a change of one ulp that the CSV rounds away), must equal
-`fixtures/output_identity/digests.json`, recorded from the code before the change.
+as float64 bytes (a change of one ulp that the CSV rounds away), must equal those of
+`fixtures/output_identity/digests.json` recorded from the code before the change on a CPU like this
+one: numpy takes other SIMD paths on other CPUs (AVX-512 or not), whose last bits differ, so the
+features, the model trained on them and every output differ from one kind of CPU to another. Each
+record names the SIMD extensions numpy found (`cpu`); the record without one (the first) was made
+on an AMD EPYC with AVX2 and serves any CPU no record names.
 
 Re-record only when an output change is intended (and say why in the commit):
 
     ESXI_ANOMALY_RECORD_DIGESTS=1 .venv/bin/python -m pytest -q -p no:cacheprovider tests/test_output_identity.py
 
-writes the JSON with the commit and library versions it was recorded under, then fails with
-"recorded ...: rerun without ESXI_ANOMALY_RECORD_DIGESTS", so a recording run never counts as a pass.
+writes this CPU's record (replacing an earlier one of the same CPU) with the commit and library versions
+it was recorded under, then fails with "recorded ...: rerun without ESXI_ANOMALY_RECORD_DIGESTS", so a
+recording run never counts as a pass. To add a CPU, record from a checkout of the commit the other
+records name (the code before the change), with this test file copied into it.
 `ESXI_ANOMALY_IDENTITY_OUT=DIR` keeps the outputs in DIR (to diff them against another checkout's).
 """
 from __future__ import annotations
@@ -46,6 +52,25 @@ SEED, DAYS = 7, 4   # demo.run's defaults
 
 def library_versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{name: version(name) for name in LIBRARIES}}
+
+
+def cpu_kind() -> str:
+    """The machine and the SIMD extensions numpy dispatches to on it: outputs are equal to the bit
+    only between CPUs of one kind."""
+    simd = np.show_config(mode="dicts").get("SIMD Extensions", {})
+    return " ".join([platform.machine(), *simd.get("found", [])])
+
+
+def records() -> list[dict]:
+    """The recorded digests: one record per CPU kind (`cpu`; the first has none)."""
+    data = json.loads(DIGESTS.read_text())
+    return data["records"] if "records" in data else [data]
+
+
+def record_for(cpu: str) -> dict:
+    """This CPU kind's record, else the one recorded without a CPU kind."""
+    found = records()
+    return next((r for r in found if r.get("cpu") == cpu), None) or next(r for r in found if "cpu" not in r)
 
 
 def sha256_file(path: Path) -> str:
@@ -154,7 +179,9 @@ def moved_versions(recorded: dict, running: dict) -> str:
 def mismatch_message(recorded: dict, digests: dict, versions: dict) -> str:
     changed = sorted(k for k in recorded["digests"] if digests.get(k) != recorded["digests"][k])
     added = sorted(set(digests) - set(recorded["digests"]))
-    lines = [f"scored outputs differ from those recorded at {recorded['commit']} ({DIGESTS.name}):"]
+    on = f"on a CPU of kind {recorded['cpu']!r}" if "cpu" in recorded else \
+        f"on another CPU (this one, {cpu_kind()!r}, has no record: see this module's docstring)"
+    lines = [f"scored outputs differ from those recorded at {recorded['commit']} {on} ({DIGESTS.name}):"]
     lines += [f"  {k}: {short(digests.get(k))}, recorded {short(recorded['digests'][k])}" for k in changed]
     lines += [f"  {k}: not recorded (re-record)" for k in added]
     test = f"tests/{Path(__file__).name}"
@@ -178,14 +205,15 @@ def mismatch_message(recorded: dict, digests: dict, versions: dict) -> str:
 
 @pytest.mark.slow
 def test_scored_outputs_are_byte_identical_to_recorded(digests):
-    versions = library_versions()
+    versions, cpu = library_versions(), cpu_kind()
     if os.environ.get(RECORD):
         DIGESTS.parent.mkdir(parents=True, exist_ok=True)
-        DIGESTS.write_text(json.dumps({"commit": git_commit(), "versions": versions, "digests": digests},
-                                      indent=2, sort_keys=True) + "\n")
-        pytest.fail(f"recorded {len(digests)} digests in {DIGESTS}: rerun without {RECORD}")
+        kept = [r for r in records() if r.get("cpu") != cpu] if DIGESTS.exists() else []
+        record = {"commit": git_commit(), "versions": versions, "cpu": cpu, "digests": digests}
+        DIGESTS.write_text(json.dumps({"records": kept + [record]}, indent=2, sort_keys=True) + "\n")
+        pytest.fail(f"recorded {len(digests)} digests for a CPU of kind {cpu!r} in {DIGESTS}: rerun without {RECORD}")
     assert DIGESTS.exists(), f"{DIGESTS} is missing: record it with {RECORD}=1 (see this module's docstring)"
-    recorded = json.loads(DIGESTS.read_text())
+    recorded = record_for(cpu)
     assert digests == recorded["digests"], mismatch_message(recorded, digests, versions)
     moved = moved_versions(recorded["versions"], versions)
     if moved:   # identical all the same: say so, the next library update may not be
