@@ -1,7 +1,8 @@
 """Isolation forest calibrated to a percentile of its training scores (higher = more anomalous).
 
 Scoring does not call `IsolationForest.score_samples`; two walks compute the same numbers, bit for
-bit (tests/detect/test_forest.py), and a call takes one by its size (COMPILED_WALK_MIN_ROWS):
+bit (tests/detect/test_forest.py), and a call takes one by its size and by whether the process has
+imported scikit-learn already (COMPILED_WALK_MIN_ROWS, COMPILED_WALK_MIN_ROWS_LOADED):
 
 * `FlatTrees`, for small calls: every tree's nodes as flat numpy arrays, walked level by level over
   all rows and trees at once. It needs no scikit-learn, so a loaded model that scores a small file
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -57,6 +59,9 @@ DEFAULT_MAX_THREADS = 4
 # Calls with fewer rows take the flat numpy walk (no scikit-learn import: 1.7 s once per process,
 # the numpy walk's extra cost for about 500k rows); larger ones the compiled walk.
 COMPILED_WALK_MIN_ROWS = 100_000
+# ... unless this process has imported scikit-learn's trees already (a scoring worker: its
+# forkserver preloads them): then the compiled walk from this many rows, where the two cost alike.
+COMPILED_WALK_MIN_ROWS_LOADED = 1_000
 # Rows of the flat walk at a time: its (trees x rows) node and index arrays stay in L2/L3.
 FLAT_BLOCK_ROWS = 2048
 
@@ -343,10 +348,11 @@ class CalibratedForest(Estimator):
         Equals ``-forest_.score_samples(X)``; 0 rows give an empty array. `n_jobs`: scoring threads
         for this call (None: the estimator's `n_jobs`); the caller's knob, so the fitted model is
         never changed to suit an engine. Small calls take the flat walk, large ones the compiled
-        one: the same numbers."""
+        one (any but the smallest once scikit-learn is imported): the same numbers."""
         check_fitted(self, "trees_")
         X = as_matrix(X, self.n_features_in_)
-        if X.shape[0] < COMPILED_WALK_MIN_ROWS:
+        loaded = "sklearn.tree" in sys.modules
+        if X.shape[0] < (COMPILED_WALK_MIN_ROWS_LOADED if loaded else COMPILED_WALK_MIN_ROWS):
             return self.trees_.raw_score(X)
         return self.scorer_.raw_score(X, scoring_threads(self.n_jobs if n_jobs is None else n_jobs))
 

@@ -4,6 +4,7 @@ quirks."""
 from __future__ import annotations
 
 import pickle
+import sys
 import warnings
 
 import numpy as np
@@ -197,6 +198,19 @@ def test_calls_take_either_walk_with_the_same_scores(rng, train, monkeypatch):
         walks[name] = cf.raw_score(X, n_jobs=2)
     assert np.array_equal(walks["flat"], walks["compiled"])
     assert np.array_equal(walks["flat"], -cf.forest_.score_samples(X))
+
+
+def test_once_sklearn_is_imported_calls_above_a_thousand_rows_take_the_compiled_walk(rng, train):
+    assert "sklearn.tree" in sys.modules   # the fixture fitted a forest: as in a scoring worker
+    cf = pickle.loads(pickle.dumps(CalibratedForest(n_estimators=20, random_state=2).fit(train)))
+    X = quirky(rng, 5000)
+    small = cf.raw_score(X[:forest_mod.COMPILED_WALK_MIN_ROWS_LOADED - 1])
+    assert "_forest" not in cf.__dict__                 # the flat walk: the sklearn forest not unpickled
+    assert 5000 < forest_mod.COMPILED_WALK_MIN_ROWS
+    large = cf.raw_score(X)
+    assert "_forest" in cf.__dict__                     # the compiled walk
+    assert np.array_equal(large[:len(small)], small)
+    assert np.array_equal(large, -cf.forest_.score_samples(X))
 
 
 def test_a_pickle_holds_the_sklearn_forest_as_bytes_until_it_is_asked_for(rng, train):
