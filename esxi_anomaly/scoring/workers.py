@@ -38,8 +38,9 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 
 # Workers run only for large inputs (`workers_for`), whose forest calls take scikit-learn's compiled
-# walk (`detect.forest`): their forkserver imports it once, while the parent still loads and reads.
-_PRELOAD = ["esxi_anomaly.scoring._forkserver_init", "esxi_anomaly.scoring.local", "sklearn.ensemble"]
+# walk (`detect.forest`): their forkserver imports it and the engine once (`_forkserver_init`), while
+# the parent still loads and reads.
+_PRELOAD = ["esxi_anomaly.scoring._forkserver_init"]
 _POLL_S = 0.5
 _PR_SET_NAME, _PR_SET_PDEATHSIG = 15, 1   # Linux prctl options
 WORKER_NAME = "esxi-worker-"     # a worker's process name (`comm`, at most 15 bytes): ps/top show it
