@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from esxi_anomaly import schema
 from esxi_anomaly.detect import explain
-from esxi_anomaly.features.hashing import row_groups
+from esxi_anomaly.features.hashing import first_in_order, grouped_in_order, row_groups
 from esxi_anomaly.report.layout import check_names
 
 KEYS = ("src_ip", "query", "dst_ip", "transform")   # the incident: src_ip, query (else dst_ip), transform
@@ -211,8 +211,7 @@ class StreamingIncidents:
         code = np.concatenate(self._codes) if self._codes else np.zeros(0, dtype="int32")
         if not len(code):
             return
-        ranked_code = code[order]
-        ids, best_pos = np.unique(ranked_code, return_index=True)
+        ids, best_pos = first_in_order(code, order)
         best = order[best_pos]                                   # each incident's best-ranked row
         keys = pa.table({"alert": pa.array(self._alerts[ids] > 0), "score": pa.array(self._max[ids]),
                          "event_id": values_at(best)["event_id"].cast(pa.string())})
@@ -222,8 +221,9 @@ class StreamingIncidents:
         ids, best = ids[ranking], best[ranking]
         distinct = {out: self._joined(column, out, ids) for column, out in DISTINCT}
         # each incident's rows, best-ranked first: rank positions grouped by incident (a stable sort)
-        grouped = order[np.argsort(ranked_code, kind="stable")]
+        grouped = grouped_in_order(code, order)
         starts = np.r_[0, np.cumsum(np.bincount(code, minlength=len(self)))]
+        del code
         sizes = self._connections[ids]
         cuts = np.r_[0, np.flatnonzero(np.diff(np.cumsum(sizes) // max(block_rows, 1))) + 1, len(ids)]
         for lo, hi in zip(cuts[:-1], cuts[1:]):

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from esxi_anomaly.features.hashing import row_groups
+from esxi_anomaly.features.hashing import first_in_order, row_groups
 from esxi_anomaly.report.layout import check_names
 
 ENTITY_KEYS = ("src_ip", "src_name", "src_kind", "esxi_host")
@@ -161,8 +161,7 @@ class StreamingRollup:
         entity = np.concatenate(self._codes) if self._codes else np.zeros(0, dtype="int32")
         if not len(entity):
             return pd.DataFrame(columns=columns)
-        ranked_entity = entity[order]
-        ids, first_pos = np.unique(ranked_entity, return_index=True)
+        ids, first_pos = first_in_order(entity, order)
         by_rank = np.argsort(first_pos, kind="stable")     # entities in the order their best row ranks
         ids, first_pos = ids[by_rank], first_pos[by_rank]
         top = rows_at(order[first_pos]).reset_index(drop=True)

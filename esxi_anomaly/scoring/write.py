@@ -69,14 +69,16 @@ class ScoredFiles(dict):
             for mapped in self._maps.values() if bucket is None else [self._maps[bucket]]:
                 mapped.madvise(mmap.MADV_DONTNEED)
 
-    def addresses(self) -> tuple[np.ndarray, np.ndarray]:
-        """(file, position in it) of every row, in file order: what `take` is asked for. Counted from
-        the files' sizes, not read from their `bucket` and `row` columns (at 10M rows, 150 MB of pages
-        less for the ranking process to hold)."""
-        sizes = [table.num_rows for table in self.values()]
+    def addresses(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(file, position in it) of rows at `positions` of all rows in file order: what `take` is
+        asked for. Counted from the files' sizes, for the rows asked only (neither read from the files'
+        `bucket` and `row` columns nor held for every row: at 10M rows, 77-150 MB less for the ranking
+        process to hold)."""
+        sizes = np.array([table.num_rows for table in self.values()], dtype=np.int64)
+        starts = np.r_[0, np.cumsum(sizes)[:-1]]
         buckets = _narrow(np.array(list(self), dtype=np.int64))
-        row = np.concatenate([np.arange(n, dtype=np.int32) for n in sizes] or [np.zeros(0, np.int32)])
-        return np.repeat(buckets, sizes), row
+        file = np.searchsorted(starts, positions, side="right") - 1
+        return buckets[file], _narrow(positions - starts[file])
 
     def take(self, bucket: int, rows: np.ndarray) -> pa.Table:
         """Rows of one file, copied out of the mapping, whose pages are then released. (Not a zero-copy
@@ -218,8 +220,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
         sinks = [s for s in (rollup, grouped) if s is not None]
         counted = threads.submit(tables.add_each_to, sinks, flipped) if sinks else None
         attributed = threads.submit(model.detector_.attributions, cp.top_feats)   # while the rows are ranked
-        full_order = rank_order(keys.select(list(schema.RANK_KEYS)))
-        bucket, row = tables.addresses()   # held to the end
+        full_order = _narrow(rank_order(keys.select(list(schema.RANK_KEYS))))
         del keys
         if counted is not None:
             counted.result()  # the summaries have read every file: their pages can go
@@ -233,7 +234,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
         t = lap(stages, "rank+write: rank + attributions", t)
 
         def rows_at(idx: np.ndarray) -> pd.DataFrame:
-            table = _gather(tables, bucket[idx], row[idx])
+            table = _gather(tables, *tables.addresses(idx))
             rows = table.to_pandas()
             rows["explanation"] = explanations(model, table, context).array
             if change is not None:
@@ -241,7 +242,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
             return rows
 
         def values_at(idx: np.ndarray) -> pa.Table:
-            return _gather(tables, bucket[idx], row[idx], ["event_id", "dst_port"])
+            return _gather(tables, *tables.addresses(idx), ["event_id", "dst_port"])
 
         block_frames = []
         with ExitStack() as staged:   # every file staged; moved into place together, the output last
@@ -265,6 +266,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                     entities = len(entity_frame)
                     if fmt == "html":
                         html_extra["rollup"] = entity_frame
+                    release_free_memory()   # glibc keeps freed heap up to `workers.KEEP_FREE_HEAP` otherwise
                     t0 = lap(stages, "rank+write: entity roll-up", t0)
                 if grouped is None:
                     return entities, 0
@@ -295,6 +297,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                         if shown_incidents else None
                 if summary is not None:
                     summary.incidents = counted_incidents if rollup_out is not None else 0
+                release_free_memory()
                 lap(stages, "rank+write: incidents", t0)
                 return entities, documents
 
@@ -302,7 +305,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
                 """Block `start`'s arguments: its first rank - 1, the (file, row) of each of its rows and
                 which of them had their alert changed (None: none)."""
                 idx = order[start:start + WRITE_BLOCK]
-                return start, bucket[idx], row[idx], None if change is None else change[idx]
+                return start, *tables.addresses(idx), None if change is None else change[idx]
 
             starts = range(0, len(order), WRITE_BLOCK)
             # CSV blocks built by workers: the roll-up and incidents are made here meanwhile (this

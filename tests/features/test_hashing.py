@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from esxi_anomaly.features.hashing import row_groups
+from esxi_anomaly.features import hashing
+from esxi_anomaly.features.hashing import first_in_order, grouped_in_order, row_groups
 
 
 @pytest.mark.parametrize("sizes", [[3, 2], [2**40, 2**40]])   # one mixed-radix key / pairwise factorisation
@@ -12,3 +13,27 @@ def test_row_groups_number_tuples_by_first_appearance(sizes):
     group, first = row_groups([a, b], sizes)
     assert group.tolist() == [0, 1, 0, 2, 1, 3]
     assert first.tolist() == [0, 1, 3, 5]
+
+
+@pytest.mark.parametrize("slice_rows", [1, 7, 1000, 1 << 20])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_first_and_grouped_in_order_equal_numpys_whole_array_forms(monkeypatch, slice_rows, dtype):
+    monkeypatch.setattr(hashing, "ORDER_SLICE_ROWS", slice_rows)
+    rng = np.random.default_rng(slice_rows)
+    codes = rng.choice(np.array([0, 2, 3, 9, 40], dtype=np.int32), size=500, p=[0.5, 0.3, 0.1, 0.09, 0.01])
+    order = rng.permutation(500).astype(dtype)
+    ids, first = first_in_order(codes, order)
+    want_ids, want_first = np.unique(codes[order], return_index=True)
+    assert np.array_equal(ids, want_ids) and np.array_equal(first, want_first)
+    grouped = grouped_in_order(codes, order)
+    assert grouped.dtype == dtype
+    assert np.array_equal(grouped, order[np.argsort(codes[order], kind="stable")])
+    # a part of the rows, as an order of alerts only is
+    assert np.array_equal(grouped_in_order(codes, order[:123]), order[:123][np.argsort(codes[order[:123]], kind="stable")])
+    assert np.array_equal(first_in_order(codes, order[:123])[1], np.unique(codes[order[:123]], return_index=True)[1])
+
+
+def test_first_and_grouped_in_order_of_nothing():
+    empty = np.zeros(0, dtype=np.int32)
+    assert [len(a) for a in first_in_order(empty, empty)] == [0, 0]
+    assert len(grouped_in_order(empty, empty)) == 0
