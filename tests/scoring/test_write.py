@@ -1,0 +1,50 @@
+"""scoring.write: the ranking of every scored row, band by band."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from esxi_anomaly.scoring import write
+from esxi_anomaly.scoring.rank import rank_order
+from esxi_anomaly.scoring.write import ScoredFiles, rank_all
+
+
+SCHEMA = pa.schema([("score", pa.float64()), ("alert", pa.bool_()), ("event_id", pa.string())])
+
+
+def scored_files(folder, rng, sizes, scores) -> ScoredFiles:
+    """Arrow files of rows with scores drawn from `scores` (many ties) and unique-ish event ids."""
+    paths = []
+    for bucket, n in enumerate(sizes):
+        ids = [f"C{rng.integers(0, 60):02d}x{k}" for k in range(n)]   # equal prefixes: ties reach the id
+        table = pa.table({"score": rng.choice(scores, n), "alert": rng.random(n) < 0.2, "event_id": ids},
+                         schema=SCHEMA)
+        path = folder / f"{bucket}.scored.arrow"
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        paths.append(path)
+    return ScoredFiles(paths)
+
+
+@pytest.mark.parametrize("band_rows", [1, 37, 400, 10**6])
+def test_rank_all_band_by_band_is_the_one_sort(tmp_path, monkeypatch, band_rows):
+    monkeypatch.setattr(write, "RANK_BAND_ROWS", band_rows)
+    rng = np.random.default_rng(band_rows)
+    tables = scored_files(tmp_path, rng, [300, 0, 517, 180], np.array([0.0, -0.0, 0.25, 0.5, 0.5 + 1e-16, 0.99, 1.0]))
+    keys = pa.concat_tables([t.select(["alert", "score", "event_id"]) for t in tables.values()])
+    alert = keys["alert"].to_numpy(zero_copy_only=False).copy()
+    alert[::11] = ~alert[::11]   # the final alerts are not the files' own
+    score = keys["score"].to_numpy()
+    want = rank_order(keys.set_column(0, "alert", pa.array(alert)))
+    got = rank_all(tables, alert, score)
+    assert got.dtype == np.int32
+    assert np.array_equal(got, want)
+
+
+def test_rank_all_with_nan_scores_takes_the_one_sort(tmp_path, monkeypatch):
+    monkeypatch.setattr(write, "RANK_BAND_ROWS", 50)
+    tables = scored_files(tmp_path, np.random.default_rng(3), [200, 100], np.array([0.1, np.nan, 0.7]))
+    keys = pa.concat_tables([t.select(["alert", "score", "event_id"]) for t in tables.values()])
+    alert, score = keys["alert"].to_numpy(zero_copy_only=False), keys["score"].to_numpy()
+    assert np.array_equal(rank_all(tables, alert, score), rank_order(keys))
