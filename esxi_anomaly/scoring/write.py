@@ -99,6 +99,7 @@ class ScoredFiles(dict):
                 sink.add(table, part)
             start += table.num_rows
             self.release(bucket)
+            release_free_memory()
 
 
 def rank_all(tables: "ScoredFiles", alert: np.ndarray, score: np.ndarray) -> np.ndarray:
@@ -143,7 +144,9 @@ def rank_all(tables: "ScoredFiles", alert: np.ndarray, score: np.ndarray) -> np.
                          "event_id": pa.chunked_array([c for i in ids for c in i.chunks], type=pa.large_string())})
         order[filled:filled + len(rows)] = rows[rank_order(keys)]
         filled += len(rows)
+        del keys, ids
         tables.release()
+        release_free_memory()   # a band's temporaries: the allocators would keep them all (`workers.tune_allocator`)
     return order
 
 
