@@ -81,6 +81,14 @@ class ScoredFiles(dict):
         file = np.searchsorted(starts, positions, side="right") - 1
         return buckets[file], _narrow(positions - starts[file])
 
+    def column_at(self, name: str, positions: np.ndarray) -> pa.ChunkedArray:
+        """Column `name` at `positions` (ascending, of all rows in file order), file by file."""
+        bucket, row = self.addresses(positions)
+        cuts = np.flatnonzero(np.diff(bucket)) + 1
+        return pa.chunked_array([chunk for b, r in zip(np.split(bucket, cuts), np.split(row, cuts)) if len(b)
+                                 for chunk in self[int(b[0])][name].take(pa.array(r)).chunks],
+                                type=self[int(bucket[0])].schema.field(name).type if len(bucket) else pa.null())
+
     def take(self, bucket: int, rows: np.ndarray) -> pa.Table:
         """Rows of one file, copied out of the mapping, whose pages are then released. (Not a zero-copy
         slice even when the rows are consecutive: some kernels touch a sliced string column's whole
@@ -128,23 +136,16 @@ def rank_all(tables: "ScoredFiles", alert: np.ndarray, score: np.ndarray) -> np.
             part, here = slice(lo, lo + RANK_BAND_ROWS), alert[lo:lo + RANK_BAND_ROWS] == flag
             band[part][here] = bands + len(cuts) - np.searchsorted(cuts, score[part][here], side="left")
         bands += len(cuts) + 1
-    sizes = np.array([t.num_rows for t in tables.values()], dtype=np.int64)
-    starts, files = np.r_[0, np.cumsum(sizes)[:-1]], list(tables)
     order = np.empty(n, dtype=_narrow(np.array([n])).dtype)
     filled = 0
     for b in range(bands):
         rows = np.flatnonzero(band == b)
         if not len(rows):
             continue
-        file = np.searchsorted(starts, rows, side="right") - 1
-        cuts = np.flatnonzero(np.diff(file)) + 1
-        ids = [pc.cast(tables[files[f[0]]]["event_id"].take(pa.array(r - starts[f[0]])), pa.large_string())
-               for f, r in zip(np.split(file, cuts), np.split(rows, cuts))]
-        keys = pa.table({"alert": alert[rows], "score": score[rows],
-                         "event_id": pa.chunked_array([c for i in ids for c in i.chunks], type=pa.large_string())})
+        keys = pa.table({"alert": alert[rows], "score": score[rows], "event_id": tables.column_at("event_id", rows)})
         order[filled:filled + len(rows)] = rows[rank_order(keys)]
         filled += len(rows)
-        del keys, ids
+        del keys
         tables.release()
         release_free_memory()   # a band's temporaries: the allocators would keep them all (`workers.tune_allocator`)
     return order
