@@ -44,7 +44,7 @@ WRITE_THREADS = 2              # output blocks prepared concurrently (2-core mac
 HTML_DEFAULT_TOP = 2000
 HTML_INCIDENTS = 500           # incidents the HTML report's table holds (all are in the incidents CSV)
 HISTOGRAM_BINS = 50            # the HTML report's score histogram, over every scored row
-RANK_BAND_ROWS = 1 << 21       # rows whose event ids the ranking holds at a time (`rank_all`)
+RANK_BAND_ROWS = 1 << 20       # rows whose event ids the ranking holds at a time (`rank_all`)
 
 
 
@@ -85,9 +85,12 @@ class ScoredFiles(dict):
         """Column `name` at `positions` (ascending, of all rows in file order), file by file."""
         bucket, row = self.addresses(positions)
         cuts = np.flatnonzero(np.diff(bucket)) + 1
-        return pa.chunked_array([chunk for b, r in zip(np.split(bucket, cuts), np.split(row, cuts)) if len(b)
-                                 for chunk in self[int(b[0])][name].take(pa.array(r)).chunks],
-                                type=self[int(bucket[0])].schema.field(name).type if len(bucket) else pa.null())
+        chunks = []
+        for b, r in zip(np.split(bucket, cuts), np.split(row, cuts)):
+            if len(b):
+                chunks += self[int(b[0])][name].take(pa.array(r)).chunks
+                self.release(int(b[0]))   # rows spread over a file touch all its pages
+        return pa.chunked_array(chunks, type=self[int(bucket[0])].schema.field(name).type if len(bucket) else pa.null())
 
     def take(self, bucket: int, rows: np.ndarray) -> pa.Table:
         """Rows of one file, copied out of the mapping, whose pages are then released. (Not a zero-copy
@@ -263,6 +266,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
     cp.alerts += promoted - held_back
     final_alert = keys["alert"].to_numpy().astype(bool)
     score = keys["score"].to_numpy()
+    tables.release()   # the keys are copied out: their pages can go
     histogram = np.histogram(np.clip(score, 0.0, 1.0), bins=HISTOGRAM_BINS, range=(0.0, 1.0))[0]
     t = lap(stages, "rank+write: read keys", t)
     note = budget_note(alert_budget)   # what a row held back says (a raised one: `raised_explanation`)
