@@ -139,7 +139,7 @@ def rank_all(tables: "ScoredFiles", alert: np.ndarray, score: np.ndarray) -> np.
             part, here = slice(lo, lo + RANK_BAND_ROWS), alert[lo:lo + RANK_BAND_ROWS] == flag
             band[part][here] = bands + len(cuts) - np.searchsorted(cuts, score[part][here], side="left")
         bands += len(cuts) + 1
-    order = np.empty(n, dtype=_narrow(np.array([n])).dtype)
+    order = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)   # as `_narrow` makes it
     filled = 0
     for b in range(bands):
         rows = np.flatnonzero(band == b)
