@@ -23,6 +23,7 @@ from esxi_anomaly import schema
 from esxi_anomaly.detect import explain
 from esxi_anomaly.features.hashing import first_in_order, grouped_in_order, row_groups
 from esxi_anomaly.report.layout import check_names
+from esxi_anomaly.report.rollup import DistinctPairs
 
 KEYS = ("src_ip", "query", "dst_ip", "transform")   # the incident: src_ip, query (else dst_ip), transform
 # the ranked output's columns (`schema.RANKED`) the incidents read
@@ -144,7 +145,7 @@ class StreamingIncidents:
         self._first = np.zeros(0, dtype="float64")
         self._last = np.zeros(0, dtype="float64")
         self._max = np.zeros(0, dtype="float64")
-        self._distinct: dict[str, set] = {c: set() for c, _ in DISTINCT}
+        self._distinct = {c: DistinctPairs(skip=("", "-1")) for c, _ in DISTINCT}
 
     def add(self, table: pa.Table, flipped: np.ndarray | None = None) -> None:
         """Count the rows of `table`; `flipped`: rows whose alert the run changed (`scoring.write`: raised
@@ -181,22 +182,10 @@ class StreamingIncidents:
         self._last[ids] = np.fmax(self._last[ids], hi.to_numpy())
         self._max[ids] = np.fmax(self._max[ids], grouped["score"].max().to_numpy())
         for column, seen in self._distinct.items():
-            # distinct (incident, value) pairs on integer codes; only those pairs' values become str
-            encoded = pc.dictionary_encode(pc.fill_null(table[column].cast(pa.string()), "").combine_chunks())
-            values, codes = encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False)
-            pair_first = row_groups([incident, codes], [size, len(values)])[1]
-            seen.update((e, values[v]) for e, v in zip(incident[pair_first].tolist(), codes[pair_first].tolist())
-                        if values[v] not in ("", "-1"))
+            seen.add(incident, size, table[column])
 
     def __len__(self) -> int:
         return len(self._incidents)
-
-    def _joined(self, column: str, out: str, ids: np.ndarray) -> np.ndarray:
-        pairs = pd.DataFrame(sorted(self._distinct[column]), columns=["e", "v"])
-        if out == "dst_ports" and len(pairs):   # ports ascending as numbers
-            pairs = pairs.assign(n=pairs["v"].astype("int64")).sort_values(["e", "n"], kind="stable")
-        joined = pairs.groupby("e")["v"].agg(" ".join) if len(pairs) else pd.Series(dtype="str")
-        return joined.reindex(ids).fillna("").astype("str").to_numpy()
 
     def finish(self, order: np.ndarray, rows_at: Callable[[np.ndarray], pd.DataFrame],
                values_at: Callable[[np.ndarray], pa.Table], block_rows: int | None = None,
@@ -219,7 +208,8 @@ class StreamingIncidents:
         if alerts_only:
             ranking = ranking[keys["alert"].to_numpy(zero_copy_only=False)[ranking]]
         ids, best = ids[ranking], best[ranking]
-        distinct = {out: self._joined(column, out, ids) for column, out in DISTINCT}
+        distinct = {out: self._distinct[column].joined(ids, " ", numeric=out == "dst_ports")   # ports as numbers
+                    for column, out in DISTINCT}
         # each incident's rows, best-ranked first: rank positions grouped by incident (a stable sort)
         grouped = grouped_in_order(code, order)
         starts = np.r_[0, np.cumsum(np.bincount(code, minlength=len(self)))]

@@ -24,6 +24,55 @@ ROLLUP_COLUMNS = ["src_ip", "src_name", "src_kind", "esxi_host", "max_score", "c
                   "top_explanation"]
 
 
+class DistinctPairs:
+    """The distinct (group, text value) pairs of one column, gathered block by block (`add`) and joined
+    per group at the end (`joined`): numpy over codes, pandas over the pairs, no Python tuple per pair.
+    `skip`: values that are not kept (an empty cell, a missing port)."""
+
+    COMPACT_EVERY = 16   # blocks added between two deduplications of the pairs gathered
+
+    def __init__(self, skip: tuple[str, ...] = ("",)):
+        self.skip = skip
+        self._groups: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+
+    def add(self, group: np.ndarray, n_groups: int, column) -> None:
+        """The pairs of `group` (int codes < n_groups, row-aligned) and `column` (Arrow) in this block."""
+        text = pc.fill_null(column.cast(pa.string()), "")
+        encoded = pc.dictionary_encode(text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text)
+        values = np.array(encoded.dictionary.to_pylist(), dtype=object)
+        codes = encoded.indices.to_numpy(zero_copy_only=False)
+        first = row_groups([group, codes], [n_groups, len(values)])[1]   # one row per distinct pair
+        pair_values = values[codes[first]]
+        keep = ~np.isin(pair_values, np.array(self.skip, dtype=object))
+        self._groups.append(group[first][keep].astype(np.int64))
+        self._values.append(pair_values[keep])
+        if len(self._groups) >= self.COMPACT_EVERY:   # blocks repeat their pairs: keep each once
+            pairs = self._pairs()
+            self._groups, self._values = [pairs["e"].to_numpy()], [pairs["v"].to_numpy(dtype=object)]
+
+    def _pairs(self) -> pd.DataFrame:
+        return pd.DataFrame({"e": np.concatenate(self._groups or [np.zeros(0, np.int64)]),
+                             "v": np.concatenate(self._values or [np.zeros(0, object)])}).drop_duplicates()
+
+    def joined(self, ids: np.ndarray, sep: str, numeric: bool = False) -> np.ndarray:
+        """For each group of `ids`: its distinct values ascending (as integers with `numeric`) joined by
+        `sep`; "" for a group without any."""
+        pairs = self._pairs()
+        joined = pd.Series(dtype="str")
+        if len(pairs):
+            pairs = pairs.sort_values(["e", "v"], ignore_index=True)
+            if numeric:
+                pairs = pairs.assign(n=pairs["v"].astype("int64")).sort_values(["e", "n"], kind="stable")
+            # each group's values are consecutive now: joined by Arrow, not by a Python call per group
+            groups, starts = np.unique(pairs["e"].to_numpy(), return_index=True)
+            lists = pa.LargeListArray.from_arrays(pa.array(np.r_[starts, len(pairs)], pa.int64()),
+                                                  pa.array(pairs["v"].to_numpy(dtype=object), pa.large_string()))
+            joined = pd.Series(pc.binary_join(lists, pa.scalar(sep, pa.large_string())).to_numpy(zero_copy_only=False),
+                               index=groups)
+        return joined.reindex(ids).fillna("").astype("str").to_numpy()
+
+
 def _distinct_joined(frame: pd.DataFrame, keys: list[str], column: str) -> pd.Series:
     values = frame[column].fillna("").astype(str)
     present = frame.loc[values != "", keys].assign(**{column: values[values != ""]})
@@ -97,7 +146,7 @@ class StreamingRollup:
         self._alerts = np.zeros(0, dtype="int64")
         self._first = np.zeros(0, dtype="float64")
         self._last = np.zeros(0, dtype="float64")
-        self._distinct: dict[str, set] = {}
+        self._distinct: dict[str, DistinctPairs] = {}
         self.keys: list[str] | None = None
 
     @staticmethod
@@ -115,7 +164,7 @@ class StreamingRollup:
             self.keys = [k for k in ENTITY_KEYS if k in table.column_names]
             if "src_ip" not in self.keys:
                 raise ValueError("the entity roll-up needs a src_ip column")
-            self._distinct = {c: set() for c, _ in self._DISTINCT if c in table.column_names}
+            self._distinct = {c: DistinctPairs() for c, _ in self._DISTINCT if c in table.column_names}
         n = table.num_rows
         if not n:
             self._codes.append(np.zeros(0, dtype="int32"))
@@ -144,12 +193,7 @@ class StreamingRollup:
         self._first[ids] = np.fmin(self._first[ids], lo.to_numpy())
         self._last[ids] = np.fmax(self._last[ids], hi.to_numpy())
         for column, seen in self._distinct.items():
-            # distinct (entity, value) pairs on integer codes; only those pairs' values become str
-            encoded = pc.dictionary_encode(pc.fill_null(table[column].cast(pa.string()), "").combine_chunks())
-            values, codes = encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False)
-            first = row_groups([entity, codes], [size, len(values)])[1]
-            seen.update((e, values[v]) for e, v in zip(entity[first].tolist(), codes[first].tolist())
-                        if values[v] != "")
+            seen.add(entity, size, table[column])
 
     def finish(self, order: np.ndarray, rows_at) -> pd.DataFrame:
         """The roll-up: `order` ranks all rows added (best first); `rows_at(indices)` returns those
@@ -173,9 +217,7 @@ class StreamingRollup:
         rollup["last_seen"] = self._last[ids]
         for column, out in self._DISTINCT:
             if column in self._distinct:
-                joined = pd.DataFrame(sorted(self._distinct[column]), columns=["e", "v"]).groupby("e")["v"] \
-                    .agg("; ".join) if self._distinct[column] else pd.Series(dtype="str")
-                rollup[out] = joined.reindex(ids).fillna("").astype("str").to_numpy()
+                rollup[out] = self._distinct[column].joined(ids, "; ")
             elif out in columns:
                 rollup[out] = ""
         rollup["top_event_id"] = top["event_id"].to_numpy() if "event_id" in top.columns else ""

@@ -1,12 +1,14 @@
 """Parquet round trip, the per-entity roll-up on a small frame, and format dispatch."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from esxi_anomaly.report import format_for_path, write_outputs
 from esxi_anomaly.report.parquet import write_parquet
-from esxi_anomaly.report.rollup import entity_rollup
+from esxi_anomaly.report.rollup import DistinctPairs, entity_rollup
 
 from .conftest import T0
 
@@ -104,3 +106,19 @@ def test_streaming_rollup_keeps_entities_apart_and_breaks_ties_by_rank(ranked):
     assert got["src_name"].isna().tolist() == [False, True, False, False]
     assert got["transforms"].tolist() == ["apt12_a*b+c", "xor_key", "", ""]
     assert got["families"].tolist() == ["apt12", "mgmt_c2", "benign", "benign"]
+
+
+def test_distinct_pairs_joins_each_groups_distinct_values_in_order_over_blocks():
+    ports = DistinctPairs(skip=("", "-1"))
+    ports.add(np.array([0, 0, 2, 2, 2]), 3, pa.array([443, 8080, -1, 80, 443]))
+    ports.add(np.array([2, 0, 0]), 3, pa.array([80, 9, None]))          # repeats across blocks, a null
+    assert list(ports.joined(np.array([2, 1, 0, 7]), " ", numeric=True)) == ["80 443", "", "9 443 8080", ""]
+    assert list(ports.joined(np.array([0]), " ")) == ["443 8080 9"]    # as text: "443" < "8080" < "9"
+    names = DistinctPairs()
+    names.add(np.array([1, 1, 1]), 2, pa.array(["b", "", "a"]))
+    assert list(names.joined(np.array([0, 1]), "; ")) == ["", "a; b"]
+    assert list(DistinctPairs().joined(np.array([0, 1]), "; ")) == ["", ""]
+    many = DistinctPairs()
+    for block in range(3 * DistinctPairs.COMPACT_EVERY + 1):   # compacted on the way: the same pairs
+        many.add(np.array([0, 1]), 2, pa.array([f"v{block % 5}", "w"]))
+    assert list(many.joined(np.array([1, 0]), " ")) == ["w", "v0 v1 v2 v3 v4"]
