@@ -19,6 +19,7 @@ from collections import deque
 from contextlib import ExitStack, suppress
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -63,6 +64,9 @@ class ScoredFiles(dict):
             with open(path, "rb") as fh:
                 self._maps[bucket] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
             self[bucket] = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self._maps[bucket]))).read_all()
+        sizes = np.array([table.num_rows for table in self.values()], dtype=np.int64)
+        self._starts = np.r_[0, np.cumsum(sizes)[:-1]]             # each file's first row, in file order
+        self._buckets = _narrow(np.array(list(self), dtype=np.int64))
 
     def release(self, bucket: int | None = None) -> None:
         """Drop the pages of one file (all files when None) from the resident set."""
@@ -75,21 +79,16 @@ class ScoredFiles(dict):
         asked for. Counted from the files' sizes, for the rows asked only (neither read from the files'
         `bucket` and `row` columns nor held for every row: at 10M rows, 77-150 MB less for the ranking
         process to hold)."""
-        sizes = np.array([table.num_rows for table in self.values()], dtype=np.int64)
-        starts = np.r_[0, np.cumsum(sizes)[:-1]]
-        buckets = _narrow(np.array(list(self), dtype=np.int64))
-        file = np.searchsorted(starts, positions, side="right") - 1
-        return buckets[file], _narrow(positions - starts[file])
+        file = np.searchsorted(self._starts, positions, side="right") - 1
+        return self._buckets[file], _narrow(positions - self._starts[file])
 
     def column_at(self, name: str, positions: np.ndarray) -> pa.ChunkedArray:
         """Column `name` at `positions` (ascending, of all rows in file order), file by file."""
         bucket, row = self.addresses(positions)
-        cuts = np.flatnonzero(np.diff(bucket)) + 1
         chunks = []
-        for b, r in zip(np.split(bucket, cuts), np.split(row, cuts)):
-            if len(b):
-                chunks += self[int(b[0])][name].take(pa.array(r)).chunks
-                self.release(int(b[0]))   # rows spread over a file touch all its pages
+        for b, r in _file_runs(bucket, row):
+            chunks += self[b][name].take(pa.array(r)).chunks
+            self.release(b)   # rows spread over a file touch all its pages
         return pa.chunked_array(chunks, type=self[int(bucket[0])].schema.field(name).type if len(bucket) else pa.null())
 
     def take(self, bucket: int, rows: np.ndarray) -> pa.Table:
@@ -131,10 +130,9 @@ def rank_all(tables: "ScoredFiles", alert: np.ndarray, score: np.ndarray) -> np.
     bands = 0
     sample = slice(None, None, max(1, n // (64 * (-(-n // RANK_BAND_ROWS)))))   # enough to place the cuts
     for flag in (True, False):   # alerts first
-        rows = int(np.count_nonzero(alert == flag))
-        cuts = np.unique(np.quantile(score[sample][alert[sample] == flag],
-                                     np.linspace(0.0, 1.0, -(-rows // RANK_BAND_ROWS) + 1)[1:-1])) \
-            if rows > RANK_BAND_ROWS and (alert[sample] == flag).any() else np.zeros(0)
+        count, sampled = int(np.count_nonzero(alert == flag)), score[sample][alert[sample] == flag]
+        cuts = np.unique(np.quantile(sampled, np.linspace(0.0, 1.0, -(-count // RANK_BAND_ROWS) + 1)[1:-1])) \
+            if count > RANK_BAND_ROWS and len(sampled) else np.zeros(0)
         for lo in range(0, n, RANK_BAND_ROWS):   # higher scores, earlier bands; equal scores, one band
             part, here = slice(lo, lo + RANK_BAND_ROWS), alert[lo:lo + RANK_BAND_ROWS] == flag
             band[part][here] = bands + len(cuts) - np.searchsorted(cuts, score[part][here], side="left")
@@ -551,6 +549,12 @@ def _ranked_rows(model, tables: dict[int, pa.Table], bucket: np.ndarray, row: np
     return _flip(ranked, None if change is None else change[stored], note), to_rank
 
 
+def _file_runs(bucket: np.ndarray, row: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(file, its rows) of each run of equal `bucket` (grouped: sorted by file)."""
+    cuts = np.flatnonzero(np.diff(bucket)) + 1
+    return ((int(b[0]), r) for b, r in zip(np.split(bucket, cuts), np.split(row, cuts)) if len(b))
+
+
 def _gather_stored(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray,
                    columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray]:
     """The rows (bucket[i], row[i]) of the memory-mapped tables in file order (sequential reads),
@@ -558,7 +562,6 @@ def _gather_stored(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndar
     the result is the pair stored[j]."""
     stored = np.lexsort((row, bucket))
     bucket, row = bucket[stored], row[stored]
-    cuts = np.flatnonzero(np.diff(bucket)) + 1
     if columns is not None:
         def take(b, r):
             out = tables[b].select(columns).take(pa.array(r))
@@ -567,7 +570,7 @@ def _gather_stored(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndar
             return out
     else:
         take = tables.take if isinstance(tables, ScoredFiles) else lambda b, r: tables[b].take(pa.array(r))
-    parts = [take(int(b[0]), r) for b, r in zip(np.split(bucket, cuts), np.split(row, cuts)) if len(b)]
+    parts = [take(b, r) for b, r in _file_runs(bucket, row)]
     table = pa.concat_tables(parts, promote_options="default") if parts else \
         next(iter(tables.values())).slice(0, 0)
     if columns is not None:
