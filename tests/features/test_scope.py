@@ -141,3 +141,28 @@ def test_a_backwards_row_is_slotted_by_its_initiator():
                     {"src_ip": "10.0.0.5", "src_port": 51000, "dst_ip": "1.1.1.2", "dst_port": 853}])
     assert initiators(conns, Scope()).tolist() == ["10.0.0.5", "10.0.0.5"]
     assert initiators(conns, Scope(all_directions=True)).tolist() == ["1.1.1.2", "10.0.0.5"]
+
+
+def test_recorded_backwards_reads_the_text_columns_of_port_candidates_only_with_the_same_result():
+    """`recorded_backwards` checks the ports first and the direction (source, state, history, protocol)
+    of the rows they leave: the same answer as the whole-row formula, row by row."""
+    from esxi_anomaly.features.scope import _lower, _service, direction_known, recorded_backwards
+
+    rng = np.random.default_rng(7)
+    n = 4000
+    conns = _conns([{"src_ip": "10.0.0.5", "dst_ip": "10.0.0.9",
+                     "src_port": int(rng.choice([53, 443, 853, 902, 5000, 50000, 65535])),
+                     "dst_port": int(rng.choice([22, 443, 1023, 1024, 5353, 8443, 51234])),
+                     "proto": str(rng.choice(["tcp", "UDP", "icmp", "", "Tcp"])),
+                     "source": str(rng.choice(["zeek_conn_tsv", "zeek_conn_json", "nsx_dfw", "vds_ipfix", "sysmon"])),
+                     "conn_state": str(rng.choice(["SF", "OTH", "S0", "RSTOS0", ""])),
+                     "history": str(rng.choice(["ShADadFf", "^dA", "dA", "S", "R", ""]))} for _ in range(n)])
+    conns.index = np.arange(n) * 3 + 11   # not a range index: candidates are taken by position
+    proto = _lower(conns["proto"])
+    sport, dport = conns["src_port"].to_numpy(dtype="int64"), conns["dst_port"].to_numpy(dtype="int64")
+    whole = (np.isin(proto, ("tcp", "udp", "")) & _service(sport) & (dport >= 1024) & ~_service(dport)
+             & ~direction_known(conns, proto))
+    assert 0 < whole.sum() < n
+    np.testing.assert_array_equal(recorded_backwards(conns), whole)
+    np.testing.assert_array_equal(recorded_backwards(conns, proto), whole)
+    assert not recorded_backwards(conns.iloc[:0]).size
