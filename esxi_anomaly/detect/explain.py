@@ -141,18 +141,26 @@ def _formula_text(t, octets: np.ndarray) -> pa.Array:
 
 
 def _matched(codes: np.ndarray, tids: list[str], a: np.ndarray, p: np.ndarray, output: str, rtype: str) -> np.ndarray:
-    """Whether transform tids[codes[i]] derives p[i] from answer a[i] (one derivation call)."""
+    """Whether transform tids[codes[i]] derives p[i] from answer a[i] (one derivation call): each
+    (answer, transform, value) asked and derived coded as one integer, then a set membership."""
     row, uniq = pd.factorize(a)
     derived = (T.derive_ports if output == "port" else T.derive_ips)(rtype, list(uniq))
-    value = derived["port"].to_numpy(dtype=np.int64) if output == "port" else \
-        derived["ip"].astype(str).to_numpy(dtype=object)
-    got = pd.DataFrame({"row": derived["row"].to_numpy(dtype=np.int64),
-                        "t": derived["transform"].astype(str).to_numpy(dtype=object), "v": value})
-    asked = pd.DataFrame({"row": row.astype(np.int64), "t": np.asarray(tids, dtype=object)[codes],
-                          "v": np.array([int(x) for x in p], dtype=np.int64) if output == "port" else p})
-    merged = asked.merge(got[got["t"].isin(set(tids))].drop_duplicates().assign(hit=True),
-                         on=["row", "t", "v"], how="left")
-    return merged["hit"].notna().to_numpy()
+    got_t = pd.Index(tids).get_indexer(derived["transform"].astype(str)).astype(np.int64)   # -1: not asked
+    asked_t = got_t >= 0
+    if output == "port":
+        got_v = derived["port"].to_numpy(dtype=np.int64)[asked_t]
+        asked_v = np.array([int(x) for x in p], dtype=np.int64)
+    else:
+        got_v = derived["ip"].astype(str).to_numpy(dtype=object)[asked_t]
+        asked_v = p
+    values = pd.factorize(np.concatenate([asked_v, got_v]))[0].astype(np.int64)
+    width = max(int(values.max()) + 1, 1) if len(values) else 1
+
+    def keys(rows: np.ndarray, transform: np.ndarray, value: np.ndarray) -> np.ndarray:
+        return (rows.astype(np.int64) * len(tids) + transform) * width + value
+
+    return np.isin(keys(row, codes.astype(np.int64), values[:len(p)]),
+                   keys(derived["row"].to_numpy(dtype=np.int64)[asked_t], got_t[asked_t], values[len(p):]))
 
 
 def _formula_texts(codes: np.ndarray, tids: list[str], octets: np.ndarray) -> pa.Array:

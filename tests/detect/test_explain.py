@@ -194,3 +194,18 @@ def test_describe_many_equals_describe_one_by_one(monkeypatch):
     batched = {x for x, text in zip(triples, expected) if x in a_formula and text.startswith(f"{x[2]} = ")}
     assert len(batched) > 20 and not batched & set(calls)
     assert all(c in a_formula or not c[2].isdigit() or c[0] not in T.TRANSFORMS for c in calls)
+
+
+@pytest.mark.parametrize("odd", [None, float("nan"), 1117, b"1117", "\u0661\u0661\u0661\u0667", "1117\n", " 1117",
+                                 "\ud800", pd.NA])
+def test_describe_many_takes_values_other_than_plain_text_one_by_one(odd):
+    """Values that are not str (or str that are not plain digits) anywhere in a triple: the same text
+    as `_one`, whether the other values of the arrays are all str or not."""
+    triples = _triples()[:200]
+    t, a, p = (np.array(x, dtype=object) for x in zip(*triples))
+    for column in (t, a, p):
+        spoiled = column.copy()
+        spoiled[::7] = odd
+        arrays = [spoiled if c is column else c for c in (t, a, p)]
+        got = explain.describe_many(*arrays)
+        assert got.tolist() == [explain._one(*x) for x in zip(*arrays)]
