@@ -148,6 +148,23 @@ def _remember(state: StreamState, r: dict[str, np.ndarray], in_time_order: np.nd
     state.recent[_STATE_VANTAGE] = (r["vantage"][keep], ts[keep])
 
 
+def _with_earlier(state: StreamState, r: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows an earlier batch left in `state` (`_remember`) as rows -m..-1 before the batch's rows
+    `r`: they win ties in time."""
+    prev = state.recent[_STATE]
+    flags, duration = state.recent[_STATE_INFO]
+    earlier = {"key": prev[0], "ts": prev[1], "flags": flags, "duration": duration,
+               "vantage": state.recent[_STATE_VANTAGE][0]}
+    return {c: np.concatenate([earlier[c], r[c]]) for c in r}
+
+
+def _earlier_of_one_log(state: StreamState, vantage) -> bool:
+    """Are the rows an earlier batch left in `state` all of the log at `vantage`, one that logs each
+    connection once (so that no row of that log can join them)?"""
+    flags = state.recent[_STATE_INFO][0]
+    return bool(((flags & _ONCE) > 0).all() and (state.recent[_STATE_VANTAGE][0] == vantage).all())
+
+
 def merge_connections(conns: pd.DataFrame, state: StreamState | None = None) -> pd.DataFrame:
     """The connections, one row per connection, with a `seen_by` column (see the module), in the
     frame's order. With `state`, rows joining a connection of an earlier batch are dropped (that
@@ -157,21 +174,22 @@ def merge_connections(conns: pd.DataFrame, state: StreamState | None = None) -> 
     prev = state.recent.get(_STATE) if state is not None else None
     m = len(prev[0]) if prev is not None else 0
     r = _rows(conns, key=False)
-    if m == 0 and _one_log(r):
-        # one vantage point that logs each connection once (Zeek alone, say): nothing to merge
+    if _one_log(r) and (m == 0 or n and _earlier_of_one_log(state, r["vantage"][0])):
+        # one vantage point that logs each connection once (Zeek alone, say), as were the rows an
+        # earlier batch left in the state: nothing to merge, the state kept as a merge would keep it
         out = conns.copy(deep=False)
         out["seen_by"] = _text_series(_vantage(conns)) if n else pd.Series([], dtype="str")
         if state is not None and n:
             r["key"] = _pair_key(conns)[0]
+            if m:
+                r = _with_earlier(state, r)
             ts = r["ts"]
-            _remember(state, r, np.arange(n) if (ts[1:] >= ts[:-1]).all() else np.lexsort((np.arange(n), ts)))
+            in_time_order = np.arange(m + n) if (ts[1:] >= ts[:-1]).all() else np.lexsort((np.arange(m + n), ts))
+            _remember(state, r, in_time_order)
         return out
     r["key"], forward = _pair_key(conns)
-    if m:   # the earlier batches' rows go first, as rows -m..-1: they win ties in time
-        flags, duration = state.recent[_STATE_INFO]
-        earlier = {"key": prev[0], "ts": prev[1], "flags": flags, "duration": duration,
-                   "vantage": state.recent[_STATE_VANTAGE][0]}
-        r = {c: np.concatenate([earlier[c], r[c]]) for c in r}
+    if m:
+        r = _with_earlier(state, r)
     order = np.lexsort((np.arange(m + n), r["ts"], r["key"]))
     new = _starts(r, order)
     group = np.cumsum(new) - 1

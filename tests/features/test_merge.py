@@ -252,3 +252,45 @@ def test_reversed_twin_across_batches_is_dropped_with_its_connection():
     second = merge.merge_connections(frame(*rows[1:]), state)
     assert first["event_id"].tolist() + second["event_id"].tolist() == ["a", "c"]
     assert merge.merge_connections(frame(*rows))["event_id"].tolist() == ["a", "c"]
+
+
+@pytest.mark.parametrize("then", ["zeek_conn_tsv", "nsx_dfw", "other_host"])
+def test_later_batches_of_one_log_skip_the_merge_and_keep_its_state(monkeypatch, then):
+    """Batches of one log that logs each connection once (Zeek at one vantage point), carried over
+    rows an earlier batch of the same log left in the state: nothing can join, so the rows go through
+    as they are; the output and the state after each batch are the full merge's. A batch of another
+    source or vantage point after them is merged with them as before."""
+    def zeek(ts, port, **values):
+        return conn(ts, "", source="zeek_conn_tsv", src_port=port, event_id=f"z{ts}-{port}", **values)
+
+    batches = [[zeek(0.0, 50_000), zeek(0.5, 50_001), zeek(30.0, 50_000)],
+               [zeek(31.0, 50_000), zeek(29.5, 50_002), zeek(np.nan, 50_003), zeek(60.0, 50_001)],
+               [zeek(61.0, 50_001), zeek(62.0, 50_004)]]
+    last = {"zeek_conn_tsv": zeek(62.5, 50_004), "nsx_dfw": conn(62.5, "esx01", src_port=50_004, event_id="dfw"),
+            "other_host": conn(62.5, "esx02", source="zeek_conn_tsv", src_port=50_004, event_id="other")}[then]
+    batches.append([last])
+
+    def run(full_merge: bool):
+        state, outs, states, merged = StreamState(), [], [], []
+        with monkeypatch.context() as patch:
+            if full_merge:
+                patch.setattr(merge, "_one_log", lambda r: False)
+            starts = merge._starts
+            patch.setattr(merge, "_starts", lambda *a: merged.append(len(outs)) or starts(*a))
+            for rows in batches:
+                outs.append(merge.merge_connections(frame(*rows), state))
+                states.append({k: tuple(np.array(x, copy=True) for x in v) for k, v in state.recent.items()})
+        return outs, states, merged
+
+    fast, fast_states, fast_merged = run(False)
+    full, full_states, full_merged = run(True)
+    assert full_merged == [0, 1, 2, 3] and fast_merged == ([] if then == "zeek_conn_tsv" else [3])
+    for got, expected in zip(fast, full):
+        pd.testing.assert_frame_equal(got, expected)
+    for got, expected in zip(fast_states, full_states):
+        assert got.keys() == expected.keys()
+        for key in got:
+            for a, b in zip(got[key], expected[key]):
+                np.testing.assert_array_equal(a, b)
+    assert len(fast_states[0]["merge_conn"][0]) and len(fast_states[1]["merge_conn"][0])   # earlier rows carried
+    assert sum(map(len, fast[:3])) == 9
