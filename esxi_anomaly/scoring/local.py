@@ -199,18 +199,52 @@ def _noting_resolvers(chunk: pd.DataFrame, resolvers: set) -> pd.DataFrame:
     return chunk
 
 
+def _spilled(folder: Path, buckets: list[int]) -> pa.Table | None:
+    """Every spilled row of `buckets` (all partitions, with their slot), in spill order: memory-mapped,
+    nothing copied; None when there is none."""
+    parts = [part for b in buckets if (folder / str(b)).is_dir()
+             for part in sorted((folder / str(b)).glob("part-*.arrow"),
+                                key=lambda p: tuple(int(n) for n in p.stem.split("-")[1:]))]
+    if not parts:
+        return None
+    return pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in parts],
+                            promote_options="default")
+
+
+def _partition_rows(table: pa.Table, part_of: np.ndarray | None, partition: int) -> np.ndarray | None:
+    """Positions of `table`'s rows whose source slot belongs to `partition` (None: all rows, a single
+    partition)."""
+    return None if part_of is None else np.flatnonzero(part_of[table[SLOT_COLUMN].to_numpy()] == partition)
+
+
 def _read_bucket(folder: Path, b: int, part_of: np.ndarray | None, partition: int) -> pa.Table | None:
     """The rows of bucket `b` whose source slot belongs to `partition` (all rows when `part_of` is
     None: a single partition), in spill order."""
-    target = folder / str(b)
-    if not target.is_dir():
+    table = _spilled(folder, [b])
+    if table is None:
         return None
-    parts = sorted(target.glob("part-*.arrow"), key=lambda p: tuple(int(n) for n in p.stem.split("-")[1:]))
-    table = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in parts],
-                             promote_options="default")
-    if part_of is not None:
-        table = table.filter(pa.array(part_of[table[SLOT_COLUMN].to_numpy()] == partition))
+    rows = _partition_rows(table, part_of, partition)
+    if rows is not None:
+        table = table.take(pa.array(rows))
     return table.drop_columns([SLOT_COLUMN]) if table.num_rows else None
+
+
+def _read_group(folder: Path, group: list[int], part_of: np.ndarray | None, partition: int) -> pd.DataFrame | None:
+    """The partition's connections of the buckets of `group`, sorted by (ts, event_id) (stable, NaN
+    times last), as one frame: the keys of the partition's rows sorted, then all columns taken once
+    from the memory maps (a filter, then a take of its copy, cost twice the copying)."""
+    table = _spilled(folder, group)
+    if table is None:
+        return None
+    rows = _partition_rows(table, part_of, partition)
+    if rows is not None and not len(rows):
+        return None
+    keys = table.select(["ts", "event_id"])
+    if rows is not None:
+        keys = keys.take(pa.array(rows))
+    order = pc.sort_indices(keys, sort_keys=[("ts", "ascending"), ("event_id", "ascending")]).to_numpy()
+    # Arrow's take, not pandas' (several times slower on its Arrow string columns)
+    return table.drop_columns([SLOT_COLUMN]).take(pa.array(order if rows is None else rows[order])).to_pandas()
 
 
 # -- pass 2: score -------------------------------------------------------------------------
@@ -248,17 +282,10 @@ def score_partition(env: dict, plan: dict, work: Path, partition: int, resume: b
     todo = {b: n for b, n in plan["conn_buckets"].items() if last is None or b > last}
     for group in bucket_groups(todo, chunk_rows):
         t = time.perf_counter()
-        frames = [_read_bucket(conn_dir, b, part_of, partition) for b in group]
-        frames = [f for f in frames if f is not None]
-        if not frames:
+        conns = _read_group(conn_dir, group, part_of, partition)   # held once while the group is scored
+        if conns is None:
             cp.done_buckets.extend(group)
             continue
-        table = pa.concat_tables(frames, promote_options="default")
-        # stable sort by (ts, event_id), NaN times last, all in Arrow (pandas' take of its Arrow
-        # string columns costs several times more)
-        order = pc.sort_indices(table, sort_keys=[("ts", "ascending"), ("event_id", "ascending")])
-        conns = table.take(order).to_pandas()
-        del frames, table, order   # the group is held once, as `conns`, while it is scored
         ts = conns["ts"].to_numpy(dtype="float64")
         pieces = []
         bounds = chunk_bounds(ts, chunk_rows, connection_groups(conns) if len(conns) > chunk_rows else None)
