@@ -146,12 +146,12 @@ def _matched(codes: np.ndarray, tids: list[str], a: np.ndarray, p: np.ndarray, o
     row, uniq = pd.factorize(a)
     derived = (T.derive_ports if output == "port" else T.derive_ips)(rtype, list(uniq))
     got_t = pd.Index(tids).get_indexer(derived["transform"].astype(str)).astype(np.int64)   # -1: not asked
-    asked_t = got_t >= 0
+    wanted = got_t >= 0
     if output == "port":
-        got_v = derived["port"].to_numpy(dtype=np.int64)[asked_t]
+        got_v = derived["port"].to_numpy(dtype=np.int64)[wanted]
         asked_v = np.array([int(x) for x in p], dtype=np.int64)
     else:
-        got_v = derived["ip"].astype(str).to_numpy(dtype=object)[asked_t]
+        got_v = derived["ip"].astype(str).to_numpy(dtype=object)[wanted]
         asked_v = p
     values = pd.factorize(np.concatenate([asked_v, got_v]))[0].astype(np.int64)
     width = max(int(values.max()) + 1, 1) if len(values) else 1
@@ -160,7 +160,7 @@ def _matched(codes: np.ndarray, tids: list[str], a: np.ndarray, p: np.ndarray, o
         return (rows.astype(np.int64) * len(tids) + transform) * width + value
 
     return np.isin(keys(row, codes.astype(np.int64), values[:len(p)]),
-                   keys(derived["row"].to_numpy(dtype=np.int64)[asked_t], got_t[asked_t], values[len(p):]))
+                   keys(derived["row"].to_numpy(dtype=np.int64)[wanted], got_t[wanted], values[len(p):]))
 
 
 def _formula_texts(codes: np.ndarray, tids: list[str], octets: np.ndarray) -> pa.Array:
