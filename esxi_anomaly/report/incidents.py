@@ -194,8 +194,9 @@ class StreamingIncidents:
         by block (about `block_rows` rows' event ids each, default INCIDENT_BLOCK_ROWS). `order` ranks
         all rows added (indices into their concatenation, best first); `rows_at(indices)`: those rows
         (key columns, event_id, rules, explanation) as a frame; `values_at(indices)`: their event_id
-        and dst_port (Arrow), in the order asked. Only one block's rows are read at a time.
-        `alerts_only`: the alert incidents only."""
+        and dst_port (Arrow), in the order asked. One block's event ids are read at a time, and the best
+        rows of up to `block_rows` incidents (each read has a fixed cost: at 10M rows, 84 reads took
+        2.8 s). `alerts_only`: the alert incidents only."""
         block_rows = INCIDENT_BLOCK_ROWS if block_rows is None else block_rows
         code = np.concatenate(self._codes) if self._codes else np.zeros(0, dtype="int32")
         if not len(code):
@@ -216,11 +217,15 @@ class StreamingIncidents:
         del code
         sizes = self._connections[ids]
         cuts = np.r_[0, np.flatnonzero(np.diff(np.cumsum(sizes) // max(block_rows, 1))) + 1, len(ids)]
+        tops, tops_from = None, 0   # the best rows of whole blocks of up to `block_rows` incidents, read at once
         for lo, hi in zip(cuts[:-1], cuts[1:]):
             if lo == hi:
                 continue
             part = ids[lo:hi]
-            top = rows_at(best[lo:hi]).reset_index(drop=True)
+            if tops is None or hi > tops_from + len(tops):
+                stop = max(hi, cuts[np.searchsorted(cuts, lo + block_rows, side="right") - 1])
+                tops, tops_from = rows_at(best[lo:stop]).reset_index(drop=True), lo
+            top = tops.iloc[lo - tops_from:hi - tops_from].reset_index(drop=True)
             text = {c: top[c].astype("str").to_numpy() if c in top.columns else np.full(hi - lo, "", dtype=object)
                     for c in ("src_ip", "src_name", "src_kind", "esxi_host", "query", "dst_ip", "transform", "rules",
                               "event_id", "explanation")}

@@ -56,7 +56,7 @@ def test_incident_ids_are_stable_and_distinguish_their_keys():
     assert list(incident_ids(["10.0.0.1"], ["x.example"], ["p"])) == [a[0]]
 
 
-@pytest.mark.parametrize("parts, block_rows", [(1, 100_000), (3, 1), (5, 2)])
+@pytest.mark.parametrize("parts, block_rows", [(1, 100_000), (3, 1), (5, 2), (1, 3)])
 def test_streamed_in_parts_and_blocks_is_the_same(parts, block_rows):
     ranked = _rows()
     table = pa.Table.from_pandas(ranked[list(RANKED_INPUTS)], preserve_index=False)
@@ -65,10 +65,36 @@ def test_streamed_in_parts_and_blocks_is_the_same(parts, block_rows):
     for lo, hi in zip(cuts[:-1], cuts[1:]):
         incidents.add(table.slice(lo, hi - lo))
     order = np.argsort(ranked["rank"].to_numpy())
-    blocks = list(incidents.finish(order, lambda idx: ranked.iloc[idx],
+    asked = []
+    blocks = list(incidents.finish(order, lambda idx: asked.append(len(idx)) or ranked.iloc[idx],
                                    lambda idx: table.select(["event_id", "dst_port"]).take(pa.array(idx)),
                                    block_rows=block_rows))
     pd.testing.assert_frame_equal(pd.concat(blocks, ignore_index=True), incident_frame(ranked))
+    # each incident's best row read once, those of up to block_rows incidents at a time
+    assert sum(asked) == len(incidents) and max(asked) <= block_rows
+    if block_rows >= len(incidents):
+        assert asked == [len(incidents)]
+
+
+def test_the_best_rows_of_several_blocks_of_large_incidents_are_read_at_once():
+    """Blocks of one large incident each: their best rows are read together, up to `block_rows`
+    incidents a read (each read has a fixed cost), each once; the blocks as read one by one."""
+    base = _rows()
+    ranked = pd.concat([base.assign(event_id=base["event_id"] + f"-{k}", rank=base["rank"] + 10 * k) for k in range(3)],
+                       ignore_index=True)
+    table = pa.Table.from_pandas(ranked[list(RANKED_INPUTS)], preserve_index=False)
+    incidents = StreamingIncidents()
+    incidents.add(table)
+    order = np.argsort(ranked["rank"].to_numpy())
+    asked = {}
+    for block_rows in (4, 1):
+        asked[block_rows] = []
+        blocks = list(incidents.finish(order, lambda idx: asked[block_rows].append(len(idx)) or ranked.iloc[idx],
+                                       lambda idx: table.select(["event_id", "dst_port"]).take(pa.array(idx)),
+                                       block_rows=block_rows))
+        pd.testing.assert_frame_equal(pd.concat(blocks, ignore_index=True), incident_frame(ranked))
+    assert incident_frame(ranked)["connections"].tolist() == [6, 3, 3, 3]   # blocks of 1, 1 and 2 incidents at 4 rows
+    assert asked == {4: [4], 1: [1, 1, 1, 1]}
 
 
 def test_rows_whose_alert_the_run_flipped_count_with_their_new_alert():
