@@ -205,10 +205,9 @@ def _spilled(folder: Path, buckets: list[int]) -> pa.Table | None:
     parts = [part for b in buckets if (folder / str(b)).is_dir()
              for part in sorted((folder / str(b)).glob("part-*.arrow"),
                                 key=lambda p: tuple(int(n) for n in p.stem.split("-")[1:]))]
-    if not parts:
-        return None
-    return pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in parts],
-                            promote_options="default")
+    table = pa.concat_tables([pa.ipc.open_file(pa.memory_map(str(p))).read_all() for p in parts],
+                             promote_options="default") if parts else None
+    return table if table is not None and table.num_rows else None
 
 
 def _partition_rows(table: pa.Table, part_of: np.ndarray | None, partition: int) -> np.ndarray | None:

@@ -87,16 +87,15 @@ class ScoredFiles(dict):
         bucket, row = self.addresses(positions)
         chunks = []
         for b, r in _file_runs(bucket, row):
-            chunks += self[b][name].take(pa.array(r)).chunks
-            self.release(b)   # rows spread over a file touch all its pages
+            chunks += self.take(b, r, [name])[name].chunks
         return pa.chunked_array(chunks, type=self[int(bucket[0])].schema.field(name).type if len(bucket) else pa.null())
 
-    def take(self, bucket: int, rows: np.ndarray) -> pa.Table:
-        """Rows of one file, copied out of the mapping, whose pages are then released. Consecutive rows
-        (an output block's share of a file in rank order) are copied as one slice, at under half the
-        cost of a take; still copied: some kernels touch a sliced string column's whole buffer,
-        faulting in the whole file."""
-        table = self[bucket]
+    def take(self, bucket: int, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+        """Rows of one file (only `columns` when given), copied out of the mapping, whose pages are then
+        released (rows spread over a file touch all its pages). Consecutive rows (an output block's share
+        of a file in rank order) are copied as one slice, at under half the cost of a take; still copied:
+        some kernels touch a sliced string column's whole buffer, faulting in the whole file."""
+        table = self[bucket] if columns is None else self[bucket].select(columns)
         if len(rows) and bool((np.diff(rows) == 1).all()):
             part = table.slice(int(rows[0]), len(rows))
             out = pa.table([pa.concat_arrays(column.chunks) for column in part.columns], schema=part.schema)
@@ -568,15 +567,11 @@ def _gather_stored(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndar
     the result is the pair stored[j]."""
     stored = np.lexsort((row, bucket))
     bucket, row = bucket[stored], row[stored]
-    if columns is not None:
-        def take(b, r):
-            out = tables[b].select(columns).take(pa.array(r))
-            if isinstance(tables, ScoredFiles):
-                tables.release(b)
-            return out
+    if isinstance(tables, ScoredFiles):
+        parts = [tables.take(b, r, columns) for b, r in _file_runs(bucket, row)]
     else:
-        take = tables.take if isinstance(tables, ScoredFiles) else lambda b, r: tables[b].take(pa.array(r))
-    parts = [take(b, r) for b, r in _file_runs(bucket, row)]
+        parts = [(tables[b] if columns is None else tables[b].select(columns)).take(pa.array(r))
+                 for b, r in _file_runs(bucket, row)]
     table = pa.concat_tables(parts, promote_options="default") if parts else \
         next(iter(tables.values())).slice(0, 0)
     if columns is not None:
