@@ -55,7 +55,7 @@ def _arrow(values) -> pa.Array:
     if not isinstance(values, (pa.Array, pa.ChunkedArray)):
         values = pa.array(values, _TEXT) if isinstance(values, (list, np.ndarray)) else pa.array(values)
     if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
+        values = values.chunk(0) if values.num_chunks == 1 else values.combine_chunks()
     return values if values.type == _TEXT else pc.cast(values, _TEXT)
 
 
@@ -177,10 +177,20 @@ def describe_many(transforms, answers, targets) -> np.ndarray:
     (`transforms.describe`, the keyed text, or the fallback), with one derivation call per record
     type instead of one per triple. Keyed transforms, non-numeric ports, unmatched formulas,
     unparsable answers and non-str values take the reference path, triple by triple."""
-    t = np.asarray(transforms, dtype=object)
-    a = np.asarray(answers, dtype=object)
-    p = np.asarray(targets, dtype=object)
+    t, a, p = (np.asarray(x, dtype=object) for x in (transforms, answers, targets))
+    pieces, rest = _described(t, a, p)
     out = np.empty(len(t), dtype=object)
+    for rows, texts in pieces:
+        out[rows] = np.asarray(texts.to_pylist(), dtype=object)
+    for i in rest:
+        out[i] = _one(t[i], a[i], p[i])
+    return out
+
+
+def _described(t: np.ndarray, a: np.ndarray, p: np.ndarray) -> tuple[list[tuple[np.ndarray, pa.Array]], np.ndarray]:
+    """`describe_many` of object arrays as (rows, their texts) of each batch derived, and the rows
+    left for `_one`."""
+    pieces: list[tuple[np.ndarray, pa.Array]] = []
     todo = np.ones(len(t), dtype=bool)
     strings = np.array([isinstance(x, str) and isinstance(y, str) and isinstance(z, str) for x, y, z in zip(t, a, p)],
                        dtype=bool)
@@ -198,7 +208,7 @@ def describe_many(transforms, answers, targets) -> np.ndarray:
             groups.setdefault(kind, []).append(k)
 
     def done(rows: np.ndarray, texts: pa.Array) -> None:
-        out[rows] = np.asarray(texts.to_pylist(), dtype=object)
+        pieces.append((rows, texts))
         todo[rows] = False
 
     def per_row(rows: np.ndarray, field: str) -> pa.Array:
@@ -249,9 +259,7 @@ def describe_many(transforms, answers, targets) -> np.ndarray:
                                    per_row(sub, "formula"), " (", per_row(sub, "name"), ")"))
         except Exception:  # a surprise in the batched path: these triples go one by one
             continue
-    for i in np.flatnonzero(todo):
-        out[i] = _one(t[i], a[i], p[i])
-    return out
+    return pieces, np.flatnonzero(todo)
 
 
 def _derivation(transform: pa.Array, answer: pa.Array, target: pa.Array) -> pa.Array:
@@ -263,8 +271,10 @@ def _derivation(transform: pa.Array, answer: pa.Array, target: pa.Array) -> pa.A
     t, a, p = transform.take(take), answer.take(take), target.take(take)
     code, first = _distinct_rows(t, a, p)
     first = pa.array(first)
-    texts = describe_many(*(x.take(first).to_numpy(zero_copy_only=False) for x in (t, a, p)))
-    return _scatter(len(transform), [(rows, pa.array(texts, _TEXT).take(pa.array(code)))])
+    t, a, p = (np.asarray(x.take(first).to_numpy(zero_copy_only=False), dtype=object) for x in (t, a, p))
+    pieces, rest = _described(t, a, p)   # kept in Arrow: `describe_many`'s Python strings cost ~10 % here
+    pieces.append((rest, pa.array([_one(t[i], a[i], p[i]) for i in rest], _TEXT)))
+    return _scatter(len(transform), [(rows, _scatter(len(t), pieces).take(pa.array(code)))])
 
 
 # -- sentences --------------------------------------------------------------------------------
@@ -358,9 +368,13 @@ def _seen_by_clause(rows: pd.DataFrame) -> pa.Array:
     connection (`features.merge`: `seen_by` lists them separated by spaces)."""
     if "seen_by" not in rows.columns:
         return _const("", len(rows))
-    seen = pc.fill_null(_text(rows["seen_by"]), "")
-    several = pc.match_substring(seen, " ")
-    return pc.if_else(several, _cat("; seen by ", pc.replace_substring(seen, " ", ", ")), _const("", len(rows)))
+    encoded = pc.dictionary_encode(pc.fill_null(_text(rows["seen_by"]), ""))   # a clause per distinct list
+    distinct = encoded.dictionary
+    several = pc.match_substring(distinct, " ")
+    if not pc.any(several).as_py():
+        return _const("", len(rows))      # one vantage point everywhere (most estates)
+    clause = pc.if_else(several, _cat("; seen by ", pc.replace_substring(distinct, " ", ", ")), _const("", len(distinct)))
+    return clause.take(encoded.indices)
 
 
 def _render(template: str, rows: pd.DataFrame) -> pa.Array:

@@ -177,8 +177,8 @@ def _float_text(values: np.ndarray) -> pa.Array:
 
 def _column_text(column: pa.Array | pa.ChunkedArray) -> pa.Array | None:
     """The CSV text of one column (before quoting), or None when this encoder does not know the type."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
+    if isinstance(column, pa.ChunkedArray):   # one chunk (an output block): not copied
+        column = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
     kind = column.type
     if pa.types.is_dictionary(kind):
         if not (pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)):

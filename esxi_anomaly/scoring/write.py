@@ -92,16 +92,32 @@ class ScoredFiles(dict):
 
     def take(self, bucket: int, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
         """Rows of one file (only `columns` when given), copied out of the mapping, whose pages are then
-        released (rows spread over a file touch all its pages). Consecutive rows (an output block's share
-        of a file in rank order) are copied as one slice, at under half the cost of a take; still copied:
-        some kernels touch a sliced string column's whole buffer, faulting in the whole file."""
-        table = self[bucket] if columns is None else self[bucket].select(columns)
-        if len(rows) and bool((np.diff(rows) == 1).all()):
-            part = table.slice(int(rows[0]), len(rows))
-            out = pa.table([pa.concat_arrays(column.chunks) for column in part.columns], schema=part.schema)
-        else:
-            out = table.take(pa.array(rows))
-        self.release(bucket)
+        released (rows spread over a file touch all its pages)."""
+        return self.take_runs([(bucket, rows)], columns)
+
+    def take_runs(self, runs: list[tuple[int, np.ndarray]], columns: list[str] | None = None) -> pa.Table:
+        """The rows of `runs` ((file, its rows), at least one) one after another, only `columns` when
+        given: one table of single-chunk columns copied out of the mappings, whose pages are then
+        released. A file's consecutive rows (an output block's share of it, in rank order) are sliced,
+        then each column is copied once from all files together (a copy per file and one more to join
+        them cost twice). Copied, not viewed: some kernels touch a sliced string column's whole buffer,
+        faulting in the whole file."""
+        parts, sliced = [], False
+        for bucket, rows in runs:
+            table = self[bucket] if columns is None else self[bucket].select(columns)
+            consecutive = len(rows) and bool((np.diff(rows) == 1).all())
+            parts.append(table.slice(int(rows[0]), len(rows)) if consecutive else table.take(pa.array(rows)))
+            sliced |= consecutive
+        schema = parts[0].schema
+        if len(parts) == 1 and not sliced:
+            out = parts[0]                                       # taken: copied already
+        elif all(part.schema.equals(schema) for part in parts[1:]):
+            out = pa.table([pa.concat_arrays([chunk for part in parts for chunk in part.column(i).chunks])
+                            for i in range(len(schema))], schema=schema)
+        else:   # a file whose text columns are all null, say: the types are unified
+            out = pa.concat_tables(parts, promote_options="default").combine_chunks()
+        for bucket, _ in runs:
+            self.release(bucket)
         return out
 
     def add_each_to(self, sinks, flipped: np.ndarray | None = None) -> None:
@@ -567,13 +583,14 @@ def _gather_stored(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndar
     the result is the pair stored[j]."""
     stored = np.lexsort((row, bucket))
     bucket, row = bucket[stored], row[stored]
-    if isinstance(tables, ScoredFiles):
-        parts = [tables.take(b, r, columns) for b, r in _file_runs(bucket, row)]
+    runs = list(_file_runs(bucket, row))
+    if not runs:
+        table = next(iter(tables.values())).slice(0, 0)
+    elif isinstance(tables, ScoredFiles):
+        table = tables.take_runs(runs, columns)
     else:
-        parts = [(tables[b] if columns is None else tables[b].select(columns)).take(pa.array(r))
-                 for b, r in _file_runs(bucket, row)]
-    table = pa.concat_tables(parts, promote_options="default") if parts else \
-        next(iter(tables.values())).slice(0, 0)
+        table = pa.concat_tables([(tables[b] if columns is None else tables[b].select(columns)).take(pa.array(r))
+                                  for b, r in runs], promote_options="default")
     if columns is not None:
         return table.select(columns), stored
     cols = ["score", "event_id"] + [c for c in table.column_names if c not in ("score", "event_id")]

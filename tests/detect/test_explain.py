@@ -126,6 +126,19 @@ def test_crafted_rows_exact_text():
     assert explain.sentences(rows.iloc[:1], 0.5, [])[0].endswith("never used port 1117 in 12 h")
 
 
+def test_seen_by_clause_names_the_vantage_points_only_where_there_are_several():
+    rows = crafted_rows().iloc[:5].copy()
+    rows["seen_by"] = pd.array(["zeek", "nsx_dfw:esx01 nsx_dfw:esx03", None, "", "nsx_dfw:esx01 nsx_dfw:esx03"],
+                               dtype="string[pyarrow]")
+    alone = explain.sentences(rows.drop(columns="seen_by"), 2.0, RULES)
+    got = explain.sentences(rows, 2.0, RULES)
+    assert (got.iloc[[0, 2, 3]] == alone.iloc[[0, 2, 3]]).all()
+    for i in (1, 4):
+        assert got.iloc[i] == alone.iloc[i] + "; seen by nsx_dfw:esx01, nsx_dfw:esx03"
+    rows["seen_by"] = "zeek"
+    assert explain.sentences(rows, 2.0, RULES).equals(alone)
+
+
 @pytest.mark.parametrize("history_days", [2.0, 0.25])
 def test_sentences_equal_the_per_row_reference(history_days):
     rows = crafted_rows()

@@ -48,3 +48,28 @@ def test_rank_all_with_nan_scores_takes_the_one_sort(tmp_path, monkeypatch):
     keys = pa.concat_tables([t.select(["alert", "score", "event_id"]) for t in tables.values()])
     alert, score = keys["alert"].to_numpy(zero_copy_only=False), keys["score"].to_numpy()
     assert np.array_equal(rank_all(tables, alert, score), rank_order(keys))
+
+
+def test_take_runs_gives_the_runs_rows_one_after_another_in_single_chunks(tmp_path):
+    tables = scored_files(tmp_path, np.random.default_rng(5), [50, 80, 30], np.array([0.1, 0.5]))
+    runs = [(1, np.arange(10, 40)), (0, np.array([3, 7, 8, 20])), (2, np.arange(30)), (1, np.array([5]))]
+    got = tables.take_runs(runs)
+    assert got.equals(pa.concat_tables([tables[b].take(pa.array(r)) for b, r in runs]))
+    assert [column.num_chunks for column in got.columns] == [1, 1, 1]
+    assert got.schema == tables[0].schema
+    assert tables.take(0, np.array([4, 2])).equals(tables[0].take(pa.array([4, 2])))   # one run, taken
+    sliced = tables.take(1, np.arange(3, 9), ["event_id"])
+    assert sliced.equals(tables[1].select(["event_id"]).slice(3, 6))
+    assert sliced["event_id"].chunk(0).offset == 0          # copied out of the mapping, not a view of it
+
+
+def test_take_runs_unifies_files_of_other_column_types(tmp_path):
+    tables = scored_files(tmp_path, np.random.default_rng(6), [20, 20], np.array([0.1, 0.5]))
+    other = pa.table({"score": [0.3, 0.4], "alert": [True, False], "event_id": pa.nulls(2)})
+    with pa.OSFile(str(tmp_path / "7.scored.arrow"), "wb") as sink, pa.ipc.new_file(sink, other.schema) as writer:
+        writer.write_table(other)   # a file whose text column is all null: typed null by pandas
+    tables = ScoredFiles(sorted(tmp_path.glob("*.scored.arrow")))
+    runs = [(0, np.arange(5, 9)), (7, np.array([1, 0])), (1, np.arange(2))]
+    got = tables.take_runs(runs)
+    want = pa.concat_tables([tables[b].take(pa.array(r)) for b, r in runs], promote_options="default")
+    assert got.equals(want) and [column.num_chunks for column in got.columns] == [1, 1, 1]
