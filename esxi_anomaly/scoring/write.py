@@ -102,12 +102,15 @@ class ScoredFiles(dict):
         then each column is copied once from all files together (a copy per file and one more to join
         them cost twice). Copied, not viewed: some kernels touch a sliced string column's whole buffer,
         faulting in the whole file."""
-        parts, sliced = [], False
+        parts, sliced = [], []
         for bucket, rows in runs:
             table = self[bucket] if columns is None else self[bucket].select(columns)
-            consecutive = len(rows) and bool((np.diff(rows) == 1).all())
-            parts.append(table.slice(int(rows[0]), len(rows)) if consecutive else table.take(pa.array(rows)))
-            sliced |= consecutive
+            if len(rows) and bool((np.diff(rows) == 1).all()):
+                parts.append(table.slice(int(rows[0]), len(rows)))
+                sliced.append(bucket)
+            else:   # rows spread over the file touched all its pages: copied, they go at once
+                parts.append(table.take(pa.array(rows)))
+                self.release(bucket)
         schema = parts[0].schema
         if len(parts) == 1 and not sliced:
             out = parts[0]                                       # taken: copied already
@@ -116,7 +119,7 @@ class ScoredFiles(dict):
                             for i in range(len(schema))], schema=schema)
         else:   # a file whose text columns are all null, say: the types are unified
             out = pa.concat_tables(parts, promote_options="default").combine_chunks()
-        for bucket, _ in runs:
+        for bucket in sliced:
             self.release(bucket)
         return out
 
