@@ -75,12 +75,13 @@ def test_take_runs_unifies_files_of_other_column_types(tmp_path):
     assert got.equals(want) and [column.num_chunks for column in got.columns] == [1, 1, 1]
 
 
-def test_take_runs_releases_a_file_whose_rows_it_took_before_reading_the_next(tmp_path, monkeypatch):
-    """Rows spread over a file touch all its pages: a run that is not a slice lets them go at once (at
-    10M rows, the incidents' best rows of every file held together came to ~600 MB more)."""
+def test_take_runs_lets_the_pages_of_the_files_go_as_soon_as_they_are_copied(tmp_path, monkeypatch):
+    """Rows spread over a file touch all its pages: a run that is not a slice lets them go at once; the
+    sliced files' pages go column by column (held to the end, a 10M run's peak memory was 0.6 GB more)."""
     tables = scored_files(tmp_path, np.random.default_rng(7), [50, 80, 30], np.array([0.1, 0.5]))
     events = []
     monkeypatch.setattr(ScoredFiles, "__getitem__", lambda self, b: events.append(("read", b)) or dict.__getitem__(self, b))
     monkeypatch.setattr(ScoredFiles, "release", lambda self, b=None: events.append(("release", b)))
-    tables.take_runs([(0, np.array([1, 9, 4])), (1, np.arange(5, 9)), (2, np.array([0, 2]))])
-    assert events == [("read", 0), ("release", 0), ("read", 1), ("read", 2), ("release", 2), ("release", 1)]
+    tables.take_runs([(0, np.array([1, 9, 4])), (1, np.arange(5, 9)), (2, np.arange(3))])
+    # sliced files: their pages go after each column is copied out of them
+    assert events == [("read", 0), ("release", 0), ("read", 1), ("read", 2)] + [("release", 1), ("release", 2)] * 3
