@@ -117,6 +117,6 @@ def _fired_names(ids: np.ndarray, fired: np.ndarray) -> np.ndarray:
     if len(ids) > 62:  # more rules than bits in an int64 pattern: join row by row
         return np.array([";".join(ids[row]) for row in fired], dtype=object)
     bits = fired.astype(np.int64) @ (np.int64(1) << np.arange(len(ids), dtype=np.int64))  # rules < 63
-    patterns, inverse = np.unique(bits, return_inverse=True)
+    inverse, patterns = pd.factorize(bits)   # a hash: np.unique's sort cost ~5x more
     names = np.array([";".join(ids[(p >> np.arange(len(ids))) & 1 == 1]) for p in patterns], dtype=object)
     return names[inverse]
