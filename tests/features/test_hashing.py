@@ -17,10 +17,11 @@ def test_row_groups_number_tuples_by_first_appearance(sizes):
 
 @pytest.mark.parametrize("slice_rows", [1, 7, 1000, 1 << 20])
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
-def test_first_and_grouped_in_order_equal_numpys_whole_array_forms(monkeypatch, slice_rows, dtype):
+@pytest.mark.parametrize("top", [40, 65_537])   # 16-bit codes are sorted otherwise
+def test_first_and_grouped_in_order_equal_numpys_whole_array_forms(monkeypatch, slice_rows, dtype, top):
     monkeypatch.setattr(hashing, "ORDER_SLICE_ROWS", slice_rows)
     rng = np.random.default_rng(slice_rows)
-    codes = rng.choice(np.array([0, 2, 3, 9, 40], dtype=np.int32), size=500, p=[0.5, 0.3, 0.1, 0.09, 0.01])
+    codes = rng.choice(np.array([0, 2, 3, 9, top], dtype=np.int32), size=500, p=[0.5, 0.3, 0.1, 0.09, 0.01])
     order = rng.permutation(500).astype(dtype)
     ids, first = first_in_order(codes, order)
     want_ids, want_first = np.unique(codes[order], return_index=True)
