@@ -168,8 +168,15 @@ def _per_value(values: pd.Series, fn) -> np.ndarray:
         np.zeros(0, dtype=object)
 
 
+def _lower_coded(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(code per row, distinct values lower-cased): tests on the values run once per distinct value."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    return codes, np.array([str(u).lower() for u in uniques] + [None], dtype=object)[:-1]
+
+
 def _lower(values: pd.Series) -> np.ndarray:
-    return _per_value(values, str.lower)
+    codes, lowered = _lower_coded(values)
+    return lowered[codes]
 
 
 def _service(port: np.ndarray) -> np.ndarray:
@@ -190,9 +197,10 @@ def apply_scope(conns: pd.DataFrame, inventory: pd.DataFrame | None, scope: Scop
     if scope.all_directions or not n:
         checks.update(in_scope=n, **_encrypted_dns(conns, np.ones(n, bool)))
         return Scoped(conns, dict.fromkeys(REASONS, 0), checks)
-    proto = _lower(conns["proto"])
-    tcp_udp = np.isin(proto, ("tcp", "udp", ""))
-    icmp = np.isin(proto, ICMP_PROTOS)
+    proto_codes, protos = _lower_coded(conns["proto"])
+    proto = protos[proto_codes]
+    tcp_udp = np.isin(protos, ("tcp", "udp", ""))[proto_codes]
+    icmp = np.isin(protos, ICMP_PROTOS)[proto_codes]
     # re-orientation: a service port on the originator side, an ephemeral one on the responder side,
     # logged by a source that did not see who opened it (and not flipped by Zeek already)
     dport = conns["dst_port"].to_numpy(dtype="int64")
