@@ -33,7 +33,8 @@ printable-ASCII line of the common shapes (raw, RFC 5424 with `-` SD, ESXi 8 on-
 with an ISO time), and times, addresses, protocols and TERM counts are converted column-wise.
 Every other line (other envelopes, non-ASCII text, odd values, anything bad) takes the per-line
 path, which decides exactly as before; tests check both paths give the same rows and quarantine.
-A TERM line completes a PASS row of the same block (`_BLOCK_LINES` lines, at most the chunk size).
+A TERM line completes a PASS row of the same block (`_BLOCK_LINES` lines, whatever the chunk size:
+the rows do not depend on it).
 """
 from __future__ import annotations
 
@@ -172,7 +173,7 @@ def read(path: str, quarantine: Quarantine, chunk_rows: int) -> Iterator[pd.Data
     except OSError:
         default_year = None
     event_prefix = stable_event_id("nsx", path, 0)[:-1]   # "nsx-<digest>-": hashed once per file
-    block_lines = max(1, min(chunk_rows, _BLOCK_LINES))
+    block_lines = _BLOCK_LINES   # not the chunk size: the rows must not depend on it (`_chunks` cuts the frames)
     # the line reader's own records (over-long lines) wait for their block, to keep line order
     line_quarantine = Quarantine(max_records=block_lines + 2)
     block = _Block(path, default_year, event_prefix)

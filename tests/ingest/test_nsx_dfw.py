@@ -92,6 +92,14 @@ def test_chunking_keeps_every_row(fixtures):
     assert df_small.equals(df_big)
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 2, 3])
+def test_term_lines_complete_their_session_whatever_the_chunk_size(fixtures, chunk_rows):
+    """`chunk_rows` (`score --chunk-rows`) sizes the frames handed on, not the block of lines a TERM is
+    paired within: a smaller one gives the same rows, not a TERM row and an open PASS row apart."""
+    small, _ = read(fixtures / "nsx" / "term_session.log", chunk_rows)
+    assert small.equals(read(fixtures / "nsx" / "term_session.log")[0])
+
+
 def test_sniff(fixtures):
     for name in ("nsxt_raw_dfwpktlogs.log", "esxi8_dfwpktlogs.log", "forwarded_syslog.log"):
         assert nsx_dfw.sniff((fixtures / "nsx" / name).read_bytes())
