@@ -23,7 +23,7 @@ from esxi_anomaly import schema
 from esxi_anomaly.detect import explain
 from esxi_anomaly.features.hashing import first_in_order, grouped_in_order, row_groups
 from esxi_anomaly.report.layout import check_names
-from esxi_anomaly.report.rollup import DistinctPairs
+from esxi_anomaly.report.rollup import DistinctPairs, encode_values
 
 KEYS = ("src_ip", "query", "dst_ip", "transform")   # the incident: src_ip, query (else dst_ip), transform
 # the ranked output's columns (`schema.RANKED`) the incidents read
@@ -124,15 +124,6 @@ def _key_column(table: pa.Table) -> pa.Array:
     return pc.if_else(pc.equal(query, ""), pc.fill_null(table["dst_ip"].cast(pa.string()), ""), query)
 
 
-def _encode(column, lookup: dict) -> np.ndarray:
-    """Codes of `column`'s values in `lookup` (extended with new values); null is its own value."""
-    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    encoded = pc.dictionary_encode(column, null_encoding="encode")
-    local = np.array([lookup.setdefault(v, len(lookup)) for v in encoded.dictionary.to_pylist()] or [0],
-                     dtype="int64")
-    return local[encoded.indices.to_numpy(zero_copy_only=False)]
-
-
 class StreamingIncidents:
     """Incidents over scored rows that arrive as Arrow tables (`add`), described at the end (`finish`)."""
 
@@ -155,7 +146,7 @@ class StreamingIncidents:
             self._codes.append(np.zeros(0, dtype="int32"))
             return
         columns = [table["src_ip"], _key_column(table), table["transform"]]
-        parts = [_encode(c, lookup) for c, lookup in zip(columns, self._values)]
+        parts = [encode_values(c, lookup) for c, lookup in zip(columns, self._values)]
         combined, first = row_groups(parts, [len(v) for v in self._values])
         tuples = zip(*(p[first].tolist() for p in parts))    # one per incident of this table
         to_global = np.array([self._incidents.setdefault(t, len(self._incidents)) for t in tuples], dtype="int64")

@@ -24,6 +24,16 @@ ROLLUP_COLUMNS = ["src_ip", "src_name", "src_kind", "esxi_host", "max_score", "c
                   "top_explanation"]
 
 
+def encode_values(column, lookup: dict) -> np.ndarray:
+    """Codes of `column`'s values (Arrow) in `lookup` (value -> code, extended with new values), the
+    codes of a streamed summary's keys across its blocks; null is its own value."""
+    encoded = pc.dictionary_encode(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column,
+                                   null_encoding="encode")
+    local = np.array([lookup.setdefault(v, len(lookup)) for v in encoded.dictionary.to_pylist()] or [0],
+                     dtype="int64")
+    return local[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
 class DistinctPairs:
     """The distinct (group, text value) pairs of one column, gathered block by block (`add`) and joined
     per group at the end (`joined`): numpy over codes, pandas over the pairs, no Python tuple per pair.
@@ -149,15 +159,6 @@ class StreamingRollup:
         self._distinct: dict[str, DistinctPairs] = {}
         self.keys: list[str] | None = None
 
-    @staticmethod
-    def _encode(column, lookup: dict) -> np.ndarray:
-        """Codes of `column`'s values in `lookup` (extended with new values); null is its own value."""
-        encoded = pc.dictionary_encode(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column,
-                                       null_encoding="encode")
-        local = np.array([lookup.setdefault(v, len(lookup)) for v in encoded.dictionary.to_pylist()] or [0],
-                         dtype="int64")
-        return local[encoded.indices.to_numpy(zero_copy_only=False)]
-
     def add(self, table: pa.Table, flipped: np.ndarray | None = None) -> None:
         """Count the rows of `table`; `flipped`: rows whose alert the run changed (`scoring.write`)."""
         if self.keys is None:
@@ -169,7 +170,7 @@ class StreamingRollup:
         if not n:
             self._codes.append(np.zeros(0, dtype="int32"))
             return
-        parts = [self._encode(table[k], self._values[k]) for k in self.keys]
+        parts = [encode_values(table[k], self._values[k]) for k in self.keys]
         combined, first = row_groups(parts, [len(self._values[k]) for k in self.keys])
         tuples = zip(*(p[first].tolist() for p in parts))
         to_global = np.array([self._entities.setdefault(t, len(self._entities)) for t in tuples], dtype="int64")
