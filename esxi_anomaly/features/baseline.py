@@ -11,7 +11,7 @@ import pandas as pd
 
 from esxi_anomaly.estimator import Estimator, check_fitted
 from esxi_anomaly.features.columns import distinct
-from esxi_anomaly.features.hashing import combine as _h, hash_column
+from esxi_anomaly.features.hashing import combine as _h, hash_column, in_sorted
 from esxi_anomaly.features.stream_state import trailing_count
 
 BASELINE_FEATURES = [
@@ -34,14 +34,6 @@ def _lookup(table: pd.Series, keys: np.ndarray) -> np.ndarray:
     ok = idx >= 0
     out[ok] = table.to_numpy()[idx[ok]]
     return out
-
-
-def _member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    if not len(sorted_keys):
-        return np.zeros(len(keys), dtype=bool)
-    pos = np.searchsorted(sorted_keys, keys)
-    pos = np.minimum(pos, len(sorted_keys) - 1)
-    return sorted_keys[pos] == keys
 
 
 class EntityBaseline(Estimator):
@@ -131,13 +123,13 @@ class EntityBaseline(Estimator):
 
         def never(ent_table, role_table, *cols):
             # unknown entities are judged by what their role has seen
-            return np.where(known, ~_member(ent_table, _h(ent, *cols)), ~_member(role_table, _h(role, *cols)))
+            return np.where(known, ~in_sorted(ent_table, _h(ent, *cols)), ~in_sorted(role_table, _h(role, *cols)))
 
         has_domain = domain != _EMPTY_KEY
         return {
             "port_rarity": -np.log(p_ent),
             "port_never_seen": np.where(known, _lookup(self.entity_port_, _h(ent, port)) == 0,
-                                        ~_member(self.seen_role_port_, _h(role, port))).astype("float64"),
+                                        ~in_sorted(self.seen_role_port_, _h(role, port))).astype("float64"),
             "dst_never_seen": never(self.seen_entity_dst_, self.seen_role_dst_, dst).astype("float64"),
             "dstport_never_seen": never(self.seen_entity_dstport_, self.seen_role_dstport_, dst, port).astype("float64"),
             "domain_never_seen": (has_domain & never(self.seen_entity_domain_, self.seen_role_domain_, domain)).astype("float64"),

@@ -55,6 +55,28 @@ def row_groups(codes: list[np.ndarray], sizes: list[int]) -> tuple[np.ndarray, n
     return group, first
 
 
+def in_sorted(sorted_keys: np.ndarray | None, keys: np.ndarray) -> np.ndarray:
+    """Per key, whether it is in `sorted_keys` (ascending; None or empty: nowhere). The keys are looked
+    up in ascending order: each binary search then runs near the last one in memory (500k keys in 3M:
+    222 -> 54 ms, the sort included)."""
+    if sorted_keys is None or not len(sorted_keys):
+        return np.zeros(len(keys), dtype=bool)
+    keys = np.asarray(keys)
+    order = np.argsort(keys)
+    ordered = keys[order]
+    pos = np.minimum(np.searchsorted(sorted_keys, ordered), len(sorted_keys) - 1)
+    found = np.empty(len(keys), dtype=bool)
+    found[order] = sorted_keys[pos] == ordered
+    return found
+
+
+def sorted_union(sorted_keys: np.ndarray | None, new: np.ndarray) -> np.ndarray:
+    """`np.union1d(sorted_keys, new)` for `new` keys that are distinct and not in `sorted_keys`
+    (ascending, distinct): the new keys sorted and inserted, not all keys sorted again."""
+    new = np.sort(new)
+    return new if sorted_keys is None else np.insert(sorted_keys, np.searchsorted(sorted_keys, new), new)
+
+
 ORDER_SLICE_ROWS = 1 << 20   # rows of an order taken at a time below: a few MB of temporaries, not every row's
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from esxi_anomaly.features.hashing import combine
+from esxi_anomaly.features.hashing import combine, in_sorted, sorted_union
 
 
 @dataclass
@@ -88,13 +88,6 @@ def read_frame(path: Path) -> pd.DataFrame:
     return table.to_pandas()
 
 
-def _member(sorted_keys: np.ndarray | None, keys: np.ndarray) -> np.ndarray:
-    if sorted_keys is None or not len(sorted_keys):
-        return np.zeros(len(keys), dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-    return sorted_keys[pos] == keys
-
-
 def distinct_running_count(group: np.ndarray, value: np.ndarray, ts: np.ndarray,
                            state: StreamState | None, name: str) -> np.ndarray:
     """For each item, the number of distinct values of its group up to and including it (in time
@@ -108,13 +101,11 @@ def distinct_running_count(group: np.ndarray, value: np.ndarray, ts: np.ndarray,
     g, pair = group[order], combine(group, value)[order]
     new = ~pd.Series(pair).duplicated().to_numpy()
     if state is not None:
-        new &= ~_member(state.seen.get(name), pair)
+        new &= ~in_sorted(state.seen.get(name), pair)
     running = pd.Series(new.astype("int64")).groupby(g).cumsum().to_numpy()
     if state is not None:
         running = running + state.prior_counts(name, g).astype("int64")
-        seen = state.seen.get(name)
-        added = pair[new]
-        state.seen[name] = np.union1d(seen, added) if seen is not None else np.unique(added)
+        state.seen[name] = sorted_union(state.seen.get(name), pair[new])   # first of the batch, unseen
         state.add_counts(name, g[new], np.ones(int(new.sum())))
     out = np.empty(n, dtype="int64")
     out[order] = running

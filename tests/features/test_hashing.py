@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from esxi_anomaly.features import hashing
-from esxi_anomaly.features.hashing import first_in_order, grouped_in_order, row_groups
+from esxi_anomaly.features.hashing import first_in_order, grouped_in_order, in_sorted, row_groups, sorted_union
 
 
 @pytest.mark.parametrize("sizes", [[3, 2], [2**40, 2**40]])   # one mixed-radix key / pairwise factorisation
@@ -38,3 +38,19 @@ def test_first_and_grouped_in_order_of_nothing():
     empty = np.zeros(0, dtype=np.int32)
     assert [len(a) for a in first_in_order(empty, empty)] == [0, 0]
     assert len(grouped_in_order(empty, empty)) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64])
+def test_in_sorted_and_sorted_union_equal_numpys_set_operations(dtype):
+    rng = np.random.default_rng(11)
+    known = np.unique(rng.integers(0, 2**62, 5000).astype(dtype))
+    keys = np.concatenate([rng.choice(known, 300), rng.integers(0, 2**62, 300).astype(dtype), known[[0, -1]],
+                           np.array([0, 2**62], dtype=dtype)])
+    rng.shuffle(keys)
+    assert np.array_equal(in_sorted(known, keys), np.isin(keys, known))
+    assert not in_sorted(None, keys).any() and not in_sorted(known[:0], keys).any()
+    assert len(in_sorted(known, keys[:0])) == 0
+    new = np.setdiff1d(np.unique(keys), known)[::-1]          # distinct, unseen, in no order
+    union = sorted_union(known, new)
+    assert union.dtype == known.dtype and np.array_equal(union, np.union1d(known, new))
+    assert np.array_equal(sorted_union(None, new), np.unique(new))
