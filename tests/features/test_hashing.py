@@ -41,7 +41,9 @@ def test_first_and_grouped_in_order_of_nothing():
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.uint64])
-def test_in_sorted_and_sorted_union_equal_numpys_set_operations(dtype):
+@pytest.mark.parametrize("sort_above", [0, 1 << 17])   # keys looked up in ascending order, or as they come
+def test_in_sorted_and_sorted_union_equal_numpys_set_operations(monkeypatch, dtype, sort_above):
+    monkeypatch.setattr(hashing, "SORT_LOOKUPS_ABOVE", sort_above)
     rng = np.random.default_rng(11)
     known = np.unique(rng.integers(0, 2**62, 5000).astype(dtype))
     keys = np.concatenate([rng.choice(known, 300), rng.integers(0, 2**62, 300).astype(dtype), known[[0, -1]],
