@@ -65,13 +65,13 @@ def in_sorted(sorted_keys: np.ndarray | None, keys: np.ndarray) -> np.ndarray:
     if sorted_keys is None or not len(sorted_keys):
         return np.zeros(len(keys), dtype=bool)
     keys = np.asarray(keys)
-    if len(sorted_keys) <= SORT_LOOKUPS_ABOVE:
-        return sorted_keys[np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)] == keys
-    order = np.argsort(keys)
-    ordered = keys[order]
-    pos = np.minimum(np.searchsorted(sorted_keys, ordered), len(sorted_keys) - 1)
+    order = np.argsort(keys) if len(sorted_keys) > SORT_LOOKUPS_ABOVE else None
+    looked_up = keys if order is None else keys[order]
+    hit = sorted_keys[np.minimum(np.searchsorted(sorted_keys, looked_up), len(sorted_keys) - 1)] == looked_up
+    if order is None:
+        return hit
     found = np.empty(len(keys), dtype=bool)
-    found[order] = sorted_keys[pos] == ordered
+    found[order] = hit
     return found
 
 

@@ -161,22 +161,22 @@ def _broadcast(a, nets: tuple) -> bool:
     return a.is_private and str(a).endswith(".255") and any(a in n for n in _parsed_nets(DEFAULT_LOCAL_NETS[:3]))
 
 
+def _per_distinct(values: pd.Series, fn) -> tuple[np.ndarray, np.ndarray]:
+    """(code per row, fn of each distinct value as text): work once per distinct value."""
+    codes, uniques = pd.factorize(values, use_na_sentinel=False)
+    return codes, np.array([fn(str(u)) for u in uniques] + [None], dtype=object)[:-1]
+
+
 def _per_value(values: pd.Series, fn) -> np.ndarray:
     """fn of each row's value, computed once per distinct value (an object array)."""
-    codes, uniques = pd.factorize(values, use_na_sentinel=False)
-    return np.array([fn(str(u)) for u in uniques] + [None], dtype=object)[:-1][codes] if len(values) else \
-        np.zeros(0, dtype=object)
-
-
-def _lower_coded(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(code per row, distinct values lower-cased): tests on the values run once per distinct value."""
-    codes, uniques = pd.factorize(values, use_na_sentinel=False)
-    return codes, np.array([str(u).lower() for u in uniques] + [None], dtype=object)[:-1]
+    if not len(values):
+        return np.zeros(0, dtype=object)
+    codes, results = _per_distinct(values, fn)
+    return results[codes]
 
 
 def _lower(values: pd.Series) -> np.ndarray:
-    codes, lowered = _lower_coded(values)
-    return lowered[codes]
+    return _per_value(values, str.lower)
 
 
 def _service(port: np.ndarray) -> np.ndarray:
@@ -197,7 +197,7 @@ def apply_scope(conns: pd.DataFrame, inventory: pd.DataFrame | None, scope: Scop
     if scope.all_directions or not n:
         checks.update(in_scope=n, **_encrypted_dns(conns, np.ones(n, bool)))
         return Scoped(conns, dict.fromkeys(REASONS, 0), checks)
-    proto_codes, protos = _lower_coded(conns["proto"])
+    proto_codes, protos = _per_distinct(conns["proto"], str.lower)   # tested once per distinct value
     proto = protos[proto_codes]
     tcp_udp = np.isin(protos, ("tcp", "udp", ""))[proto_codes]
     icmp = np.isin(protos, ICMP_PROTOS)[proto_codes]
