@@ -59,11 +59,15 @@ class ScoredFiles(dict):
     def __init__(self, paths: list[Path]):
         super().__init__()
         self._maps: dict[int, mmap.mmap] = {}
+        self._base: dict[int, int] = {}      # each mapping's address, where its columns' buffers are
+        self._pages: dict[tuple[int, str], tuple[int, int]] = {}   # `column_pages`, once per column
         for path in paths:
             bucket = int(path.name.split(".")[0])
             with open(path, "rb") as fh:
                 self._maps[bucket] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-            self[bucket] = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self._maps[bucket]))).read_all()
+            mapped = pa.py_buffer(self._maps[bucket])
+            self._base[bucket] = mapped.address
+            self[bucket] = pa.ipc.open_file(pa.BufferReader(mapped)).read_all()
         sizes = np.array([table.num_rows for table in self.values()], dtype=np.int64)
         self._starts = np.r_[0, np.cumsum(sizes)[:-1]]             # each file's first row, in file order
         self._buckets = _narrow(np.array(list(self), dtype=np.int64))
@@ -73,6 +77,28 @@ class ScoredFiles(dict):
         if hasattr(mmap, "MADV_DONTNEED"):
             for mapped in self._maps.values() if bucket is None else [self._maps[bucket]]:
                 mapped.madvise(mmap.MADV_DONTNEED)
+
+    def column_pages(self, bucket: int, name: str) -> tuple[int, int]:
+        """(offset, length) of the whole pages of file `bucket` that hold column `name`'s buffers."""
+        if (bucket, name) not in self._pages:
+            self._pages[bucket, name] = self._column_pages(bucket, name)
+        return self._pages[bucket, name]
+
+    def _column_pages(self, bucket: int, name: str) -> tuple[int, int]:
+        buffers = [b for chunk in self[bucket][name].chunks for b in chunk.buffers() if b is not None and b.size]
+        if not buffers:
+            return 0, 0
+        lo = min(b.address for b in buffers) - self._base[bucket]
+        hi = max(b.address + b.size for b in buffers) - self._base[bucket]
+        lo -= lo % mmap.PAGESIZE
+        return lo, min(-(-hi // mmap.PAGESIZE) * mmap.PAGESIZE, len(self._maps[bucket])) - lo
+
+    def release_column(self, bucket: int, name: str) -> None:
+        """Drop the pages of one column of one file from the resident set (a whole file's release
+        walks all its pages: for every column of an output block, 6 % of the block's time)."""
+        offset, length = self.column_pages(bucket, name)
+        if length and hasattr(mmap, "MADV_DONTNEED"):
+            self._maps[bucket].madvise(mmap.MADV_DONTNEED, offset, length)
 
     def addresses(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(file, position in it) of rows at `positions` of all rows in file order: what `take` is
@@ -120,10 +146,12 @@ class ScoredFiles(dict):
             self.release()
             return out
         copied = []
-        for i in range(len(schema)):
+        for i, name in enumerate(schema.names):
             copied.append(pa.concat_arrays([chunk for part in parts for chunk in part.column(i).chunks]))
             for bucket in sliced:   # a column's pages at a time: copying a slice can fault in far more
-                self.release(bucket)   # than its rows (a 10M run's blocks held ~0.5-0.9 GB of them at once)
+                self.release_column(bucket, name)   # than its rows (a 10M run's blocks held ~0.5-0.9 GB
+        for bucket in sliced:                        # of them at once), and whatever else it touched
+            self.release(bucket)
         return pa.table(copied, schema=schema)
 
     def add_each_to(self, sinks, flipped: np.ndarray | None = None) -> None:
@@ -582,12 +610,31 @@ def _file_runs(bucket: np.ndarray, row: np.ndarray) -> Iterator[tuple[int, np.nd
     return ((int(b[0]), r) for b, r in zip(np.split(bucket, cuts), np.split(row, cuts)) if len(b))
 
 
+def _file_order(bucket: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """`np.lexsort((row, bucket))`, faster for the two kinds of requests it gets. An output block's rows
+    of each file come in the file's order (both are rank order): then a radix sort of the files alone
+    is that order (100k rows: 0.2 against 9.5 ms); otherwise (an incident's rows, say) one stable sort
+    of a combined key (6 ms)."""
+    if not len(bucket):
+        return np.zeros(0, dtype=np.int64)
+    low = int(bucket.min())
+    if int(bucket.max()) - low < 1 << 16:
+        file = (bucket - low).astype(np.uint16)
+        by_file = np.argsort(file, kind="stable")          # numpy's stable sort of 16-bit keys: radix
+        f, r = file[by_file], row[by_file]
+        if ((r[1:] >= r[:-1]) | (f[1:] != f[:-1])).all():  # rows ascending within each file: done
+            return by_file
+        if int(row.min()) >= 0 and int(row.max()) < 1 << 32:
+            return np.argsort((file.astype(np.int64) << 32) | row.astype(np.int64), kind="stable")
+    return np.lexsort((row, bucket))
+
+
 def _gather_stored(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray,
                    columns: list[str] | None = None) -> tuple[pa.Table, np.ndarray]:
     """The rows (bucket[i], row[i]) of the memory-mapped tables in file order (sequential reads),
     score and event_id first (only `columns`, in that order, when given), and `stored`: row j of
     the result is the pair stored[j]."""
-    stored = np.lexsort((row, bucket))
+    stored = _file_order(bucket, row)
     bucket, row = bucket[stored], row[stored]
     runs = list(_file_runs(bucket, row))
     if not runs:

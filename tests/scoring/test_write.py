@@ -1,6 +1,8 @@
 """scoring.write: the ranking of every scored row, band by band."""
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -82,6 +84,43 @@ def test_take_runs_lets_the_pages_of_the_files_go_as_soon_as_they_are_copied(tmp
     events = []
     monkeypatch.setattr(ScoredFiles, "__getitem__", lambda self, b: events.append(("read", b)) or dict.__getitem__(self, b))
     monkeypatch.setattr(ScoredFiles, "release", lambda self, b=None: events.append(("release", b)))
+    monkeypatch.setattr(ScoredFiles, "release_column", lambda self, b, name: events.append(("release", b, name)))
     tables.take_runs([(0, np.array([1, 9, 4])), (1, np.arange(5, 9)), (2, np.arange(3))])
-    # sliced files: their pages go after each column is copied out of them
-    assert events == [("read", 0), ("release", 0), ("read", 1), ("read", 2)] + [("release", 1), ("release", 2)] * 3
+    # sliced files: each column's pages go once it is copied out of them, the rest of theirs at the end
+    assert events == [("read", 0), ("release", 0), ("read", 1), ("read", 2)] + \
+        [("release", b, name) for name in SCHEMA.names for b in (1, 2)] + [("release", 1), ("release", 2)]
+
+
+def test_column_pages_are_the_whole_pages_of_the_columns_buffers(tmp_path):
+    rng = np.random.default_rng(8)
+    tables = scored_files(tmp_path, rng, [40_000, 3], np.array([0.1, 0.5]))
+    size = len(tables._maps[0])
+    spans = {name: tables.column_pages(0, name) for name in SCHEMA.names}
+    for name, (offset, length) in spans.items():
+        assert offset % mmap.PAGESIZE == 0 and length > 0 and offset + length <= size
+        for chunk in tables[0][name].chunks:
+            for buffer in (b for b in chunk.buffers() if b is not None):
+                start = buffer.address - tables._base[0]
+                assert offset <= start and start + buffer.size <= offset + length
+    # a column's pages, not the file's: the score column (320 kB) is not the event ids' pages
+    (s_off, s_len), (e_off, e_len) = spans["score"], spans["event_id"]
+    assert s_len < size // 2 and (s_off + s_len <= e_off + mmap.PAGESIZE or e_off + e_len <= s_off + mmap.PAGESIZE)
+    assert 0 < tables.column_pages(1, "score")[1] <= mmap.PAGESIZE   # a tiny file: one page at most
+
+
+@pytest.mark.parametrize("kind", ["file order", "shuffled", "duplicates", "wide buckets"])
+def test_file_order_is_lexsort_of_file_then_row(kind):
+    rng = np.random.default_rng(9)
+    bucket = rng.choice(np.array([-2, 7, 51_001, 51_006]), 5_000).astype(np.int64)   # within 16 bits
+    row = np.zeros(len(bucket), dtype=np.int32)
+    for b in np.unique(bucket):   # each file's rows in its own order (an output block's)
+        row[bucket == b] = np.sort(rng.choice(10**6, int((bucket == b).sum()), replace=False))
+    if kind == "shuffled":
+        row = rng.permutation(row)
+    elif kind == "duplicates":
+        row[10:20] = row[9]
+    elif kind == "wide buckets":
+        bucket[::7] += 1 << 20
+    got = write._file_order(bucket, row)
+    assert np.array_equal(got, np.lexsort((row, bucket)))
+    assert len(write._file_order(bucket[:0], row[:0])) == 0
