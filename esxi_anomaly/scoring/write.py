@@ -19,7 +19,7 @@ from collections import deque
 from contextlib import ExitStack, suppress
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -454,7 +454,7 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
             if beside_blocks:
                 try:
                     _write_blocks_on_workers(pool, work, block, starts, explain_top, attribution, context, write,
-                                             note, tmp)
+                                             note)
                 except BaseException:
                     cancel.set()   # the incidents stop at their next block; the blocks' error is the run's
                     with suppress(Exception):
@@ -538,27 +538,21 @@ def _block_output(rank_env: dict, fmt: str, start: int, bucket: np.ndarray, row:
 
 
 def _csv_block_job(env: dict, work: Path, start: int, bucket: np.ndarray, row: np.ndarray,
-                   change: np.ndarray | None = None, index: int | None = None,
-                   progress=None) -> tuple["Path | WrittenBlock", int]:
-    """Worker side of `_write_blocks_on_workers`: CSV block number `index`, written in place in the output
-    when the sizes of the blocks before it are known (`BlockPlacement`), else to a file of the work folder
-    that the parent copies (a pipe moves bytes between processes at ~150 MB/s on 2 cores, the kernel's
-    file-to-file copy at ~800 MB/s); where it went and its rows."""
+                   change: np.ndarray | None = None, progress=None) -> tuple[Path, int]:
+    """Worker side of `_write_blocks_on_workers`: one CSV block, written to a file of the work folder
+    (a pipe moves bytes between processes at ~150 MB/s on 2 cores, the kernel's file-to-file copy at
+    ~800 MB/s: 2.6 GB of CSV at 10M connections); its path and rows."""
     rank_env = env["rank"]
     if rank_env.get("work") != work:   # this run's scored files, opened once per worker
         rank_env.update(work=work, tables=ScoredFiles(scored_paths(work)))
     parts, rows = _block_output(rank_env, "csv", start, bucket, row, change)
-    placement = rank_env.get("placement")
-    written = placement.write(index, parts) if placement is not None and index is not None else None
-    if written is None:
-        written = block_path(work, start)
-        with open(written, "wb") as fh:
-            for part in parts:
-                fh.write(part)
-    del parts
+    path = block_path(work, start)
+    with open(path, "wb") as fh:
+        for part in parts:
+            fh.write(part)
     rank_env["tables"].release()
     release_free_memory()
-    return written, rows
+    return path, rows
 
 
 def block_path(work: Path, start: int) -> Path:
@@ -567,96 +561,25 @@ def block_path(work: Path, start: int) -> Path:
 
 
 def _rank_setup_job(env: dict, explain_top: int, attribution: dict, context: pd.DataFrame | None,
-                    note: str = "", placement: "BlockPlacement | None" = None, progress=None) -> None:
+                    note: str = "", progress=None) -> None:
     env["rank"] = {"model": env["model"], "explain_top": explain_top, "attribution": attribution, "context": context,
-                   "note": note, "placement": placement}
-
-
-class WrittenBlock(NamedTuple):
-    """A CSV block a worker wrote in place: `size` bytes at `offset` of the output."""
-    offset: int
-    size: int
-
-
-PLACE_WAIT_S = 0.1    # how long a worker waits for the sizes of the blocks before its own (~half a block's time)
-PLACE_POLL_S = 0.002
-PLACE_IN_OUTPUT = True
-
-
-class BlockPlacement:
-    """Where the workers' CSV blocks go in the output: each block's size is published in a small file of
-    the work folder (two int64 per block: the size and its complement, so that a half-written entry is
-    never taken for a size), and a worker that finds the sizes of every block before its own writes its
-    block there itself. Otherwise (after waiting `wait_s`), the block goes to a file the parent copies
-    into place: at 10M connections that copy was ~5 s of the parent's CPU (ext4 copies the pages)."""
-
-    def __init__(self, target: Path, sizes: Path, blocks: int, wait_s: float | None = None):
-        self.target, self.sizes = Path(target), Path(sizes)
-        self.wait_s = PLACE_WAIT_S if wait_s is None else wait_s
-        self.sizes.write_bytes(bytes(16 * blocks))   # nothing published (a killed run's sizes are not this one's)
-
-    def publish(self, index: int, size: int) -> None:
-        fd = os.open(self.sizes, os.O_WRONLY)
-        try:
-            os.pwrite(fd, np.array([size, ~size], dtype="<i8").tobytes(), 16 * index)
-        finally:
-            os.close(fd)
-
-    def offset(self, index: int) -> int | None:
-        """Block `index`'s offset in the output: the sum of the sizes published before it, once all are
-        (None after waiting `wait_s` for them)."""
-        deadline = time.monotonic() + self.wait_s
-        fd = os.open(self.sizes, os.O_RDONLY)
-        try:
-            while True:
-                entries = np.frombuffer(os.pread(fd, 16 * index, 0), dtype="<i8").reshape(-1, 2)
-                if len(entries) == index and bool((entries[:, 0] == ~entries[:, 1]).all()):
-                    return int(entries[:, 0].sum())
-                if time.monotonic() >= deadline:
-                    return None
-                time.sleep(PLACE_POLL_S)
-        finally:
-            os.close(fd)
-
-    def write(self, index: int, parts: list) -> WrittenBlock | None:
-        """Publish block `index`'s size; write its `parts` in place when its offset is known (None: not
-        written)."""
-        size = sum(memoryview(part).nbytes for part in parts)
-        self.publish(index, size)
-        offset = self.offset(index)
-        if offset is None:
-            return None
-        fd = os.open(self.target, os.O_WRONLY)
-        try:
-            at = offset
-            for part in parts:
-                view = memoryview(part).cast("B")
-                while len(view):
-                    done = os.pwrite(fd, view, at)
-                    view, at = view[done:], at + done
-        finally:
-            os.close(fd)
-        return WrittenBlock(offset, size)
+                   "note": note}
 
 
 def _write_blocks_on_workers(pool: WorkerPool, work: Path, block, starts: range, explain_top: int,
-                             attribution: dict, context: pd.DataFrame | None, write, note: str = "",
-                             target: Path | None = None) -> None:
-    """CSV blocks (`block(start)`: a block's arguments) built by the workers and handed to `write` in rank
+                             attribution: dict, context: pd.DataFrame | None, write, note: str = "") -> None:
+    """CSV blocks (`block(start)`: a block's arguments) built by the workers and written here in rank
     order; at most two blocks per worker in flight, so memory stays bounded. `note`: what a row the
-    alert budget held back says (`_flip`). `target`: the output file, where the workers write the blocks
-    they can place (`BlockPlacement`)."""
+    alert budget held back says (`_flip`)."""
     (work / BLOCKS_FOLDER).mkdir(exist_ok=True)
-    placement = BlockPlacement(target, work / BLOCKS_FOLDER / "sizes", len(starts)) \
-        if target is not None and PLACE_IN_OUTPUT else None
-    pool.broadcast(_rank_setup_job, explain_top, attribution, context, note, placement)
-    done: dict[int, tuple[Path | WrittenBlock, int]] = {}
+    pool.broadcast(_rank_setup_job, explain_top, attribution, context, note)
+    done: dict[int, tuple[Path, int]] = {}
     block_of: dict[int, int] = {}
     next_submit = next_write = 0
     while next_write < len(starts):
         while next_submit < len(starts) and next_submit - next_write < 2 * len(pool):
-            block_of[pool.submit(next_submit % len(pool), _csv_block_job, work, *block(starts[next_submit]),
-                                 next_submit)] = next_submit
+            block_of[pool.submit(next_submit % len(pool), _csv_block_job, work, *block(starts[next_submit]))] = \
+                next_submit
             next_submit += 1
         for _, job_id, data in pool.events():
             done[block_of.pop(job_id)] = data
@@ -737,23 +660,21 @@ def _gather(tables: dict[int, pa.Table], bucket: np.ndarray, row: np.ndarray,
     return table.take(pa.array(to_order))
 
 
-def append_file(path: Path, out, offset: int | None = None) -> None:
-    """Write the file at `path` into the open binary file `out` (flushed) at `offset` (None: at its
-    position), by the kernel where it can."""
-    at = out.tell() if offset is None else offset
+def append_file(path: Path, out) -> None:
+    """Append the file at `path` to the open binary file `out` (flushed), by the kernel where it can."""
     with open(path, "rb") as src:
-        size = left = os.fstat(src.fileno()).st_size
+        left = os.fstat(src.fileno()).st_size
         try:
             while left > 0:
-                copied = os.copy_file_range(src.fileno(), out.fileno(), left, size - left, at + size - left)
+                copied = os.copy_file_range(src.fileno(), out.fileno(), left)
                 if copied == 0:
                     break
                 left -= copied
         except (AttributeError, OSError):   # not Linux, or file systems the call cannot span
             pass
         if left > 0:
-            src.seek(size - left)
-            out.seek(at + size - left)
+            src.seek(os.fstat(src.fileno()).st_size - left)
+            out.seek(0, os.SEEK_END)
             shutil.copyfileobj(src, out)
             out.flush()
 
@@ -765,7 +686,6 @@ class BlockWriter:
         self.path, self.fmt = path, fmt
         self.first = True
         self.rows = 0            # rows of the blocks written (counted by the caller)
-        self.size = 0            # CSV bytes written, where the next block goes
         self.parquet = None
         self.fh = open(path, "wb") if fmt == "csv" else open(path, "w", encoding="utf-8", newline="") \
             if fmt == "jsonl" else None
@@ -792,31 +712,19 @@ class BlockWriter:
         self.first = False
 
     def write_parts(self, parts) -> None:
-        """Append encoded CSV: a block's buffers; block files (`_csv_block_job`), which are moved:
-        copied by the kernel (no pass through this process), then removed; or blocks a worker wrote in
-        place (`WrittenBlock`: checked to be where the next block goes)."""
+        """Append encoded CSV: a block's buffers, or block files (`_csv_block_job`), which are moved:
+        copied by the kernel (no pass through this process), then removed."""
         for part in parts:
-            if isinstance(part, WrittenBlock):
-                if part.offset != self.size:
-                    raise RuntimeError(f"{self.path}: a block was written at byte {part.offset:,}, not at "
-                                       f"{self.size:,} where it belongs; the output was not replaced")
-                self.size += part.size
-                continue
             if isinstance(part, Path):
                 self.fh.flush()
-                append_file(part, self.fh, self.size)
-                self.size += part.stat().st_size
+                append_file(part, self.fh)
                 part.unlink()
             else:
-                self.fh.seek(self.size)
-                self.size += self.fh.write(part)
+                self.fh.write(part)
 
     def close(self) -> None:
         if self.fh is not None:
             self.fh.close()
-            if self.fmt == "csv" and self.size and os.path.getsize(self.path) != self.size:
-                raise RuntimeError(f"{self.path}: {os.path.getsize(self.path):,} bytes, not the {self.size:,} "
-                                   "of the blocks written; the output was not replaced")
         if self.parquet is not None:
             self.parquet.close()
 

@@ -148,28 +148,14 @@ def test_chunk_bounds_never_split_equal_times():
     assert core.chunk_bounds(ts, 100) == [(0, 9)]
 
 
-@pytest.mark.parametrize("placed", ["in place", "copied", "either"])
-def test_worker_processes_give_the_same_output(tmp_path, setting, monkeypatch, placed):
+def test_worker_processes_give_the_same_output(tmp_path, setting, monkeypatch):
     model, folder, frames = setting
     monkeypatch.setattr(write, "WRITE_BLOCK", 1000)   # several CSV blocks, built by the workers
-    # the workers write a block into the output when they know where it goes, else the parent copies it
-    monkeypatch.setattr(write, "PLACE_IN_OUTPUT", placed != "copied")
-    monkeypatch.setattr(write, "PLACE_WAIT_S", {"in place": 60.0, "copied": 0.1, "either": 0.0}[placed])
-    kinds = []
-    real_parts = write.BlockWriter.write_parts
-    monkeypatch.setattr(write.BlockWriter, "write_parts",
-                        lambda self, parts: kinds.extend(type(p).__name__ for p in parts) or real_parts(self, parts))
     args = dict(chunk_rows=800, bucket_s=1800, progress=False)
     one = local.run(model, [folder / "conn.log"], [folder / "dns.log"], tmp_path / "one.csv",
                     inventory=frames.inventory, **args)
-    kinds.clear()
     two = local.run(model, [folder / "conn.log"], [folder / "dns.log"], tmp_path / "two.csv",
                     inventory=frames.inventory, workers=2, **args)
-    assert len(kinds) == -(-len(frames.connections) // 1000) > 5
-    if placed == "in place":
-        assert set(kinds) == {"WrittenBlock"}
-    elif placed == "copied":
-        assert set(kinds) == {"PosixPath"}
     assert (one.partitions, two.partitions) == (1, 2)
     assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
     assert (tmp_path / "one.entities.csv").read_bytes() == (tmp_path / "two.entities.csv").read_bytes()
@@ -182,14 +168,13 @@ def test_worker_processes_give_the_same_output(tmp_path, setting, monkeypatch, p
 def test_a_block_that_fails_stops_the_run_and_replaces_nothing(tmp_path, setting, monkeypatch):
     model, folder, frames = setting
     monkeypatch.setattr(write, "WRITE_BLOCK", 1000)
-    monkeypatch.setattr(write, "PLACE_IN_OUTPUT", False)   # every block copied here: the second copy fails
     appended = []
 
-    def disk_full(path, out, *at):
+    def disk_full(path, out):
         appended.append(path)
         if len(appended) == 2:
             raise OSError(28, "No space left on device", str(path))
-        return real_append(path, out, *at)
+        return real_append(path, out)
 
     real_append = write.append_file
     monkeypatch.setattr(write, "append_file", disk_full)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import mmap
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -125,40 +124,3 @@ def test_file_order_is_lexsort_of_file_then_row(kind):
     got = write._file_order(bucket, row)
     assert np.array_equal(got, np.lexsort((row, bucket)))
     assert len(write._file_order(bucket[:0], row[:0])) == 0
-
-
-def test_block_placement_publishes_sizes_and_places_blocks_once_the_earlier_ones_are_known(tmp_path):
-    target = tmp_path / "out.csv"
-    target.write_bytes(b"")
-    placement = write.BlockPlacement(target, tmp_path / "sizes", 4, wait_s=0.0)
-    assert placement.offset(0) == 0                              # the first block: at the start
-    assert placement.write(2, [b"cc"]) is None                   # blocks 0 and 1 unknown: not placed
-    assert placement.write(1, [b"b", memoryview(b"BB")]) is None
-    assert placement.write(0, [b"head\r\n", b"a"]) == write.WrittenBlock(0, 7)
-    assert placement.offset(2) == 10 and placement.write(3, [memoryview(b"dddd")[1:]]) == write.WrittenBlock(12, 3)
-    assert target.read_bytes() == b"head\r\na" + bytes(5) + b"ddd"   # blocks 1 and 2 left to the parent
-    # a half-written size (its complement does not match) is not taken for one
-    with open(tmp_path / "sizes", "r+b") as fh:
-        fh.seek(16)
-        fh.write(np.array([3, 0], dtype="<i8").tobytes())
-    assert placement.offset(2) is None
-    started = time.monotonic()
-    assert write.BlockPlacement(target, tmp_path / "sizes", 4, wait_s=0.05).offset(1) is None   # waited, then gave up
-    assert time.monotonic() - started >= 0.05
-    assert (tmp_path / "sizes").read_bytes() == bytes(64)        # a new placement starts with nothing published
-
-
-def test_block_writer_puts_copied_and_placed_blocks_in_rank_order(tmp_path):
-    writer = write.BlockWriter(tmp_path / "out.csv", "csv")
-    writer.write_parts([b"head\r\n"])
-    with open(tmp_path / "out.csv", "r+b") as fh:   # a worker placed block 2 before block 1 was copied
-        fh.seek(9)
-        fh.write(b"placed")
-    (tmp_path / "b1").write_bytes(b"one")
-    writer.write_parts([tmp_path / "b1"])
-    writer.write_parts([write.WrittenBlock(9, 6)])
-    writer.write_parts([memoryview(b"tail")])
-    with pytest.raises(RuntimeError, match="not at 19"):
-        writer.write_parts([write.WrittenBlock(20, 1)])
-    writer.close()
-    assert (tmp_path / "out.csv").read_bytes() == b"head\r\noneplacedtail" and not (tmp_path / "b1").exists()
