@@ -23,7 +23,7 @@ from esxi_anomaly import schema
 from esxi_anomaly.detect import explain
 from esxi_anomaly.features.hashing import first_in_order, grouped_in_order, row_groups
 from esxi_anomaly.report.layout import check_names
-from esxi_anomaly.report.rollup import DistinctPairs, encode_values
+from esxi_anomaly.report.rollup import DistinctPairs, encode_values, recount_alerts
 
 KEYS = ("src_ip", "query", "dst_ip", "transform")   # the incident: src_ip, query (else dst_ip), transform
 # the ranked output's columns (`schema.RANKED`) the incidents read
@@ -138,9 +138,8 @@ class StreamingIncidents:
         self._max = np.zeros(0, dtype="float64")
         self._distinct = {c: DistinctPairs(skip=("", "-1")) for c, _ in DISTINCT}
 
-    def add(self, table: pa.Table, flipped: np.ndarray | None = None) -> None:
-        """Count the rows of `table`; `flipped`: rows whose alert the run changed (`scoring.write`: raised
-        by their incident's evidence, or held back by the alert budget)."""
+    def add(self, table: pa.Table) -> None:
+        """Count the rows of `table`."""
         n = table.num_rows
         if not n:
             self._codes.append(np.zeros(0, dtype="int32"))
@@ -162,8 +161,6 @@ class StreamingIncidents:
             self._max = np.r_[self._max, np.full(grow, np.nan)]
         self._connections += np.bincount(incident, minlength=size)
         alert = table["alert"].to_numpy().astype(bool) if "alert" in table.column_names else np.zeros(n, bool)
-        if flipped is not None:
-            alert ^= flipped
         self._alerts += np.bincount(incident, weights=alert, minlength=size).astype("int64")
         frame = pd.DataFrame({"ts": table["ts"].to_numpy(), "score": table["score"].to_numpy()}, dtype="float64")
         grouped = frame.groupby(incident)
@@ -174,6 +171,10 @@ class StreamingIncidents:
         self._max[ids] = np.fmax(self._max[ids], grouped["score"].max().to_numpy())
         for column, seen in self._distinct.items():
             seen.add(incident, size, table[column])
+
+    def flip(self, rows: np.ndarray, alert: np.ndarray) -> None:
+        """Rows added (positions in the order added) whose alert became `alert` after they were counted."""
+        recount_alerts(self._alerts, self._codes, rows, alert)
 
     def __len__(self) -> int:
         return len(self._incidents)

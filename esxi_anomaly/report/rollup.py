@@ -24,6 +24,20 @@ ROLLUP_COLUMNS = ["src_ip", "src_name", "src_kind", "esxi_host", "max_score", "c
                   "top_explanation"]
 
 
+def recount_alerts(alerts: np.ndarray, codes: list[np.ndarray], rows: np.ndarray, alert: np.ndarray) -> None:
+    """Correct the alert counts per group (`alerts`, in place) of a sink for `rows` (positions in the order
+    the rows were added; `codes`: the group of each row, an array per table added) whose alert became
+    `alert` after the sink counted them (`scoring.write`: raised by their name's evidence, or held back
+    by the alert budget, while the sinks count the rows)."""
+    starts = np.cumsum([0] + [len(c) for c in codes])
+    table = np.searchsorted(starts, rows, side="right") - 1
+    group = np.empty(len(rows), dtype=np.int64)
+    for k in np.unique(table):   # per table holding changed rows, not per row
+        here = table == k
+        group[here] = codes[k][rows[here] - starts[k]]
+    np.add.at(alerts, group, np.where(alert, 1, -1))
+
+
 def encode_values(column, lookup: dict) -> np.ndarray:
     """Codes of `column`'s values (Arrow) in `lookup` (value -> code, extended with new values), the
     codes of a streamed summary's keys across its blocks; null is its own value."""
@@ -159,8 +173,8 @@ class StreamingRollup:
         self._distinct: dict[str, DistinctPairs] = {}
         self.keys: list[str] | None = None
 
-    def add(self, table: pa.Table, flipped: np.ndarray | None = None) -> None:
-        """Count the rows of `table`; `flipped`: rows whose alert the run changed (`scoring.write`)."""
+    def add(self, table: pa.Table) -> None:
+        """Count the rows of `table`."""
         if self.keys is None:
             self.keys = [k for k in ENTITY_KEYS if k in table.column_names]
             if "src_ip" not in self.keys:
@@ -185,8 +199,6 @@ class StreamingRollup:
             self._last = np.r_[self._last, np.full(grow, np.nan)]
         self._connections += np.bincount(entity, minlength=size)
         alert = table["alert"].to_numpy().astype(bool) if "alert" in table.column_names else np.zeros(n, bool)
-        if flipped is not None:
-            alert ^= flipped
         self._alerts += np.bincount(entity, weights=alert, minlength=size).astype("int64")
         ts = pd.Series(table["ts"].to_numpy(), dtype="float64").groupby(entity)
         lo, hi = ts.min(), ts.max()
@@ -195,6 +207,10 @@ class StreamingRollup:
         self._last[ids] = np.fmax(self._last[ids], hi.to_numpy())
         for column, seen in self._distinct.items():
             seen.add(entity, size, table[column])
+
+    def flip(self, rows: np.ndarray, alert: np.ndarray) -> None:
+        """Rows added (positions in the order added) whose alert became `alert` after they were counted."""
+        recount_alerts(self._alerts, self._codes, rows, alert)
 
     def finish(self, order: np.ndarray, rows_at) -> pd.DataFrame:
         """The roll-up: `order` ranks all rows added (best first); `rows_at(indices)` returns those

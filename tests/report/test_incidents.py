@@ -98,13 +98,20 @@ def test_the_best_rows_of_several_blocks_of_large_incidents_are_read_at_once():
 
 
 def test_rows_whose_alert_the_run_flipped_count_with_their_new_alert():
+    """The run settles its alerts while the rows are counted: the rows whose alert changed are recounted."""
     ranked = _rows()
     table = pa.Table.from_pandas(ranked[list(RANKED_INPUTS)], preserve_index=False)
     incidents = StreamingIncidents()
-    incidents.add(table, flipped=np.array([False, True, False, False, False]))   # an alert held back
+    incidents.add(table.slice(0, 3))
+    incidents.add(table.slice(3))
+    # an alert held back (row 1, first table) and one raised (row 4, second table)
+    incidents.flip(np.array([1, 4]), np.array([False, True]))
     frame = pd.concat(incidents.finish(np.arange(5), lambda idx: ranked.iloc[idx],
                                        lambda idx: table.select(["event_id", "dst_port"]).take(pa.array(idx))))
-    assert frame.iloc[0][["alerts", "connections", "alert"]].tolist() == [1, 2, True]
+    assert frame["alerts"].tolist() == [1, 1, 0, 0] and frame["connections"].tolist() == [2, 1, 1, 1]
+    assert frame["event_ids"].tolist()[:2] == ["CxA1 CxA2", "CxC2"]   # the raised row's incident ranks second
+    incidents.flip(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))   # nothing changed: nothing to do
+    assert incidents._alerts.tolist() == [1, 0, 0, 1]
 
 
 def test_nothing_scored_gives_no_incidents():

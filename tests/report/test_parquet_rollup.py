@@ -122,3 +122,27 @@ def test_distinct_pairs_joins_each_groups_distinct_values_in_order_over_blocks()
     for block in range(3 * DistinctPairs.COMPACT_EVERY + 1):   # compacted on the way: the same pairs
         many.add(np.array([0, 1]), 2, pa.array([f"v{block % 5}", "w"]))
     assert list(many.joined(np.array([1, 0]), " ")) == ["w", "v0 v1 v2 v3 v4"]
+
+
+@pytest.mark.parametrize("cuts", [[], [2, 3]])
+def test_streaming_rollup_recounts_the_rows_whose_alert_changed_after_they_were_counted(ranked, cuts):
+    """The run settles its alerts (name evidence, alert budget) while the roll-up counts the rows."""
+    import numpy as np
+    import pyarrow as pa
+
+    from esxi_anomaly.report.rollup import StreamingRollup
+
+    ranked = ranked.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    ranked["alert"] = ranked["score"] >= 0.6
+    changed = np.array([0, len(ranked) - 1])          # in the first and the last table added
+    final = ranked.copy()
+    final.loc[changed, "alert"] = ~final.loc[changed, "alert"]
+    streaming = StreamingRollup()
+    for lo, hi in zip([0] + cuts, cuts + [len(ranked)]):
+        streaming.add(pa.Table.from_pandas(ranked.iloc[lo:hi], preserve_index=False))
+    streaming.flip(changed, final.loc[changed, "alert"].to_numpy())
+    order = np.argsort(final["rank"].to_numpy(), kind="stable")
+    got = streaming.finish(order, lambda idx: final.iloc[idx])
+    assert got["alerts"].tolist() == _streamed_rollup(final, cuts)["alerts"].tolist()
+    assert got["alerts"].sum() == final["alert"].sum()
+    assert got["alerts"].tolist() != _streamed_rollup(ranked, cuts)["alerts"].tolist()   # as counted before
