@@ -336,9 +336,10 @@ def rank_and_write(model, work: Path, cp: Checkpoint, out: Path, fmt: str, top: 
         del score
         if counted is not None:
             counted.result()  # the summaries have read every file: their pages can go
-            changed = np.flatnonzero(flipped) if flipped is not None else np.zeros(0, dtype=np.int64)
-            for sink in sinks:
-                sink.flip(changed, final_alert[changed])
+            if flipped is not None:
+                changed = np.flatnonzero(flipped)
+                for sink in sinks:
+                    sink.flip(changed, final_alert[changed])
         tables.release()
         release_free_memory()   # the sort's temporaries: this process holds the order alone from here
         if fmt == "html" and top is None:
