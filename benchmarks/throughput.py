@@ -12,14 +12,18 @@
    columns as text, threads on: `ingest_throughput.pyarrow_floor`), best of `--floor-repeat`.
 3. Time `esxi-anomaly score ... --out ranked.csv --stats-json ...` as a subprocess, the command a
    user runs: wall time; CPU time and peak RSS of the score process (its VmHWM, followed in /proc);
-   when psutil is installed, also its process tree (the local engine's workers, or Dask's),
-   sampled every 0.2 s: the workers' CPU time, the peak of the summed PSS (each shared page
-   counted once: what the tree holds) and of the summed RSS; and the per-stage seconds `score`
-   reports (sub-stages of `score` are the mean over the partitions scored in parallel).
-4. Digest (not timed) the outputs: the sha256 of the ranked CSV and of its entity roll-up and
+   when psutil is installed, the CPU time of its process tree (the local engine's workers, or
+   Dask's); and the per-stage seconds `score` reports (sub-stages of `score` are the mean over the
+   partitions scored in parallel).
+4. Measure memory in a second run of the same command (unless `--no-memory-run`; needs psutil): its
+   process tree sampled every 0.2 s, the peak of the summed PSS (each shared page counted once: what
+   the tree holds) and of the summed RSS. Not in the timed run: the kernel walks every page of every
+   process for PSS, and at 10M connections that sampling took ~7 CPU-s and slowed the run by 4-7 s.
+5. Digest (not timed) the outputs: the sha256 of the ranked CSV and of its entity roll-up and
    incidents, so two runs on the same `--data` (same estate and model) from two worktrees, before
    and after a change (the before run first: the model it trains is the one both score with),
-   show whether the outputs stayed byte-identical (issue #17).
+   show whether the outputs stayed byte-identical (issue #17). The memory run's outputs must be
+   the timed run's, byte for byte, or the benchmark fails.
 
 Prints a Markdown table and writes it to `benchmarks/results/throughput.md` (git-ignored; `--results`). The data
 goes to a temporary folder deleted at the end unless `--keep`; `--data DIR` generates into DIR and,
@@ -168,11 +172,13 @@ def _high_water(pid: int, stop: threading.Event, peak: list) -> None:
         stop.wait(0.05)
 
 
-def _tree_usage(pid: int, stop: threading.Event, usage: dict) -> None:
+def _tree_usage(pid: int, stop: threading.Event, usage: dict, memory: bool) -> None:
     """Sample `pid` and its descendants (the local engine's worker processes) every 0.2 s (psutil):
-    the peak of their summed RSS, the peak of their summed PSS (shared pages divided among the
-    processes sharing them: what the tree really holds), and each process's last CPU time; for the
-    PSS peak, also when it came (seconds after `usage["t0"]`) and the score process's own share."""
+    each process's last CPU time and, with `memory`, the peak of their summed RSS, the peak of their
+    summed PSS (shared pages divided among the processes sharing them: what the tree really holds),
+    when it came (seconds after `usage["t0"]`) and the score process's own share. Without `memory`
+    the sampling costs next to nothing (/proc/<pid>/stat); with it, the kernel walks every page of
+    every process each time."""
     import psutil
 
     try:
@@ -184,14 +190,16 @@ def _tree_usage(pid: int, stop: threading.Event, usage: dict) -> None:
         try:
             for p in [root, *root.children(recursive=True)]:
                 try:
-                    info = p.memory_full_info()
                     times = p.cpu_times()
+                    if p.pid != pid:
+                        usage["cpu"][p.pid] = times.user + times.system
+                    if not memory:
+                        continue
+                    info = p.memory_full_info()
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
                 rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
-                if p.pid != pid:
-                    usage["cpu"][p.pid] = times.user + times.system
-                else:
+                if p.pid == pid:
                     own_pss = getattr(info, "pss", info.rss)
         except psutil.NoSuchProcess:
             return
@@ -212,7 +220,10 @@ def sha256(path: Path) -> str | None:
     return h.hexdigest()
 
 
-def score(data: Path, meta: dict, args) -> dict:
+def score(data: Path, meta: dict, args, memory: bool = False) -> dict:
+    """Run `score` once on the estate into `data/out`: wall, CPU, the score process's VmHWM, the
+    outputs' sha256 and what `score` reports; with `memory`, also the process tree's sampled memory
+    (then the run is slower: `_tree_usage`)."""
     out = data / "out"
     if out.exists():
         shutil.rmtree(out)
@@ -223,7 +234,7 @@ def score(data: Path, meta: dict, args) -> dict:
                "--inventory", str(data / "today" / "inventory.csv"), "--out", str(out / "ranked.csv"),
                "--engine", args.engine, "--no-progress", "--stats-json", str(stats),
                *(["--workers", str(args.workers)] if args.workers else []))
-    print("$ " + " ".join(cmd), file=sys.stderr)
+    print(("$ (memory run) " if memory else "$ ") + " ".join(cmd), file=sys.stderr)
     log = open(out / "score.log", "w")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_before = before.ru_utime + before.ru_stime  # train and other earlier children
@@ -236,7 +247,7 @@ def score(data: Path, meta: dict, args) -> dict:
     try:
         import psutil  # noqa: F401  (only if already installed)
 
-        sampler = threading.Thread(target=_tree_usage, args=(proc.pid, stop, tree), daemon=True)
+        sampler = threading.Thread(target=_tree_usage, args=(proc.pid, stop, tree, memory), daemon=True)
         sampler.start()
     except ImportError:
         pass
@@ -252,13 +263,29 @@ def score(data: Path, meta: dict, args) -> dict:
                  + (out / "score.log").read_text()[-3000:])
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = usage.ru_utime + usage.ru_stime - cpu_before
-    return {"wall_s": wall, "cpu_s": cpu, "max_rss_mb": hwm[0] / 2**20,
-            "tree_rss_mb": tree["rss"] / 2**20 if sampler is not None else None,
-            "tree_pss_mb": tree["pss"] / 2**20 if sampler is not None else None,
-            "tree_pss_at_s": tree.get("pss_at_s"), "tree_pss_own_mb": tree.get("pss_own", 0) / 2**20,
-            "worker_cpu_s": sum(tree["cpu"].values()) if sampler is not None else None,
-            "stats": json.loads(stats.read_text()), "csv_mb": (out / "ranked.csv").stat().st_size / 2**20,
-            "sha256": {name: sha256(out / name) for name in OUTPUTS}}
+    result = {"wall_s": wall, "cpu_s": cpu, "max_rss_mb": hwm[0] / 2**20,
+              "worker_cpu_s": sum(tree["cpu"].values()) if sampler is not None else None,
+              "stats": json.loads(stats.read_text()), "csv_mb": (out / "ranked.csv").stat().st_size / 2**20,
+              "sha256": {name: sha256(out / name) for name in OUTPUTS}}
+    if memory and sampler is not None:
+        result.update(tree_rss_mb=tree["rss"] / 2**20, tree_pss_mb=tree["pss"] / 2**20,
+                      tree_pss_at_s=tree.get("pss_at_s"), tree_pss_own_mb=tree.get("pss_own", 0) / 2**20)
+    return result
+
+
+def memory_run(data: Path, meta: dict, args, timed: dict) -> dict | None:
+    """The second run, whose process tree is sampled for memory (None without psutil): its outputs
+    must be the timed run's, byte for byte."""
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        print("no psutil: the process tree's memory is not measured (pip install psutil)", file=sys.stderr)
+        return None
+    mem = score(data, meta, args, memory=True)
+    if mem["sha256"] != timed["sha256"]:
+        sys.exit("the memory run's outputs differ from the timed run's (score is not deterministic): "
+                 f"{timed['sha256']} against {mem['sha256']}")
+    return mem
 
 
 def _load() -> str:
@@ -266,7 +293,7 @@ def _load() -> str:
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
-def report(meta: dict, fl: dict, sc: dict, args, load_before: str, load_after: str) -> str:
+def report(meta: dict, fl: dict, sc: dict, mem: dict | None, args, load_before: str, load_after: str) -> str:
     n = sc["stats"]["connections"]
     floor_s = fl["conn"]["wall_s"] + fl["dns"]["wall_s"]
     lines = [
@@ -289,14 +316,17 @@ def report(meta: dict, fl: dict, sc: dict, args, load_before: str, load_after: s
         f"| CPU time of the score process (all threads) | {sc['cpu_s']:.1f} s |",
         f"| peak RSS (VmHWM of the score process) | {sc['max_rss_mb']:,.0f} MB |",
     ]
-    if sc["tree_rss_mb"] is not None:
+    if sc["worker_cpu_s"] is not None:
+        lines.append(f"| CPU time of its worker processes (sampled) | {sc['worker_cpu_s']:.1f} s |")
+    if mem is not None:
         lines += [
-            f"| CPU time of its worker processes (sampled) | {sc['worker_cpu_s']:.1f} s |",
-            f"| peak memory of the process tree: summed PSS, sampled | {sc['tree_pss_mb']:,.0f} MB |",
+            f"| peak memory of the process tree: summed PSS, sampled every 0.2 s in a second run | "
+            f"{mem['tree_pss_mb']:,.0f} MB |",
             f"| &nbsp;&nbsp;when: seconds after start; the score process's own part | "
-            f"{sc['tree_pss_at_s'] or 0:.0f} s; {sc['tree_pss_own_mb']:,.0f} MB |",
+            f"{mem['tree_pss_at_s'] or 0:.0f} s; {mem['tree_pss_own_mb']:,.0f} MB |",
             f"| peak summed RSS of the process tree, sampled (shared pages counted per process) | "
-            f"{sc['tree_rss_mb']:,.0f} MB |",
+            f"{mem['tree_rss_mb']:,.0f} MB |",
+            f"| wall time of the memory run (slowed by its sampling; outputs identical) | {mem['wall_s']:.1f} s |",
         ]
     lines += [f"| sha256 of {name} (first 16 hex digits) | {f'`{digest[:16]}`' if digest else 'absent'} |"
               for name, digest in sc["sha256"].items()]
@@ -334,6 +364,8 @@ def main(argv=None) -> int:
     p.add_argument("--history-scale", type=float, default=1.0)
     p.add_argument("--piece-rows", type=int, default=2_500_000, help="connections per generated day / log file")
     p.add_argument("--floor-repeat", type=int, default=2)
+    p.add_argument("--no-memory-run", action="store_true",
+                   help="skip the second run that samples the process tree's memory (no PSS figures)")
     p.add_argument("--data", type=Path, help="generate into (or reuse) this folder instead of a temporary one")
     p.add_argument("--keep", action="store_true", help="keep the data folder (with the model and outputs)")
     p.add_argument("--results", type=Path, default=RESULTS / "throughput.md", help="where the Markdown goes")
@@ -346,7 +378,9 @@ def main(argv=None) -> int:
         load_before = _load()
         fl = floor(meta, args.floor_repeat)
         sc = score(data, meta, args)
-        text = report(meta, fl, sc, args, load_before, _load())
+        load_after = _load()
+        mem = None if args.no_memory_run else memory_run(data, meta, args, sc)
+        text = report(meta, fl, sc, mem, args, load_before, load_after)
         print(text)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(text)
