@@ -10,11 +10,16 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
 
 
-@pytest.mark.slow
-def test_throughput_benchmark_smoke(tmp_path, capsys, monkeypatch):
+def _load_benchmark():
     spec = importlib.util.spec_from_file_location("throughput_bench", SCRIPT)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_smoke(tmp_path, capsys, monkeypatch):
+    bench = _load_benchmark()
     results = tmp_path / "throughput.md"
     data = tmp_path / "data"
     argv = ["--connections", "6000", "--history-scale", "0.05", "--piece-rows", "4000", "--data", str(data),
@@ -58,9 +63,7 @@ def test_throughput_benchmark_smoke(tmp_path, capsys, monkeypatch):
 
 
 def test_memory_run_must_reproduce_the_timed_outputs(monkeypatch):
-    spec = importlib.util.spec_from_file_location("throughput_bench", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark()
     pytest.importorskip("psutil", reason="the memory run samples the process tree with psutil")
     timed = {"sha256": {"ranked.csv": "a" * 64}}
     monkeypatch.setattr(bench, "score", lambda *args, memory: {"sha256": {"ranked.csv": "b" * 64}, "memory": memory})
