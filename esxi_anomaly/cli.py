@@ -212,14 +212,13 @@ def cmd_score(args) -> int:
 
 
 def _given_files(*path_lists) -> list:
-    """The input files named (`output.input_files`); none when some cannot be listed: the run's own
+    """The input files named (`input_paths.input_files`); none when some cannot be listed: the run's own
     checks then say what is wrong."""
-    from esxi_anomaly import ingest
-    from esxi_anomaly.scoring.output import input_files
+    from esxi_anomaly.input_paths import IngestError, input_files   # no pandas: the pool starts first
 
     try:
         return input_files(*path_lists)
-    except (ingest.IngestError, OSError):
+    except (IngestError, OSError):
         return []
 
 

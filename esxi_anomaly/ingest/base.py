@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import glob
 import gzip
 import importlib
 import io
@@ -26,17 +25,12 @@ from typing import Callable, Iterator
 
 import pandas as pd
 
+from esxi_anomaly.input_paths import (  # noqa: F401  (re-exported: `ingest` names them)
+    BZIP2_MAGIC, GZIP_MAGIC, XZ_MAGIC, ZIP_MAGIC, IngestError, expand_paths, is_compressed)
+
 SNIFF_BYTES = 64 * 1024
 RAW_KEEP = 256            # characters of a bad record kept in the quarantine
 DEFAULT_CHUNK_ROWS = 250_000
-
-
-class IngestError(Exception):
-    """A file cannot be read at all (unknown format, unreadable). The message is one line."""
-
-    def __init__(self, message: str, reason: str = ""):
-        super().__init__(message)
-        self.reason = reason or message   # the message without the path, for the read summary
 
 
 class UnreadableError(IngestError):
@@ -157,8 +151,7 @@ class SourceFormat:
 
 # --- decompression --------------------------------------------------------------------------
 
-_MAGIC = [(b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open)]
-_ZIP_MAGIC = b"PK\x03\x04"
+_MAGIC = [(GZIP_MAGIC, gzip.open), (BZIP2_MAGIC, bz2.open), (XZ_MAGIC, lzma.open)]
 GZIP_BUFFER = 1 << 20     # read size of the gzip stream (bigger reads bypass the buffer)
 _FALLBACK_READ = 8192
 
@@ -344,16 +337,6 @@ class _Transcoded(io.RawIOBase):
         super().close()
 
 
-def is_compressed(path: str | os.PathLike) -> bool:
-    """Whether `open_binary` decompresses the file (gzip, bz2, xz or zip, by its first bytes)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(6)
-    except OSError:
-        return False
-    return head.startswith(_ZIP_MAGIC) or any(head.startswith(magic) for magic, _ in _MAGIC)
-
-
 def open_binary(path: str) -> io.BufferedIOBase:
     """Open a file for reading bytes, transparently decompressing gzip, bz2 or xz by content.
 
@@ -365,7 +348,7 @@ def open_binary(path: str) -> io.BufferedIOBase:
     """
     with open(path, "rb") as fh:
         head = fh.read(6)
-    if head.startswith(_ZIP_MAGIC):
+    if head.startswith(ZIP_MAGIC):
         archive = zipfile.ZipFile(path)
         members = [m for m in archive.infolist() if not m.is_dir() and not m.filename.startswith("__MACOSX/")]
         if not members:
@@ -374,7 +357,7 @@ def open_binary(path: str) -> io.BufferedIOBase:
         member = archive.open(members[0])
         fh = io.BufferedReader(_Guarded(_read1_step(member), _Closing(member, archive), path, "zip member"),
                                GZIP_BUFFER)
-    elif head.startswith(b"\x1f\x8b"):   # before _MAGIC: Arrow's stream rather than gzip.open
+    elif head.startswith(GZIP_MAGIC):   # before _MAGIC: Arrow's stream rather than gzip.open
         raw = _ArrowGzip(path)
         fh = io.BufferedReader(_Guarded(raw.readinto, raw, path, "gzip"), GZIP_BUFFER)
     else:
@@ -487,28 +470,6 @@ def detect_format(path: str, frame: str | None = None) -> SourceFormat:
     tried = ", ".join(f.name for f in candidates) or "none registered"
     what = f" {frame}" if frame else ""
     raise IngestError(f"{path}: not a known{what} format (tried: {tried})")
-
-
-def expand_paths(paths: str | os.PathLike | list) -> list[str]:
-    """Files from files, globs and folders (folders recursively), sorted, without duplicates."""
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    out: list[str] = []
-    for p in paths:
-        p = os.fspath(p)
-        if os.path.isdir(p):
-            for root, _dirs, files in os.walk(p):
-                out.extend(os.path.join(root, f) for f in files if not f.startswith("."))
-        elif any(ch in p for ch in "*?["):
-            matched = [m for m in glob.glob(p, recursive=True) if os.path.isfile(m)]
-            if not matched:
-                raise IngestError(f"{p}: the pattern matches no file")
-            out.extend(matched)
-        elif os.path.isfile(p):
-            out.append(p)
-        else:
-            raise IngestError(f"{p}: no such file or folder")
-    return sorted(dict.fromkeys(out))
 
 
 def stable_event_id(prefix: str, path: str, line: int) -> str:

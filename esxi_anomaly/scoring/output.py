@@ -19,6 +19,7 @@ import pandas as pd
 
 from esxi_anomaly import ingest
 from esxi_anomaly.console import EXIT_BUSY, EXIT_INPUT, log
+from esxi_anomaly.input_paths import input_files  # noqa: F401  (the engines import it from here)
 from esxi_anomaly.report import format_for_path
 
 try:
@@ -171,16 +172,6 @@ def hold_output(out: Path):
         fd = _HELD.pop(key)[0]
         path.unlink(missing_ok=True)   # before releasing it: a waiting run then finds no file, or a new one
         os.close(fd)
-
-
-def input_files(*path_lists) -> list[Path]:
-    """The files that paths, globs and folders (any number of lists, or single paths, or None) name."""
-    files = []
-    for paths in path_lists:
-        if paths:
-            paths = [paths] if isinstance(paths, (str, os.PathLike)) else paths
-            files += [Path(p) for p in ingest.expand_paths([str(p) for p in paths])]
-    return files
 
 
 def check_output_paths(out: Path, inputs: list[Path], rollup: bool = True) -> None:

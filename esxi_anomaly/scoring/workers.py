@@ -35,8 +35,6 @@ import threading
 import traceback
 from typing import Any, Callable, Iterator
 
-import pyarrow as pa
-
 # Workers run only for large inputs (`workers_for`), whose forest calls take scikit-learn's compiled
 # walk (`detect.forest`): their forkserver imports it and the engine once (`_forkserver_init`), while
 # the parent still loads and reads.
@@ -74,7 +72,7 @@ COMPRESSED_RATIO = 4
 def workers_for(files: list) -> int:
     """Worker processes for inputs `files` when the user did not say: one (no pool) for small
     inputs, else every usable core."""
-    from esxi_anomaly.ingest.base import is_compressed
+    from esxi_anomaly.input_paths import is_compressed
 
     size = 0
     for path in files:
@@ -125,6 +123,8 @@ def release_free_memory(above: int = 0) -> None:
     batch, the allocators keep it otherwise, and it would count against the run's resident memory.
     `above`: keep the heap while the process holds less than this many bytes (the next batch reuses
     it without the kernel zero-filling its pages again)."""
+    import pyarrow as pa
+
     pa.default_memory_pool().release_unused()
     if above and resident_bytes() < above:
         return
