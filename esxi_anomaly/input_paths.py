@@ -2,9 +2,9 @@
 
 `score` decides whether to start worker processes (`scoring.workers.workers_for`, by the inputs'
 size) before it imports pandas or any reader, so the workers' forkserver imports the scoring stack
-while this process imports its own (880k connections: the run ~0.35 s shorter than when the pool
-waited for pandas). `ingest` re-exports everything here; `IngestError` lives here because
-`expand_paths` raises it.
+while this process imports its own (880k connections: the run 0.3-0.5 s shorter than when the pool
+waited for pandas). `ingest` re-exports `IngestError` and `expand_paths`; `IngestError` lives here
+because `expand_paths` raises it.
 """
 from __future__ import annotations
 

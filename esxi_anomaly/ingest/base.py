@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 
 import pandas as pd
 
-from esxi_anomaly.input_paths import (  # noqa: F401  (re-exported: `ingest` names them)
-    BZIP2_MAGIC, GZIP_MAGIC, XZ_MAGIC, ZIP_MAGIC, IngestError, expand_paths, is_compressed)
+from esxi_anomaly.input_paths import (  # noqa: F401  (IngestError, expand_paths: re-exported, the readers use them)
+    BZIP2_MAGIC, GZIP_MAGIC, XZ_MAGIC, ZIP_MAGIC, IngestError, expand_paths)
 
 SNIFF_BYTES = 64 * 1024
 RAW_KEEP = 256            # characters of a bad record kept in the quarantine
