@@ -235,8 +235,9 @@ def _score(args, model, manifest: dict, directory: Path, pool) -> int:
 
     from esxi_anomaly import ingest, scoring
     from esxi_anomaly.atomic import atomic_path
+    from esxi_anomaly.input_paths import input_files
     from esxi_anomaly.scoring.core import model_scope
-    from esxi_anomaly.scoring.output import check_output_paths, input_files
+    from esxi_anomaly.scoring.output import check_output_paths
 
     out = Path(args.out)
     fmt = scoring.output_format(out, args.format)

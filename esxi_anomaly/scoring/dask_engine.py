@@ -40,11 +40,11 @@ from esxi_anomaly import ingest, schema
 from esxi_anomaly.console import EXIT_INPUT
 from esxi_anomaly.features import identity
 from esxi_anomaly.features.scope import Scope, add_counts, initiators, resolvers_seen
+from esxi_anomaly.input_paths import input_files
 from esxi_anomaly.schema import Frames
 from esxi_anomaly.scoring.core import (N_SLOTS, SCORED_SUFFIX, SLOT_COLUMN, Checkpoint, RunSummary, higher_score,
                                        merge_top, model_scope, score_block, source_slot, write_scored)
-from esxi_anomaly.scoring.output import (check_output_paths, hold_output, input_files, output_format, rollup_path,
-                                         work_path)
+from esxi_anomaly.scoring.output import check_output_paths, hold_output, output_format, rollup_path, work_path
 from esxi_anomaly.scoring.write import rank_and_write
 
 PARTITION_ROWS = 500_000       # connections + DNS answer rows per task (bounds a worker's memory)

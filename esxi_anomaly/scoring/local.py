@@ -46,14 +46,14 @@ from esxi_anomaly.features import identity
 from esxi_anomaly.features.merge import connection_groups
 from esxi_anomaly.features.scope import Scope, add_counts, initiators, resolvers_seen
 from esxi_anomaly.features.stream_state import StreamState
+from esxi_anomaly.input_paths import input_files
 from esxi_anomaly.schema import Frames
 from esxi_anomaly.scoring.core import (CHECKPOINT_VERSION, N_SLOTS, SCORED_SUFFIX, SLOT_COLUMN, Checkpoint,
                                        RunSummary, assign_partitions, bucket_groups, chunk_bounds, higher_score, lap,
                                        load_checkpoint, merge_top, model_scope, save_checkpoint, score_block,
                                        source_slot, write_scored)
 from esxi_anomaly.scoring.output import (ResumeRefused, check_fingerprint, check_output_paths, hold_output,
-                                         input_files, output_format, remove_stale_temps, rollup_path,
-                                         run_fingerprint, work_path)
+                                         output_format, remove_stale_temps, rollup_path, run_fingerprint, work_path)
 from esxi_anomaly.scoring.workers import WorkerError, WorkerPool, release_free_memory
 from esxi_anomaly.scoring.write import rank_and_write
 

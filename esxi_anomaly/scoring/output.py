@@ -19,7 +19,6 @@ import pandas as pd
 
 from esxi_anomaly import ingest
 from esxi_anomaly.console import EXIT_BUSY, EXIT_INPUT, log
-from esxi_anomaly.input_paths import input_files  # noqa: F401  (the engines import it from here)
 from esxi_anomaly.report import format_for_path
 
 try:
