@@ -1,8 +1,10 @@
-"""Isolation-forest scoring throughput: sklearn `score_samples` vs `ForestScorer` (detect/forest.py).
+"""Isolation-forest scoring throughput: sklearn `score_samples` vs `ForestScorer` and `HeapTrees`
+(detect/forest.py).
 
 Scores --rows rows x 33 features with a 200-tree, 256-sample IsolationForest: sklearn single-threaded,
-sklearn with joblib's threading backend (n_jobs=2, as its docs suggest), and `ForestScorer`
-(what `CalibratedForest.raw_score` uses) with 1 and 2 threads. The scorers take turns, --repeat
+sklearn with joblib's threading backend (n_jobs=2, as its docs suggest), `ForestScorer` (scikit-learn's
+compiled walk, what `CalibratedForest.raw_score` uses without the package's own) and `HeapTrees` (the
+package's compiled heap walk, when it was built at install), each with 1 and 2 threads. The scorers take turns, --repeat
 rounds; prints a markdown table per scorer: best wall time and rows/s from it, best CPU time
 (process, all threads) and rows per CPU-second, speed-ups over sklearn single-threaded, and the
 largest absolute difference from sklearn's single-threaded scores. Writes nothing.
@@ -13,9 +15,9 @@ largest absolute difference from sklearn's single-threaded scores. Writes nothin
 Data sets (the forest is fitted on 100k rows of the same kind, except `estate`):
   normal  33 i.i.d. standard-normal features: no structure, every branch a coin flip;
   mixed   i.i.d. connection-like columns: 11 binary flags, 11 Poisson counts, 11 log-normal sizes;
-  estate  the real 33 features of a generated 2-day estate (`synth.generate(days=2, seed=7)`,
+  estate  the real features of a generated 2-day estate (`synth.generate(days=2, seed=7)`,
           ~350k connections, repeated to --rows) scored by the forest `DnsCalcDetector` fits on
-          it. Building it takes ~1 minute.
+          it (its own trees and features, not the 200 x 33 above). Building it takes ~1 minute.
 Wall time depends on what else runs on the machine: the load average is printed before and after.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ from sklearn.ensemble import IsolationForest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from esxi_anomaly.detect.forest import ForestScorer  # noqa: E402
+from esxi_anomaly.detect.forest import FlatTrees, ForestScorer, HeapTrees, heap_walk_routine  # noqa: E402
 
 N_FEATURES = 33
 
@@ -84,7 +86,8 @@ def main(argv=None) -> None:
             forest = IsolationForest(n_estimators=200, max_samples=256, random_state=0).fit(
                 synthetic(kind, 100_000, rng))
             X = synthetic(kind, args.rows, rng)
-        assert X.shape[1] == N_FEATURES and len(forest.estimators_) == 200
+        if kind != "estate":   # the estate's forest is the model's own: its trees, its features
+            assert X.shape[1] == N_FEATURES and len(forest.estimators_) == 200
         scorer = ForestScorer(forest)
         runs = [
             ("sklearn", 1, lambda: forest.score_samples(X)),
@@ -92,6 +95,10 @@ def main(argv=None) -> None:
             ("ForestScorer", 1, lambda: scorer.score_samples(X, n_threads=1)),
             ("ForestScorer", 2, lambda: scorer.score_samples(X, n_threads=2)),
         ]
+        if heap_walk_routine() is not None:
+            heap = HeapTrees(FlatTrees(scorer))
+            runs += [("HeapTrees", 1, lambda: -heap.raw_score(X, n_threads=1)),
+                     ("HeapTrees", 2, lambda: -heap.raw_score(X, n_threads=2))]
         # Round-robin repeats, so a burst of load from other jobs hits every scorer alike.
         best: dict[int, list] = {}
         for _ in range(args.repeat):

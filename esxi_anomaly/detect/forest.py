@@ -1,14 +1,20 @@
 """Isolation forest calibrated to a percentile of its training scores (higher = more anomalous).
 
-Scoring does not call `IsolationForest.score_samples`; two walks compute the same numbers, bit for
-bit (tests/detect/test_forest.py), and a call takes one by its size and by whether the process has
-imported scikit-learn already (COMPILED_WALK_MIN_ROWS, COMPILED_WALK_MIN_ROWS_LOADED):
+Scoring does not call `IsolationForest.score_samples`; three walks compute the same numbers, bit
+for bit (tests/detect/test_forest.py):
 
-* `FlatTrees`, for small calls: every tree's nodes as flat numpy arrays, walked level by level over
-  all rows and trees at once. It needs no scikit-learn, so a loaded model that scores a small file
-  never imports it (1.7 s on 2 cores, more than the whole run); about 2.5x the compiled walk's CPU
-  per row.
-* `ForestScorer`, for large calls: scikit-learn's compiled tree walk, faster than `score_samples`.
+* `HeapTrees`, whenever the package was built with its C routine (`_heap_walk.c`, compiled at
+  install; see setup.py) and the trees are at most HEAP_MAX_DEPTH deep (256-sample trees: 8): each
+  tree as a complete binary tree in heap order, walked without branches, 16 rows side by side.
+  ~7.4 ns per row and tree on the 2-core EPYC VM, against ~15.5 for `ForestScorer` on connection
+  features (benchmarks/README.md). It needs no scikit-learn.
+* Else `FlatTrees` for small calls: every tree's nodes as flat numpy arrays, walked level by level
+  over all rows and trees at once. It needs no scikit-learn, so a loaded model that scores a small
+  file never imports it (1.7 s on 2 cores, more than the whole run); about 2.5x the compiled walk's
+  CPU per row.
+* Else `ForestScorer` for large calls: scikit-learn's compiled tree walk, faster than
+  `score_samples` (COMPILED_WALK_MIN_ROWS, COMPILED_WALK_MIN_ROWS_LOADED: by the call's size and
+  by whether the process has imported scikit-learn already).
 
 Why `ForestScorer` is faster than `score_samples`:
 
@@ -22,12 +28,16 @@ Why `ForestScorer` is faster than `score_samples`:
   after another, so the CPU predicts the walk's branches (~2x per core on connection features).
 * row blocks are spread over a thread pool (`n_jobs` threads; results do not depend on it).
 
-The per-core cost is sklearn's compiled tree walk (branchy: ~40 ns per row and tree on random
-rows, ~17 ns when consecutive rows branch alike, on the 2-core EPYC VM); see
-benchmarks/forest_scoring.py and benchmarks/README.md for measured rows/s.
+The per-core cost of sklearn's compiled tree walk: branchy, ~40 ns per row and tree on random
+rows, ~17 ns when consecutive rows branch alike, on the 2-core EPYC VM. `HeapTrees` has no
+branches to predict: its rows need no sorting. See benchmarks/forest_scoring.py and
+benchmarks/README.md for measured rows/s.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import importlib.util
 import os
 import pickle
 import sys
@@ -64,6 +74,9 @@ COMPILED_WALK_MIN_ROWS = 100_000
 COMPILED_WALK_MIN_ROWS_LOADED = 1_000
 # Rows of the flat walk at a time: its (trees x rows) node and index arrays stay in L2/L3.
 FLAT_BLOCK_ROWS = 2048
+# Deepest forest the heap walk takes: a tree is stored as 2^depth - 1 splits (9 bytes each) and 2^depth
+# leaves (8 bytes), 68 KB at 12 levels (max_samples up to 4096); deeper forests take the other walks.
+HEAP_MAX_DEPTH = 12
 
 
 def average_path_length(n_samples) -> np.ndarray:
@@ -116,6 +129,23 @@ def leaf_scores(depths: np.ndarray, denominator) -> np.ndarray:
     """sklearn's final transform of the summed path lengths, verbatim (max_samples=1: zero
     denominator -> 2**-1)."""
     return 2 ** (-np.divide(depths, denominator, out=np.ones_like(depths), where=denominator != 0))
+
+
+def _in_row_blocks(score_rows, X: np.ndarray, n_threads: int) -> np.ndarray:
+    """`score_rows(X, out, start, stop)` over all rows of X, in tasks of TASK_ROWS rows spread over
+    up to `n_threads` threads (fewer when there are few rows); returns `out`."""
+    n = X.shape[0]
+    out = np.empty(n, dtype=np.float64)
+    workers = max(1, min(int(n_threads), n // MIN_ROWS_PER_THREAD))
+    if workers == 1:
+        score_rows(X, out, 0, n)
+        return out
+    n_tasks = max(workers, -(-n // TASK_ROWS))
+    bounds = [n * k // n_tasks for k in range(n_tasks + 1)]
+    with ThreadPoolExecutor(workers, thread_name_prefix="forest-score") as pool:
+        for done in [pool.submit(score_rows, X, out, a, b) for a, b in zip(bounds, bounds[1:])]:
+            done.result()
+    return out
 
 
 def _tree_on_all_columns(tree, features: np.ndarray, n_features: int):
@@ -176,19 +206,7 @@ class ForestScorer:
 
     def raw_score(self, X, n_threads: int = 1) -> np.ndarray:
         """``-score_samples(X)``: higher = more anomalous."""
-        X = as_matrix(X, self.n_features_in_)
-        out = np.empty(X.shape[0], dtype=np.float64)
-        n = X.shape[0]
-        workers = max(1, min(int(n_threads), n // MIN_ROWS_PER_THREAD))
-        if workers == 1:
-            self._score_rows(X, out, 0, n)
-        else:
-            n_tasks = max(workers, -(-n // TASK_ROWS))
-            bounds = [n * k // n_tasks for k in range(n_tasks + 1)]
-            with ThreadPoolExecutor(workers, thread_name_prefix="forest-score") as pool:
-                for done in [pool.submit(self._score_rows, X, out, a, b) for a, b in zip(bounds, bounds[1:])]:
-                    done.result()
-        return out
+        return _in_row_blocks(self._score_rows, as_matrix(X, self.n_features_in_), n_threads)
 
     def _score_rows(self, X: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
         """sklearn's scores (positive, before its final sign flip) of rows [start, stop) into out."""
@@ -287,6 +305,73 @@ class FlatTrees:
         return depths
 
 
+@functools.lru_cache(maxsize=1)
+def heap_walk_routine():
+    """The compiled `heap_walk` of `_heap_walk.c` (through ctypes, which releases the GIL during the
+    call), or None when the package was installed without it (no C compiler)."""
+    try:
+        spec = importlib.util.find_spec("esxi_anomaly.detect._heap_walk")
+        routine = ctypes.CDLL(spec.origin).heap_walk if spec is not None and spec.origin else None
+    except (ImportError, OSError, AttributeError):
+        return None
+    if routine is not None:
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        routine.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int32, pointer]
+        routine.restype = None
+    return routine
+
+
+def float32_at_most(values: np.ndarray) -> np.ndarray:
+    """The largest float32 <= each float64 value: for a float32 x, ``x <= float32_at_most(t)`` exactly
+    when ``float64(x) <= t`` (sklearn's test of a float32 row against a float64 threshold)."""
+    with np.errstate(over="ignore"):                 # beyond float32: inf, stepped down to its max
+        rounded = values.astype(np.float32)
+    above = rounded.astype(np.float64) > values
+    rounded[above] = np.nextafter(rounded[above], np.float32(-np.inf))
+    return rounded
+
+
+class HeapTrees:
+    """A fitted isolation forest's trees as complete binary trees in heap order, walked by compiled
+    code (`_heap_walk.c`): the children of split i are 2i+1 and 2i+2, so a step is
+    ``i = 2i + 1 + (x > threshold)``, without branches. Built from `FlatTrees`, whose leaves point
+    to themselves: a leaf above the last level becomes splits whose children are that leaf again,
+    down to the last level, where the leaf's `addend` is stored. Thresholds are float32, rounded
+    down (`float32_at_most`); `missing_right` says where a split sends NaN, tested only in blocks
+    holding one. Path lengths are summed in tree order: the same scores as sklearn, to the bit."""
+
+    def __init__(self, flat: FlatTrees):
+        n_trees = len(flat.roots)
+        at = flat.roots[:, None]                         # the nodes of one level, left to right
+        levels = []
+        for _ in range(flat.depth):
+            levels.append(at)
+            at = flat.children[2 * at[:, :, None] + np.array([0, 1])].reshape(n_trees, -1)
+        split_nodes = np.concatenate(levels, axis=1) if levels else np.zeros((n_trees, 0), dtype=np.intp)
+        self.threshold = np.ascontiguousarray(float32_at_most(flat.threshold[split_nodes]))
+        self.feature = np.ascontiguousarray(flat.feature[split_nodes], dtype=np.int32)
+        self.missing_right = np.ascontiguousarray(flat.missing_right[split_nodes], dtype=np.uint8)
+        self.leaf = np.ascontiguousarray(flat.addend[at])   # (trees, 2^depth)
+        self.depth = int(flat.depth)
+        self.denominator = flat.denominator
+        self.n_features_in_ = flat.n_features_in_
+
+    def raw_score(self, X, n_threads: int = 1) -> np.ndarray:
+        """``-score_samples(X)`` of the forest: higher = more anomalous."""
+        return _in_row_blocks(self._score_rows, as_matrix(X, self.n_features_in_), n_threads)
+
+    def _score_rows(self, X: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+        walk = heap_walk_routine()
+        for a in range(start, stop, BLOCK_ROWS):
+            b = min(a + BLOCK_ROWS, stop)
+            block = np.ascontiguousarray(X[a:b], dtype=np.float32)   # sklearn's cast, C order
+            depths = np.zeros(b - a)
+            missing = self.missing_right.ctypes.data if np.isnan(block).any() else None
+            walk(block.ctypes.data, b - a, block.shape[1], self.threshold.ctypes.data, self.feature.ctypes.data,
+                 missing, self.leaf.ctypes.data, self.leaf.shape[0], self.depth, depths.ctypes.data)
+            out[a:b] = leaf_scores(depths, self.denominator)
+
+
 def _missing_go_to_left(tree) -> np.ndarray:
     """Where each node sends a NaN (sklearn >= 1.3 records it per node; before, NaN went right)."""
     nodes = tree.__getstate__()["nodes"]
@@ -343,18 +428,34 @@ class CalibratedForest(Estimator):
             self._scorer = cached
         return cached[1]
 
+    @property
+    def heap_trees_(self) -> HeapTrees | None:
+        """The heap walk over `trees_`, built on first use and never pickled; None when the package
+        has no compiled walk or the trees are deeper than HEAP_MAX_DEPTH."""
+        check_fitted(self, "trees_")
+        cached = self.__dict__.get("_heap")
+        if cached is None or cached[0] is not self.trees_:
+            usable = heap_walk_routine() is not None and self.trees_.depth <= HEAP_MAX_DEPTH
+            cached = (self.trees_, HeapTrees(self.trees_) if usable else None)
+            self._heap = cached
+        return cached[1]
+
     def raw_score(self, X, n_jobs=None) -> np.ndarray:
         """The forest's anomaly score with the sign flipped: higher = more anomalous.
         Equals ``-forest_.score_samples(X)``; 0 rows give an empty array. `n_jobs`: scoring threads
         for this call (None: the estimator's `n_jobs`); the caller's knob, so the fitted model is
-        never changed to suit an engine. Small calls take the flat walk, large ones the compiled
-        one (any but the smallest once scikit-learn is imported): the same numbers."""
+        never changed to suit an engine. The heap walk when there is one; else small calls take the
+        flat walk, large ones scikit-learn's (any but the smallest once scikit-learn is imported):
+        the same numbers."""
         check_fitted(self, "trees_")
         X = as_matrix(X, self.n_features_in_)
+        threads = scoring_threads(self.n_jobs if n_jobs is None else n_jobs)
+        if self.heap_trees_ is not None:
+            return self.heap_trees_.raw_score(X, threads)
         loaded = "sklearn.tree" in sys.modules
         if X.shape[0] < (COMPILED_WALK_MIN_ROWS_LOADED if loaded else COMPILED_WALK_MIN_ROWS):
             return self.trees_.raw_score(X)
-        return self.scorer_.raw_score(X, scoring_threads(self.n_jobs if n_jobs is None else n_jobs))
+        return self.scorer_.raw_score(X, threads)
 
     def score(self, X, n_jobs=None) -> np.ndarray:
         return self.percentile(self.raw_score(X, n_jobs))
@@ -378,6 +479,7 @@ class CalibratedForest(Estimator):
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_scorer", None)
+        state.pop("_heap", None)
         forest = state.pop("_forest", None)
         if forest is not None and state.get("_forest_pickle") is None:
             state["_forest_pickle"] = pickle.dumps(forest, protocol=pickle.HIGHEST_PROTOCOL)

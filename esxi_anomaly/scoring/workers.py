@@ -35,9 +35,9 @@ import threading
 import traceback
 from typing import Any, Callable, Iterator
 
-# Workers run only for large inputs (`workers_for`), whose forest calls take scikit-learn's compiled
-# walk (`detect.forest`): their forkserver imports it and the engine once (`_forkserver_init`), while
-# the parent still loads and reads.
+# The workers' forkserver imports the engine (and scikit-learn's trees where the package has no
+# compiled forest walk of its own, `detect.forest`) once (`_forkserver_init`), while the parent still
+# loads and reads.
 _PRELOAD = ["esxi_anomaly.scoring._forkserver_init"]
 _POLL_S = 0.5
 _PR_SET_NAME, _PR_SET_PDEATHSIG = 15, 1   # Linux prctl options

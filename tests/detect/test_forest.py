@@ -1,6 +1,6 @@
-"""ForestScorer (the compiled walk), FlatTrees (the numpy walk) and CalibratedForest.raw_score equal
-sklearn's IsolationForest.score_samples bit for bit, whatever the thread count, block size or input
-quirks."""
+"""HeapTrees (the package's compiled heap walk), ForestScorer (scikit-learn's compiled walk), FlatTrees
+(the numpy walk) and CalibratedForest.raw_score equal sklearn's IsolationForest.score_samples bit for
+bit, whatever the thread count, block size or input quirks."""
 from __future__ import annotations
 
 import pickle
@@ -13,10 +13,23 @@ from sklearn.base import clone
 from sklearn.ensemble import IsolationForest
 
 from esxi_anomaly.detect import forest as forest_mod
-from esxi_anomaly.detect.forest import CalibratedForest, FlatTrees, ForestScorer, scoring_threads, usable_cpus
+from esxi_anomaly.detect.forest import (CalibratedForest, FlatTrees, ForestScorer, HeapTrees, float32_at_most,
+                                        heap_walk_routine, scoring_threads, usable_cpus)
 
 # 1e39 does not fit a float32: sklearn's cast and ours both warn, and both give inf.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+
+
+@pytest.fixture
+def heap_walk():
+    if heap_walk_routine() is None:
+        pytest.skip("the package was installed without its compiled heap walk (no C compiler at install)")
+
+
+@pytest.fixture
+def no_heap_walk(monkeypatch):
+    """As installed without a C compiler: CalibratedForest takes the other walks."""
+    monkeypatch.setattr(forest_mod, "heap_walk_routine", lambda: None)
 
 
 @pytest.fixture
@@ -40,8 +53,11 @@ def assert_same(forest, X, n_threads=1):
     assert got.shape == expected.shape and got.dtype == np.float64
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9)
     assert np.array_equal(got, expected)         # same floats, same summation order
-    flat = FlatTrees(ForestScorer(forest)).raw_score(X)
-    assert flat.dtype == np.float64 and np.array_equal(-flat, expected)
+    flat = FlatTrees(ForestScorer(forest))
+    assert np.array_equal(-flat.raw_score(X), expected)
+    if heap_walk_routine() is not None:
+        heap = HeapTrees(flat).raw_score(X, n_threads)
+        assert heap.dtype == np.float64 and np.array_equal(-heap, expected)
     return got
 
 
@@ -189,7 +205,7 @@ def test_refit_rebuilds_the_tables(rng, train):
     assert np.array_equal(cf.raw_score(X), -cf.forest_.score_samples(X))
 
 
-def test_calls_take_either_walk_with_the_same_scores(rng, train, monkeypatch):
+def test_calls_take_either_walk_with_the_same_scores(rng, train, monkeypatch, no_heap_walk):
     cf = CalibratedForest(n_estimators=30, max_features=0.8, random_state=4).fit(train)
     X = quirky(rng, 800)
     walks = {}
@@ -200,7 +216,7 @@ def test_calls_take_either_walk_with_the_same_scores(rng, train, monkeypatch):
     assert np.array_equal(walks["flat"], -cf.forest_.score_samples(X))
 
 
-def test_once_sklearn_is_imported_calls_above_a_thousand_rows_take_the_compiled_walk(rng, train):
+def test_once_sklearn_is_imported_calls_above_a_thousand_rows_take_the_compiled_walk(rng, train, no_heap_walk):
     assert "sklearn.tree" in sys.modules   # the fixture fitted a forest: as in a scoring worker
     cf = pickle.loads(pickle.dumps(CalibratedForest(n_estimators=20, random_state=2).fit(train)))
     X = quirky(rng, 5000)
@@ -213,7 +229,7 @@ def test_once_sklearn_is_imported_calls_above_a_thousand_rows_take_the_compiled_
     assert np.array_equal(large, -cf.forest_.score_samples(X))
 
 
-def test_a_pickle_holds_the_sklearn_forest_as_bytes_until_it_is_asked_for(rng, train):
+def test_a_pickle_holds_the_sklearn_forest_as_bytes_until_it_is_asked_for(rng, train, no_heap_walk):
     cf = CalibratedForest(n_estimators=20, random_state=2).fit(train)
     X = quirky(rng)
     again = pickle.loads(pickle.dumps(cf))
@@ -233,3 +249,57 @@ def test_a_pickle_from_before_flat_trees_loads_and_scores_alike(rng, train):
     loaded.__setstate__(pickle.loads(pickle.dumps(old)))
     X = quirky(rng)
     assert np.array_equal(loaded.raw_score(X), cf.raw_score(X))
+
+
+# --- the heap walk ---------------------------------------------------------------------------------
+
+def test_float32_at_most_decides_as_sklearns_float64_comparison(rng):
+    t = np.concatenate([rng.standard_normal(3000) * 10.0 ** rng.integers(-40, 40, 3000),
+                        [0.0, -0.0, 1e39, -1e39, 3.4028235e38, np.inf, -np.inf, 1e-46, -1e-46]])
+    at_most = float32_at_most(t)
+    assert at_most.dtype == np.float32
+    assert np.all(at_most.astype(np.float64) <= t)
+    with np.errstate(over="ignore"):
+        up = np.nextafter(at_most, np.float32(np.inf))
+    assert np.all((up.astype(np.float64) > t) | (at_most == np.float32(np.inf)))   # the largest such float32
+    x = np.concatenate([at_most, up, np.nextafter(at_most, np.float32(-np.inf)), [np.nan, np.inf, -np.inf]])
+    for threshold, rounded in zip(t[::37], at_most[::37]):
+        np.testing.assert_array_equal(x <= rounded, x.astype(np.float64) <= threshold)
+
+
+def test_heap_layout_of_a_small_tree(heap_walk):
+    """Root split, a leaf on the left, a split on the right: the left leaf becomes a pass-through split
+    (infinite threshold) whose two last-level slots both hold it."""
+    X = np.array([[0.0], [1.0], [2.0], [3.0]])
+    forest = fit(X, n_estimators=1, max_samples=4)
+    tree = forest.estimators_[0].tree_
+    assert list(tree.children_left) == [1, -1, 3, -1, -1] and list(tree.children_right) == [2, -1, 4, -1, -1]
+    heap = HeapTrees(FlatTrees(ForestScorer(forest)))
+    addend = ForestScorer(forest).addends[0]
+    assert heap.depth == 2
+    assert heap.threshold.tolist() == [[float32_at_most(tree.threshold[[0]])[0], np.inf,
+                                        float32_at_most(tree.threshold[[2]])[0]]]
+    assert heap.feature.tolist() == [[0, 0, 0]]
+    assert heap.leaf.tolist() == [[addend[1], addend[1], addend[3], addend[4]]]
+    assert np.array_equal(-heap.raw_score(X), forest.score_samples(X))
+
+
+def test_calibrated_forest_takes_the_heap_walk_without_sklearns_forest(rng, train, heap_walk):
+    cf = pickle.loads(pickle.dumps(CalibratedForest(n_estimators=20, max_features=0.8, random_state=2).fit(train)))
+    X = quirky(rng, 5000)
+    scores = cf.raw_score(X, n_jobs=2)
+    assert "_forest" not in cf.__dict__ and isinstance(cf.__dict__["_heap"][1], HeapTrees)
+    assert np.array_equal(scores, -cf.forest_.score_samples(X))
+    assert "_heap" not in cf.__getstate__()                            # rebuilt after unpickling
+    assert np.array_equal(pickle.loads(pickle.dumps(cf)).raw_score(X[:10]), scores[:10])
+
+
+def test_forests_deeper_than_the_heap_walk_takes_score_alike(rng, train, monkeypatch, heap_walk):
+    monkeypatch.setattr(forest_mod, "HEAP_MAX_DEPTH", 5)
+    cf = CalibratedForest(n_estimators=10, max_samples=256, random_state=3).fit(train)   # 8 levels
+    X = quirky(rng, 3000)
+    assert cf.heap_trees_ is None
+    assert np.array_equal(cf.raw_score(X), -cf.forest_.score_samples(X))
+    shallow = CalibratedForest(n_estimators=10, max_samples=32, random_state=3).fit(train)  # 5 levels
+    assert isinstance(shallow.heap_trees_, HeapTrees)
+    assert np.array_equal(shallow.raw_score(X), -shallow.forest_.score_samples(X))
