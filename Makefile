@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test venv bench clean browser
 
-$(STAMP): pyproject.toml setup.py esxi_anomaly/detect/_heap_walk.c
+$(STAMP): pyproject.toml setup.py esxi_anomaly/detect/_heap_walk.c esxi_anomaly/report/_csv_rows.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test,dask,progress]'

@@ -36,8 +36,6 @@ benchmarks/README.md for measured rows/s.
 from __future__ import annotations
 
 import ctypes
-import functools
-import importlib.util
 import os
 import pickle
 import sys
@@ -46,6 +44,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from esxi_anomaly import compiled
+from esxi_anomaly.compiled import POINTER, SIZE
 from esxi_anomaly.estimator import Estimator, check_fitted
 
 if TYPE_CHECKING:
@@ -305,20 +305,10 @@ class FlatTrees:
         return depths
 
 
-@functools.lru_cache(maxsize=1)
 def heap_walk_routine():
-    """The compiled `heap_walk` of `_heap_walk.c` (through ctypes, which releases the GIL during the
-    call), or None when the package was installed without it (no C compiler)."""
-    try:
-        spec = importlib.util.find_spec("esxi_anomaly.detect._heap_walk")
-        routine = ctypes.CDLL(spec.origin).heap_walk if spec is not None and spec.origin else None
-    except (ImportError, OSError, AttributeError):
-        return None
-    if routine is not None:
-        pointer, size = ctypes.c_void_p, ctypes.c_int64
-        routine.argtypes = [pointer, size, size, pointer, pointer, pointer, pointer, size, ctypes.c_int32, pointer]
-        routine.restype = None
-    return routine
+    """The compiled `heap_walk` of `_heap_walk.c`, or None when the package was installed without it."""
+    return compiled.routine("esxi_anomaly.detect._heap_walk", "heap_walk",
+                            (POINTER, SIZE, SIZE, POINTER, POINTER, POINTER, POINTER, SIZE, ctypes.c_int32, POINTER))
 
 
 def float32_at_most(values: np.ndarray) -> np.ndarray:

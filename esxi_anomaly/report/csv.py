@@ -8,7 +8,9 @@ Rows end in CRLF (RFC 4180), so a CR or LF inside a cell is always quoted.
 The bytes are those of `DataFrame.to_csv(index=False, lineterminator="\r\n")` (minimal quoting,
 floats as numpy/Python repr, missing values empty, booleans True/False), but encoded with Arrow
 string kernels (`write_arrow_csv`): pandas' writer formats cell by cell in Python and managed
-about 30k rows/s on the ranked output. Column types Arrow cannot encode this way (datetimes,
+about 30k rows/s on the ranked output. Each column's text comes from Arrow; the rows are joined
+from it, quoted where needed, by the package's compiled routine (`_csv_rows.c`) when it was built,
+else by Arrow's kernels: the same bytes. Column types Arrow cannot encode this way (datetimes,
 mixed objects, ...) fall back to pandas.
 """
 from __future__ import annotations
@@ -22,7 +24,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from esxi_anomaly import compiled
 from esxi_anomaly.atomic import atomic_path
+from esxi_anomaly.compiled import POINTER, SIZE
 from esxi_anomaly.report.layout import conform_ranked
 
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
@@ -205,6 +209,59 @@ def _column_text(column: pa.Array | pa.ChunkedArray) -> pa.Array | None:
     return pc.fill_null(text, "")
 
 
+def _rows_routines():
+    """The compiled `csv_rows_size` and `csv_rows_write` of `_csv_rows.c`, or None."""
+    size = compiled.routine("esxi_anomaly.report._csv_rows", "csv_rows_size",
+                            (SIZE, SIZE, POINTER, POINTER, POINTER, POINTER, POINTER))
+    write = compiled.routine("esxi_anomaly.report._csv_rows", "csv_rows_write",
+                             (SIZE, SIZE, POINTER, POINTER, POINTER, POINTER, POINTER, POINTER), SIZE)
+    return (size, write) if size is not None and write is not None else None
+
+
+_NO_TEXT = np.zeros(1, dtype=np.uint8)   # the data of a column whose buffer is absent (all values empty)
+
+
+def _compiled_rows(columns: list, quote: list[bool], order: np.ndarray | None) -> np.ndarray | None:
+    """The CSV rows of text `columns` (large_string, no nulls; `quote`: which may need quotes), in
+    `order` (None: as they are), as one byte array built by the compiled routine; None without it,
+    with nulls, or with a row twice in `order`."""
+    routines = _rows_routines()
+    if routines is None or any(c.null_count for c in columns):
+        return None
+    size_rows, write_rows = routines
+    n = len(columns[0])
+    offsets = [_offsets(c) for c in columns]            # views of the Arrow buffers, kept alive here
+    buffers = [c.buffers()[2] for c in columns]
+    offset_at = np.array([o.ctypes.data for o in offsets], dtype=np.uint64)
+    data_at = np.array([b.address if b is not None else _NO_TEXT.ctypes.data for b in buffers], dtype=np.uint64)
+    quoted = np.array(quote, dtype=np.uint8)
+    kinds = np.empty(n * len(columns), dtype=np.uint8)      # pass 1 writes every field of a quoted column
+    row_bytes = np.empty(n, dtype=np.int64)
+    size_rows(n, len(columns), offset_at.ctypes.data, data_at.ctypes.data, quoted.ctypes.data, kinds.ctypes.data,
+              row_bytes.ctypes.data)
+    if order is None:
+        start = np.cumsum(row_bytes) - row_bytes
+        size = int(row_bytes.sum())
+    else:   # each row's place in the output: the rows of `order` one after another (others: -1, left out)
+        positions = np.asarray(order, dtype=np.int64)
+        if len(positions) and positions.min() < 0:   # as Arrow's take; past the end raises below
+            raise IndexError(f"row positions below 0 in the order of {n} rows")
+        placed = np.zeros(n, dtype=bool)
+        placed[positions] = True
+        if np.count_nonzero(placed) < len(positions):   # a row twice: Arrow's take writes that
+            return None
+        ends = np.cumsum(row_bytes[positions])
+        start = np.full(n, -1, dtype=np.int64)
+        start[positions] = ends - row_bytes[positions]
+        size = int(ends[-1]) if len(ends) else 0
+    out = np.empty(size, dtype=np.uint8)
+    written = write_rows(n, len(columns), offset_at.ctypes.data, data_at.ctypes.data, quoted.ctypes.data,
+                         kinds.ctypes.data, start.ctypes.data, out.ctypes.data)
+    if written != len(out):
+        raise RuntimeError(f"CSV rows: {written} bytes written, {len(out)} expected")
+    return out
+
+
 def arrow_csv_parts(table: pa.Table, header: bool = True, neutralise: bool = True,
                     order: np.ndarray | None = None) -> list | None:
     """`table` as CSV (CRLF rows): the bytes pandas' `to_csv` would write, as a list of byte
@@ -228,6 +285,10 @@ def arrow_csv_parts(table: pa.Table, header: bool = True, neutralise: bool = Tru
             names = pc.if_else(pc.equal(names, ""), pa.scalar('""', _TEXT), names)
         parts.append((",".join(names.to_pylist()) + "\r\n").encode("utf-8"))
     if not table.num_rows or not columns:
+        return parts
+    rows = None if single else _compiled_rows(columns, textual, order)
+    if rows is not None:
+        parts.append(memoryview(rows))
         return parts
     cells = [_quoted(c) if t else c for c, t in zip(columns, textual)]
     del columns   # each column's text is held once (a block's text is ~10x its rows' CSV otherwise)

@@ -4,8 +4,21 @@ from __future__ import annotations
 import csv
 
 import pandas as pd
+import pytest
 
+from esxi_anomaly.report import csv as csv_mod
 from esxi_anomaly.report.csv import write_csv, write_entity_rollup_csv
+
+
+@pytest.fixture(params=["compiled", "arrow"])
+def row_joiner(request, monkeypatch):
+    """The encoder's rows joined by the compiled routine (`_csv_rows.c`), or by Arrow's kernels (as
+    installed without a C compiler): the same bytes either way."""
+    if request.param == "arrow":
+        monkeypatch.setattr(csv_mod, "_rows_routines", lambda: None)
+    elif csv_mod._rows_routines() is None:
+        pytest.skip("the package was installed without its compiled CSV rows (no C compiler at install)")
+    return request.param
 
 
 def _rows(path) -> list[dict[str, str]]:
@@ -77,7 +90,7 @@ def _arrow_bytes(frame: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def test_arrow_encoder_writes_the_bytes_pandas_writes(ranked):
+def test_arrow_encoder_writes_the_bytes_pandas_writes(ranked, row_joiner):
     import numpy as np
 
     rng = np.random.default_rng(7)
@@ -107,7 +120,7 @@ def test_arrow_encoder_writes_the_bytes_pandas_writes(ranked):
         assert _arrow_bytes(single) == _pandas_bytes(single)
 
 
-def test_arrow_encoder_matches_pandas_on_columns_of_few_values_and_where_exponents_start():
+def test_arrow_encoder_matches_pandas_on_columns_of_few_values_and_where_exponents_start(row_joiner):
     """The encoder's shortcuts: float columns of few distinct values are formatted once per value
     (0.0 and -0.0 kept apart), values near where numpy (1e-4, 1e16) and Arrow (1e-6, 1e10) switch to
     exponents are formatted by the right one, and text columns where every value needs quotes, some
@@ -131,6 +144,34 @@ def test_arrow_encoder_matches_pandas_on_columns_of_few_values_and_where_exponen
         "last_only": pd.Series(["plain"] * (n - 1) + ['end "quote"'], dtype="str"),
     })
     assert _arrow_bytes(frame) == _pandas_bytes(frame)
+
+
+def test_rows_in_a_given_order_are_the_rows_of_the_reordered_table(row_joiner, monkeypatch):
+    """`order` (an output block's rank order) writes the rows taken in that order, header first."""
+    import numpy as np
+    import pyarrow as pa
+
+    from esxi_anomaly.report.csv import arrow_csv_parts
+
+    rng = np.random.default_rng(3)
+    n = 500
+    table = pa.table({"rank": np.arange(n), "text": rng.choice(["a", "b,c", 'd "e"', "", "f\r\ng"], n),
+                      "score": rng.random(n), "alert": rng.random(n) < 0.5})
+    order = rng.permutation(n)
+    real, joined = csv_mod._compiled_rows, []
+    monkeypatch.setattr(csv_mod, "_compiled_rows", lambda *args: joined.append(real(*args)) or joined[-1])
+
+    def encoded(t, order=None) -> bytes:
+        return b"".join(bytes(part) for part in arrow_csv_parts(t, order=order))
+
+    taken = encoded(table.take(pa.array(order)))
+    assert encoded(table, order) == taken and taken.count(b"\r\n") > n
+    assert encoded(table, order[:0]) == taken.split(b"\r\n")[0] + b"\r\n"      # the header alone
+    assert joined and all((rows is not None) == (row_joiner == "compiled") for rows in joined)
+    twice = np.r_[order[:10], order[:10]]                     # rows repeated: Arrow's take repeats them
+    assert encoded(table, twice) == encoded(table.take(pa.array(twice)))
+    with pytest.raises((IndexError, pa.ArrowIndexError)):
+        encoded(table, np.r_[order[:10], -1])
 
 
 def test_write_csv_falls_back_to_pandas_for_other_types(tmp_path):
