@@ -34,4 +34,5 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/ingest_throughput.py
 
 clean:
-	rm -rf $(VENV) demo-out datasets/generated
+	rm -rf $(VENV) demo-out datasets/generated build
+	rm -f esxi_anomaly/*/_*.so

@@ -226,7 +226,7 @@ def _compiled_rows(columns: list, quote: list[bool], order: np.ndarray | None) -
     `order` (None: as they are), as one byte array built by the compiled routine; None without it,
     with nulls, or with a row twice in `order`."""
     routines = _rows_routines()
-    if routines is None or any(c.null_count for c in columns):
+    if routines is None or any(c.null_count or c.type != _TEXT for c in columns):   # int64 offsets only
         return None
     size_rows, write_rows = routines
     n = len(columns[0])
