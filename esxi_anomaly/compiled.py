@@ -11,6 +11,8 @@ import ctypes
 import functools
 import importlib.util
 
+POINTER, SIZE = ctypes.c_void_p, ctypes.c_int64   # the argument types the routines take
+
 
 @functools.lru_cache(maxsize=None)
 def routine(module: str, name: str, argtypes: tuple, restype=None):
@@ -24,6 +26,3 @@ def routine(module: str, name: str, argtypes: tuple, restype=None):
     if function is not None:
         function.argtypes, function.restype = list(argtypes), restype
     return function
-
-
-POINTER, SIZE = ctypes.c_void_p, ctypes.c_int64
